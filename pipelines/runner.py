@@ -1,0 +1,244 @@
+"""run(request) -> images: the denoising pipeline, in numbered steps.
+
+One function per stage; `run` reads top to bottom. Seeds follow DESIGN.md: image i of
+a batch uses seed + i, its initial noise is drawn from a CPU generator seeded with it in
+float32, and that same generator then feeds the sampler's per-step noise, so a batch
+image equals the single run with its seed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import images, samplers
+from .progress import JobControl, Progress, ProgressCallback
+from .prompts import encode_prompts
+from .request import GenerationRequest
+
+
+@dataclass
+class BatchOutput:
+    images: list[Image.Image]
+    seeds: list[int]
+    subseeds: list[int]
+
+
+@dataclass
+class InpaintPlan:
+    """Pixel-side inputs of img2img/inpaint, at the processing size."""
+
+    image: Image.Image  # what gets encoded (resized, maybe cropped/filled)
+    original: Image.Image | None = None  # the full input at output size, for the final composite
+    mask: Image.Image | None = None  # blurred "L" mask at processing size, white = repaint
+    overlay_mask: Image.Image | None = None  # blurred mask at output size
+    crop_box: tuple[int, int, int, int] | None = None  # only-masked: region of `original`
+
+
+def noise_for_seed(seed: int, subseed: int, subseed_strength: float, shape) -> tuple[torch.Tensor, torch.Generator]:
+    """A1111's CPU noise: randn from a generator seeded with the image's seed (float32)."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+    if subseed_strength > 0:
+        sub = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(subseed), dtype=torch.float32)
+        noise = slerp(subseed_strength, noise, sub)
+    return noise, generator
+
+
+def slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a_n, b_n = a / a.norm(), b / b.norm()
+    dot = (a_n * b_n).sum().clamp(-1.0, 1.0)
+    if dot.abs() > 0.9995:
+        return (1 - t) * a + t * b
+    omega = torch.acos(dot)
+    return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
+
+
+def plan_pixels(request: GenerationRequest, width: int, height: int) -> InpaintPlan | None:
+    """Resize the input image and prepare the mask (steps 1-2 of img2img/inpaint)."""
+    if request.mode == "txt2img":
+        return None
+    init = request.init_image.convert("RGB")
+    if request.mode == "img2img":
+        return InpaintPlan(image=images.resize_image(init, width, height, request.resize_mode))
+    original = images.resize_image(init, width, height, request.resize_mode)
+    mask = images.prepare_mask(request.mask, width, height, blur=request.mask_blur,
+                               invert=request.inpainting_mask_invert, resize_mode=request.resize_mode)
+    plan = InpaintPlan(image=original, original=original, mask=mask, overlay_mask=mask)
+    if request.inpaint_full_res:
+        sharp = images.prepare_mask(request.mask, width, height, blur=0,
+                                    invert=request.inpainting_mask_invert, resize_mode=request.resize_mode)
+        box = images.crop_region(sharp, request.inpaint_full_res_padding)
+        if box is not None:
+            box = images.expand_to_aspect(box, width, height, original.width, original.height)
+            plan.crop_box = box
+            plan.image = original.crop(box).resize((width, height), Image.LANCZOS)
+            plan.mask = mask.crop(box).resize((width, height), Image.LANCZOS)
+    if request.inpainting_fill == "fill":
+        plan.image = images.fill_masked(plan.image, plan.mask)
+    return plan
+
+
+def to_tensor(image: Image.Image, device, dtype) -> torch.Tensor:
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None].to(device=device, dtype=dtype)
+
+
+def to_image(sample: torch.Tensor) -> Image.Image:
+    array = ((sample.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return Image.fromarray(array.permute(1, 2, 0).cpu().numpy())
+
+
+@torch.no_grad()
+def encode_image(vae, image: Image.Image, device) -> torch.Tensor:
+    pixels = to_tensor(image, device, vae.dtype)
+    latents = vae.encode(pixels).latent_dist.mean
+    return latents.float() * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor) -> list[Image.Image]:
+    samples = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
+    return [to_image(s) for s in samples]
+
+
+def latent_mask(mask: Image.Image, latent_w: int, latent_h: int, device) -> torch.Tensor:
+    """The repaint mask at latent size, rounded to 0/1 (A1111 rounds the blurred mask)."""
+    small = np.asarray(mask.resize((latent_w, latent_h), Image.BILINEAR), dtype=np.float32) / 255.0
+    return torch.from_numpy(np.around(small))[None, None].to(device)
+
+
+def img2img_timesteps(scheduler, steps: int, strength: float):
+    """The tail of the schedule that denoising strength selects (diffusers' convention)."""
+    init_steps = min(int(steps * strength), steps)
+    start = (steps - init_steps) * scheduler.order
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    return scheduler.timesteps[start:]
+
+
+@torch.no_grad()
+def run_batch(components, device, request: GenerationRequest, cond, uncond, plan: InpaintPlan | None,
+              seeds: list[int], subseeds: list[int], width: int, height: int,
+              report_step, control: JobControl) -> list[Image.Image] | None:
+    """Sample one batch; None when it was skipped or interrupted."""
+    unet, vae = components.unet, components.vae
+    latent_shape = (1, unet.config.out_channels, height // 8, width // 8)
+
+    # 1. noise, one generator per image
+    draws = [noise_for_seed(s, ss, request.subseed_strength, latent_shape) for s, ss in zip(seeds, subseeds)]
+    noise = torch.cat([n for n, _ in draws]).to(device)
+    generators = [g for _, g in draws]
+
+    # 2. schedule
+    scheduler = samplers.make_scheduler(request.sampler, request.schedule_type, components.scheduler_config)
+    scheduler.set_timesteps(request.steps, device=device)
+    timesteps = scheduler.timesteps
+
+    # 3. starting latents
+    init_latents = mask = conditioning_latents = None
+    if plan is None:
+        latents = noise * scheduler.init_noise_sigma
+    else:
+        init_latents = encode_image(vae, plan.image, device).repeat(len(seeds), 1, 1, 1)
+        if plan.mask is not None:
+            mask = latent_mask(plan.mask, width // 8, height // 8, device)
+            if request.inpainting_fill == "latent noise":
+                init_latents = init_latents * (1 - mask) + noise * mask
+            elif request.inpainting_fill == "latent nothing":
+                init_latents = init_latents * (1 - mask)
+            if unet.config.in_channels == 9:
+                # inpainting U-Nets also see the mask and the image with the masked part grey
+                keep = (np.asarray(plan.mask, dtype=np.float32) < 127.5)[..., None]
+                masked_image = Image.fromarray((np.asarray(plan.image, dtype=np.float32) * keep
+                                                + 127.5 * (1 - keep)).round().astype(np.uint8))
+                masked = encode_image(vae, masked_image, device).repeat(len(seeds), 1, 1, 1)
+                conditioning_latents = torch.cat([mask.expand(len(seeds), -1, -1, -1), masked], dim=1)
+        timesteps = img2img_timesteps(scheduler, request.steps, request.denoising_strength)
+        latents = scheduler.add_noise(init_latents, noise, timesteps[:1]) if len(timesteps) else init_latents
+    blend_each_step = mask is not None and unet.config.in_channels == 4
+
+    # 4. denoise
+    use_cfg = request.cfg_scale != 1.0
+    context = torch.cat([uncond, cond]) if use_cfg else cond
+    context = context.to(unet.dtype).repeat_interleave(len(seeds), dim=0)
+    for i, t in enumerate(timesteps):
+        if control.stop_current:
+            return None
+        model_in = scheduler.scale_model_input(latents, t)
+        if conditioning_latents is not None:
+            model_in = torch.cat([model_in, conditioning_latents], dim=1)
+        if use_cfg:
+            model_in = torch.cat([model_in, model_in])
+        prediction = unet(model_in.to(unet.dtype), t, encoder_hidden_states=context).sample.float()
+        if use_cfg:
+            pred_uncond, pred_cond = prediction.chunk(2)
+            prediction = pred_uncond + request.cfg_scale * (pred_cond - pred_uncond)
+        latents = samplers.step(scheduler, prediction, t, latents, generators)
+        if blend_each_step:
+            # keep the unmasked area on the original image's noisy trajectory
+            if i + 1 < len(timesteps):
+                known = scheduler.add_noise(init_latents, noise, timesteps[i + 1 : i + 2])
+            else:
+                known = init_latents
+            latents = known * (1 - mask) + latents * mask
+        report_step(i + 1, len(timesteps))
+    if control.stop_current:
+        return None
+
+    # 5. decode and put back what was not to be changed
+    decoded = decode_latents(vae, latents)
+    return [finish_image(img, plan) for img in decoded]
+
+
+def finish_image(generated: Image.Image, plan: InpaintPlan | None) -> Image.Image:
+    if plan is None or plan.mask is None:
+        return generated
+    if plan.crop_box is not None:
+        x1, y1, x2, y2 = plan.crop_box
+        canvas = plan.original.copy()
+        canvas.paste(generated.resize((x2 - x1, y2 - y1), Image.LANCZOS), (x1, y1))
+        generated = canvas
+    return images.composite(generated, plan.original, plan.overlay_mask)
+
+
+def run(components, device, request: GenerationRequest, on_progress: ProgressCallback | None = None,
+        control: JobControl | None = None):
+    """Generate every batch of a request whose seeds are resolved; yields BatchOutput per batch."""
+    control = control or JobControl()
+    width = request.width or components.spec.native_resolution
+    height = request.height or components.spec.native_resolution
+    started = time.monotonic()
+
+    # 1. conditioning, shared by every batch
+    conditioning = encode_prompts(components, request.prompt, request.negative_prompt, request.clip_skip, device)
+    # 2. pixel-side inputs
+    plan = plan_pixels(request, width, height)
+
+    done_steps = 0
+    for batch in range(request.batch_count):
+        if control.interrupted:
+            break
+        first = batch * request.batch_size
+        seeds = [request.seed + first + i for i in range(request.batch_size)]
+        subseeds = [request.subseed + first + i for i in range(request.batch_size)]
+
+        def report_step(step: int, steps: int, batch: int = batch) -> None:
+            nonlocal done_steps
+            done_steps += 1
+            elapsed = time.monotonic() - started
+            remaining = steps * request.batch_count - done_steps
+            if on_progress:
+                on_progress(Progress(step=step, steps=steps, batch_index=batch, batch_count=request.batch_count,
+                                     elapsed=elapsed, eta=elapsed / done_steps * remaining))
+
+        result = run_batch(components, device, request, conditioning.cond, conditioning.uncond, plan,
+                           seeds, subseeds, width, height, report_step, control)
+        if result is None:
+            control.take_skip()
+            continue
+        yield BatchOutput(images=result, seeds=seeds, subseeds=subseeds)
