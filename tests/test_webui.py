@@ -1,0 +1,423 @@
+"""Fast tests of the Gradio UI against a fake engine (no torch, no browser, no server)."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+import pytest
+from PIL import Image
+
+from pipelines.progress import JobControl, Progress
+from pipelines.request import GenerationRequest, GenerationResult, RequestError, UpscaleRequest
+from webui import convert
+from webui.app import build_ui
+from webui.jobs import JobRegistry
+
+WEBUI_DIR = Path(__file__).resolve().parent.parent / "webui"
+
+
+@dataclass
+class FakeCheckpoint:
+    name: str
+    path: str
+    size: int
+    mtime: float
+    family: str | None = None
+    short_hash: str | None = None
+
+
+class FakeEngine:
+    """Implements the engine interface the UI uses; records requests, returns flat images."""
+
+    def __init__(self, checkpoints=None, step_delay: float = 0.0, steps_hook=None):
+        self.checkpoints = checkpoints if checkpoints is not None else [
+            FakeCheckpoint("sd15", "/m/sd15.safetensors", 2_132_000_000, 1_700_000_000.0, "SD 1.x", "0123456789"),
+            FakeCheckpoint("sdxl", "/m/sdxl.safetensors", 6_938_000_000, 1_700_000_100.0, "SDXL", None),
+        ]
+        self.requests: list[GenerationRequest] = []
+        self.upscales: list[UpscaleRequest] = []
+        self.loaded: list[str] = []
+        self.refreshes = 0
+        self.step_delay = step_delay
+        self.steps_hook = steps_hook  # called with (request, control) before each step
+        self.error: Exception | None = None
+
+    def list_checkpoints(self, refresh: bool = False):
+        self.refreshes += bool(refresh)
+        return list(self.checkpoints)
+
+    def default_checkpoint(self):
+        return self.checkpoints[0].name if self.checkpoints else None
+
+    def native_resolution(self, checkpoint):
+        return 1024 if checkpoint == "sdxl" else 512
+
+    def load_checkpoint(self, name):
+        match = [c for c in self.checkpoints if c.name == name]
+        if not match:
+            raise RequestError("checkpoint", f"unknown checkpoint {name!r}")
+        self.loaded = [name] + [n for n in self.loaded if n != name]
+        return match[0]
+
+    def loaded_checkpoints(self):
+        return list(self.loaded)
+
+    def describe(self):
+        return {"device": "cpu", "dtype": "float32", "attention": "sdpa"}
+
+    def generate(self, request, on_progress=None, control=None):
+        self.requests.append(request)
+        if self.error is not None:
+            raise self.error
+        control = control or JobControl()
+        request = request.with_resolved_seeds()
+        if request.checkpoint:
+            self.load_checkpoint(request.checkpoint)
+        result = GenerationResult(request=request)
+        width = request.width or 512
+        height = request.height or 512
+        for batch in range(request.batch_count):
+            for step in range(1, request.steps + 1):
+                if self.steps_hook:
+                    self.steps_hook(request, control)
+                if control.stop_current:
+                    break
+                time.sleep(self.step_delay)
+                if on_progress:
+                    on_progress(Progress(step, request.steps, batch, request.batch_count, 0.1, 1.0))
+            control.take_skip()
+            if control.interrupted:
+                break
+            for i in range(request.batch_size):
+                seed = request.seed + batch * request.batch_size + i
+                result.images.append(Image.new("RGB", (width, height), (seed % 256, 0, 0)))
+                result.seeds.append(seed)
+                result.subseeds.append(request.subseed)
+                result.infotexts.append(f"{request.prompt}\nSteps: {request.steps}, Seed: {seed}")
+                result.paths.append("")
+        result.interrupted = control.interrupted
+        return result
+
+    def upscale(self, request):
+        self.upscales.append(request)
+        if request.target_width:
+            size = (request.target_width, request.target_height)
+        else:
+            size = (round(request.image.width * request.scale), round(request.image.height * request.scale))
+        return GenerationResult(images=[request.image.resize(size)], infotexts=[f"Postprocess upscaler: {request.upscaler}"])
+
+    def sampler_names(self):
+        return ("DPM++ 2M", "Euler a", "Euler")
+
+    def schedule_types(self):
+        return ("Automatic", "Karras")
+
+    def upscaler_names(self):
+        return ["None", "Lanczos", "Nearest"]
+
+
+def fake_request(session: str) -> gr.Request:
+    return gr.Request(session_hash=session)
+
+
+def values(ui, mode: str, **overrides):
+    """Component values of a tab keyed by name, as Gradio would pass them, with overrides."""
+    out = {name: getattr(component, "value", None) for name, component in ui.fields[mode].items()}
+    out.update(overrides)
+    return out
+
+
+@pytest.fixture
+def engine():
+    return FakeEngine()
+
+
+@pytest.fixture
+def ui(engine):
+    return build_ui(engine).webui
+
+
+def test_build_ui_has_the_tabs_header_and_footer(engine):
+    blocks = build_ui(engine)
+    assert isinstance(blocks, gr.Blocks)
+    labels = [block.label for block in blocks.blocks.values() if isinstance(block, gr.Tab)]
+    assert labels == ["txt2img", "img2img", "Inpaint", "Upscale", "Checkpoints"]
+    ui = blocks.webui
+    header = ui.components["checkpoint"]
+    assert header.choices == [("sd15", "sd15"), ("sdxl", "sdxl")]
+    assert header.value == "sd15"
+    assert "device: cpu" in ui.components["footer"].value
+    assert ui.fields["txt2img"]["width"].value == 512
+    assert ui.fields["txt2img"]["width"].step == 8
+    assert ui.fields["txt2img"]["steps"].maximum == 150
+
+
+def test_two_builds_share_nothing():
+    a, b = build_ui(FakeEngine()).webui, build_ui(FakeEngine()).webui
+    assert a.jobs is not b.jobs and a.fields is not b.fields
+
+
+def test_builds_without_checkpoints():
+    ui = build_ui(FakeEngine(checkpoints=[])).webui
+    assert ui.components["checkpoint"].value is None
+
+
+def test_generate_maps_named_values_to_request_fields(ui, engine):
+    fields = values(ui, "txt2img", prompt="a cat", negative_prompt="blurry", steps=7, cfg_scale=4.5,
+                    sampler="Euler a", schedule_type="Karras", width=256, height=320, seed=1234.0,
+                    batch_count=2, batch_size=3, checkpoint="sdxl")
+    images, infotext, last, loaded = ui.generate("txt2img", fields, request=fake_request("s1"))
+    req = engine.requests[-1]
+    assert (req.mode, req.prompt, req.negative_prompt) == ("txt2img", "a cat", "blurry")
+    assert (req.steps, req.cfg_scale, req.sampler, req.schedule_type) == (7, 4.5, "Euler a", "Karras")
+    assert (req.width, req.height, req.seed, req.batch_count, req.batch_size) == (256, 320, 1234, 2, 3)
+    assert req.checkpoint == "sdxl"
+    assert len(images) == 6 and infotext.startswith("a cat")
+    assert last["seeds"][:3] == [1234, 1235, 1236]
+    assert "sdxl" in loaded
+
+
+def test_handler_registered_with_inputs_by_name(ui):
+    """The Generate event hands components over by parameter name (inputs_kwargs), not by position."""
+    for mode in ("txt2img", "img2img", "inpaint"):
+        fns = [fn for fn in ui.blocks.fns.values() if fn.name == f"generate_{mode}"]
+        assert fns, f"generate_{mode} not registered"
+        for fn in fns:
+            named = dict(zip(fn.input_parameter_names, fn.inputs))
+            assert named == ui.fields[mode]
+            assert fn.concurrency_id == "generate" and fn.concurrency_limit == 1
+
+
+def test_img2img_and_inpaint_requests(ui, engine):
+    init = Image.new("RGB", (64, 64), "blue")
+    ui.generate("img2img", values(ui, "img2img", init_image=init, denoising_strength=0.4,
+                                  resize_mode="crop and resize", width=64, height=64, steps=2),
+                request=fake_request("s"))
+    req = engine.requests[-1]
+    assert req.mode == "img2img" and req.init_image is init and req.denoising_strength == 0.4
+    assert req.resize_mode == "crop and resize"
+
+    layer = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    layer.paste((255, 255, 255, 200), (10, 10, 20, 30))
+    editor = {"background": Image.new("RGBA", (64, 64), (0, 128, 0, 255)), "layers": [layer], "composite": None}
+    ui.generate("inpaint", values(ui, "inpaint", inpaint_image=editor, inpaint_area="Only masked",
+                                  mask_mode="Inpaint not masked", inpainting_fill="latent noise",
+                                  inpaint_full_res_padding=16, mask_blur=8, width=64, height=64, steps=2),
+                request=fake_request("s"))
+    req = engine.requests[-1]
+    assert req.mode == "inpaint" and req.init_image.mode == "RGB"
+    assert req.init_image.getpixel((0, 0)) == (0, 128, 0)
+    assert req.mask.mode == "L" and req.mask.getbbox() == (10, 10, 20, 30)
+    assert req.mask.getpixel((15, 15)) == 255 and req.mask.getpixel((0, 0)) == 0
+    assert req.inpaint_full_res is True and req.inpainting_mask_invert is True
+    assert req.inpainting_fill == "latent noise" and req.inpaint_full_res_padding == 16 and req.mask_blur == 8
+
+
+def test_inpaint_without_painting_names_the_mask(ui):
+    editor = {"background": Image.new("RGB", (64, 64)), "layers": [Image.new("RGBA", (64, 64))], "composite": None}
+    with pytest.raises(gr.Error, match=r"Mask \(mask\)"):
+        ui.generate("inpaint", values(ui, "inpaint", inpaint_image=editor), request=fake_request("s"))
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"steps": 500}, "steps"),
+    ({"width": 100}, "width"),
+    ({"cfg_scale": 99}, "cfg_scale"),
+    ({"sampler": "Nope"}, "sampler"),
+    ({"seed": -5}, "seed"),
+])
+def test_bad_value_gives_gr_error_naming_the_field(ui, engine, overrides, field):
+    with pytest.raises(gr.Error) as info:
+        ui.generate("txt2img", values(ui, "txt2img", **overrides), request=fake_request("s"))
+    assert f"({field})" in info.value.message
+    assert convert.LABELS[field] in info.value.message
+    assert engine.requests == []
+
+
+def test_img2img_without_image_names_the_field(ui):
+    with pytest.raises(gr.Error, match="init_image"):
+        ui.generate("img2img", values(ui, "img2img", init_image=None), request=fake_request("s"))
+
+
+def test_engine_errors_become_gr_error(ui, engine):
+    engine.error = RuntimeError("CUDA out of memory")
+    with pytest.raises(gr.Error, match="Generation failed: RuntimeError: CUDA out of memory"):
+        ui.generate("txt2img", values(ui, "txt2img"), request=fake_request("s"))
+    engine.error = RequestError("checkpoint", "unknown checkpoint 'x'")
+    with pytest.raises(gr.Error, match=r"Checkpoint \(checkpoint\): unknown"):
+        ui.generate("txt2img", values(ui, "txt2img"), request=fake_request("s"))
+    assert len(ui.jobs) == 0  # the job is unregistered even on failure
+
+
+def test_empty_seed_means_random(ui, engine):
+    ui.generate("txt2img", values(ui, "txt2img", seed=None, steps=1, width=64, height=64), request=fake_request("s"))
+    assert engine.requests[-1].seed == -1
+
+
+def test_interrupt_hits_only_the_callers_job(engine):
+    ui = build_ui(engine).webui
+    started = threading.Event()
+    release = threading.Event()
+    controls = {}
+
+    def hook(request, control):
+        controls[request.prompt] = control
+        started.set()
+        release.wait(5)
+
+    engine.steps_hook = hook
+    results = {}
+    thread = threading.Thread(target=lambda: results.setdefault(
+        "a", ui.generate("txt2img", values(ui, "txt2img", prompt="A", steps=3, width=64, height=64),
+                         request=fake_request("session-A"))))
+    thread.start()
+    assert started.wait(5)
+    ui.interrupt(fake_request("session-B"))  # someone else: nothing of theirs runs
+    assert not controls["A"].interrupted
+    ui.skip(fake_request("session-B"))
+    assert not controls["A"].stop_current
+    ui.interrupt(fake_request("session-A"))
+    assert controls["A"].interrupted
+    release.set()
+    thread.join(5)
+    assert results["a"][0] == []  # interrupted before the first batch finished
+    assert len(ui.jobs) == 0
+
+
+def test_job_registry_per_session():
+    jobs = JobRegistry()
+    with jobs.run("a") as a, jobs.run("b") as b:
+        assert jobs.skip("a") and a.stop_current and not b.stop_current
+        assert jobs.interrupt("b") and b.interrupted and not a.interrupted
+    assert not jobs.interrupt("a") and len(jobs) == 0
+
+
+def test_progress_reported_through_gr_progress(ui):
+    calls = []
+    ui.generate("txt2img", values(ui, "txt2img", steps=4, width=64, height=64), request=fake_request("s"),
+                progress=lambda value, desc=None: calls.append((value, desc)))
+    assert calls[-1] == (1.0, "Step 4/4, ETA 1s")
+    assert calls[0][0] == 0.0
+
+
+def test_gallery_select_and_reuse_seed(ui):
+    _, _, last, _ = ui.generate("txt2img", values(ui, "txt2img", prompt="p", seed=10, batch_size=3, steps=1,
+                                                  width=64, height=64), request=fake_request("s"))
+    assert ui.reuse_seed(last=last) == 10
+    text, last = ui.select_image(gr.SelectData(None, {"index": 2, "value": None}), last=last)
+    assert "Seed: 12" in text and last["selected"] == 2
+    assert ui.reuse_seed(last=last) == 12
+    assert ui.reuse_seed(last=None) == -1
+
+
+def test_checkpoint_change_updates_sizes(ui):
+    updates = ui.on_checkpoint_change("sdxl")
+    assert len(updates) == 6 and all(u["value"] == 1024 for u in updates)
+
+
+def test_checkpoints_tab_refresh_and_load(ui, engine):
+    rows = convert.checkpoint_rows(engine.list_checkpoints())
+    assert rows[0][:4] == ["sd15", "SD 1.x", "1.99 GiB", "0123456789"]
+    assert rows[1][3] == ""  # unknown hash stays blank
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d", rows[0][4])
+
+    engine.checkpoints.append(FakeCheckpoint("new", "/m/new.safetensors", 1000, 1.0))
+    table, header, choice, loaded = ui.refresh_checkpoints(current="sdxl")
+    assert engine.refreshes == 1 and [r[0] for r in table] == ["sd15", "sdxl", "new"]
+    assert header["choices"] == ["sd15", "sdxl", "new"] and header["value"] == "sdxl"
+
+    name, loaded, table, status = ui.load_checkpoint(name="sdxl")
+    assert name == "sdxl" and "sdxl" in loaded and engine.loaded == ["sdxl"]
+    with pytest.raises(gr.Error, match="unknown checkpoint"):
+        ui.load_checkpoint(name="missing")
+    with pytest.raises(gr.Error, match="pick a checkpoint"):
+        ui.load_checkpoint(name=None)
+
+
+def test_upscale_by_factor_and_to_size(ui, engine):
+    image = Image.new("RGB", (32, 16))
+    images, info = ui.upscale(image=image, upscaler="Lanczos", upscale_mode="Scale by", scale=2,
+                              target_width=1024, target_height=1024)
+    req = engine.upscales[-1]
+    assert req.scale == 2 and req.target_width is None and images[0].size == (64, 32)
+    assert "Lanczos" in info
+    images, _ = ui.upscale(image=image, upscaler="Nearest", upscale_mode="Scale to", scale=2,
+                           target_width=100.0, target_height=40.0)
+    req = engine.upscales[-1]
+    assert (req.target_width, req.target_height, req.upscaler) == (100, 40, "Nearest")
+    with pytest.raises(gr.Error, match=r"scale"):
+        ui.upscale(image=image, upscaler="Lanczos", upscale_mode="Scale by", scale=20,
+                   target_width=None, target_height=None)
+    with pytest.raises(gr.Error, match=r"Input image \(image\)"):
+        ui.upscale(image=None, upscaler="Lanczos", upscale_mode="Scale by", scale=2,
+                   target_width=None, target_height=None)
+
+
+def test_editor_mask_extraction_resizes_layers():
+    editor = {"background": Image.new("RGB", (32, 32), "red"),
+              "layers": [Image.new("RGBA", (64, 64), (255, 255, 255, 255))], "composite": None}
+    init, mask = convert.editor_image_and_mask(editor)
+    assert init.size == mask.size == (32, 32) and mask.getextrema() == (255, 255)
+    assert convert.editor_image_and_mask(None) == (None, None)
+
+
+def test_cli_flags_map_to_settings(tmp_path):
+    from webui import cli
+
+    args = cli.parse_args(["--port", "9000", "--listen", "--models-dir", str(tmp_path), "--use-cpu", "all",
+                           "--no-half", "--xformers", "--medvram", "--ckpt", "x.safetensors",
+                           "--gradio-auth", "a:b,c:d:e", "--outdir", str(tmp_path / "out"),
+                           "--allowed-paths", str(tmp_path / "extra")])
+    paths, settings = cli.paths_from_args(args), cli.settings_from_args(args)
+    assert paths.models_dir == tmp_path and paths.outdir == tmp_path / "out"
+    assert (settings.device, settings.precision, settings.attention, settings.offload) == (
+        "cpu", "full", "xformers", "medvram")
+    assert settings.default_checkpoint == "x.safetensors"
+    kwargs = cli.launch_kwargs(args, paths)
+    assert kwargs["server_name"] == "0.0.0.0" and kwargs["server_port"] == 9000
+    assert kwargs["auth"] == [("a", "b"), ("c", "d:e")]
+    assert str((tmp_path / "out").resolve()) in kwargs["allowed_paths"]
+    assert cli.launch_kwargs(cli.parse_args([]), cli.paths_from_args(cli.parse_args([])))["server_name"] == "127.0.0.1"
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--gradio-auth", "nopassword"])
+
+
+def test_help_lists_every_design_flag(capsys):
+    from webui import cli
+
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--port", "--listen", "--share", "--api", "--nowebui", "--api-auth", "--gradio-auth",
+                 "--models-dir", "--ckpt-dir", "--vae-dir", "--lora-dir", "--esrgan-models-path",
+                 "--embeddings-dir", "--ckpt", "--data-dir", "--outdir", "--use-cpu", "--device", "--precision",
+                 "--no-half", "--no-half-vae", "--attention", "--xformers", "--opt-sdp-attention", "--lowvram",
+                 "--medvram", "--allowed-paths"):
+        assert re.search(rf"{re.escape(flag)}\b", text), flag
+
+
+def test_no_torch_import_in_webui():
+    offenders = []
+    for path in WEBUI_DIR.rglob("*.py"):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if re.match(r"\s*(import\s+torch\b|from\s+torch\b)", line):
+                offenders.append(f"{path.name}:{number}: {line.strip()}")
+    assert offenders == []
+
+
+def test_importing_launch_starts_nothing():
+    """No server, no engine, no torch when launch.py is merely imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys, launch; assert callable(launch.main); "
+            "print('torch' in sys.modules, 'gradio' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=WEBUI_DIR.parent, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"]

@@ -1,0 +1,505 @@
+"""The Gradio Blocks UI, built from an injected engine.
+
+`build_ui(engine, options)` creates everything: nothing happens at import time and no state
+lives at module level. The returned `gr.Blocks` carries the `WebUI` object that built it as
+`blocks.webui` (handlers, the per-session job registry, the named component maps), which is
+what tests and the launcher use.
+
+How values reach the engine: each generation tab keeps a dict `name -> component` whose names
+are `GenerationRequest` fields (or a few UI-only names, see `webui.convert`). The Generate
+event passes that dict to Gradio as `inputs_kwargs`, so the handler receives
+`**{name: value}` and builds `GenerationRequest(**...)`; positions never matter.
+
+Per-session state: the checkpoint dropdown in the header is an ordinary component, so its
+value is per browser session; the last result of each tab (seeds, infotexts, selected image)
+is a `gr.State`. Interrupt/Skip use `WebUI.jobs`, a `JobRegistry` keyed by
+`gr.Request.session_hash` (see `webui.jobs`).
+
+Concurrency: everything that runs the models (generate, upscale, load) shares the
+concurrency group "generate" with limit 1, so one job runs at a time and the others wait in
+Gradio's queue in arrival order. Interrupt/Skip bypass the queue (`queue=False`).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import gradio as gr
+
+from pipelines.request import INPAINT_FILLS, LIMITS, MAX_SEED, RESIZE_MODES, RequestError
+
+from . import convert
+from .jobs import JobRegistry
+
+log = logging.getLogger(__name__)
+
+GENERATE_GROUP = "generate"
+
+
+@dataclass(frozen=True)
+class UIOptions:
+    title: str = "Stable Diffusion"
+    gallery_columns: int = 4
+
+
+CSS = """
+#header { align-items: end; }
+#loaded_line { font-size: 0.9em; opacity: 0.8; }
+#footer { font-size: 0.85em; opacity: 0.7; text-align: center; }
+.tool-button { max-width: 3em; min-width: 3em !important; }
+"""
+
+
+def build_ui(engine: Any, options: UIOptions | None = None) -> gr.Blocks:
+    """Build the whole UI for `engine`; the WebUI object is reachable as `blocks.webui`."""
+    return WebUI(engine, options or UIOptions()).build()
+
+
+def _theme() -> gr.themes.Theme:
+    # Local fonts only: the app must work fully offline (no Google Fonts request).
+    return gr.themes.Default(
+        font=["ui-sans-serif", "system-ui", "sans-serif"],
+        font_mono=["ui-monospace", "Consolas", "monospace"],
+    )
+
+
+class WebUI:
+    """Owns the components and handlers of one built UI; created only by `build_ui`."""
+
+    def __init__(self, engine: Any, options: UIOptions):
+        self.engine = engine
+        self.options = options
+        self.jobs = JobRegistry()
+        # tab -> {name: component}; the names are what the handlers receive.
+        self.fields: dict[str, dict[str, gr.components.Component]] = {}
+        self.components: dict[str, Any] = {}
+        self.blocks: gr.Blocks | None = None
+
+    # Arguments for Blocks.launch() that gradio 6 no longer takes in the Blocks constructor.
+    def launch_kwargs(self) -> dict[str, Any]:
+        return {"theme": _theme(), "css": CSS}
+
+    # ------------------------------------------------------------------------------------------
+    # layout
+    # ------------------------------------------------------------------------------------------
+    def build(self) -> gr.Blocks:
+        engine = self.engine
+        checkpoints = self._checkpoint_names()
+        default_ckpt = self._default_checkpoint(checkpoints)
+        with gr.Blocks(title=self.options.title, analytics_enabled=False) as blocks:
+            with gr.Row(elem_id="header", equal_height=False):
+                checkpoint = gr.Dropdown(
+                    choices=checkpoints, value=default_ckpt, label="Stable Diffusion checkpoint",
+                    elem_id="checkpoint", scale=3, allow_custom_value=False,
+                )
+                loaded = gr.Markdown(self._loaded_text(), elem_id="loaded_line")
+            self.components.update(checkpoint=checkpoint, loaded=loaded)
+            native = self._native(default_ckpt)
+            with gr.Tabs(elem_id="tabs"):
+                for mode, label in (("txt2img", "txt2img"), ("img2img", "img2img"), ("inpaint", "Inpaint")):
+                    with gr.Tab(label, id=mode, elem_id=f"tab_{mode}"):
+                        self._generation_tab(mode, checkpoint, loaded, native)
+                with gr.Tab("Upscale", id="upscale", elem_id="tab_upscale"):
+                    self._upscale_tab()
+                with gr.Tab("Checkpoints", id="checkpoints", elem_id="tab_checkpoints"):
+                    self._checkpoints_tab(checkpoint, loaded)
+            footer = gr.Markdown(self._footer_text(), elem_id="footer")
+            self.components["footer"] = footer
+
+            sizes = [self.fields[m][n] for m in ("txt2img", "img2img", "inpaint") for n in ("width", "height")]
+            checkpoint.change(self.on_checkpoint_change, inputs_kwargs={"checkpoint": checkpoint},
+                              outputs=sizes, show_progress="hidden", api_visibility="undocumented")
+            # A new page gets the current list (it may have been refreshed since build time).
+            blocks.load(self.on_page_load, outputs=[checkpoint, loaded], show_progress="hidden",
+                        api_visibility="undocumented")
+        blocks.webui = self  # type: ignore[attr-defined]
+        self.blocks = blocks
+        return blocks
+
+    def _generation_tab(self, mode: str, checkpoint, loaded, native: int) -> None:
+        engine = self.engine
+        p = mode  # elem_id prefix
+        fields: dict[str, Any] = {"checkpoint": checkpoint}
+        with gr.Row(elem_id=f"{p}_toprow"):
+            with gr.Column(scale=6):
+                fields["prompt"] = gr.Textbox(label="Prompt", lines=3, elem_id=f"{p}_prompt",
+                                              placeholder="Prompt (A1111 syntax)")
+                fields["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=2,
+                                                       elem_id=f"{p}_neg_prompt")
+            with gr.Column(scale=1, min_width=180):
+                generate = gr.Button("Generate", variant="primary", size="lg", elem_id=f"{p}_generate")
+                with gr.Row():
+                    interrupt = gr.Button("Interrupt", size="sm", elem_id=f"{p}_interrupt")
+                    skip = gr.Button("Skip", size="sm", elem_id=f"{p}_skip")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1):
+                if mode == "img2img":
+                    fields["init_image"] = gr.Image(label="Input image", type="pil", image_mode="RGB",
+                                                    sources=["upload", "clipboard"], height=360,
+                                                    elem_id=f"{p}_image")
+                elif mode == "inpaint":
+                    fields["inpaint_image"] = gr.ImageMask(
+                        label="Image (paint the part to change)", type="pil", image_mode="RGBA",
+                        sources=["upload", "clipboard"], format="png", height=420, layers=False,
+                        transforms=(), brush=gr.Brush(default_size=24, colors=["#ffffff", "#000000"],
+                                                      color_mode="defaults"),
+                        elem_id=f"{p}_image",
+                    )
+                    brush_size = gr.Slider(1, 200, value=24, step=1, label="Brush size",
+                                           elem_id=f"{p}_brush_size")
+                    fields["mask_blur"] = _slider("mask_blur", elem_id=f"{p}_mask_blur", step=1)
+                    with gr.Row():
+                        fields["mask_mode"] = gr.Radio(list(convert.MASK_MODES), value=convert.MASK_MODES[0],
+                                                       label="Mask mode", elem_id=f"{p}_mask_mode")
+                        fields["inpainting_fill"] = gr.Radio(
+                            list(INPAINT_FILLS), value=convert.request_default("inpainting_fill"),
+                            label="Masked content", elem_id=f"{p}_fill")
+                    with gr.Row():
+                        fields["inpaint_area"] = gr.Radio(list(convert.INPAINT_AREAS), value=convert.INPAINT_AREAS[0],
+                                                          label="Inpaint area", elem_id=f"{p}_area")
+                        fields["inpaint_full_res_padding"] = _slider(
+                            "inpaint_full_res_padding", step=4, elem_id=f"{p}_padding")
+                if mode != "txt2img":
+                    fields["resize_mode"] = gr.Radio(list(RESIZE_MODES), value=convert.request_default("resize_mode"),
+                                                     label="Resize mode", elem_id=f"{p}_resize_mode")
+                with gr.Row():
+                    samplers = list(engine.sampler_names())
+                    schedules = list(engine.schedule_types())
+                    fields["sampler"] = gr.Dropdown(samplers, value=_pick(convert.request_default("sampler"), samplers),
+                                                    label="Sampling method", elem_id=f"{p}_sampler")
+                    fields["schedule_type"] = gr.Dropdown(
+                        schedules, value=_pick(convert.request_default("schedule_type"), schedules),
+                        label="Schedule type", elem_id=f"{p}_schedule")
+                fields["steps"] = _slider("steps", step=1, elem_id=f"{p}_steps")
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        fields["width"] = _slider("width", value=native, step=8, elem_id=f"{p}_width")
+                        fields["height"] = _slider("height", value=native, step=8, elem_id=f"{p}_height")
+                    with gr.Column(scale=1, min_width=140):
+                        fields["batch_count"] = _slider("batch_count", step=1, elem_id=f"{p}_batch_count")
+                        fields["batch_size"] = _slider("batch_size", step=1, elem_id=f"{p}_batch_size")
+                fields["cfg_scale"] = _slider("cfg_scale", step=0.5, elem_id=f"{p}_cfg_scale")
+                if mode != "txt2img":
+                    fields["denoising_strength"] = _slider("denoising_strength", step=0.01,
+                                                           elem_id=f"{p}_denoising")
+                with gr.Row(equal_height=True):
+                    fields["seed"] = gr.Number(value=-1, label="Seed", precision=0, minimum=-1, maximum=MAX_SEED,
+                                               elem_id=f"{p}_seed", scale=4)
+                    random_seed = gr.Button("🎲", elem_id=f"{p}_random_seed", elem_classes="tool-button",
+                                            scale=0, min_width=48)
+                    reuse_seed = gr.Button("♻️", elem_id=f"{p}_reuse_seed", elem_classes="tool-button",
+                                           scale=0, min_width=48)
+            with gr.Column(scale=1):
+                gallery = gr.Gallery(label="Output", columns=self.options.gallery_columns, height=480,
+                                     format="png", object_fit="contain", elem_id=f"{p}_gallery",
+                                     interactive=False)
+                infotext = gr.Textbox(label="Generation parameters", lines=4, interactive=False,
+                                      elem_id=f"{p}_infotext", buttons=["copy"])
+        last = gr.State(value=None)  # {"seeds": [...], "infotexts": [...], "selected": i}
+        self.fields[mode] = fields
+        self.components[mode] = dict(generate=generate, interrupt=interrupt, skip=skip, gallery=gallery,
+                                     infotext=infotext, last=last, random_seed=random_seed,
+                                     reuse_seed=reuse_seed)
+
+        generate.click(
+            self.generate_handler(mode), inputs_kwargs=fields, outputs=[gallery, infotext, last, loaded],
+            show_progress="full", show_progress_on=[gallery], concurrency_id=GENERATE_GROUP,
+            concurrency_limit=1, api_name=mode,
+        )
+        fields["prompt"].submit(
+            self.generate_handler(mode), inputs_kwargs=fields, outputs=[gallery, infotext, last, loaded],
+            show_progress="full", show_progress_on=[gallery], concurrency_id=GENERATE_GROUP,
+            concurrency_limit=1, api_visibility="undocumented",
+        )
+        interrupt.click(self.interrupt, queue=False, show_progress="hidden", api_visibility="undocumented")
+        skip.click(self.skip, queue=False, show_progress="hidden", api_visibility="undocumented")
+        gallery.select(self.select_image, inputs_kwargs={"last": last}, outputs=[infotext, last],
+                       show_progress="hidden", api_visibility="undocumented")
+        random_seed.click(lambda: -1, outputs=fields["seed"], queue=False, show_progress="hidden",
+                          api_visibility="undocumented")
+        reuse_seed.click(self.reuse_seed, inputs_kwargs={"last": last}, outputs=fields["seed"], queue=False,
+                         show_progress="hidden", api_visibility="undocumented")
+        if mode == "inpaint":
+            brush_size.change(self.brush_update, inputs_kwargs={"size": brush_size},
+                              outputs=fields["inpaint_image"], show_progress="hidden",
+                              api_visibility="undocumented")
+
+    def _upscale_tab(self) -> None:
+        upscalers = list(self.engine.upscaler_names())
+        fields: dict[str, Any] = {}
+        with gr.Row(equal_height=False):
+            with gr.Column():
+                fields["image"] = gr.Image(label="Input image", type="pil", image_mode=None,
+                                           sources=["upload", "clipboard"], height=360, elem_id="upscale_image")
+                fields["upscaler"] = gr.Dropdown(upscalers, value=_pick("Lanczos", upscalers), label="Upscaler",
+                                                 elem_id="upscale_upscaler")
+                fields["upscale_mode"] = gr.Radio(list(convert.UPSCALE_MODES), value=convert.UPSCALE_MODES[0],
+                                                  label="Resize", elem_id="upscale_mode")
+                with gr.Group(visible=True) as by_group:
+                    fields["scale"] = gr.Slider(1, 8, value=2, step=0.05, label="Scale by", elem_id="upscale_scale")
+                with gr.Row(visible=False) as to_group:
+                    fields["target_width"] = gr.Number(value=1024, label="Width", precision=0, minimum=8,
+                                                       maximum=8192, elem_id="upscale_width")
+                    fields["target_height"] = gr.Number(value=1024, label="Height", precision=0, minimum=8,
+                                                        maximum=8192, elem_id="upscale_height")
+                button = gr.Button("Upscale", variant="primary", elem_id="upscale_button")
+            with gr.Column():
+                gallery = gr.Gallery(label="Output", columns=1, height=480, format="png", object_fit="contain",
+                                     elem_id="upscale_gallery", interactive=False)
+                info = gr.Textbox(label="Info", lines=2, interactive=False, elem_id="upscale_info")
+        self.fields["upscale"] = fields
+        self.components["upscale"] = dict(button=button, gallery=gallery, info=info)
+        fields["upscale_mode"].change(
+            lambda how: (gr.update(visible=how == convert.UPSCALE_MODES[0]),
+                         gr.update(visible=how == convert.UPSCALE_MODES[1])),
+            inputs=fields["upscale_mode"], outputs=[by_group, to_group], queue=False, show_progress="hidden",
+            api_visibility="undocumented")
+        button.click(self.upscale, inputs_kwargs=fields, outputs=[gallery, info], concurrency_id=GENERATE_GROUP,
+                     concurrency_limit=1, api_name="upscale")
+
+    def _checkpoints_tab(self, checkpoint, loaded) -> None:
+        rows = self._checkpoint_rows()
+        with gr.Row():
+            refresh = gr.Button("🔄 Refresh", elem_id="checkpoints_refresh", scale=0, min_width=120)
+            choice = gr.Dropdown(choices=[r[0] for r in rows], value=None, label="Checkpoint to load",
+                                 elem_id="checkpoints_choice", scale=3)
+            load = gr.Button("Load", variant="primary", elem_id="checkpoints_load", scale=0, min_width=120)
+        table = gr.Dataframe(value=rows or None, headers=list(convert.CHECKPOINT_HEADERS), interactive=False,
+                             datatype="str", elem_id="checkpoints_table", wrap=True,
+                             column_count=len(convert.CHECKPOINT_HEADERS))
+        status = gr.Markdown("Select a row or pick a name, then **Load**.", elem_id="checkpoints_status")
+        self.components["checkpoints"] = dict(refresh=refresh, choice=choice, load=load, table=table,
+                                              status=status)
+        refresh.click(self.refresh_checkpoints, inputs_kwargs={"current": checkpoint},
+                      outputs=[table, checkpoint, choice, loaded], api_name="refresh_checkpoints")
+        table.select(self.select_checkpoint_row, outputs=choice, show_progress="hidden",
+                     api_visibility="undocumented")
+        load.click(self.load_checkpoint, inputs_kwargs={"name": choice},
+                   outputs=[checkpoint, loaded, table, status], concurrency_id=GENERATE_GROUP,
+                   concurrency_limit=1, api_name="load_checkpoint")
+
+    # ------------------------------------------------------------------------------------------
+    # engine look-ups (never fatal for building the page)
+    # ------------------------------------------------------------------------------------------
+    def _checkpoint_infos(self, refresh: bool = False) -> list:
+        try:
+            return list(self.engine.list_checkpoints(refresh=refresh) or [])
+        except Exception:
+            log.exception("listing checkpoints failed")
+            return []
+
+    def _checkpoint_names(self, refresh: bool = False) -> list[str]:
+        return [info.name for info in self._checkpoint_infos(refresh)]
+
+    def _checkpoint_rows(self, refresh: bool = False) -> list[list[str]]:
+        return convert.checkpoint_rows(self._checkpoint_infos(refresh))
+
+    def _default_checkpoint(self, names: list[str]) -> str | None:
+        try:
+            name = self.engine.default_checkpoint()
+        except Exception:
+            log.exception("default checkpoint failed")
+            name = None
+        if name in names:
+            return name
+        return names[0] if names else None
+
+    def _native(self, checkpoint: str | None) -> int:
+        try:
+            value = int(self.engine.native_resolution(checkpoint))
+        except Exception:
+            log.exception("native resolution of %r failed", checkpoint)
+            value = 512
+        low, high = LIMITS["width"]
+        return int(min(max(value - value % 8, low), high))
+
+    def _loaded_text(self) -> str:
+        try:
+            return convert.loaded_line(self.engine.loaded_checkpoints())
+        except Exception:
+            log.exception("loaded checkpoints failed")
+            return ""
+
+    def _footer_text(self) -> str:
+        try:
+            return convert.engine_line(self.engine.describe())
+        except Exception:
+            log.exception("describe failed")
+            return ""
+
+    # ------------------------------------------------------------------------------------------
+    # handlers
+    # ------------------------------------------------------------------------------------------
+    def generate_handler(self, mode: str) -> Callable[..., tuple]:
+        """The Generate handler of a tab: component values arrive as keyword arguments by name."""
+
+        def generate(request: gr.Request, progress=gr.Progress(), **fields):
+            return self.generate(mode, fields, request=request, progress=progress)
+
+        generate.__name__ = f"generate_{mode}"
+        return generate
+
+    def generate(self, mode: str, fields: dict[str, Any], request: gr.Request | None = None,
+                 progress: Any = None) -> tuple:
+        """Validate, run on the engine under this session's JobControl, return the tab outputs."""
+        try:
+            req = convert.generation_request(mode, fields)
+        except RequestError as exc:
+            raise gr.Error(convert.error_message(exc), print_exception=False) from None
+        session = getattr(request, "session_hash", None)
+        on_progress = _progress_reporter(progress)
+        with self.jobs.run(session) as control:
+            if on_progress:
+                on_progress(None)
+            try:
+                result = self.engine.generate(req, on_progress=on_progress, control=control)
+            except RequestError as exc:
+                raise gr.Error(convert.error_message(exc), print_exception=False) from None
+            except gr.Error:
+                raise
+            except Exception as exc:
+                log.exception("generation failed")
+                raise gr.Error(f"Generation failed: {_describe_exception(exc)}", print_exception=False) from None
+        for warning in getattr(result, "warnings", None) or []:
+            gr.Warning(str(warning))
+        if getattr(result, "interrupted", False):
+            gr.Info("Interrupted: showing what was finished.")
+        images = _gallery_items(result)
+        infotexts = list(result.infotexts or [])
+        last = {"seeds": list(result.seeds or []), "infotexts": infotexts, "selected": 0}
+        return images, (infotexts[0] if infotexts else ""), last, self._loaded_text()
+
+    def interrupt(self, request: gr.Request) -> None:
+        if not self.jobs.interrupt(getattr(request, "session_hash", None)):
+            gr.Info("Nothing of yours is running.")
+
+    def skip(self, request: gr.Request) -> None:
+        if not self.jobs.skip(getattr(request, "session_hash", None)):
+            gr.Info("Nothing of yours is running.")
+
+    def select_image(self, evt: gr.SelectData, last=None):
+        if not last:
+            return "", last
+        index = evt.index if isinstance(evt.index, int) else 0
+        infotexts = last.get("infotexts") or []
+        text = infotexts[index] if 0 <= index < len(infotexts) else (infotexts[0] if infotexts else "")
+        return text, {**last, "selected": index}
+
+    def reuse_seed(self, last=None) -> int:
+        seeds = (last or {}).get("seeds") or []
+        if not seeds:
+            gr.Info("Generate something first: there is no last seed yet.")
+            return -1
+        index = (last or {}).get("selected", 0)
+        return int(seeds[index] if 0 <= index < len(seeds) else seeds[0])
+
+    def brush_update(self, size: float):
+        return gr.update(brush=gr.Brush(default_size=int(size), colors=["#ffffff", "#000000"],
+                                        color_mode="defaults"))
+
+    def on_checkpoint_change(self, checkpoint: str | None):
+        if not checkpoint:
+            return [gr.update()] * 6
+        native = self._native(checkpoint)
+        return [gr.update(value=native)] * 6
+
+    def on_page_load(self):
+        names = self._checkpoint_names()
+        return (gr.update(choices=names, value=self._default_checkpoint(names)), self._loaded_text())
+
+    def upscale(self, **fields):
+        try:
+            req = convert.upscale_request(fields)
+        except RequestError as exc:
+            raise gr.Error(convert.error_message(exc), print_exception=False) from None
+        try:
+            result = self.engine.upscale(req)
+        except RequestError as exc:
+            raise gr.Error(convert.error_message(exc), print_exception=False) from None
+        except gr.Error:
+            raise
+        except Exception as exc:
+            log.exception("upscale failed")
+            raise gr.Error(f"Upscale failed: {_describe_exception(exc)}", print_exception=False) from None
+        for warning in getattr(result, "warnings", None) or []:
+            gr.Warning(str(warning))
+        infotexts = list(result.infotexts or [])
+        info = infotexts[0] if infotexts else ""
+        if not info and result.images:
+            image = result.images[0]
+            info = f"{req.upscaler}: {req.image.width}x{req.image.height} → {image.width}x{image.height}"
+        return _gallery_items(result), info
+
+    def refresh_checkpoints(self, current: str | None = None):
+        infos = self._checkpoint_infos(refresh=True)
+        names = [info.name for info in infos]
+        value = current if current in names else self._default_checkpoint(names)
+        return (convert.checkpoint_rows(infos) or None, gr.update(choices=names, value=value),
+                gr.update(choices=names), self._loaded_text())
+
+    def select_checkpoint_row(self, evt: gr.SelectData):
+        row = evt.row_value or []
+        return row[0] if row else gr.update()
+
+    def load_checkpoint(self, name: str | None = None):
+        if not name:
+            raise gr.Error("Checkpoint to load: pick a checkpoint first.", print_exception=False)
+        try:
+            self.engine.load_checkpoint(name)
+        except RequestError as exc:
+            raise gr.Error(convert.error_message(exc), print_exception=False) from None
+        except Exception as exc:
+            log.exception("loading %r failed", name)
+            raise gr.Error(f"Loading {name} failed: {_describe_exception(exc)}", print_exception=False) from None
+        return name, self._loaded_text(), self._checkpoint_rows() or None, f"Loaded **{name}**."
+
+
+def _slider(name: str, value: float | None = None, step: float = 1, elem_id: str | None = None) -> gr.Slider:
+    low, high = LIMITS[name]
+    default = convert.request_default(name) if value is None else value
+    return gr.Slider(low, high, value=default, step=step, label=convert.LABELS[name], elem_id=elem_id)
+
+
+def _pick(preferred: str, choices: list[str]) -> str | None:
+    if preferred in choices:
+        return preferred
+    return choices[0] if choices else None
+
+
+def _describe_exception(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _gallery_items(result: Any) -> list:
+    """Saved PNG paths (they keep their metadata on download), else the images themselves."""
+    images = list(result.images or [])
+    paths = list(getattr(result, "paths", None) or [])
+    if images and len(paths) == len(images) and all(paths):
+        return paths
+    return images
+
+
+def _progress_reporter(progress: Any) -> Callable | None:
+    """Turn gr.Progress into an engine on_progress callback that works from any thread.
+
+    gr.Progress finds its event through context variables; copying the handler's context
+    lets the engine call back from a worker thread as well as from the handler thread.
+    """
+    if progress is None:
+        return None
+    context = contextvars.copy_context()
+
+    def on_progress(p) -> None:
+        try:
+            if p is None:
+                context.copy().run(progress, 0.0, desc="Starting…")
+            else:
+                context.copy().run(progress, max(0.0, min(1.0, p.fraction)), desc=p.describe())
+        except Exception:  # progress display must never break a job
+            log.debug("progress update failed", exc_info=True)
+
+    return on_progress

@@ -1,0 +1,183 @@
+"""Command line of `launch.py`: A1111 flag names -> Paths / EngineSettings / Gradio launch().
+
+Importing this module does nothing heavy; torch is only imported (through the engine) by
+`main()`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from pipelines.settings import REPO_ROOT, EngineSettings, Paths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="launch.py",
+        description="Stable Diffusion web UI (A1111-compatible flags and model folders).",
+    )
+    server = parser.add_argument_group("server")
+    server.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
+    server.add_argument("--listen", action="store_true",
+                        help="listen on 0.0.0.0 so other machines can connect (use with --gradio-auth)")
+    server.add_argument("--share", action="store_true", help="ask Gradio for a public share link")
+    server.add_argument("--api", action="store_true", help="serve the A1111-compatible REST API (/sdapi/v1/...)")
+    server.add_argument("--nowebui", action="store_true", help="serve only the REST API, no web UI")
+    server.add_argument("--api-auth", metavar="U:P[,U:P]", default=None,
+                        help="credentials for the REST API, comma-separated user:password pairs")
+    server.add_argument("--gradio-auth", metavar="U:P[,U:P]", default=None,
+                        help="credentials for the web UI, comma-separated user:password pairs")
+    server.add_argument("--allowed-paths", nargs="*", default=[], metavar="DIR",
+                        help="extra folders the web UI may serve files from (besides the outputs folder)")
+
+    folders = parser.add_argument_group("folders")
+    folders.add_argument("--models-dir", type=Path, default=None, metavar="DIR",
+                         help="root of the model folders (Stable-diffusion/, VAE/, Lora/, ESRGAN/, embeddings/); "
+                              "default: models/ in the repository")
+    folders.add_argument("--ckpt-dir", type=Path, default=None, metavar="DIR", help="checkpoint folder")
+    folders.add_argument("--vae-dir", type=Path, default=None, metavar="DIR", help="VAE folder")
+    folders.add_argument("--lora-dir", type=Path, default=None, metavar="DIR", help="LoRA folder")
+    folders.add_argument("--esrgan-models-path", type=Path, default=None, metavar="DIR",
+                         help="upscaler model folder (ESRGAN and any architecture spandrel knows)")
+    folders.add_argument("--embeddings-dir", type=Path, default=None, metavar="DIR",
+                         help="textual inversion embeddings folder")
+    folders.add_argument("--ckpt", default=None, metavar="PATH",
+                         help="checkpoint to use by default (a file in the checkpoint folder, or its name)")
+    folders.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
+                         help="folder for caches (hashes) and user data; default: data/ in the repository")
+    folders.add_argument("--outdir", type=Path, default=None, metavar="DIR",
+                         help="where images are saved; default: outputs/ in the repository")
+
+    compute = parser.add_argument_group("device and precision")
+    compute.add_argument("--use-cpu", nargs="+", default=[], metavar="MODULE",
+                         help="run on the CPU ('all', or A1111 module names such as 'sd')")
+    compute.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+                         help="device to run on (default: auto)")
+    compute.add_argument("--precision", choices=("auto", "full", "half", "bf16"), default="auto",
+                         help="weights/compute precision (default: auto)")
+    compute.add_argument("--no-half", action="store_true", help="use full precision (same as --precision full)")
+    compute.add_argument("--no-half-vae", action="store_true", help="keep the VAE in full precision")
+    compute.add_argument("--attention", choices=("auto", "xformers", "sdpa", "sliced"), default="auto",
+                         help="attention backend (default: auto)")
+    compute.add_argument("--xformers", action="store_true", help="same as --attention xformers")
+    compute.add_argument("--opt-sdp-attention", action="store_true", help="same as --attention sdpa")
+    compute.add_argument("--lowvram", action="store_true", help="offload aggressively to fit small GPUs")
+    compute.add_argument("--medvram", action="store_true", help="offload model parts to save VRAM")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for flag in ("gradio_auth", "api_auth"):
+        value = getattr(args, flag)
+        if value is not None:
+            try:
+                parse_auth(value)
+            except ValueError as exc:
+                parser.error(f"--{flag.replace('_', '-')}: {exc}")
+    return args
+
+
+def parse_auth(text: str) -> list[tuple[str, str]]:
+    """'u1:p1,u2:p2' -> [('u1', 'p1'), ('u2', 'p2')]; the password may contain ':'."""
+    pairs = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        user, sep, password = item.partition(":")
+        if not sep or not user:
+            raise ValueError(f"expected user:password, got {item!r}")
+        pairs.append((user, password))
+    if not pairs:
+        raise ValueError("no user:password pair given")
+    return pairs
+
+
+def paths_from_args(args: argparse.Namespace) -> Paths:
+    models_dir = args.models_dir or REPO_ROOT / "models"
+    return Paths(
+        models_dir=Path(models_dir),
+        ckpt_dir=args.ckpt_dir,
+        vae_dir=args.vae_dir,
+        lora_dir=args.lora_dir,
+        esrgan_dir=args.esrgan_models_path,
+        embeddings_dir=args.embeddings_dir,
+        data_dir=args.data_dir or REPO_ROOT / "data",
+        outdir=args.outdir or REPO_ROOT / "outputs",
+    )
+
+
+def settings_from_args(args: argparse.Namespace) -> EngineSettings:
+    device = args.device
+    if any(name in ("all", "sd") for name in args.use_cpu):
+        device = "cpu"
+    precision = "full" if args.no_half else args.precision
+    attention = args.attention
+    if args.xformers:
+        attention = "xformers"
+    elif args.opt_sdp_attention:
+        attention = "sdpa"
+    offload = "lowvram" if args.lowvram else "medvram" if args.medvram else "none"
+    return EngineSettings(
+        device=device,
+        precision=precision,
+        no_half_vae=args.no_half_vae,
+        attention=attention,
+        offload=offload,
+        default_checkpoint=args.ckpt,
+    )
+
+
+def launch_kwargs(args: argparse.Namespace, paths: Paths) -> dict[str, Any]:
+    """Arguments for gr.Blocks.launch()."""
+    allowed = [str(Path(paths.outdir).resolve())] + [str(Path(p).resolve()) for p in args.allowed_paths]
+    kwargs: dict[str, Any] = {
+        "server_name": "0.0.0.0" if args.listen else "127.0.0.1",
+        "server_port": args.port,
+        "share": bool(args.share),
+        "allowed_paths": allowed,
+        "ssr_mode": False,
+        "show_error": True,
+    }
+    if args.gradio_auth:
+        kwargs["auth"] = parse_auth(args.gradio_auth)
+    return kwargs
+
+
+def notices(args: argparse.Namespace) -> list[str]:
+    """What the user asked for that this version cannot do yet, said plainly."""
+    lines = []
+    if args.api or args.nowebui:
+        lines.append("--api: the REST API (/sdapi/v1/...) is not yet available in this version.")
+    if args.api_auth:
+        lines.append("--api-auth: accepted; it will protect the REST API once that is available.")
+    if (args.listen or args.share) and not args.gradio_auth:
+        lines.append("Warning: the UI is reachable from other machines without a password; "
+                     "consider --gradio-auth user:password.")
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    for line in notices(args):
+        print(line, file=sys.stderr)
+    if args.nowebui:
+        print("--nowebui: nothing to serve without the REST API; exiting.", file=sys.stderr)
+        return 2
+    paths = paths_from_args(args)
+    settings = settings_from_args(args)
+
+    from pipelines.engine import Engine  # heavy (torch): only when actually launching
+
+    from .app import UIOptions, build_ui
+
+    engine = Engine(paths, settings)
+    blocks = build_ui(engine, UIOptions())
+    blocks.queue(default_concurrency_limit=1)
+    blocks.launch(**launch_kwargs(args, paths), **blocks.webui.launch_kwargs())
+    return 0

@@ -1,0 +1,231 @@
+"""Pure translations between UI values and engine objects (no gradio, no torch).
+
+Every generation tab hands its component values over *by name* (Gradio's `inputs_kwargs`);
+`generation_request()` turns that mapping into a `GenerationRequest`. Names are either
+`GenerationRequest` fields, passed through unchanged, or one of the few UI-only names in
+`UI_ONLY_FIELDS`, which are translated here (an editor value into init image + mask, radio
+labels into booleans).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from typing import Any, Iterable, Mapping
+
+from PIL import Image
+
+from pipelines.request import GenerationRequest, RequestError, UpscaleRequest
+
+REQUEST_FIELDS = frozenset(f.name for f in dataclasses.fields(GenerationRequest))
+
+INPAINT_AREAS = ("Whole picture", "Only masked")
+MASK_MODES = ("Inpaint masked", "Inpaint not masked")
+UPSCALE_MODES = ("Scale by", "Scale to")
+
+# UI-only component names and the request fields they become.
+UI_ONLY_FIELDS = {
+    "inpaint_image": ("init_image", "mask"),
+    "inpaint_area": ("inpaint_full_res",),
+    "mask_mode": ("inpainting_mask_invert",),
+}
+
+# Labels shown next to components; errors name the field with its label.
+LABELS = {
+    "prompt": "Prompt",
+    "negative_prompt": "Negative prompt",
+    "sampler": "Sampling method",
+    "schedule_type": "Schedule type",
+    "steps": "Sampling steps",
+    "cfg_scale": "CFG scale",
+    "seed": "Seed",
+    "subseed": "Variation seed",
+    "subseed_strength": "Variation strength",
+    "width": "Width",
+    "height": "Height",
+    "batch_count": "Batch count",
+    "batch_size": "Batch size",
+    "init_image": "Input image",
+    "denoising_strength": "Denoising strength",
+    "resize_mode": "Resize mode",
+    "mask": "Mask",
+    "mask_blur": "Mask blur",
+    "inpainting_fill": "Masked content",
+    "inpaint_full_res": "Inpaint area",
+    "inpaint_full_res_padding": "Only masked padding, pixels",
+    "inpainting_mask_invert": "Mask mode",
+    "checkpoint": "Checkpoint",
+    "vae": "VAE",
+    "clip_skip": "Clip skip",
+    "image": "Input image",
+    "upscaler": "Upscaler",
+    "scale": "Scale by",
+    "target_width": "Target width",
+    "target_height": "Target height",
+}
+
+
+def request_default(name: str) -> Any:
+    """The GenerationRequest default of a field, so the UI and the API start from the same values."""
+    return GenerationRequest.__dataclass_fields__[name].default
+
+
+def error_message(exc: RequestError) -> str:
+    label = LABELS.get(exc.field)
+    where = f"{label} ({exc.field})" if label else exc.field
+    return f"{where}: {exc.message}"
+
+
+def _seed(name: str, value: Any) -> Any:
+    if value is None or value == "":
+        return -1  # an emptied seed box means random
+    return value
+
+
+def generation_request(mode: str, fields: Mapping[str, Any]) -> GenerationRequest:
+    """Build a validated request from component values keyed by name (raises RequestError)."""
+    values: dict[str, Any] = {}
+    for name, value in fields.items():
+        if name == "inpaint_image":
+            values["init_image"], values["mask"] = editor_image_and_mask(value)
+        elif name == "inpaint_area":
+            values["inpaint_full_res"] = _choice_index(name, value, INPAINT_AREAS) == 1
+        elif name == "mask_mode":
+            values["inpainting_mask_invert"] = _choice_index(name, value, MASK_MODES) == 1
+        elif name in REQUEST_FIELDS:
+            values[name] = value
+        else:
+            raise TypeError(f"UI component {name!r} maps to no GenerationRequest field")
+    for name in ("seed", "subseed"):
+        if name in values:
+            values[name] = _seed(name, values[name])
+    for name in ("prompt", "negative_prompt"):
+        if name in values and values[name] is None:
+            values[name] = ""  # an untouched textbox
+    if values.get("checkpoint") in ("", None):
+        values["checkpoint"] = None
+    if isinstance(values.get("init_image"), Image.Image) and values["init_image"].mode != "RGB":
+        values["init_image"] = flatten(values["init_image"])
+    values["mode"] = mode
+    return GenerationRequest(**values)
+
+
+def upscale_request(fields: Mapping[str, Any]) -> UpscaleRequest:
+    values = dict(fields)
+    how = values.pop("upscale_mode", UPSCALE_MODES[0])
+    if _choice_index("upscale_mode", how, UPSCALE_MODES) == 0:
+        values.pop("target_width", None)
+        values.pop("target_height", None)
+    else:
+        for name in ("target_width", "target_height"):
+            value = values.get(name)
+            if value in (None, ""):
+                raise RequestError(name, "give a size in pixels")
+            if isinstance(value, float) and value.is_integer():
+                values[name] = int(value)  # gr.Number sends 1024.0
+    image = values.get("image")
+    if image is None:
+        raise RequestError("image", "an input image is needed")
+    if isinstance(image, Image.Image) and image.mode not in ("RGB", "L"):
+        values["image"] = flatten(image)
+    return UpscaleRequest(**values)
+
+
+def _choice_index(name: str, value: Any, choices: tuple[str, ...]) -> int:
+    if value not in choices:
+        raise RequestError(name, f"unknown value {value!r}; choose one of: {', '.join(choices)}")
+    return choices.index(value)
+
+
+def flatten(image: Image.Image) -> Image.Image:
+    """RGB copy of an image; transparent parts become white."""
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def editor_image_and_mask(value: Any) -> tuple[Image.Image | None, Image.Image | None]:
+    """Split a gr.ImageEditor/ImageMask value into (init image, mask).
+
+    The value is a dict {"background": img, "layers": [img, ...], "composite": img}. The
+    background is the uploaded picture; every pixel painted on any layer (alpha > 0) becomes
+    white in the mask, everything else black. Layers are sized like the canvas; a layer of
+    another size is stretched onto the background's size.
+    """
+    if value is None:
+        return None, None
+    if isinstance(value, Image.Image):  # a plain image: nothing painted
+        return flatten(value), None
+    background = value.get("background")
+    layers = [layer for layer in (value.get("layers") or []) if layer is not None]
+    if background is None:
+        return None, None
+    background = _as_pil(background)
+    init_image = flatten(background)
+    mask = Image.new("L", init_image.size, 0)
+    for layer in layers:
+        layer = _as_pil(layer)
+        alpha = layer.getchannel("A") if "A" in layer.getbands() else layer.convert("L")
+        painted = alpha.point(lambda a: 255 if a > 0 else 0)
+        if painted.size != mask.size:
+            painted = painted.resize(mask.size, Image.Resampling.NEAREST)
+        mask.paste(255, (0, 0), painted)
+    if mask.getbbox() is None:
+        return init_image, None  # nothing painted: the request will say a mask is needed
+    return init_image, mask
+
+
+def _as_pil(image: Any) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, str):
+        return Image.open(image)
+    return Image.fromarray(image)  # numpy
+
+
+# --- Checkpoints table ------------------------------------------------------------------
+
+CHECKPOINT_HEADERS = ["Name", "Family", "Size", "Short hash", "Modified"]
+
+
+def human_size(size: int | float | None) -> str:
+    if size is None:
+        return ""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    return f"{value:.2f} TiB"  # pragma: no cover
+
+
+def modified(mtime: float | None) -> str:
+    if not mtime:
+        return ""
+    return datetime.datetime.fromtimestamp(mtime).strftime("%Y-%m-%d %H:%M")
+
+
+def checkpoint_rows(infos: Iterable[Any]) -> list[list[str]]:
+    return [
+        [
+            info.name,
+            getattr(info, "family", None) or "",
+            human_size(getattr(info, "size", None)),
+            getattr(info, "short_hash", None) or "",
+            modified(getattr(info, "mtime", None)),
+        ]
+        for info in infos
+    ]
+
+
+def loaded_line(names: Iterable[str]) -> str:
+    names = list(names)
+    return "**Loaded:** " + (", ".join(names) if names else "nothing yet (loads on first use)")
+
+
+def engine_line(description: Mapping[str, Any] | None) -> str:
+    if not description:
+        return ""
+    return " · ".join(f"{key}: {value}" for key, value in description.items())
