@@ -86,7 +86,7 @@ def test_unknown_resize_mode_names_the_field():
     assert info.value.field == "resize_mode"
 
 
-def _square_mask(size=(64, 64), box=(16, 16, 48, 48), mode="L") -> Image.Image:
+def _square_mask(size=(64, 64), box=(16, 16, 48, 48)) -> Image.Image:
     mask = Image.new("L", size, 0)
     mask.paste(255, box)
     return mask
