@@ -121,12 +121,14 @@ class Engine:
         components = model.components
         width = request.width or components.spec.native_resolution
         height = request.height or components.spec.native_resolution
+        # "Automatic" is written as the schedule it resolved to, as A1111 does
+        extra = {"Schedule type": samplers.resolve_schedule_type(request.sampler, request.schedule_type)}
         with model.lock:
             for batch in runner.run(components, self.placement.device, request, on_progress, control):
                 for image, seed, subseed in zip(batch.images, batch.seeds, batch.subseeds):
                     params = infotext.generation_params(
                         request, seed=seed, subseed=subseed, width=width, height=height,
-                        model_name=file.stem, model_hash=file.short_hash, version=VERSION)
+                        model_name=file.stem, model_hash=file.short_hash, version=VERSION, extra=extra)
                     text = infotext.build_infotext(request.prompt, request.negative_prompt, params)
                     image.info["parameters"] = text
                     result.images.append(image)
@@ -170,8 +172,9 @@ class Engine:
     def sampler_names(self) -> tuple[str, ...]:
         return samplers.SAMPLER_NAMES
 
-    def schedule_types(self) -> tuple[str, ...]:
-        return samplers.SCHEDULE_TYPES
+    def schedule_types(self, sampler: str | None = None) -> tuple[str, ...]:
+        """All schedule types, or those the given sampler supports."""
+        return samplers.allowed_schedule_types(sampler) if sampler else samplers.SCHEDULE_TYPES
 
     def upscaler_names(self) -> list[str]:
         return upscalers.upscaler_names()

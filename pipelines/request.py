@@ -106,6 +106,10 @@ class GenerationRequest:
                 raise RequestError(name, f"must be a multiple of 8, got {value}")
         _check_choice("sampler", self.sampler, samplers.SAMPLER_NAMES)
         _check_choice("schedule_type", self.schedule_type, samplers.SCHEDULE_TYPES)
+        allowed = samplers.allowed_schedule_types(self.sampler)
+        if self.schedule_type not in allowed:
+            raise RequestError("schedule_type", f"{self.sampler} does not support the {self.schedule_type} "
+                                                f"schedule; choose one of: {', '.join(allowed)}")
         _check_choice("resize_mode", self.resize_mode, RESIZE_MODES)
         _check_choice("inpainting_fill", self.inpainting_fill, INPAINT_FILLS)
         if self.mode in ("img2img", "inpaint") and not isinstance(self.init_image, Image.Image):

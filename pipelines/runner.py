@@ -112,6 +112,21 @@ def latent_mask(mask: Image.Image, latent_w: int, latent_h: int, device) -> torc
     return torch.from_numpy(np.around(small))[None, None].to(device)
 
 
+def inpaint_conditioning(vae, plan: InpaintPlan | None, width: int, height: int, device) -> torch.Tensor:
+    """What a 9-channel inpainting U-Net sees besides the latents: the mask and the image with
+    the masked part grey. Without a mask (txt2img/img2img) everything counts as masked."""
+    if plan is None or plan.mask is None:
+        mask_image = Image.new("L", (width, height), 255)
+        source = Image.new("RGB", (width, height), (128, 128, 128))
+    else:
+        mask_image, source = plan.mask, plan.image
+    keep = (np.asarray(mask_image, dtype=np.float32) < 127.5)[..., None]
+    masked = Image.fromarray((np.asarray(source.convert("RGB"), dtype=np.float32) * keep
+                              + 127.5 * (1 - keep)).round().astype(np.uint8))
+    mask = latent_mask(mask_image, width // 8, height // 8, device)
+    return torch.cat([mask, encode_image(vae, masked, device)], dim=1)
+
+
 def img2img_timesteps(scheduler, steps: int, strength: float):
     """The tail of the schedule that denoising strength selects (diffusers' convention)."""
     init_steps = min(int(steps * strength), steps)
@@ -140,7 +155,7 @@ def run_batch(components, device, request: GenerationRequest, cond, uncond, plan
     timesteps = scheduler.timesteps
 
     # 3. starting latents
-    init_latents = mask = conditioning_latents = None
+    init_latents = mask = None
     if plan is None:
         latents = noise * scheduler.init_noise_sigma
     else:
@@ -151,15 +166,11 @@ def run_batch(components, device, request: GenerationRequest, cond, uncond, plan
                 init_latents = init_latents * (1 - mask) + noise * mask
             elif request.inpainting_fill == "latent nothing":
                 init_latents = init_latents * (1 - mask)
-            if unet.config.in_channels == 9:
-                # inpainting U-Nets also see the mask and the image with the masked part grey
-                keep = (np.asarray(plan.mask, dtype=np.float32) < 127.5)[..., None]
-                masked_image = Image.fromarray((np.asarray(plan.image, dtype=np.float32) * keep
-                                                + 127.5 * (1 - keep)).round().astype(np.uint8))
-                masked = encode_image(vae, masked_image, device).repeat(len(seeds), 1, 1, 1)
-                conditioning_latents = torch.cat([mask.expand(len(seeds), -1, -1, -1), masked], dim=1)
         timesteps = img2img_timesteps(scheduler, request.steps, request.denoising_strength)
         latents = scheduler.add_noise(init_latents, noise, timesteps[:1]) if len(timesteps) else init_latents
+    conditioning_latents = None
+    if unet.config.in_channels == 9:
+        conditioning_latents = inpaint_conditioning(vae, plan, width, height, device).repeat(len(seeds), 1, 1, 1)
     blend_each_step = mask is not None and unet.config.in_channels == 4
 
     # 4. denoise

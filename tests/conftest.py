@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny checkpoints in the real single-file layout, and engines over them."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import tiny` from any test
+
+from tiny import write_tiny_sd1_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    """models/ with a plain and a 9-channel inpainting tiny SD 1.x checkpoint."""
+    root = tmp_path_factory.mktemp("models")
+    write_tiny_sd1_checkpoint(root / "Stable-diffusion" / "tiny.safetensors", seed=0)
+    write_tiny_sd1_checkpoint(root / "Stable-diffusion" / "inpaint" / "tiny-inpainting.safetensors",
+                              seed=1, inpainting=True)
+    return root
+
+
+def make_engine(models_dir: Path, tmp: Path):
+    from pipelines.engine import Engine
+    from pipelines.settings import EngineSettings, Paths
+
+    return Engine(Paths(models_dir=models_dir, data_dir=tmp / "data", outdir=tmp / "outputs"),
+                  EngineSettings(device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def engine(models_dir, tmp_path_factory):
+    """One engine for the session (its model cache is what makes the suite fast)."""
+    return make_engine(models_dir, tmp_path_factory.mktemp("engine"))
