@@ -25,13 +25,12 @@ SAMPLER_NAMES: tuple[str, ...] = (
     "DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2S a", "Euler a", "Euler", "LMS", "Heun",
     "DPM2", "DPM2 a", "DDIM", "PLMS", "UniPC", "LCM",
 )
-SCHEDULE_TYPES: tuple[str, ...] = ("Automatic", "Karras", "Exponential", "SGM Uniform")
+SCHEDULE_TYPES: tuple[str, ...] = ("Automatic", "Uniform", "Karras", "Exponential", "SGM Uniform")
 
 # The model's own (un-reshaped) sigma schedule. A1111 calls it "Uniform" (and its
-# "Normal" is numerically the same thing for SD's discrete schedule). It is not in
-# SCHEDULE_TYPES yet, but it is what "Automatic" means for Euler, Euler a, LMS, Heun,
-# DDIM, PLMS, UniPC and LCM. Adding "Uniform" to SCHEDULE_TYPES would offer it for
-# every sampler below (all of them support the plain schedule).
+# "Normal" is numerically the same thing for SD's discrete schedule). It is what
+# "Automatic" means for Euler, Euler a, LMS, Heun, DDIM, PLMS, UniPC and LCM, and every
+# sampler supports it, so it is offered for all (DPM++ 2M without Karras, for example).
 UNIFORM = "Uniform"
 
 # Schedule type -> scheduler config overrides. A schedule type is allowed for a
@@ -203,7 +202,7 @@ def _spec(sampler: str) -> SamplerSpec:
 def allowed_schedule_types(sampler: str) -> tuple[str, ...]:
     """Schedule types offered for ``sampler``, in SCHEDULE_TYPES order ("Automatic" first)."""
     spec = _spec(sampler)
-    return tuple(s for s in SCHEDULE_TYPES if s == "Automatic" or s in spec.schedules)
+    return tuple(s for s in SCHEDULE_TYPES if s in ("Automatic", UNIFORM) or s in spec.schedules)
 
 
 def resolve_schedule_type(sampler: str, schedule_type: str) -> str:

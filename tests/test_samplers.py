@@ -65,11 +65,11 @@ def test_names():
         "DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2S a", "Euler a", "Euler", "LMS",
         "Heun", "DPM2", "DPM2 a", "DDIM", "PLMS", "UniPC", "LCM",
     )
-    assert S.SCHEDULE_TYPES[:4] == ("Automatic", "Karras", "Exponential", "SGM Uniform")
+    assert S.SCHEDULE_TYPES == ("Automatic", "Uniform", "Karras", "Exponential", "SGM Uniform")
     assert set(S.SAMPLERS) == set(S.SAMPLER_NAMES)
     for name in S.SAMPLER_NAMES:
         allowed = S.allowed_schedule_types(name)
-        assert allowed[0] == "Automatic"
+        assert allowed[:2] == ("Automatic", "Uniform")  # the plain schedule works everywhere
         assert set(allowed) <= set(S.SCHEDULE_TYPES)
 
 
