@@ -17,7 +17,8 @@ is a `gr.State`. Interrupt/Skip use `WebUI.jobs`, a `JobRegistry` keyed by
 
 Concurrency: everything that runs the models (generate, upscale, load) shares the
 concurrency group "generate" with limit 1, so one job runs at a time and the others wait in
-Gradio's queue in arrival order. Interrupt/Skip bypass the queue (`queue=False`).
+Gradio's queue in arrival order. Interrupt/Skip are queued in their own unlimited group
+("control"), so they run at once, even while a generation holds the "generate" slot.
 """
 
 from __future__ import annotations
@@ -214,8 +215,11 @@ class WebUI:
             show_progress="full", show_progress_on=[gallery], concurrency_id=GENERATE_GROUP,
             concurrency_limit=1, api_visibility="undocumented",
         )
-        interrupt.click(self.interrupt, queue=False, show_progress="hidden", api_visibility="undocumented")
-        skip.click(self.skip, queue=False, show_progress="hidden", api_visibility="undocumented")
+        # Own unlimited group: never waits behind the running job (queue=True so gr.Info shows).
+        interrupt.click(self.interrupt, concurrency_id="control", concurrency_limit=None, show_progress="hidden",
+                        api_visibility="undocumented")
+        skip.click(self.skip, concurrency_id="control", concurrency_limit=None, show_progress="hidden",
+                   api_visibility="undocumented")
         gallery.select(self.select_image, inputs_kwargs={"last": last}, outputs=[infotext, last],
                        show_progress="hidden", api_visibility="undocumented")
         random_seed.click(lambda: -1, outputs=fields["seed"], queue=False, show_progress="hidden",

@@ -1,0 +1,137 @@
+"""Drive the real UI: `python launch.py` on a tiny checkpoint, headless Chromium via Playwright.
+
+Screenshots land in the test's tmp folder (printed at the end; `pytest -s` shows the path).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+URL_LINE = re.compile(r"Running on local URL:\s+(http://127\.0\.0\.1:\d+)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_url(proc: subprocess.Popen, log: Path, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        match = URL_LINE.search(text)
+        if match:
+            return match.group(1)
+        if proc.poll() is not None:
+            pytest.fail(f"launch.py exited with {proc.returncode}:\n{text[-4000:]}")
+        time.sleep(0.2)
+    pytest.fail(f"launch.py printed no URL within {timeout:.0f}s:\n{log.read_text(errors='replace')[-4000:]}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)  # its own process group: the server and nothing else
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def _set_number(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A real `launch.py` on a free port with one tiny SD 1.x checkpoint; yields (url, outdir)."""
+    from tiny import write_tiny_sd1_checkpoint
+
+    models = tmp_path / "models"
+    write_tiny_sd1_checkpoint(models / "Stable-diffusion" / "tiny.safetensors")
+    outdir = tmp_path / "outputs"
+    log = tmp_path / "server.log"
+    cmd = [sys.executable, str(REPO / "launch.py"), "--port", str(_free_port()), "--models-dir", str(models),
+           "--outdir", str(outdir), "--data-dir", str(tmp_path / "data"), "--use-cpu", "all"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield _wait_for_url(proc, log, timeout=90), outdir
+    finally:
+        _stop(proc)
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is not installed")
+def test_txt2img_in_the_browser(server, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    url, outdir = server
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    prompt = "a tiny red fox"
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            page.wait_for_selector("#txt2img_prompt textarea", timeout=30000)
+            for label in ("txt2img", "img2img", "Inpaint", "Upscale", "Checkpoints"):
+                assert page.get_by_role("tab", name=label, exact=True).count() == 1, label
+            assert "tiny" in page.input_value("#checkpoint input")
+            assert page.input_value("#txt2img_width input[type=number]") == "512"  # SD 1.x native size
+            page.screenshot(path=str(shots / "start.png"), full_page=True)
+
+            # A bad request answers with a message naming the field, and the server keeps going.
+            page.get_by_role("tab", name="img2img", exact=True).click()
+            page.click("#img2img_generate")
+            toast = page.wait_for_selector(".toast-body", timeout=15000)
+            assert "init_image" in toast.inner_text()
+            page.screenshot(path=str(shots / "error.png"))
+
+            page.get_by_role("tab", name="txt2img", exact=True).click()
+            page.fill("#txt2img_prompt textarea", prompt)
+            _set_number(page, "txt2img_width", 64)
+            _set_number(page, "txt2img_height", 64)
+            _set_number(page, "txt2img_steps", 3)
+            page.click("#txt2img_generate")
+            page.wait_for_selector("#txt2img_gallery img", timeout=60000)
+            page.wait_for_function(
+                "p => document.querySelector('#txt2img_infotext textarea').value.includes(p)", arg=prompt,
+                timeout=10000)
+            infotext = page.input_value("#txt2img_infotext textarea")
+            page.screenshot(path=str(shots / "generated.png"), full_page=True)
+        finally:
+            browser.close()
+    print(f"screenshots: {shots}")
+
+    assert infotext.startswith(prompt)
+    assert "Steps: 3" in infotext and "Size: 64x64" in infotext
+    today = {datetime.date.today().isoformat(), (datetime.date.today() - datetime.timedelta(days=1)).isoformat()}
+    saved = sorted((outdir / "txt2img-images").glob("*/*.png"))
+    assert saved, f"no PNG under {outdir / 'txt2img-images'}"
+    assert saved[0].parent.name in today
+
+    from PIL import Image
+
+    with Image.open(saved[0]) as image:
+        assert image.size == (64, 64)
+        assert image.info.get("parameters", "").startswith(prompt)
