@@ -13,8 +13,9 @@ from pathlib import Path
 from . import infotext, outputs, runner, samplers, upscalers
 from .device import choose_placement
 from .loading import CheckpointError, inspect_checkpoint, read_header, sniff_format
+from .jobs import Job, JobQueue
 from .manager import ModelManager
-from .progress import JobControl, ProgressCallback
+from .progress import JobControl, Progress, ProgressCallback
 from .registry import HashCache, ModelFile, ModelRegistry, MODEL_KINDS
 from .request import GenerationRequest, GenerationResult, RequestError, UpscaleRequest
 from .settings import EngineSettings, Paths
@@ -50,6 +51,7 @@ class Engine:
                                       describers={"checkpoints": describe_checkpoint})
         budget = int(self.settings.ram_budget_gb * GB) if self.settings.ram_budget_gb else None
         self.manager = ModelManager(self.placement, budget)
+        self.queue = JobQueue()  # one fair queue for the UI, the API and scripts
 
     # --- what is on disk ---------------------------------------------------------------
     def list_checkpoints(self, refresh: bool = False) -> list[ModelFile]:
@@ -110,21 +112,32 @@ class Engine:
 
     # --- work ------------------------------------------------------------------------------
     def generate(self, request: GenerationRequest, on_progress: ProgressCallback | None = None,
-                 control: JobControl | None = None) -> GenerationResult:
-        file = self.resolve_checkpoint(request.checkpoint)
+                 control: JobControl | None = None, owner: str | None = None) -> GenerationResult:
+        """Run a txt2img/img2img/inpaint request in its turn; images are saved when asked."""
+        file = self.resolve_checkpoint(request.checkpoint)  # bad names fail before queueing
         if request.vae not in (None, "", "Automatic", "None"):
             raise RequestError("vae", "choosing a separate VAE file is not supported yet; use 'Automatic'")
+        job = self.queue.new_job(request.mode, owner, control)
+        with self.queue.run(job):
+            return self._generate(file, request.with_resolved_seeds(), job, on_progress)
+
+    def _generate(self, file: ModelFile, request: GenerationRequest, job: Job,
+                  on_progress: ProgressCallback | None) -> GenerationResult:
         model = self._load(file)
-        request = request.with_resolved_seeds()
-        control = control or JobControl()
         result = GenerationResult(request=request)
         components = model.components
         width = request.width or components.spec.native_resolution
         height = request.height or components.spec.native_resolution
+
+        def track(progress: Progress) -> None:
+            job.progress = progress
+            if on_progress:
+                on_progress(progress)
+
         # "Automatic" is written as the schedule it resolved to, as A1111 does
         extra = {"Schedule type": samplers.resolve_schedule_type(request.sampler, request.schedule_type)}
         with model.lock:
-            for batch in runner.run(components, self.placement.device, request, on_progress, control):
+            for batch in runner.run(components, self.placement.device, request, track, job.control):
                 for image, seed, subseed in zip(batch.images, batch.seeds, batch.subseeds):
                     params = infotext.generation_params(
                         request, seed=seed, subseed=subseed, width=width, height=height,
@@ -137,8 +150,12 @@ class Engine:
                     result.infotexts.append(text)
                     result.paths.append(self._save(image, OUTPUT_FOLDERS[request.mode], seed, text, request,
                                                    result))
-        result.interrupted = control.interrupted
+        result.interrupted = job.control.interrupted
         return result
+
+    def current_job(self) -> Job | None:
+        """The job running now (for progress reports), None when idle."""
+        return self.queue.running()
 
     def _save(self, image, folder: str, seed: int | None, text: str, request, result: GenerationResult) -> str:
         if not request.save_images:
@@ -153,8 +170,12 @@ class Engine:
             log.error(message)
             return ""
 
-    def upscale(self, request: UpscaleRequest) -> GenerationResult:
+    def upscale(self, request: UpscaleRequest, owner: str | None = None) -> GenerationResult:
         upscaler = upscalers.get_upscaler(request.upscaler)
+        with self.queue.run(self.queue.new_job("extras", owner)):
+            return self._upscale(request, upscaler)
+
+    def _upscale(self, request: UpscaleRequest, upscaler) -> GenerationResult:
         target = (request.target_width, request.target_height) if request.target_width else None
         image = upscalers.upscale_image(request.image.convert("RGB"), upscaler,
                                         scale=None if target else request.scale, target_size=target)

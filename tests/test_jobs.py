@@ -1,0 +1,70 @@
+"""The shared job queue: one job at a time, in arrival order, with a bound."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from pipelines.jobs import JobQueue, QueueFull
+
+
+def test_jobs_run_one_at_a_time_in_arrival_order():
+    queue = JobQueue()
+    order, running = [], []
+    gate = threading.Event()
+
+    def worker(i):
+        job = queue.new_job("txt2img", owner=f"user{i}")
+        with queue.run(job):
+            running.append(i)
+            assert len(running) == 1, "two jobs ran at once"
+            order.append(i)
+            if i == 0:
+                gate.wait(5)
+            time.sleep(0.01)
+            running.remove(i)
+
+    threads = [threading.Thread(target=worker, args=(0,))]
+    threads[0].start()
+    while queue.running() is None:
+        time.sleep(0.001)
+    for i in range(1, 6):
+        t = threading.Thread(target=worker, args=(i,))
+        t.start()
+        threads.append(t)
+        while queue.waiting() < i:  # make the arrival order deterministic
+            time.sleep(0.001)
+    gate.set()
+    for t in threads:
+        t.join(10)
+    assert order == [0, 1, 2, 3, 4, 5]
+    assert queue.running() is None
+
+
+def hold_slot(queue: JobQueue, kind: str, entered: threading.Event, release: threading.Event) -> None:
+    with queue.run(queue.new_job(kind)):
+        entered.set()
+        release.wait(5)
+
+
+def test_full_queue_refuses_with_a_clear_message():
+    queue = JobQueue(max_waiting=1)
+    release = threading.Event()
+    first_in, second_in = threading.Event(), threading.Event()
+    threads = [threading.Thread(target=hold_slot, args=(queue, "a", first_in, release))]
+    threads[0].start()
+    first_in.wait(5)
+    threads.append(threading.Thread(target=hold_slot, args=(queue, "b", second_in, release)))
+    threads[1].start()
+    while queue.waiting() < 1:
+        time.sleep(0.001)
+    with pytest.raises(QueueFull, match="queue is full"):
+        with queue.run(queue.new_job("c")):
+            pass
+    release.set()
+    for t in threads:
+        t.join(5)
+    assert second_in.is_set(), "the waiting job still ran after the refusal"
+    assert queue.running() is None and queue.waiting() == 0
