@@ -98,7 +98,8 @@ class FakeEngine:
                 result.images.append(Image.new("RGB", (width, height), (seed % 256, 0, 0)))
                 result.seeds.append(seed)
                 result.subseeds.append(request.subseed)
-                result.infotexts.append(f"{request.prompt}\nSteps: {request.steps}, Seed: {seed}")
+                result.infotexts.append(f"{request.prompt}\nSteps: {request.steps}, Sampler: {request.sampler}, "
+                                        f"CFG scale: {request.cfg_scale:g}, Seed: {seed}, Size: {width}x{height}")
                 result.paths.append("")
         result.interrupted = control.interrupted
         return result
@@ -169,12 +170,12 @@ def test_builds_without_checkpoints():
 
 def test_generate_maps_named_values_to_request_fields(ui, engine):
     fields = values(ui, "txt2img", prompt="a cat", negative_prompt="blurry", steps=7, cfg_scale=4.5,
-                    sampler="Euler a", schedule_type="Karras", width=256, height=320, seed=1234.0,
+                    sampler="Euler", schedule_type="Karras", width=256, height=320, seed=1234.0,
                     batch_count=2, batch_size=3, checkpoint="sdxl")
     images, infotext, last, loaded = ui.generate("txt2img", fields, request=fake_request("s1"))
     req = engine.requests[-1]
     assert (req.mode, req.prompt, req.negative_prompt) == ("txt2img", "a cat", "blurry")
-    assert (req.steps, req.cfg_scale, req.sampler, req.schedule_type) == (7, 4.5, "Euler a", "Karras")
+    assert (req.steps, req.cfg_scale, req.sampler, req.schedule_type) == (7, 4.5, "Euler", "Karras")
     assert (req.width, req.height, req.seed, req.batch_count, req.batch_size) == (256, 320, 1234, 2, 3)
     assert req.checkpoint == "sdxl"
     assert len(images) == 6 and infotext.startswith("a cat")
@@ -315,9 +316,21 @@ def test_gallery_select_and_reuse_seed(ui):
     assert ui.reuse_seed(last=None) == -1
 
 
-def test_checkpoint_change_updates_sizes(ui):
-    updates = ui.on_checkpoint_change("sdxl")
-    assert len(updates) == 6 and all(u["value"] == 1024 for u in updates)
+def test_sizes_follow_the_sessions_checkpoint(ui):
+    def sizes(updates, mode):
+        fields = ui.fields[mode]
+        return updates.get(fields["width"]), updates.get(fields["height"]), updates.get(ui.components[mode]["sized_for"])
+
+    # a pick resizes the tab on screen only (Gradio drops updates to tabs not on screen)
+    updates = ui.on_checkpoint_pick(checkpoint="sdxl", current_tab="img2img")
+    assert sizes(updates, "img2img") == (1024, 1024, "sdxl") and len(updates) == 3
+    assert ui.on_checkpoint_pick(checkpoint="sdxl", current_tab="upscale") == {}
+    # the other tabs catch up when selected, once
+    select = ui.tab_select_handler("inpaint")
+    updates = select(checkpoint="sdxl", sized_for="sd15")
+    assert sizes(updates, "inpaint") == (1024, 1024, "sdxl")
+    assert updates[ui.components["current_tab"]] == "inpaint"
+    assert select(checkpoint="sdxl", sized_for="sdxl") == {ui.components["current_tab"]: "inpaint"}
 
 
 def test_checkpoints_tab_refresh_and_load(ui, engine):
@@ -330,6 +343,7 @@ def test_checkpoints_tab_refresh_and_load(ui, engine):
     table, header, choice, loaded = ui.refresh_checkpoints(current="sdxl")
     assert engine.refreshes == 1 and [r[0] for r in table] == ["sd15", "sdxl", "new"]
     assert header["choices"] == ["sd15", "sdxl", "new"] and header["value"] == "sdxl"
+    assert ui.refresh_checkpoints(current="gone")[1]["value"] == "sd15"  # back to the default
 
     name, loaded, table, status = ui.load_checkpoint(name="sdxl")
     assert name == "sdxl" and "sdxl" in loaded and engine.loaded == ["sdxl"]
@@ -337,6 +351,31 @@ def test_checkpoints_tab_refresh_and_load(ui, engine):
         ui.load_checkpoint(name="missing")
     with pytest.raises(gr.Error, match="pick a checkpoint"):
         ui.load_checkpoint(name=None)
+
+
+def test_read_parameters_fills_fields_by_name(ui, engine):
+    text = ("a castle\nNegative prompt: fog\nSteps: 33, Sampler: Euler, Schedule type: Karras, CFG scale: 5.5, "
+            "Seed: 77, Size: 640x384, Model hash: 0123456789, Model: sd15, Denoising strength: 0.3, "
+            "Mask blur: 9, Inpaint area: Only masked, Mask mode: Inpaint not masked")
+    fields = ui.fields["inpaint"]
+    updates = ui.read_parameters("inpaint", text, last=None, checkpoint="sdxl")
+    got = {name: updates[component] for name, component in fields.items() if component in updates}
+    assert got == {"prompt": "a castle", "negative_prompt": "fog", "steps": 33, "sampler": "Euler",
+                   "schedule_type": "Karras", "cfg_scale": 5.5, "seed": 77, "width": 640, "height": 384,
+                   "denoising_strength": 0.3, "mask_blur": 9, "inpaint_area": "Only masked",
+                   "mask_mode": "Inpaint not masked", "checkpoint": "sd15"}
+    assert set(updates) <= set(fields.values()) | {ui.components["inpaint"]["sized_for"]}
+    assert updates[ui.components["inpaint"]["sized_for"]] == "sd15"
+    # txt2img has no denoising/mask fields: they are simply not touched
+    updates = ui.read_parameters("txt2img", text, last=None, checkpoint="sd15")
+    assert ui.fields["txt2img"]["steps"] in updates and ui.fields["txt2img"]["checkpoint"] not in updates
+    # a plain prompt restores nothing (the negative prompt is not wiped)
+    assert ui.read_parameters("txt2img", "just a prompt", last=None) == {}
+    # an empty prompt reads the selected image of the last result
+    _, _, last, _ = ui.generate("txt2img", values(ui, "txt2img", prompt="p", seed=5, steps=2, width=64, height=64),
+                                request=fake_request("s"))
+    updates = ui.read_parameters("txt2img", "", last=last, checkpoint="sd15")
+    assert updates[ui.fields["txt2img"]["seed"]] == 5 and updates[ui.fields["txt2img"]["steps"]] == 2
 
 
 def test_upscale_by_factor_and_to_size(ui, engine):

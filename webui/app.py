@@ -38,6 +38,7 @@ from .jobs import JobRegistry
 log = logging.getLogger(__name__)
 
 GENERATE_GROUP = "generate"
+GENERATION_MODES = ("txt2img", "img2img", "inpaint")
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class WebUI:
         self.fields: dict[str, dict[str, gr.components.Component]] = {}
         self.components: dict[str, Any] = {}
         self.blocks: gr.Blocks | None = None
+        self._initial_checkpoint: str | None = None
 
     # Arguments for Blocks.launch() that gradio 6 no longer takes in the Blocks constructor.
     def launch_kwargs(self) -> dict[str, Any]:
@@ -90,6 +92,7 @@ class WebUI:
         engine = self.engine
         checkpoints = self._checkpoint_names()
         default_ckpt = self._default_checkpoint(checkpoints)
+        self._initial_checkpoint = default_ckpt  # what the sliders were built for
         with gr.Blocks(title=self.options.title, analytics_enabled=False) as blocks:
             with gr.Row(elem_id="header", equal_height=False):
                 checkpoint = gr.Dropdown(
@@ -99,26 +102,65 @@ class WebUI:
                 loaded = gr.Markdown(self._loaded_text(), elem_id="loaded_line")
             self.components.update(checkpoint=checkpoint, loaded=loaded)
             native = self._native(default_ckpt)
+            # Width/height follow the session's checkpoint (its native size). Gradio 6 mounts tabs
+            # lazily and drops updates sent to components of a tab not on screen, so each
+            # generation tab remembers which checkpoint its sizes were set for (`sized_for`) and
+            # catches up when it is selected; a checkpoint pick resizes the tab on screen.
+            current_tab = gr.State("txt2img")
+            self.components["current_tab"] = current_tab
+            tabs: dict[str, gr.Tab] = {}
             with gr.Tabs(elem_id="tabs"):
                 for mode, label in (("txt2img", "txt2img"), ("img2img", "img2img"), ("inpaint", "Inpaint")):
-                    with gr.Tab(label, id=mode, elem_id=f"tab_{mode}"):
+                    with gr.Tab(label, id=mode, elem_id=f"tab_{mode}") as tabs[mode]:
                         self._generation_tab(mode, checkpoint, loaded, native)
-                with gr.Tab("Upscale", id="upscale", elem_id="tab_upscale"):
+                        self.components[mode]["sized_for"] = gr.State(default_ckpt)
+                with gr.Tab("Upscale", id="upscale", elem_id="tab_upscale") as tabs["upscale"]:
                     self._upscale_tab()
-                with gr.Tab("Checkpoints", id="checkpoints", elem_id="tab_checkpoints"):
-                    self._checkpoints_tab(checkpoint, loaded)
+                with gr.Tab("Checkpoints", id="checkpoints", elem_id="tab_checkpoints") as tabs["checkpoints"]:
+                    self._checkpoints_tab(tabs["checkpoints"], checkpoint, loaded)
             footer = gr.Markdown(self._footer_text(), elem_id="footer")
             self.components["footer"] = footer
 
-            sizes = [self.fields[m][n] for m in ("txt2img", "img2img", "inpaint") for n in ("width", "height")]
-            checkpoint.change(self.on_checkpoint_change, inputs_kwargs={"checkpoint": checkpoint},
-                              outputs=sizes, show_progress="hidden", api_visibility="undocumented")
+            sizing = [c for m in GENERATION_MODES for c in self._sizing_components(m)]
+            for mode, tab in tabs.items():
+                if mode in GENERATION_MODES:
+                    tab.select(self.tab_select_handler(mode),
+                               inputs_kwargs={"checkpoint": checkpoint,
+                                              "sized_for": self.components[mode]["sized_for"]},
+                               outputs=[current_tab, *self._sizing_components(mode)], show_progress="hidden",
+                               api_visibility="undocumented")
+                else:
+                    tab.select(_constant(mode), outputs=current_tab, show_progress="hidden",
+                               api_visibility="undocumented")
+            for mode in GENERATION_MODES:
+                fields, parts = self.fields[mode], self.components[mode]
+                parts["read_params"].click(
+                    self.read_parameters_handler(mode),
+                    inputs_kwargs={"prompt": fields["prompt"], "last": parts["last"], "checkpoint": checkpoint},
+                    outputs=list(dict.fromkeys([*fields.values(), parts["sized_for"]])),
+                    show_progress="hidden", api_visibility="undocumented")
+            # .input, not .change: a user's pick resizes; handlers that set the checkpoint
+            # themselves (Load, Refresh, Read parameters) leave sizes to `sized_for`.
+            checkpoint.input(self.on_checkpoint_pick, inputs_kwargs={"checkpoint": checkpoint,
+                                                                     "current_tab": current_tab},
+                             outputs=sizing, show_progress="hidden", api_visibility="undocumented")
             # A new page gets the current list (it may have been refreshed since build time).
-            blocks.load(self.on_page_load, outputs=[checkpoint, loaded], show_progress="hidden",
-                        api_visibility="undocumented")
+            blocks.load(self.on_page_load, outputs=[checkpoint, loaded, *self._sizing_components("txt2img")],
+                        show_progress="hidden", api_visibility="undocumented")
         blocks.webui = self  # type: ignore[attr-defined]
         self.blocks = blocks
         return blocks
+
+    def _sizing_components(self, mode: str) -> list:
+        return [self.fields[mode]["width"], self.fields[mode]["height"], self.components[mode]["sized_for"]]
+
+    def _resize(self, mode: str, checkpoint: str | None, sized_for: str | None = None) -> dict:
+        """{component: value} setting the tab's size to the checkpoint's native one, if not yet."""
+        if not checkpoint or checkpoint == sized_for:
+            return {}
+        native = self._native(checkpoint)
+        width, height, state = self._sizing_components(mode)
+        return {width: native, height: native, state: checkpoint}
 
     def _generation_tab(self, mode: str, checkpoint, loaded, native: int) -> None:
         engine = self.engine
@@ -135,6 +177,7 @@ class WebUI:
                 with gr.Row():
                     interrupt = gr.Button("Interrupt", size="sm", elem_id=f"{p}_interrupt")
                     skip = gr.Button("Skip", size="sm", elem_id=f"{p}_skip")
+                read_params = gr.Button("↙️ Read parameters", size="sm", elem_id=f"{p}_read_params")
         with gr.Row(equal_height=False):
             with gr.Column(scale=1):
                 if mode == "img2img":
@@ -203,7 +246,7 @@ class WebUI:
         self.fields[mode] = fields
         self.components[mode] = dict(generate=generate, interrupt=interrupt, skip=skip, gallery=gallery,
                                      infotext=infotext, last=last, random_seed=random_seed,
-                                     reuse_seed=reuse_seed)
+                                     reuse_seed=reuse_seed, read_params=read_params)
 
         generate.click(
             self.generate_handler(mode), inputs_kwargs=fields, outputs=[gallery, infotext, last, loaded],
@@ -264,7 +307,7 @@ class WebUI:
         button.click(self.upscale, inputs_kwargs=fields, outputs=[gallery, info], concurrency_id=GENERATE_GROUP,
                      concurrency_limit=1, api_name="upscale")
 
-    def _checkpoints_tab(self, checkpoint, loaded) -> None:
+    def _checkpoints_tab(self, tab, checkpoint, loaded) -> None:
         rows = self._checkpoint_rows()
         with gr.Row():
             refresh = gr.Button("🔄 Refresh", elem_id="checkpoints_refresh", scale=0, min_width=120)
@@ -284,6 +327,8 @@ class WebUI:
         load.click(self.load_checkpoint, inputs_kwargs={"name": choice},
                    outputs=[checkpoint, loaded, table, status], concurrency_id=GENERATE_GROUP,
                    concurrency_limit=1, api_name="load_checkpoint")
+        tab.select(self.show_checkpoints, outputs=[table, loaded], show_progress="hidden",
+                   api_visibility="undocumented")  # hashes appear once computed (on first load)
 
     # ------------------------------------------------------------------------------------------
     # engine look-ups (never fatal for building the page)
@@ -376,6 +421,41 @@ class WebUI:
         last = {"seeds": list(result.seeds or []), "infotexts": infotexts, "selected": 0}
         return images, (infotexts[0] if infotexts else ""), last, self._loaded_text()
 
+    def read_parameters_handler(self, mode: str) -> Callable[..., dict]:
+        def read_parameters(prompt=None, last=None, checkpoint=None):
+            return self.read_parameters(mode, prompt, last, checkpoint)
+
+        read_parameters.__name__ = f"read_parameters_{mode}"
+        return read_parameters
+
+    def read_parameters(self, mode: str, prompt: str | None, last: dict | None = None,
+                        checkpoint: str | None = None) -> dict:
+        """Fill the tab from A1111 parameters pasted into the prompt (or, with an empty prompt,
+        from the selected image of the last result). Returns {component: value} by field name."""
+        text = prompt or ""
+        if not text.strip() and last:
+            infotexts = last.get("infotexts") or []
+            index = last.get("selected", 0)
+            text = infotexts[index] if 0 <= index < len(infotexts) else (infotexts[0] if infotexts else "")
+        values = convert.ui_values_from_infotext(text, names=self._checkpoint_infos())
+        if values is None:
+            gr.Info("No generation parameters found: paste a text with a 'Steps: ...' line into the prompt.")
+            return {}
+        fields = self.fields[mode]
+        updates: dict = {}
+        found = values.get("checkpoint")
+        if found and found != checkpoint:
+            # another checkpoint: this tab's size is for it (then the text's size, if it has one);
+            # the other tabs catch up when selected
+            updates.update(self._resize(mode, found))
+            updates[fields["checkpoint"]] = found
+        updates.update({fields[name]: value for name, value in values.items()
+                        if name in fields and name != "checkpoint"})
+        hint = values.get("_model_hint")
+        if hint and not found:
+            gr.Warning(f"Checkpoint {hint!r} from the parameters is not in the list; keeping {checkpoint}.")
+        return updates
+
     def interrupt(self, request: gr.Request) -> None:
         if not self.jobs.interrupt(getattr(request, "session_hash", None)):
             gr.Info("Nothing of yours is running.")
@@ -404,15 +484,26 @@ class WebUI:
         return gr.update(brush=gr.Brush(default_size=int(size), colors=["#ffffff", "#000000"],
                                         color_mode="defaults"))
 
-    def on_checkpoint_change(self, checkpoint: str | None):
-        if not checkpoint:
-            return [gr.update()] * 6
-        native = self._native(checkpoint)
-        return [gr.update(value=native)] * 6
+    def on_checkpoint_pick(self, checkpoint: str | None = None, current_tab: str | None = None) -> dict:
+        """The user picked a checkpoint: the tab on screen takes its native size now, the
+        others when they are selected (see `sized_for`)."""
+        if current_tab not in GENERATION_MODES:
+            return {}
+        return self._resize(current_tab, checkpoint)
 
-    def on_page_load(self):
+    def tab_select_handler(self, mode: str) -> Callable[..., dict]:
+        def select_tab(checkpoint=None, sized_for=None):
+            return {self.components["current_tab"]: mode, **self._resize(mode, checkpoint, sized_for)}
+
+        select_tab.__name__ = f"select_{mode}"
+        return select_tab
+
+    def on_page_load(self) -> dict:
         names = self._checkpoint_names()
-        return (gr.update(choices=names, value=self._default_checkpoint(names)), self._loaded_text())
+        default = self._default_checkpoint(names)
+        header = self.components["checkpoint"]
+        return {header: gr.update(choices=names, value=default), self.components["loaded"]: self._loaded_text(),
+                **self._resize("txt2img", default, self._initial_checkpoint)}
 
     def upscale(self, **fields):
         try:
@@ -444,6 +535,9 @@ class WebUI:
         return (convert.checkpoint_rows(infos) or None, gr.update(choices=names, value=value),
                 gr.update(choices=names), self._loaded_text())
 
+    def show_checkpoints(self):
+        return self._checkpoint_rows() or None, self._loaded_text()
+
     def select_checkpoint_row(self, evt: gr.SelectData):
         row = evt.row_value or []
         return row[0] if row else gr.update()
@@ -465,6 +559,13 @@ def _slider(name: str, value: float | None = None, step: float = 1, elem_id: str
     low, high = LIMITS[name]
     default = convert.request_default(name) if value is None else value
     return gr.Slider(low, high, value=default, step=step, label=convert.LABELS[name], elem_id=elem_id)
+
+
+def _constant(value: Any) -> Callable[[], Any]:
+    def constant():
+        return value
+
+    return constant
 
 
 def _pick(preferred: str, choices: list[str]) -> str | None:

@@ -229,3 +229,54 @@ def engine_line(description: Mapping[str, Any] | None) -> str:
     if not description:
         return ""
     return " · ".join(f"{key}: {value}" for key, value in description.items())
+
+
+# --- Pasted parameters -------------------------------------------------------------------
+
+def ui_values_from_infotext(text: str, names: Iterable[Any] = ()) -> dict[str, Any] | None:
+    """UI component values (by name) from an A1111 parameters text; None when it has none.
+
+    `names` are the CheckpointInfo objects of the listing; the text's "Model hash"/"Model"
+    pick one of them as "checkpoint". "_model_hint" carries the model the text named, so the
+    caller can say when it is not there.
+    """
+    from pipelines import infotext
+
+    fields = infotext.request_fields_from_infotext(text or "")
+    hints = {key: fields.pop(key) for key in ("model_name", "model_hash", "vae_name", "vae_hash") if key in fields}
+    if not set(fields) - {"prompt", "negative_prompt"}:
+        return None  # plain prompt text: nothing to restore, and the negative prompt stays
+    values: dict[str, Any] = {}
+    for name, value in fields.items():
+        if name == "inpaint_full_res":
+            values["inpaint_area"] = INPAINT_AREAS[int(bool(value))]
+        elif name == "inpainting_mask_invert":
+            values["mask_mode"] = MASK_MODES[int(bool(value))]
+        else:
+            values[name] = value
+    model_hash, model_name = hints.get("model_hash"), hints.get("model_name")
+    if model_hash or model_name:
+        values["_model_hint"] = model_name or model_hash
+        match = match_checkpoint(names, model_name, model_hash)
+        if match:
+            values["checkpoint"] = match
+    return values
+
+
+def match_checkpoint(infos: Iterable[Any], model_name: str | None, model_hash: str | None) -> str | None:
+    """The listed checkpoint a parameters text means: same short hash first, else same name/stem."""
+    infos = list(infos)
+    if model_hash:
+        wanted = model_hash.strip().casefold()
+        for info in infos:
+            short = (getattr(info, "short_hash", None) or "").casefold()
+            if short and (short == wanted or short.startswith(wanted) or wanted.startswith(short)):
+                return info.name
+    if model_name:
+        wanted = model_name.strip().casefold()
+        for info in infos:
+            name = info.name.casefold()
+            stem = name.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+            if wanted in (name, stem) or name.rsplit(".", 1)[0] == wanted:
+                return info.name
+    return None
