@@ -253,11 +253,6 @@ class WebUI:
             show_progress="full", show_progress_on=[gallery], concurrency_id=GENERATE_GROUP,
             concurrency_limit=1, api_name=mode,
         )
-        fields["prompt"].submit(
-            self.generate_handler(mode), inputs_kwargs=fields, outputs=[gallery, infotext, last, loaded],
-            show_progress="full", show_progress_on=[gallery], concurrency_id=GENERATE_GROUP,
-            concurrency_limit=1, api_visibility="undocumented",
-        )
         # Own unlimited group: never waits behind the running job (queue=True so gr.Info shows).
         interrupt.click(self.interrupt, concurrency_id="control", concurrency_limit=None, show_progress="hidden",
                         api_visibility="undocumented")
