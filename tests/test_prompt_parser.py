@@ -267,7 +267,8 @@ SCHEDULE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("prompt,steps,expected", SCHEDULE_CASES, ids=[f"{c[0][:40]}@{c[1]}" for c in SCHEDULE_CASES])
+@pytest.mark.parametrize("prompt,steps,expected", SCHEDULE_CASES,
+                         ids=[f"{c[0][:40]}@{c[1]}" for c in SCHEDULE_CASES])
 def test_prompt_schedule(prompt, steps, expected):
     assert prompt_schedule(prompt, steps) == expected
 
