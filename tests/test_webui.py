@@ -40,6 +40,7 @@ class FakeEngine:
             FakeCheckpoint("sdxl", "/m/sdxl.safetensors", 6_938_000_000, 1_700_000_100.0, "SDXL", None),
         ]
         self.requests: list[GenerationRequest] = []
+        self.owners: list[str | None] = []
         self.upscales: list[UpscaleRequest] = []
         self.loaded: list[str] = []
         self.refreshes = 0
@@ -70,8 +71,9 @@ class FakeEngine:
     def describe(self):
         return {"device": "cpu", "dtype": "float32", "attention": "sdpa"}
 
-    def generate(self, request, on_progress=None, control=None):
+    def generate(self, request, on_progress=None, control=None, owner=None):
         self.requests.append(request)
+        self.owners.append(owner)
         if self.error is not None:
             raise self.error
         control = control or JobControl()
@@ -178,6 +180,7 @@ def test_generate_maps_named_values_to_request_fields(ui, engine):
     assert (req.steps, req.cfg_scale, req.sampler, req.schedule_type) == (7, 4.5, "Euler", "Karras")
     assert (req.width, req.height, req.seed, req.batch_count, req.batch_size) == (256, 320, 1234, 2, 3)
     assert req.checkpoint == "sdxl"
+    assert engine.owners[-1] == "s1"  # the engine's queue knows whose job it is
     assert len(images) == 6 and infotext.startswith("a cat")
     assert last["seeds"][:3] == [1234, 1235, 1236]
     assert "sdxl" in loaded

@@ -399,7 +399,7 @@ class WebUI:
             if on_progress:
                 on_progress(None)
             try:
-                result = self.engine.generate(req, on_progress=on_progress, control=control)
+                result = self.engine.generate(req, on_progress=on_progress, control=control, owner=session)
             except RequestError as exc:
                 raise gr.Error(convert.error_message(exc), print_exception=False) from None
             except gr.Error:
