@@ -1,0 +1,160 @@
+"""Request and response bodies with AUTOMATIC1111's field names and defaults (A1111 1.10).
+
+Clients send many fields this server has no use for (hires fix, face restoration, sampler
+tuning knobs, extension settings): every A1111 field is declared so it shows up in the
+OpenAPI docs and in the `parameters` echo, and anything else is accepted and ignored.
+A JSON `null` means "the default", as A1111's all-optional models allow.
+
+Limits (steps, sizes, ...) are not repeated here: `GenerationRequest` checks them in one
+place for every entry point, and the API maps its errors back to these field names.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class ApiModel(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items()
+                    if value is not None or key not in cls.model_fields
+                    or cls.model_fields[key].default is None}
+        return data
+
+
+class GenerationFields(ApiModel):
+    """Fields txt2img and img2img share (A1111's StableDiffusionProcessing)."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    styles: Optional[list[str]] = None
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    seed_resize_from_h: int = -1
+    seed_resize_from_w: int = -1
+    sampler_name: Optional[str] = Field(None, description='e.g. "Euler a", "DPM++ 2M" or "DPM++ 2M Karras"')
+    scheduler: Optional[str] = Field(None, description='schedule type: "automatic", "karras", ... (name or label)')
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int = 50
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    restore_faces: Optional[bool] = None
+    tiling: Optional[bool] = None
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    eta: Optional[float] = None
+    denoising_strength: float = 0.75
+    s_min_uncond: Optional[float] = None
+    s_churn: Optional[float] = None
+    s_tmax: Optional[float] = None
+    s_tmin: Optional[float] = None
+    s_noise: Optional[float] = None
+    override_settings: dict[str, Any] = Field(
+        default_factory=dict,
+        description="sd_model_checkpoint, sd_vae, CLIP_stop_at_last_layers: for this request only")
+    override_settings_restore_afterwards: bool = True
+    refiner_checkpoint: Optional[str] = None
+    refiner_switch_at: Optional[float] = None
+    disable_extra_networks: bool = False
+    firstpass_image: Optional[str] = None
+    comments: Optional[dict[str, Any]] = None
+    sampler_index: str = "Euler"
+    script_name: Optional[str] = None
+    script_args: list[Any] = Field(default_factory=list)
+    send_images: bool = True
+    save_images: bool = False
+    alwayson_scripts: dict[str, Any] = Field(
+        default_factory=dict, description="accepted; scripts this server lacks are listed in info.warnings")
+    infotext: Optional[str] = None
+    force_task_id: Optional[str] = None
+
+
+class Txt2ImgRequest(GenerationFields):
+    enable_hr: bool = False
+    firstphase_width: int = 0
+    firstphase_height: int = 0
+    hr_scale: float = 2.0
+    hr_upscaler: Optional[str] = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_checkpoint_name: Optional[str] = None
+    hr_sampler_name: Optional[str] = None
+    hr_scheduler: Optional[str] = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+
+
+class Img2ImgRequest(GenerationFields):
+    init_images: Optional[list[str]] = Field(None, description="base64 images (a data: URL prefix is fine)")
+    resize_mode: int = Field(0, description="0 just resize, 1 crop and resize, 2 resize and fill, "
+                                            "3 just resize (latent upscale)")
+    image_cfg_scale: Optional[float] = None
+    mask: Optional[str] = Field(None, description="base64 mask: white (or opaque) = repaint")
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    mask_blur: Optional[int] = None
+    mask_round: bool = True
+    inpainting_fill: int = Field(0, description="0 fill, 1 original, 2 latent noise, 3 latent nothing")
+    inpaint_full_res: bool = Field(True, description="inpaint area: true = only masked, false = whole picture")
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = Field(0, description="1 = inpaint the unmasked part")
+    initial_noise_multiplier: Optional[float] = None
+    latent_mask: Optional[str] = None
+    include_init_images: bool = Field(False, description="echo init_images and mask in `parameters`")
+
+
+class GenerationResponse(BaseModel):
+    images: Optional[list[str]] = Field(None, description="base64 PNGs carrying the `parameters` text chunk")
+    parameters: dict[str, Any]
+    info: str = Field(description="a JSON string: seeds, infotexts, model, warnings, ...")
+
+
+class ExtrasSingleImageRequest(ApiModel):
+    resize_mode: int = Field(0, description="0 scale by upscaling_resize, 1 scale to upscaling_resize_w x _h")
+    show_extras_results: bool = True
+    gfpgan_visibility: float = 0.0
+    codeformer_visibility: float = 0.0
+    codeformer_weight: float = 0.0
+    upscaling_resize: float = 2.0
+    upscaling_resize_w: int = 512
+    upscaling_resize_h: int = 512
+    upscaling_crop: bool = True
+    upscaler_1: str = "None"
+    upscaler_2: str = "None"
+    extras_upscaler_2_visibility: float = 0.0
+    upscale_first: bool = False
+    image: str = Field("", description="base64 image (a data: URL prefix is fine)")
+
+
+class ExtrasSingleImageResponse(BaseModel):
+    html_info: str
+    image: Optional[str] = None
+
+
+class PNGInfoRequest(ApiModel):
+    image: str = Field(description="base64 image (a data: URL prefix is fine)")
+
+
+class PNGInfoResponse(BaseModel):
+    info: str = Field(description="the parameters text")
+    items: dict[str, Any] = Field(description="other text chunks of the image")
+    parameters: dict[str, Any] = Field(description="the parameters text parsed into keys and values")
+
+
+class ProgressResponse(BaseModel):
+    progress: float
+    eta_relative: float
+    state: dict[str, Any]
+    current_image: Optional[str] = None
+    textinfo: Optional[str] = None
