@@ -1,0 +1,268 @@
+"""A1111 request bodies -> GenerationRequest / UpscaleRequest, and results -> A1111 answers.
+
+Pure translation: no HTTP here beyond raising `ApiError` for a bad field, so the rules are
+easy to test and to read in one place.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+from PIL import Image
+
+from pipelines import infotext as infotexts
+from pipelines import samplers
+from pipelines.request import INPAINT_FILLS, RESIZE_MODES, GenerationRequest, RequestError, UpscaleRequest
+
+from .errors import ApiError, bad_field
+from .images import decode_image
+from .models import ExtrasSingleImageRequest, GenerationFields, Img2ImgRequest, Txt2ImgRequest
+from .names import parse_clip_skip, parse_sampler, resolve_checkpoint_field
+
+# --- generation -----------------------------------------------------------------------------
+
+# GenerationRequest field -> the A1111 field a client sent it in (when the names differ)
+_API_NAMES = {
+    "schedule_type": "scheduler",
+    "batch_count": "n_iter",
+    "init_image": "init_images",
+}
+OVERRIDES = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers")
+
+
+@dataclass
+class Prepared:
+    request: GenerationRequest
+    checkpoint: Any  # the ModelFile
+    warnings: list[str] = field(default_factory=list)
+    names: dict[str, str] = field(default_factory=dict)
+    started: datetime.datetime = field(default_factory=datetime.datetime.now)
+
+    def api_field(self, request_field: str) -> str:
+        return self.names.get(request_field, request_field)
+
+
+def _choice(field_name: str, value: int, choices: tuple[str, ...], labels: Iterable[str]) -> str:
+    if isinstance(value, bool) or not 0 <= value < len(choices):
+        listed = ", ".join(f"{i} ({label})" for i, label in enumerate(labels))
+        raise bad_field(field_name, f"must be one of {listed}; got {value!r}")
+    return choices[value]
+
+
+def _unsupported(body: GenerationFields) -> list[str]:
+    """Warnings for A1111 features that would change the picture but are not available here."""
+    notes = []
+    if body.styles:
+        notes.append(f"styles: prompt styles are not available on this server; ignored {body.styles!r}")
+    if body.restore_faces:
+        notes.append("restore_faces: face restoration is not available on this server; ignored")
+    if body.tiling:
+        notes.append("tiling: seamless tiling is not available on this server; ignored")
+    if body.refiner_checkpoint not in (None, "", "None"):
+        notes.append("refiner_checkpoint: the refiner is not available on this server; ignored")
+    if body.seed_resize_from_w > 0 or body.seed_resize_from_h > 0:
+        notes.append("seed_resize_from_w/h: resizing the seed is not available on this server; ignored")
+    if body.infotext:
+        notes.append("infotext: not applied on this server; send the fields themselves")
+    if not body.override_settings_restore_afterwards:
+        notes.append("override_settings_restore_afterwards=false: override_settings only ever apply to "
+                     "their own request here; use POST /sdapi/v1/options to change the defaults")
+    for name in body.alwayson_scripts or {}:
+        notes.append(f"alwayson_scripts: no script named {name!r} on this server; ignored")
+    if isinstance(body, Txt2ImgRequest) and body.enable_hr:
+        notes.append("enable_hr: hires fix is not available on this server yet; "
+                     f"the image was generated at {body.width}x{body.height} without a second pass")
+    if isinstance(body, Img2ImgRequest) and body.initial_noise_multiplier not in (None, 1, 1.0):
+        notes.append("initial_noise_multiplier: not available on this server; 1 was used")
+    return notes
+
+
+def prepare_generation(engine, body: GenerationFields, options) -> Prepared:
+    """Validate `body` and build the GenerationRequest; raises ApiError naming an A1111 field."""
+    names = dict(_API_NAMES)
+    warnings = _unsupported(body)
+    if body.script_name not in (None, "", "None"):
+        raise bad_field("script_name", f"no script named {body.script_name!r} on this server "
+                                       "(selectable scripts are not available)")
+
+    overrides = body.override_settings or {}
+    unknown = [key for key in overrides if key not in OVERRIDES]
+    if unknown:
+        warnings.append(f"override_settings: ignored setting(s) {', '.join(map(repr, unknown))}; "
+                        f"supported: {', '.join(OVERRIDES)}")
+    defaults = options.snapshot()
+    if overrides.get("sd_model_checkpoint") not in (None, ""):
+        names["checkpoint"] = "override_settings.sd_model_checkpoint"
+        checkpoint = resolve_checkpoint_field(engine, names["checkpoint"], overrides["sd_model_checkpoint"])
+    else:
+        names["checkpoint"] = "sd_model_checkpoint"
+        if defaults["sd_model_checkpoint"]:
+            checkpoint = resolve_checkpoint_field(engine, "sd_model_checkpoint", defaults["sd_model_checkpoint"])
+        else:
+            try:
+                checkpoint = engine.resolve_checkpoint(None)
+            except RequestError as exc:
+                raise bad_field("sd_model_checkpoint", exc.message) from None
+    if overrides.get("sd_vae") not in (None, ""):
+        names["vae"], vae = "override_settings.sd_vae", overrides["sd_vae"]
+    else:
+        names["vae"], vae = "sd_vae", defaults["sd_vae"]
+    if overrides.get("CLIP_stop_at_last_layers") not in (None, ""):
+        names["clip_skip"] = "override_settings.CLIP_stop_at_last_layers"
+        clip_skip = parse_clip_skip(names["clip_skip"], overrides["CLIP_stop_at_last_layers"])
+    else:
+        names["clip_skip"], clip_skip = "CLIP_stop_at_last_layers", defaults["CLIP_stop_at_last_layers"]
+
+    sampler, schedule_type, names["sampler"] = parse_sampler(body)
+    fields: dict[str, Any] = dict(
+        mode="txt2img", prompt=body.prompt, negative_prompt=body.negative_prompt, seed=body.seed,
+        subseed=body.subseed, subseed_strength=body.subseed_strength, steps=body.steps,
+        cfg_scale=body.cfg_scale, sampler=sampler, schedule_type=schedule_type, width=body.width,
+        height=body.height, batch_size=body.batch_size, batch_count=body.n_iter,
+        checkpoint=checkpoint.name, vae=vae, clip_skip=clip_skip,
+        save_images=bool(body.save_images and not body.do_not_save_samples),
+    )
+    if isinstance(body, Img2ImgRequest):
+        fields.update(_img2img_fields(body, warnings))
+    try:
+        request = GenerationRequest(**fields)
+    except RequestError as exc:
+        raise bad_field(names.get(exc.field, exc.field), exc.message) from None
+    return Prepared(request=request, checkpoint=checkpoint, warnings=warnings, names=names)
+
+
+def _img2img_fields(body: Img2ImgRequest, warnings: list[str]) -> dict[str, Any]:
+    if not body.init_images:
+        raise bad_field("init_images", "img2img needs an input image: a list with one base64 image")
+    init = decode_image("init_images.0", body.init_images[0])
+    if len(body.init_images) > 1:
+        warnings.append(f"init_images: only the first of {len(body.init_images)} images is used")
+    mask = decode_image("mask", body.mask) if body.mask else None
+    resize_mode = _choice("resize_mode", body.resize_mode, (*RESIZE_MODES, RESIZE_MODES[0]),
+                          ("just resize", "crop and resize", "resize and fill", "just resize (latent upscale)"))
+    if body.resize_mode == 3:
+        warnings.append("resize_mode 3 (latent upscale) is not available; the image was resized in pixels (0)")
+    values: dict[str, Any] = dict(mode="inpaint" if mask is not None else "img2img", init_image=init,
+                                  denoising_strength=body.denoising_strength, resize_mode=resize_mode)
+    if mask is not None:
+        blur = body.mask_blur if body.mask_blur is not None else body.mask_blur_x
+        if body.mask_blur is None and body.mask_blur_x != body.mask_blur_y:
+            warnings.append(f"mask_blur_x/mask_blur_y: separate blurs are not available; {blur} was used for both")
+        if body.inpainting_mask_invert not in (0, 1):
+            raise bad_field("inpainting_mask_invert", f"must be 0 (inpaint masked) or 1 (inpaint not masked), "
+                                                      f"got {body.inpainting_mask_invert!r}")
+        values.update(
+            mask=mask, mask_blur=blur,
+            inpainting_fill=_choice("inpainting_fill", body.inpainting_fill, INPAINT_FILLS, INPAINT_FILLS),
+            inpaint_full_res=bool(body.inpaint_full_res),
+            inpaint_full_res_padding=body.inpaint_full_res_padding,
+            inpainting_mask_invert=bool(body.inpainting_mask_invert),
+        )
+    return values
+
+
+def generation_parameters(body: GenerationFields) -> dict[str, Any]:
+    """The `parameters` echo: the request as A1111 saw it, with every default filled in."""
+    params = body.model_dump()
+    if isinstance(body, Img2ImgRequest) and not body.include_init_images:
+        params["init_images"] = None
+        params["mask"] = None
+    return params
+
+
+def generation_info(prepared: Prepared, result) -> dict[str, Any]:
+    """A1111's `info` object (Processed.js()), plus `warnings` and `interrupted`."""
+    request = result.request or prepared.request
+    total = request.batch_size * request.batch_count
+    seeds = list(result.seeds) or ([request.seed + i for i in range(total)] if request.seed != -1 else [])
+    subseeds = list(result.subseeds) or ([request.subseed + i for i in range(total)]
+                                         if request.subseed != -1 else [])
+    first = infotexts.parse_infotext(result.infotexts[0]) if result.infotexts else {}
+    schedule = first.get("Schedule type") or samplers.resolve_schedule_type(request.sampler, request.schedule_type)
+    file = prepared.checkpoint
+    return {
+        "prompt": request.prompt,
+        "all_prompts": [request.prompt] * len(seeds),
+        "negative_prompt": request.negative_prompt,
+        "all_negative_prompts": [request.negative_prompt] * len(seeds),
+        "seed": seeds[0] if seeds else request.seed,
+        "all_seeds": seeds,
+        "subseed": subseeds[0] if subseeds else request.subseed,
+        "all_subseeds": subseeds,
+        "subseed_strength": request.subseed_strength,
+        "width": request.width,
+        "height": request.height,
+        "sampler_name": request.sampler,
+        "scheduler": schedule,
+        "cfg_scale": request.cfg_scale,
+        "steps": request.steps,
+        "batch_size": request.batch_size,
+        "restore_faces": False,
+        "face_restoration_model": None,
+        "sd_model_name": first.get("Model") or file.stem,
+        "sd_model_hash": first.get("Model hash") or file.short_hash,
+        "sd_vae_name": first.get("VAE"),
+        "sd_vae_hash": first.get("VAE hash"),
+        "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
+        "denoising_strength": request.denoising_strength if request.mode != "txt2img" else None,
+        "extra_generation_params": {"Schedule type": schedule},
+        "index_of_first_image": 0,
+        "infotexts": list(result.infotexts),
+        "styles": [],
+        "job_timestamp": prepared.started.strftime("%Y%m%d%H%M%S"),
+        "clip_skip": request.clip_skip,
+        "is_using_inpainting_conditioning": "inpaint" in str(file.details.get("family", "")).lower(),
+        "version": first.get("Version"),
+        "interrupted": bool(result.interrupted),
+        "warnings": [*prepared.warnings, *result.warnings],
+    }
+
+
+# --- extras ---------------------------------------------------------------------------------
+
+_UPSCALE_NAMES = {"upscaler": "upscaler_1", "scale": "upscaling_resize",
+                  "target_width": "upscaling_resize_w", "target_height": "upscaling_resize_h",
+                  "image": "image"}
+
+
+def upscale_request(body: ExtrasSingleImageRequest, image: Image.Image) -> UpscaleRequest | None:
+    """None when no upscaler is chosen ("None"): A1111 then returns the image as it came."""
+    for name in ("gfpgan_visibility", "codeformer_visibility"):
+        if getattr(body, name) > 0:
+            raise bad_field(name, "face restoration is not available on this server; send 0")
+    if body.upscaler_1 in ("", "None"):
+        return None
+    names = dict(_UPSCALE_NAMES)
+    values: dict[str, Any] = dict(image=image, upscaler=body.upscaler_1, save_images=False)
+    if body.resize_mode == 0:
+        values["scale"] = body.upscaling_resize
+    elif body.resize_mode == 1:
+        if body.upscaling_crop:
+            values.update(target_width=body.upscaling_resize_w, target_height=body.upscaling_resize_h)
+        else:  # A1111 without crop: scale by the larger ratio, keep the aspect
+            for name in ("upscaling_resize_w", "upscaling_resize_h"):
+                if getattr(body, name) < 1:
+                    raise bad_field(name, f"must be at least 1, got {getattr(body, name)}")
+            values["scale"] = max(body.upscaling_resize_w / image.width, body.upscaling_resize_h / image.height)
+            names["scale"] = "upscaling_resize_w"
+    else:
+        raise bad_field("resize_mode", f"must be 0 (scale by) or 1 (scale to), got {body.resize_mode!r}")
+    try:
+        return UpscaleRequest(**values)
+    except RequestError as exc:
+        raise bad_field(names.get(exc.field, exc.field), exc.message) from None
+
+
+def upscale_error(exc: RequestError, second: bool = False) -> ApiError:
+    field_name = _UPSCALE_NAMES.get(exc.field, exc.field)
+    if second and exc.field == "upscaler":
+        field_name = "upscaler_2"
+    return bad_field(field_name, exc.message)
+
+
+def dumps(info: Mapping[str, Any]) -> str:
+    return json.dumps(info, ensure_ascii=False, default=str)
