@@ -1,0 +1,249 @@
+"""The /sdapi/v1 routes over an injected engine.
+
+Generation, extras and listings are plain `def` endpoints, so FastAPI runs them in its
+thread pool: a generation waits in the engine's one fair queue (shared with the web UI)
+without blocking the event loop, and /progress, /interrupt and /skip (async, no blocking
+calls) answer while it runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import time
+from typing import Any
+
+from fastapi import APIRouter, Body, Request
+from PIL import Image
+
+from pipelines import samplers
+from pipelines.infotext import parse_infotext
+from pipelines.outputs import read_infotext
+from pipelines.request import RequestError
+
+from . import images, names
+from . import translate as tr
+from .errors import bad_field, is_checkpoint_error, owner_of, route_class
+from .models import (ExtrasSingleImageRequest, ExtrasSingleImageResponse, GenerationFields, GenerationResponse,
+                     Img2ImgRequest, PNGInfoRequest, PNGInfoResponse, ProgressResponse, Txt2ImgRequest)
+from .options import ApiOptions
+
+PREFIX = "/sdapi/v1"
+
+
+def _is_api_job(job) -> bool:
+    return bool(job is not None and job.owner and str(job.owner).startswith("api"))
+
+
+def _wall_clock(monotonic_time: float | None) -> datetime.datetime:
+    if monotonic_time is None:
+        return datetime.datetime.now()
+    return datetime.datetime.now() - datetime.timedelta(seconds=time.monotonic() - monotonic_time)
+
+
+def create_api(engine: Any, *, auth: list[tuple[str, str]] | None = None,
+               options: ApiOptions | None = None) -> APIRouter:
+    """An APIRouter with every /sdapi/v1 route over `engine`.
+
+    auth: basic-auth (user, password) pairs; when given, every route answers 401 without one.
+    options: the server defaults POST /options changes (a fresh ApiOptions by default); it is
+    also reachable as `router.api_options`.
+    """
+    options = options or ApiOptions()
+    router = APIRouter(prefix=PREFIX, route_class=route_class(auth), tags=["sdapi"])
+    router.api_options = options  # type: ignore[attr-defined]
+
+    # --- generation ---------------------------------------------------------------------------
+
+    def generate(body: GenerationFields, request: Request) -> dict[str, Any]:
+        prepared = tr.prepare_generation(engine, body, options)
+        try:
+            result = engine.generate(prepared.request, owner=owner_of(request))
+        except RequestError as exc:
+            raise bad_field(prepared.api_field(exc.field), exc.message) from None
+        except Exception as exc:
+            if is_checkpoint_error(exc):
+                raise bad_field(prepared.api_field("checkpoint"), str(exc)) from None
+            raise
+        return {
+            "images": [images.encode_png(image) for image in result.images] if body.send_images else [],
+            "parameters": tr.generation_parameters(body),
+            "info": tr.dumps(tr.generation_info(prepared, result)),
+        }
+
+    @router.post("/txt2img", response_model=GenerationResponse)
+    def txt2img(body: Txt2ImgRequest, request: Request):
+        """Text to image. Unknown fields are ignored; unsupported features are listed in info.warnings."""
+        return generate(body, request)
+
+    @router.post("/img2img", response_model=GenerationResponse)
+    def img2img(body: Img2ImgRequest, request: Request):
+        """Image to image; with `mask`, inpainting (white = repaint)."""
+        return generate(body, request)
+
+    @router.post("/extra-single-image", response_model=ExtrasSingleImageResponse)
+    def extra_single_image(body: ExtrasSingleImageRequest, request: Request):
+        """Upscale one image with upscaler_1 (and blend in upscaler_2 by its visibility)."""
+        image = images.decode_image("image", body.image)
+        upscale = tr.upscale_request(body, image)
+        if upscale is None:
+            return {"html_info": "", "image": images.encode_png(image)}
+        try:
+            result = engine.upscale(upscale, owner=owner_of(request))
+        except RequestError as exc:
+            raise tr.upscale_error(exc) from None
+        output, text = result.images[0], result.infotexts[0] if result.infotexts else ""
+        if body.upscaler_2 not in ("", "None") and body.extras_upscaler_2_visibility > 0:
+            visibility = min(float(body.extras_upscaler_2_visibility), 1.0)
+            try:
+                second = engine.upscale(dataclasses.replace(upscale, upscaler=body.upscaler_2),
+                                        owner=owner_of(request)).images[0]
+            except RequestError as exc:
+                raise tr.upscale_error(exc, second=True) from None
+            if second.size != output.size:
+                second = second.resize(output.size, Image.Resampling.LANCZOS)
+            output = Image.blend(output.convert("RGB"), second.convert("RGB"), visibility)
+            text = f"{text}, Postprocess upscaler 2: {body.upscaler_2}, Postprocess upscaler 2 visibility: {visibility:g}"
+            output.info["parameters"] = text
+        return {"html_info": images.html_info(text), "image": images.encode_png(output)}
+
+    @router.post("/png-info", response_model=PNGInfoResponse)
+    def png_info(body: PNGInfoRequest):
+        """The parameters text of an image (PNG chunk or EXIF comment), parsed."""
+        image = images.decode_image("image", body.image)
+        text = read_infotext(image) or ""
+        return {"info": text, "items": images.png_items(image), "parameters": parse_infotext(text)}
+
+    # --- the running job ----------------------------------------------------------------------
+
+    @router.get("/progress", response_model=ProgressResponse)
+    async def progress(skip_current_image: bool = False):
+        """Progress of the job running now (from the API or the web UI). current_image is always
+        null: the engine does not expose previews."""
+        job = engine.current_job()
+        waiting = engine.queue.waiting()
+        if job is None:
+            state = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "",
+                     "job_count": 0, "job_timestamp": "0", "job_no": 0, "sampling_step": 0,
+                     "sampling_steps": 0, "queued": waiting}
+            return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
+        report, control = job.progress, job.control
+        label = job.kind
+        if report is not None and report.batch_count > 1:
+            label = f"Batch {report.batch_index + 1} out of {report.batch_count}"
+        state = {
+            "skipped": bool(control.stop_current and not control.interrupted),
+            "interrupted": control.interrupted,
+            "stopping_generation": False,
+            "job": label,
+            "job_count": report.batch_count if report else 1,
+            "job_timestamp": _wall_clock(job.started_at).strftime("%Y%m%d%H%M%S"),
+            "job_no": report.batch_index if report else 0,
+            "sampling_step": report.step if report else 0,
+            "sampling_steps": report.steps if report else 0,
+            "queued": waiting,
+        }
+        return {
+            "progress": round(report.fraction, 4) if report else 0.0,
+            "eta_relative": float(report.eta) if report and report.eta is not None else 0.0,
+            "state": state,
+            "current_image": None,
+            "textinfo": report.describe() if report else f"{job.kind}: starting (loading the model)",
+        }
+
+    def control_running(action: str) -> dict[str, Any]:
+        job = engine.current_job()
+        if job is None:
+            return {"done": False, "detail": "nothing is running"}
+        if not _is_api_job(job):
+            return {"done": False, "detail": f"the running job came from the web UI; the API only {action}s "
+                                             "jobs started through the API"}
+        getattr(job.control, action)()
+        return {"done": True, "job": job.id, "detail": f"{action} requested"}
+
+    @router.post("/interrupt")
+    async def interrupt():
+        """Stop the running API job (within a step); a web UI job is left alone."""
+        return control_running("interrupt")
+
+    @router.post("/skip")
+    async def skip():
+        """End the current batch of the running API job; later batches still run."""
+        return control_running("skip")
+
+    # --- options ------------------------------------------------------------------------------
+
+    @router.get("/options")
+    def get_options():
+        """sd_model_checkpoint (title), sd_checkpoint_hash, sd_vae, CLIP_stop_at_last_layers."""
+        return options.public(engine)
+
+    @router.post("/options")
+    def set_options(body: dict[str, Any] = Body(...)):
+        """Change the API's server defaults. Running jobs and the web UI are not affected;
+        keys other than sd_model_checkpoint, sd_vae and CLIP_stop_at_last_layers are ignored."""
+        return options.update(engine, body)
+
+    # --- listings -----------------------------------------------------------------------------
+
+    @router.get("/sd-models")
+    def sd_models():
+        return [{"title": names.checkpoint_title(f), "model_name": names.checkpoint_model_name(f),
+                 "hash": f.short_hash, "sha256": f.sha256, "filename": str(f.path), "config": None}
+                for f in engine.list_checkpoints()]
+
+    @router.post("/refresh-checkpoints")
+    def refresh_checkpoints():
+        return {"checkpoints": len(engine.list_checkpoints(refresh=True))}
+
+    @router.get("/sd-vae")
+    def sd_vae():
+        return [{"model_name": f.name, "filename": str(f.path)} for f in engine.registry.list("vae")]
+
+    @router.get("/samplers")
+    def get_samplers():
+        result = []
+        for name in engine.sampler_names():
+            spec = samplers.SAMPLERS.get(name)
+            extra = {"default_scheduler": samplers.resolve_schedule_type(name, "Automatic"),
+                     "schedulers": list(engine.schedule_types(name))}
+            if spec is not None:
+                extra["stochastic"] = spec.stochastic
+            result.append({"name": name, "aliases": names.sampler_aliases(name), "options": extra})
+        return result
+
+    @router.get("/schedulers")
+    def get_schedulers():
+        return [{"name": s.name, "label": s.label, "aliases": list(s.aliases) or None,
+                 "default_rho": s.default_rho, "need_inner_model": s.need_inner_model}
+                for s in names.schedulers()]
+
+    @router.get("/upscalers")
+    def upscalers():
+        none = {"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": None}
+        return [none, *({"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": None}
+                        for name in engine.upscaler_names())]
+
+    @router.get("/loras")
+    def loras():
+        return [{"name": f.stem, "alias": f.stem, "path": str(f.path), "metadata": {}}
+                for f in engine.registry.list("lora")]
+
+    @router.get("/embeddings")
+    def embeddings():
+        """Files in the embeddings folder. They are listed as `skipped`: prompts do not apply
+        textual inversion embeddings yet."""
+        return {"loaded": {}, "skipped": {
+            f.stem: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None, "vectors": 0}
+            for f in engine.registry.list("embeddings")}}
+
+    @router.get("/scripts")
+    def scripts():
+        """No selectable or always-on scripts (the webuiapi client asks on connect)."""
+        return {"txt2img": [], "img2img": []}
+
+    @router.get("/script-info")
+    def script_info():
+        return []
+
+    return router
