@@ -263,7 +263,7 @@ def test_the_api_does_not_interrupt_a_web_ui_job(api, engine):
     control = JobControl()
     request = GenerationRequest(prompt="ui job", seed=1, sampler="Euler", checkpoint="tiny.safetensors",
                                 width=64, height=64, steps=150, save_images=False)
-    thread, box = run_in_thread(engine.generate, request=request, control=control)
+    thread, box = run_in_thread(engine.generate, request=request, control=control, owner="apiq7x2k9s")  # a session
     wait_for(lambda: api.get_progress()["state"]["sampling_step"] > 0, "the UI job to run")
     answer = api.interrupt()
     assert answer["done"] is False and "web UI" in answer["detail"]

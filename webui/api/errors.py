@@ -170,8 +170,11 @@ def api_user(request: Request) -> str | None:
     return getattr(request.state, "api_user", None)
 
 
+API_OWNER = "api"
+
+
 def owner_of(request: Request) -> str:
     """The queue owner of an API job: 'api', or 'api:<user>' when auth is on."""
     user = api_user(request)
-    return f"api:{user}" if user else "api"
+    return f"{API_OWNER}:{user}" if user else API_OWNER
 

@@ -23,7 +23,7 @@ from pipelines.request import RequestError
 
 from . import images, names
 from . import translate as tr
-from .errors import bad_field, is_checkpoint_error, owner_of, route_class
+from .errors import API_OWNER, bad_field, is_checkpoint_error, owner_of, route_class
 from .models import (ExtrasSingleImageRequest, ExtrasSingleImageResponse, GenerationFields, GenerationResponse,
                      Img2ImgRequest, PNGInfoRequest, PNGInfoResponse, ProgressResponse, Txt2ImgRequest)
 from .options import ApiOptions
@@ -32,7 +32,9 @@ PREFIX = "/sdapi/v1"
 
 
 def _is_api_job(job) -> bool:
-    return bool(job is not None and job.owner and str(job.owner).startswith("api"))
+    # exactly the owners errors.owner_of gives; a Gradio session hash never contains ":"
+    owner = str(job.owner) if job is not None and job.owner else ""
+    return owner == API_OWNER or owner.startswith(API_OWNER + ":")
 
 
 def _wall_clock(monotonic_time: float | None) -> datetime.datetime:
