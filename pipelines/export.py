@@ -1,12 +1,19 @@
 """Write diffusers components as an original-layout (LDM / A1111) single-file checkpoint.
 
-SD 1.x single files keep the U-Net under ``model.diffusion_model.``, the VAE under
-``first_stage_model.`` and the CLIP text encoder under ``cond_stage_model.transformer.``
-(Hugging Face CLIP names, ``text_model.`` included).  This module renames a diffusers
-state dict into that layout.  The mapping is built from the model's config (number of
-levels, layers per block, which levels attend), never from SD 1.5's fixed block count,
-so the same code exports the tiny test models, the project's own trained model and
-full-size files.
+Single files keep the U-Net under ``model.diffusion_model.`` and the VAE under
+``first_stage_model.``; the text encoders sit where each family's code put them:
+
+- SD 1.x: ``cond_stage_model.transformer.`` (Hugging Face CLIP names, ``text_model.`` included);
+- SD 2.x: ``cond_stage_model.model.`` (open_clip names: ``transformer.resblocks.N.attn.in_proj_weight``,
+  ``token_embedding``, ``positional_embedding``, ``ln_final``, ``text_projection``, ``logit_scale``);
+- SDXL base: ``conditioner.embedders.0.transformer.`` (HF CLIP-L) and ``conditioner.embedders.1.model.``
+  (open_clip bigG, with its ``text_projection``);
+- SDXL refiner: ``conditioner.embedders.0.model.`` (open_clip bigG only).
+
+The mapping is built from the model's config (number of levels, layers per block, which
+levels attend), never from a fixed block count, so the same code exports the tiny test
+models, the project's own trained model and full-size files (meta tensors included: the
+names and shapes of a full-size file can be had without allocating it).
 
 Every tensor is renamed, none is dropped: a key the mapping does not know raises
 ``KeyError`` instead of silently producing a file that loads half the weights.
@@ -25,12 +32,23 @@ import torch
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
+OPEN_CLIP_PREFIX = "cond_stage_model.model."
+SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_CLIP_G_PREFIX = "conditioner.embedders.1.model."
+REFINER_CLIP_G_PREFIX = "conditioner.embedders.0.model."
 
 __all__ = [
     "UNET_PREFIX",
     "VAE_PREFIX",
     "CLIP_PREFIX",
+    "OPEN_CLIP_PREFIX",
+    "SDXL_CLIP_L_PREFIX",
+    "SDXL_CLIP_G_PREFIX",
+    "REFINER_CLIP_G_PREFIX",
     "unet_to_ldm",
+    "clip_to_open_clip",
+    "single_file_state_dict",
+    "save_checkpoint",
     "vae_to_ldm",
     "clip_to_ldm",
     "sd1_single_file_state_dict",
@@ -292,6 +310,103 @@ def sd1_schedule_buffers(
     return {k: v.to(torch.float32) for k, v in bufs.items()}
 
 
+def clip_to_open_clip(
+    text_encoder_state_dict: Mapping[str, torch.Tensor],
+    text_projection: torch.Tensor | None = None,
+    logit_scale: float | None = 4.6052,
+) -> dict[str, torch.Tensor]:
+    """Transformers ``CLIPTextModel[WithProjection]`` state dict -> open_clip text-tower names
+    (without the ``cond_stage_model.model.`` / ``conditioner.embedders.N.model.`` prefix).
+
+    q/k/v projections are stacked into ``attn.in_proj_weight``/``in_proj_bias``; the HF
+    ``text_projection.weight`` ([dim, width]) becomes open_clip's ``text_projection``
+    ([width, dim]). A model without a projection (SD 2.x's encoder) may be given one, since
+    real SD 2.x files carry the unused ViT-H projection; ``logit_scale`` (ln 100, as open_clip
+    initialises it) is written too, as in real files. Works on meta tensors.
+    """
+    sd = {}
+    for key, tensor in text_encoder_state_dict.items():
+        name = key if key.startswith(("text_model.", "text_projection")) else "text_model." + key
+        sd[name] = tensor
+    sd.pop("text_model.embeddings.position_ids", None)
+    out: dict[str, torch.Tensor] = {}
+    simple = {
+        "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+        "text_model.embeddings.position_embedding.weight": "positional_embedding",
+        "text_model.final_layer_norm.weight": "ln_final.weight",
+        "text_model.final_layer_norm.bias": "ln_final.bias",
+    }
+    layer_renames = {
+        "layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+        "self_attn.out_proj": "attn.out_proj",
+    }
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, tensor in sd.items():
+        if key in simple:
+            out[simple[key]] = tensor
+            continue
+        if key == "text_projection.weight":
+            out["text_projection"] = tensor.t().contiguous()
+            continue
+        prefix = "text_model.encoder.layers."
+        if key.startswith(prefix):
+            layer, rest = key[len(prefix):].split(".", 1)
+            module, kind = rest.rsplit(".", 1)
+            if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                qkv.setdefault((layer, kind), {})[module[-6]] = tensor
+                continue
+            if module in layer_renames:
+                out[f"transformer.resblocks.{layer}.{layer_renames[module]}.{kind}"] = tensor
+                continue
+        unknown.append(key)
+    if unknown:
+        raise KeyError(f"clip_to_open_clip: no open_clip name for {', '.join(unknown[:5])}")
+    for (layer, kind), parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise KeyError(f"clip_to_open_clip: layer {layer} lacks one of q/k/v {kind}")
+        out[f"transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    if "text_projection" not in out and text_projection is not None:
+        out["text_projection"] = text_projection
+    if logit_scale is not None:
+        out["logit_scale"] = torch.tensor(logit_scale, dtype=torch.float32)
+    return out
+
+
+def single_file_state_dict(
+    unet: torch.nn.Module,
+    vae: torch.nn.Module,
+    text_encoders: list[tuple[str, str, torch.nn.Module]],
+    *,
+    schedule_buffers: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Any family's single-file state dict.
+
+    ``text_encoders`` lists ``(prefix, layout, module)`` with layout ``"hf_clip"`` (SD 1.x,
+    SDXL's CLIP-L) or ``"open_clip"`` (SD 2.x, SDXL's bigG). An open_clip encoder without a
+    projection (SD 2.x) gets an identity ``text_projection`` as real files carry one.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for k, v in unet_to_ldm(unet.state_dict(), unet.config).items():
+        out[UNET_PREFIX + k] = v
+    for k, v in vae_to_ldm(vae.state_dict(), vae.config).items():
+        out[VAE_PREFIX + k] = v
+    for prefix, layout, module in text_encoders:
+        if layout == "hf_clip":
+            converted = clip_to_ldm(module.state_dict())
+        elif layout == "open_clip":
+            width = module.config.hidden_size
+            eye = torch.eye(width, device=next(module.parameters()).device)
+            converted = clip_to_open_clip(module.state_dict(), text_projection=eye)
+        else:
+            raise ValueError(f"unknown text encoder layout {layout!r}")
+        for k, v in converted.items():
+            out[prefix + k] = v
+    if schedule_buffers:
+        out.update(sd1_schedule_buffers())
+    return out
+
+
 def sd1_single_file_state_dict(
     unet: torch.nn.Module,
     vae: torch.nn.Module,
@@ -304,39 +419,26 @@ def sd1_single_file_state_dict(
     ``schedule_buffers=True`` also adds the top-level DDPM buffers (``betas``,
     ``alphas_cumprod``, ...) that original SD 1.x files carry; loaders ignore them.
     """
-    out: dict[str, torch.Tensor] = {}
-    for k, v in unet_to_ldm(unet.state_dict(), unet.config).items():
-        out[UNET_PREFIX + k] = v
-    for k, v in vae_to_ldm(vae.state_dict(), vae.config).items():
-        out[VAE_PREFIX + k] = v
-    for k, v in clip_to_ldm(text_encoder.state_dict()).items():
-        out[CLIP_PREFIX + k] = v
-    if schedule_buffers:
-        out.update(sd1_schedule_buffers())
-    return out
+    return single_file_state_dict(unet, vae, [(CLIP_PREFIX, "hf_clip", text_encoder)],
+                                  schedule_buffers=schedule_buffers)
 
 
-def save_sd1_checkpoint(
+def save_checkpoint(
     path: str | os.PathLike,
-    unet: torch.nn.Module,
-    vae: torch.nn.Module,
-    text_encoder: torch.nn.Module,
+    state: Mapping[str, torch.Tensor],
     metadata: dict[str, str] | None = None,
     dtype: torch.dtype | None = None,
-    *,
-    schedule_buffers: bool = False,
 ) -> Path:
-    """Write an SD 1.x original-layout ``.safetensors`` file; returns its path.
+    """Write a state dict as ``.safetensors``, atomically (temp file in the folder, then rename).
 
     ``dtype`` casts floating-point tensors (e.g. ``torch.float16``); integer tensors such
-    as ``position_ids`` keep their type.  The file is written to a temporary name in the
-    same folder and renamed, so a reader never sees a half-written checkpoint.
+    as ``position_ids`` keep their type.
     """
     from safetensors.torch import save_file
 
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise ValueError(f"save_sd1_checkpoint writes .safetensors files, got {path.name!r}")
+        raise ValueError(f"checkpoints are written as .safetensors files, got {path.name!r}")
     meta = None
     if metadata:
         bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
@@ -344,7 +446,6 @@ def save_sd1_checkpoint(
             raise TypeError(f"safetensors metadata must be str -> str; bad entries: {bad}")
         meta = dict(metadata)
 
-    state = sd1_single_file_state_dict(unet, vae, text_encoder, schedule_buffers=schedule_buffers)
     tensors: dict[str, torch.Tensor] = {}
     for key, t in state.items():
         t = t.detach()
@@ -367,3 +468,29 @@ def save_sd1_checkpoint(
             pass
         raise
     return path
+
+
+def save_sd1_checkpoint(
+    path: str | os.PathLike,
+    unet: torch.nn.Module,
+    vae: torch.nn.Module,
+    text_encoder: torch.nn.Module,
+    metadata: dict[str, str] | None = None,
+    dtype: torch.dtype | None = None,
+    *,
+    schedule_buffers: bool = False,
+) -> Path:
+    """Write an SD 1.x original-layout ``.safetensors`` file; returns its path.
+
+    ``dtype`` casts floating-point tensors (e.g. ``torch.float16``); integer tensors such
+    as ``position_ids`` keep their type.  The file is written to a temporary name in the
+    same folder and renamed, so a reader never sees a half-written checkpoint.
+    """
+    if Path(path).suffix != ".safetensors":
+        raise ValueError(f"save_sd1_checkpoint writes .safetensors files, got {Path(path).name!r}")
+    if metadata:
+        bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
+        if bad:
+            raise TypeError(f"safetensors metadata must be str -> str; bad entries: {bad}")
+    state = sd1_single_file_state_dict(unet, vae, text_encoder, schedule_buffers=schedule_buffers)
+    return save_checkpoint(path, state, metadata, dtype)
