@@ -1,9 +1,16 @@
 """Checkpoint families: how to recognise one from its keys, and what it is made of.
 
 Adding a family is adding a `Family` entry to `FAMILIES`: its key prefixes, its text
-encoder layout, its training schedule and its native size. Architecture details that
-the weights do tell (channel counts, depths, attention placement) are read from the
-tensor shapes by `loading.py`, so tiny test checkpoints and real ones take the same path.
+encoder layout, its training schedule, its conditioning and its native size. Architecture
+details that the weights do tell (channel counts, depths, attention placement, context
+width, ADM input width) are read from the tensor shapes by `loading.py`, so tiny test
+checkpoints and real ones take the same path.
+
+Facts the weights do not tell live here:
+- heads: SD 1.x uses 8 heads per U-Net attention; SD 2.x and SDXL head width 64;
+- which hidden state of each text encoder conditions the U-Net (see `TextEncoderSpec.layer`);
+- the prediction type (epsilon or v) where no `.yaml`, metadata or user override says it;
+- SDXL's extra conditioning (pooled text embedding + size/crop/target or aesthetic ids).
 """
 
 from __future__ import annotations
@@ -13,19 +20,31 @@ from dataclasses import dataclass, field
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 
+EPSILON = "epsilon"
+V_PREDICTION = "v_prediction"  # diffusers' name; files and yamls say "v"
+
 
 @dataclass(frozen=True)
 class TextEncoderSpec:
-    prefix: str  # key prefix in the single file, up to the HF `text_model.` names
-    layout: str  # "hf_clip": keys already in transformers' CLIPTextModel layout
+    prefix: str  # key prefix in the single file
+    # "hf_clip": transformers' CLIPTextModel names under `text_model.` (SD 1.x, SDXL's CLIP-L);
+    # "open_clip": open_clip's names (`transformer.resblocks.N.attn.in_proj_weight`, ...)
+    layout: str
     pad_token: str  # SD 1.x pads with <|endoftext|>; OpenCLIP-based encoders with "!"
+    # Which hidden state conditions the U-Net:
+    # "user": the last layer, or A1111's clip skip N (N-1 layers earlier), then the final norm;
+    # "penultimate": always the second-to-last layer, then the final norm (SD 2.x; clip skip ignored);
+    # "penultimate_raw": always the second-to-last layer, no final norm (SDXL; clip skip ignored).
+    layer: str = "user"
+    pooled: bool = False  # its projected pooled output conditions the U-Net (SDXL's bigG)
+    hidden_act: str = "quick_gelu"  # OpenAI CLIP: quick_gelu; OpenCLIP ViT-H / bigG: gelu
 
 
 @dataclass(frozen=True)
 class Family:
     name: str
     label: str
-    marker_key: str  # a key only this family's files have
+    markers: tuple[str, ...]  # any of these keys identifies the family
     text_encoders: tuple[TextEncoderSpec, ...]
     native_resolution: int
     latent_scaling_factor: float
@@ -33,35 +52,106 @@ class Family:
     unet_heads: int | None = None
     unet_head_width: int | None = None
     scheduler: dict = field(default_factory=dict)
+    # SDXL micro-conditioning: None, "size_crop_target" (base) or "size_crop_aesthetic" (refiner)
+    time_ids: str | None = None
+    zero_empty_negative: bool = False  # SDXL: an empty negative prompt is all zeros (A1111 and diffusers agree)
+    upcast_attention: bool = False  # SD 2.x: attention scores overflow fp16
+    # SD 2.x: epsilon and v files have identical weights; the 768 ones are v-prediction
+    prediction_undecidable: bool = False
+    v_resolution: int | None = None  # native size of the v-prediction variant
+
+    def resolution_for(self, prediction_type: str, inpainting: bool) -> int:
+        if self.v_resolution and prediction_type == V_PREDICTION and not inpainting:
+            return self.v_resolution
+        return self.native_resolution
 
 
-# Stable Diffusion's training schedule (shared by SD 1.x and 2.x).
+# Stable Diffusion's training schedule (shared by SD 1.x, 2.x and SDXL).
 SD_SCHEDULE = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
-    "prediction_type": "epsilon",
+    "prediction_type": EPSILON,
     "steps_offset": 1,
     "clip_sample": False,
     "set_alpha_to_one": False,
     "timestep_spacing": "leading",
 }
 
+CLIP_L = "<|endoftext|>"
+
 SD1 = Family(
     name="sd1",
     label="SD 1.x",
-    marker_key="cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
-    text_encoders=(
-        TextEncoderSpec(prefix="cond_stage_model.transformer.", layout="hf_clip", pad_token="<|endoftext|>"),
+    markers=(
+        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+        "cond_stage_model.transformer.embeddings.token_embedding.weight",  # files from older transformers
     ),
+    text_encoders=(TextEncoderSpec(prefix="cond_stage_model.transformer.", layout="hf_clip", pad_token=CLIP_L),),
     native_resolution=512,
     latent_scaling_factor=0.18215,
     unet_heads=8,
     scheduler=SD_SCHEDULE,
 )
 
-FAMILIES: tuple[Family, ...] = (SD1,)
+SD2 = Family(
+    name="sd2",
+    label="SD 2.x",
+    markers=("cond_stage_model.model.token_embedding.weight",),
+    text_encoders=(
+        TextEncoderSpec(prefix="cond_stage_model.model.", layout="open_clip", pad_token="!",
+                        layer="penultimate", hidden_act="gelu"),
+    ),
+    native_resolution=512,
+    latent_scaling_factor=0.18215,
+    unet_head_width=64,
+    scheduler=SD_SCHEDULE,
+    upcast_attention=True,
+    prediction_undecidable=True,
+    v_resolution=768,
+)
+
+SDXL = Family(
+    name="sdxl",
+    label="SDXL",
+    markers=("conditioner.embedders.1.model.token_embedding.weight",),
+    text_encoders=(
+        TextEncoderSpec(prefix="conditioner.embedders.0.transformer.", layout="hf_clip", pad_token=CLIP_L,
+                        layer="penultimate_raw"),
+        TextEncoderSpec(prefix="conditioner.embedders.1.model.", layout="open_clip", pad_token="!",
+                        layer="penultimate_raw", pooled=True, hidden_act="gelu"),
+    ),
+    native_resolution=1024,
+    latent_scaling_factor=0.13025,
+    unet_head_width=64,
+    scheduler=SD_SCHEDULE,
+    time_ids="size_crop_target",
+    zero_empty_negative=True,
+)
+
+SDXL_REFINER = Family(
+    name="sdxl_refiner",
+    label="SDXL refiner",
+    markers=("conditioner.embedders.0.model.token_embedding.weight",),
+    text_encoders=(
+        TextEncoderSpec(prefix="conditioner.embedders.0.model.", layout="open_clip", pad_token="!",
+                        layer="penultimate_raw", pooled=True, hidden_act="gelu"),
+    ),
+    native_resolution=1024,
+    latent_scaling_factor=0.13025,
+    unet_head_width=64,
+    scheduler=SD_SCHEDULE,
+    time_ids="size_crop_aesthetic",
+)
+
+# Most specific first: an SDXL file has no `cond_stage_model.` keys, but order keeps it obvious.
+FAMILIES: tuple[Family, ...] = (SDXL, SDXL_REFINER, SD2, SD1)
+BY_NAME = {f.name: f for f in FAMILIES}
+
+# SDXL aesthetic-score conditioning of the refiner (A1111's and diffusers' defaults)
+AESTHETIC_SCORE = 6.0
+NEGATIVE_AESTHETIC_SCORE = 2.5
 
 
 class UnsupportedCheckpoint(ValueError):
@@ -69,14 +159,14 @@ class UnsupportedCheckpoint(ValueError):
 
 
 def detect_family(keys) -> Family:
-    keys = set(keys)
+    keys = keys if isinstance(keys, (set, dict, frozenset)) else set(keys)
     if UNET_PREFIX + "input_blocks.0.0.weight" not in keys:
         raise UnsupportedCheckpoint(
             "not a Stable Diffusion checkpoint: no U-Net weights under 'model.diffusion_model.' "
             "(is it a LoRA, a VAE or an upscaler? those go in models/Lora, models/VAE, models/ESRGAN)"
         )
     for family in FAMILIES:
-        if family.marker_key in keys:
+        if any(marker in keys for marker in family.markers):
             return family
     known = ", ".join(f.label for f in FAMILIES)
     raise UnsupportedCheckpoint(f"unrecognised checkpoint family (this version loads: {known})")

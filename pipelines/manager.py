@@ -3,6 +3,12 @@
 LRU within a memory budget; a model is identified by its file's path, size and mtime,
 so a changed file is reloaded and an unchanged one never is. Loading happens under a
 lock so two requests for the same checkpoint load it once.
+
+A file is checked (header, family, shapes) before anything is evicted, so a corrupt or
+truncated file fails with a message and leaves the cache as it was. Room is made before
+loading, from the size the header announces, so the budget holds at the peak too.
+Separate VAE files are cached on their own (a few, LRU), keyed by file and by the latent
+scaling factor of the checkpoint family they serve.
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ import psutil
 import torch
 
 from .device import Placement, apply_attention
-from .loading import Components, load_components, read_header
+from .loading import Components, inspect_checkpoint, load_components, load_vae, modules_nbytes, read_header
+
+UNET_VAE_TEXT = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
 
 
 @dataclass
@@ -28,21 +36,45 @@ class LoadedModel:
     lock: threading.Lock = field(default_factory=threading.Lock)  # one generation at a time per model
 
 
+@dataclass
+class LoadedVae:
+    path: Path
+    module: torch.nn.Module
+    nbytes: int
+
+
 class ModelManager:
-    def __init__(self, placement: Placement, budget_bytes: int | None = None):
+    def __init__(self, placement: Placement, budget_bytes: int | None = None, max_vaes: int = 2):
         self.placement = placement
         if budget_bytes is None:
             budget_bytes = int(psutil.virtual_memory().total * 0.5)
             if placement.device.type == "cuda":
                 budget_bytes = min(budget_bytes, int(torch.cuda.get_device_properties(0).total_memory * 0.7))
         self.budget_bytes = budget_bytes
+        self.max_vaes = max_vaes
         self._cache: OrderedDict[tuple, LoadedModel] = OrderedDict()
-        self._lock = threading.Lock()
+        self._vaes: OrderedDict[tuple, LoadedVae] = OrderedDict()
+        self._lock = threading.RLock()
 
     @staticmethod
     def _key(path: Path) -> tuple:
         st = Path(path).stat()
         return (str(Path(path).resolve()), st.st_size, st.st_mtime)
+
+    def _estimate(self, header) -> int:
+        """Bytes the model will take at the run dtype, from the header alone."""
+        if header.format == "diffusers":
+            return sum(p.stat().st_size for p in Path(header.path).rglob("*.safetensors")) * (
+                2 if self.placement.dtype == torch.float32 else 1)
+        itemsize = torch.empty((), dtype=self.placement.dtype).element_size()
+        total = 0
+        for key, shape in header.shapes.items():
+            if key.startswith(UNET_VAE_TEXT):
+                n = 1
+                for d in shape:
+                    n *= d
+                total += n * itemsize
+        return total
 
     def get(self, name: str, path: Path) -> LoadedModel:
         """The loaded model for this file, loading it (and evicting others) if needed."""
@@ -52,35 +84,91 @@ class ModelManager:
                 self._cache.move_to_end(key)
                 return self._cache[key]
             header = read_header(path)
+            inspect_checkpoint(header)  # a broken or unknown file fails here, before any eviction
+            self._evict_for(self._estimate(header))
             components = load_components(path, self.placement.dtype, self.placement.vae_dtype, header=header)
             for module in components.modules():
                 module.to(self.placement.device)
             apply_attention(components.unet, self.placement.attention)
             model = LoadedModel(name=name, components=components, nbytes=components.nbytes())
-            self._evict_for(model.nbytes)
             self._cache[key] = model
             return model
 
+    def _total(self) -> int:
+        return sum(m.nbytes for m in self._cache.values()) + sum(v.nbytes for v in self._vaes.values())
+
     def _evict_for(self, incoming: int) -> None:
-        while self._cache and sum(m.nbytes for m in self._cache.values()) + incoming > self.budget_bytes:
+        evicted = False
+        while self._cache and self._total() + incoming > self.budget_bytes:
             self._cache.popitem(last=False)
+            evicted = True
+        if evicted:
+            self._release()
+
+    def _release(self) -> None:
         gc.collect()
         if self.placement.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    # --- separate VAEs ---------------------------------------------------------------------------
+    def get_vae(self, path: Path, scaling_factor: float, sample_size: int = 512) -> torch.nn.Module:
+        """A VAE file's module at the run's VAE dtype, for a family with this latent scaling factor."""
+        key = (*self._key(path), float(scaling_factor))
+        with self._lock:
+            if key in self._vaes:
+                self._vaes.move_to_end(key)
+                return self._vaes[key].module
+            module = load_vae(path, self.placement.vae_dtype, scaling_factor, sample_size)
+            module.to(self.placement.device)
+            while len(self._vaes) >= self.max_vaes:
+                self._vaes.popitem(last=False)
+            self._vaes[key] = LoadedVae(Path(path), module, modules_nbytes([module]))
+            return module
+
+    # --- control and facts -----------------------------------------------------------------------
     def unload(self, name: str) -> bool:
         with self._lock:
             for key, model in list(self._cache.items()):
                 if model.name == name:
                     del self._cache[key]
-                    gc.collect()
+                    self._release()
                     return True
         return False
+
+    def unload_all(self) -> None:
+        with self._lock:
+            self._cache.clear()
+            self._vaes.clear()
+            self._release()
 
     def loaded_names(self) -> list[str]:
         with self._lock:
             return [m.name for m in reversed(self._cache.values())]
 
+    def loaded(self, name: str) -> LoadedModel | None:
+        with self._lock:
+            return next((m for m in self._cache.values() if m.name == name), None)
+
     def cached_bytes(self) -> int:
         with self._lock:
-            return sum(m.nbytes for m in self._cache.values())
+            return self._total()
+
+    def memory(self) -> dict:
+        """What the cache holds and what the process uses, for the UI."""
+        with self._lock:
+            models = [{"name": m.name, "bytes": m.nbytes, "family": m.components.spec.description}
+                      for m in reversed(self._cache.values())]
+            vaes = [{"name": v.path.name, "bytes": v.nbytes} for v in reversed(self._vaes.values())]
+            total = self._total()
+        info = {
+            "device": str(self.placement.device),
+            "models": models,
+            "vaes": vaes,
+            "cache_bytes": total,
+            "budget_bytes": self.budget_bytes,
+            "process_rss_bytes": psutil.Process().memory_info().rss,
+        }
+        if self.placement.device.type == "cuda":
+            info["vram_allocated_bytes"] = torch.cuda.memory_allocated()
+            info["vram_reserved_bytes"] = torch.cuda.memory_reserved()
+        return info

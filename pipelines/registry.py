@@ -3,6 +3,12 @@
 A listing never hashes a file. Hashes (sha256, A1111's "AutoV2" short hash = first 10 hex
 digits) are computed on demand and cached in a JSON file keyed by path, size and mtime.
 Only names from a listing resolve to files: no path from a request is opened as given.
+
+Checkpoints are single files or diffusers folders (a folder with `model_index.json`,
+listed as one entry and not descended into). `<checkpoint>.vae.safetensors` files beside a
+checkpoint belong to it (its "Automatic" VAE) and are not listed as checkpoints.
+Per-checkpoint user choices the file cannot carry (the prediction type of an SD 2.x file)
+are kept in `checkpoint_options.json` beside the hash cache, in the data dir.
 """
 
 from __future__ import annotations
@@ -76,12 +82,20 @@ class HashCache:
             return cached
         digest = hashlib.sha256()
         done = 0
-        with open(file.path, "rb") as f:
-            while chunk := f.read(8 << 20):
-                digest.update(chunk)
-                done += len(chunk)
-                if on_progress:
-                    on_progress(done / max(file.size, 1))
+        if Path(file.path).is_dir():
+            # a diffusers folder: every file, in name order, each preceded by its relative path
+            parts = sorted(p for p in Path(file.path).rglob("*") if p.is_file())
+        else:
+            parts = [Path(file.path)]
+        for part in parts:
+            if part != Path(file.path):
+                digest.update(part.relative_to(file.path).as_posix().encode() + b"\0")
+            with open(part, "rb") as f:
+                while chunk := f.read(8 << 20):
+                    digest.update(chunk)
+                    done += len(chunk)
+                    if on_progress:
+                        on_progress(min(1.0, done / max(file.size, 1)))
         sha = digest.hexdigest()
         with self._lock:
             self._entries[str(file.path)] = {"size": file.size, "mtime": file.mtime, "sha256": sha}
@@ -98,10 +112,13 @@ class HashCache:
 class FolderListing:
     """Files of one model kind; re-walked only when some folder's mtime changed."""
 
-    def __init__(self, root: Path, extensions: tuple[str, ...], describe: Callable[[Path], dict] | None = None):
+    def __init__(self, root: Path, extensions: tuple[str, ...], describe: Callable[[Path], dict] | None = None,
+                 hide_sidecars: bool = False, folder_marker: str | None = None):
         self.root = Path(root)
         self.extensions = extensions
         self.describe = describe
+        self.hide_sidecars = hide_sidecars  # checkpoints: `<name>.vae.*` files belong to their checkpoint
+        self.folder_marker = folder_marker  # checkpoints: a folder holding this file is one model
         self._dir_mtimes: dict[str, float] | None = None
         self._files: list[ModelFile] = []
         self._details: dict[tuple[str, int, float], dict] = {}
@@ -128,10 +145,14 @@ class FolderListing:
             for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
                 dir_mtimes[dirpath] = os.stat(dirpath).st_mtime
+                if self.folder_marker and self.folder_marker in filenames and Path(dirpath) != self.root:
+                    dirnames[:] = []  # a diffusers folder is one model
+                    found.append(self._folder_entry(Path(dirpath)))
+                    continue
                 for filename in sorted(filenames):
                     if not filename.lower().endswith(self.extensions) or filename.startswith("."):
                         continue
-                    if self._is_sidecar(filename):
+                    if self.hide_sidecars and self._is_sidecar(filename):
                         continue
                     path = Path(dirpath) / filename
                     try:
@@ -143,6 +164,22 @@ class FolderListing:
                                            details=self._describe(path, st)))
         found.sort(key=lambda f: f.name.lower())
         self._dir_mtimes, self._files = dir_mtimes, found
+
+    def _folder_entry(self, folder: Path) -> ModelFile:
+        size, mtime = 0, 0.0
+        for dirpath, _, filenames in os.walk(folder):
+            for filename in filenames:
+                try:
+                    st = os.stat(os.path.join(dirpath, filename))
+                except OSError:
+                    continue
+                size += st.st_size
+                mtime = max(mtime, st.st_mtime)
+        st = os.stat(folder)
+        fake = os.stat_result((st.st_mode, st.st_ino, st.st_dev, st.st_nlink, st.st_uid, st.st_gid, size,
+                               int(mtime), int(mtime), int(mtime)))
+        return ModelFile(name=folder.relative_to(self.root).as_posix(), path=folder, size=size, mtime=mtime,
+                         details=self._describe(folder, fake))
 
     @staticmethod
     def _is_sidecar(filename: str) -> bool:
@@ -161,23 +198,145 @@ class FolderListing:
         return self._details[key]
 
 
+class CheckpointOptions:
+    """Per-checkpoint user choices (keyed by listing name), persisted as JSON in the data dir."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        try:
+            self._entries: dict = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self._entries = {}
+
+    def get(self, name: str) -> dict:
+        with self._lock:
+            return dict(self._entries.get(name, {}))
+
+    def set(self, name: str, key: str, value) -> None:
+        with self._lock:
+            entry = self._entries.setdefault(name, {})
+            if value is None:
+                entry.pop(key, None)
+                if not entry:
+                    del self._entries[name]
+            else:
+                entry[key] = value
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self._entries, indent=1, sort_keys=True))
+            os.replace(tmp, self.path)
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+SIDECAR_VAE_SUFFIXES = (".vae.safetensors", ".vae.pt", ".vae.ckpt")
+VAE_AUTOMATIC = "Automatic"
+VAE_BAKED_IN = "None"
+
+
 class ModelRegistry:
-    """All model kinds of one models folder, plus the shared hash cache."""
+    """All model kinds of one models folder, plus the shared hash cache and checkpoint options."""
 
     def __init__(self, folders: dict[str, Path], hash_cache: HashCache,
-                 describers: dict[str, Callable[[Path], dict]] | None = None):
+                 describers: dict[str, Callable[[Path], dict]] | None = None,
+                 options: CheckpointOptions | None = None):
         describers = describers or {}
         self.listings = {
-            kind: FolderListing(folders[kind], MODEL_KINDS[kind].extensions, describers.get(kind))
+            kind: FolderListing(folders[kind], MODEL_KINDS[kind].extensions, describers.get(kind),
+                                hide_sidecars=kind == "checkpoints",
+                                folder_marker="model_index.json" if kind == "checkpoints" else None)
             for kind in MODEL_KINDS
         }
         self.hashes = hash_cache
+        self.options = options or CheckpointOptions(Path(hash_cache.path).parent / "checkpoint_options.json")
+        self._hashing: dict[str, float] = {}  # name -> progress of a background hash
+        self._folder_details: dict[tuple, dict] = {}
+        self._hash_lock = threading.Lock()
 
     def list(self, kind: str, refresh: bool = False) -> list[ModelFile]:
         files = self.listings[kind].files(refresh)
         for f in files:
             f.sha256 = self.hashes.get(f)
+            if kind == "checkpoints":
+                f.details = self._checkpoint_details(f)
         return files
+
+    # --- checkpoint facts for the browser -------------------------------------------------------
+    def _checkpoint_details(self, f: ModelFile) -> dict:
+        details = dict(f.details)
+        if "error" in details:
+            return details
+        if "family" not in details and f.path.is_dir():
+            key = (str(f.path), f.size, f.mtime)
+            if key not in self._folder_details:
+                self._folder_details[key] = _describe_lazily(f.path)
+            details.update(self._folder_details[key])
+            if "error" in details:
+                return details
+        metadata = details.get("metadata") or {}
+        for key, value in metadata_card(metadata).items():
+            details.setdefault(key, value)
+        details.setdefault("prediction_source", "file")
+        override = self.options.get(f.name).get("prediction")
+        if override in PREDICTION_TYPES:
+            details["prediction"] = override
+            details["prediction_source"] = "user override"
+            if str(details.get("family", "")) == "SD 2.x":  # the v models are the 768 ones
+                details["resolution"] = 768 if override == "v_prediction" else 512
+        sidecar = self.sidecar_vae(f)
+        details["sidecar_vae"] = sidecar.name if sidecar else None
+        return details
+
+    def set_prediction_type(self, name: str, prediction: str | None) -> None:
+        """The user's prediction type for a checkpoint ('epsilon', 'v_prediction'; None = detect)."""
+        if prediction is not None:
+            prediction = {"v": "v_prediction", "eps": "epsilon"}.get(prediction, prediction)
+            if prediction not in PREDICTION_TYPES:
+                raise ValueError(f"prediction type must be one of {', '.join(PREDICTION_TYPES)} or None")
+        file = self.find("checkpoints", name)
+        if file is None:
+            raise KeyError(f"unknown checkpoint {name!r}")
+        self.options.set(file.name, "prediction", prediction)
+
+    def prediction_override(self, name: str) -> str | None:
+        value = self.options.get(name).get("prediction")
+        return value if value in PREDICTION_TYPES else None
+
+    # --- VAEs ---------------------------------------------------------------------------------
+    def sidecar_vae(self, checkpoint: ModelFile) -> Path | None:
+        """`<checkpoint>.vae.safetensors` (or .vae.pt/.vae.ckpt) beside a single-file checkpoint."""
+        if checkpoint.path.is_dir():
+            return None
+        stem = checkpoint.path.with_suffix("")
+        for suffix in SIDECAR_VAE_SUFFIXES:
+            candidate = stem.with_name(stem.name + suffix)
+            if candidate.is_file():
+                return candidate
+        return None
+
+    def vae_choices(self) -> list[str]:
+        """What a UI offers: Automatic, None (baked in), then the files of models/VAE."""
+        return [VAE_AUTOMATIC, VAE_BAKED_IN] + [f.name for f in self.list("vae")]
+
+    def resolve_vae(self, checkpoint: ModelFile, choice: str | None) -> Path | None:
+        """The VAE file to use with a checkpoint, or None for the one baked into it.
+
+        None/""/"Automatic": the sidecar if there is one, else baked in; "None": baked in;
+        anything else: a name (or stem, or A1111's "name [hash]") from the models/VAE listing.
+        Raises LookupError for a name that is not in the listing.
+        """
+        choice = (choice or "").strip()
+        if choice in ("", VAE_AUTOMATIC, "auto"):
+            return self.sidecar_vae(checkpoint)
+        if choice in (VAE_BAKED_IN, "none", "None (baked in)"):
+            return None
+        file = self.find("vae", choice)
+        if file is None:
+            names = ", ".join(self.vae_choices())
+            raise LookupError(f"unknown VAE {choice!r}; available: {names}")
+        return file.path
+
+    # --- names and hashes -----------------------------------------------------------------------
 
     def find(self, kind: str, name: str) -> ModelFile | None:
         """Resolve a name from the listing (also accepting A1111's 'name [hash]' titles and bare stems)."""
@@ -197,3 +356,70 @@ class ModelRegistry:
     def ensure_hash(self, file: ModelFile, on_progress: Callable[[float], None] | None = None) -> str:
         file.sha256 = self.hashes.compute(file, on_progress)
         return file.sha256
+
+    def hash_in_background(self, kind: str, name: str,
+                           on_progress: Callable[[float], None] | None = None) -> threading.Thread | None:
+        """Start hashing a file in a thread (once; a second call while it runs does nothing).
+        `hash_progress` tells how far it got; the listing shows the hash once done."""
+        file = self.find(kind, name)
+        if file is None:
+            raise KeyError(f"unknown {kind} {name!r}")
+        if self.hashes.get(file):
+            return None
+        key = f"{kind}:{file.name}"
+        with self._hash_lock:
+            if key in self._hashing:
+                return None
+            self._hashing[key] = 0.0
+
+        def progress(fraction: float) -> None:
+            self._hashing[key] = fraction
+            if on_progress:
+                on_progress(fraction)
+
+        def work() -> None:
+            try:
+                self.ensure_hash(file, progress)
+            finally:
+                with self._hash_lock:
+                    self._hashing.pop(key, None)
+
+        thread = threading.Thread(target=work, name=f"sha256 {file.name}", daemon=True)
+        thread.start()
+        return thread
+
+    def hash_progress(self, kind: str, name: str) -> float | None:
+        """0..1 while a background hash of this file runs, else None."""
+        file = self.find(kind, name)
+        return None if file is None else self._hashing.get(f"{kind}:{file.name}")
+
+
+CARD_FIELDS = {
+    "title": ("modelspec.title", "title", "name"),
+    "author": ("modelspec.author", "author"),
+    "description": ("modelspec.description", "description"),
+    "license": ("modelspec.license", "license"),
+    "trigger_words": ("modelspec.trigger_phrase", "trigger_words", "activation text", "ss_trigger_words"),
+    "date": ("modelspec.date",),
+}
+
+
+def metadata_card(metadata: dict) -> dict[str, str]:
+    """The human-facing fields of safetensors metadata (modelspec keys and common variants)."""
+    card = {}
+    for name, keys in CARD_FIELDS.items():
+        for key in keys:
+            value = metadata.get(key)
+            if value and str(value).strip():
+                card[name] = str(value).strip()
+                break
+    return card
+
+
+def _describe_lazily(path: Path) -> dict:
+    try:
+        from .loading import describe, read_header
+
+        return describe(read_header(path))
+    except Exception as exc:  # a broken folder is listed with its error
+        return {"error": str(exc)}
