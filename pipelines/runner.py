@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from . import images, samplers
+from .families import AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE
 from .progress import JobControl, Progress, ProgressCallback
 from .prompts import encode_prompts
 from .request import GenerationRequest
@@ -136,11 +137,39 @@ def img2img_timesteps(scheduler, steps: int, strength: float):
     return scheduler.timesteps[start:]
 
 
+def added_conditioning(components, pooled_cond, pooled_uncond, width: int, height: int, use_cfg: bool,
+                       batch: int, device) -> dict | None:
+    """SDXL's extra U-Net inputs: the pooled bigG embedding and the micro-conditioning ids.
+
+    Base: (original h, w, crop top, left, target h, w) = (h, w, 0, 0, h, w); refiner:
+    (h, w, 0, 0, aesthetic score), 6.0 for the prompt and 2.5 for the negative prompt.
+    Rows follow the U-Net batch: [uncond, cond] under CFG, each repeated per image.
+    """
+    kind = components.spec.family.time_ids
+    if kind is None or getattr(components.unet.config, "addition_embed_type", None) != "text_time":
+        return None
+    if kind == "size_crop_target":
+        ids_cond = ids_uncond = [height, width, 0, 0, height, width]
+    else:
+        ids_cond = [height, width, 0, 0, AESTHETIC_SCORE]
+        ids_uncond = [height, width, 0, 0, NEGATIVE_AESTHETIC_SCORE]
+    dtype = components.unet.dtype
+    time_ids = torch.tensor([ids_cond], dtype=dtype, device=device)
+    text_embeds = pooled_cond.to(device=device, dtype=dtype)
+    if use_cfg:
+        time_ids = torch.cat([torch.tensor([ids_uncond], dtype=dtype, device=device), time_ids])
+        text_embeds = torch.cat([pooled_uncond.to(device=device, dtype=dtype), text_embeds])
+    return {"text_embeds": text_embeds.repeat_interleave(batch, dim=0),
+            "time_ids": time_ids.repeat_interleave(batch, dim=0)}
+
+
 @torch.no_grad()
 def run_batch(components, device, request: GenerationRequest, cond, uncond, plan: InpaintPlan | None,
               seeds: list[int], subseeds: list[int], width: int, height: int,
-              report_step, control: JobControl) -> list[Image.Image] | None:
-    """Sample one batch; None when it was skipped or interrupted."""
+              report_step, control: JobControl, pooled: tuple | None = None) -> list[Image.Image] | None:
+    """Sample one batch; None when it was skipped or interrupted.
+
+    `pooled` is (pooled_cond, pooled_uncond) for families whose U-Net takes them (SDXL)."""
     unet, vae = components.unet, components.vae
     latent_shape = (1, unet.config.out_channels, height // 8, width // 8)
 
@@ -177,6 +206,10 @@ def run_batch(components, device, request: GenerationRequest, cond, uncond, plan
     use_cfg = request.cfg_scale != 1.0
     context = torch.cat([uncond, cond]) if use_cfg else cond
     context = context.to(unet.dtype).repeat_interleave(len(seeds), dim=0)
+    added = None
+    if pooled is not None and pooled[0] is not None:
+        added = added_conditioning(components, pooled[0], pooled[1], width, height, use_cfg, len(seeds), device)
+    extra = {"added_cond_kwargs": added} if added is not None else {}
     for i, t in enumerate(timesteps):
         if control.stop_current:
             return None
@@ -185,7 +218,7 @@ def run_batch(components, device, request: GenerationRequest, cond, uncond, plan
             model_in = torch.cat([model_in, conditioning_latents], dim=1)
         if use_cfg:
             model_in = torch.cat([model_in, model_in])
-        prediction = unet(model_in.to(unet.dtype), t, encoder_hidden_states=context).sample.float()
+        prediction = unet(model_in.to(unet.dtype), t, encoder_hidden_states=context, **extra).sample.float()
         if use_cfg:
             pred_uncond, pred_cond = prediction.chunk(2)
             prediction = pred_uncond + request.cfg_scale * (pred_cond - pred_uncond)
@@ -248,7 +281,8 @@ def run(components, device, request: GenerationRequest, on_progress: ProgressCal
                                      elapsed=elapsed, eta=elapsed / done_steps * remaining))
 
         result = run_batch(components, device, request, conditioning.cond, conditioning.uncond, plan,
-                           seeds, subseeds, width, height, report_step, control)
+                           seeds, subseeds, width, height, report_step, control,
+                           pooled=(conditioning.pooled_cond, conditioning.pooled_uncond))
         if result is None:
             control.take_skip()
             continue
