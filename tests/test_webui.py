@@ -117,8 +117,8 @@ class FakeEngine:
     def sampler_names(self):
         return ("DPM++ 2M", "Euler a", "Euler")
 
-    def schedule_types(self):
-        return ("Automatic", "Karras")
+    def schedule_types(self, sampler=None):
+        return ("Automatic",) if sampler == "Euler a" else ("Automatic", "Karras")
 
     def upscaler_names(self):
         return ["None", "Lanczos", "Nearest"]
@@ -463,3 +463,10 @@ def test_importing_launch_starts_nothing():
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_schedule_choices_follow_the_sampler(ui):
+    update = ui.schedule_choices(sampler="Euler a", current="Karras")
+    assert update["choices"] in (["Automatic"], [("Automatic", "Automatic")]) and update["value"] == "Automatic"
+    update = ui.schedule_choices(sampler="DPM++ 2M", current="Karras")
+    assert update["value"] == "Karras"

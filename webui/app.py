@@ -264,6 +264,11 @@ class WebUI:
                           api_visibility="undocumented")
         reuse_seed.click(self.reuse_seed, inputs_kwargs={"last": last}, outputs=fields["seed"], queue=False,
                          show_progress="hidden", api_visibility="undocumented")
+        # offer only the schedules this sampler can run, instead of failing at Generate
+        fields["sampler"].change(self.schedule_choices, inputs_kwargs={"sampler": fields["sampler"],
+                                                                       "current": fields["schedule_type"]},
+                                 outputs=fields["schedule_type"], queue=False, show_progress="hidden",
+                                 api_visibility="undocumented")
         if mode == "inpaint":
             brush_size.change(self.brush_update, inputs_kwargs={"size": brush_size},
                               outputs=fields["inpaint_image"], show_progress="hidden",
@@ -466,6 +471,10 @@ class WebUI:
         infotexts = last.get("infotexts") or []
         text = infotexts[index] if 0 <= index < len(infotexts) else (infotexts[0] if infotexts else "")
         return text, {**last, "selected": index}
+
+    def schedule_choices(self, sampler: str, current: str):
+        allowed = list(self.engine.schedule_types(sampler))
+        return gr.update(choices=allowed, value=current if current in allowed else allowed[0])
 
     def reuse_seed(self, last=None) -> int:
         seeds = (last or {}).get("seeds") or []
