@@ -115,8 +115,10 @@ class Engine:
                  control: JobControl | None = None, owner: str | None = None) -> GenerationResult:
         """Run a txt2img/img2img/inpaint request in its turn; images are saved when asked."""
         file = self.resolve_checkpoint(request.checkpoint)  # bad names fail before queueing
-        if request.vae not in (None, "", "Automatic", "None"):
-            raise RequestError("vae", "choosing a separate VAE file is not supported yet; use 'Automatic'")
+        try:
+            self.registry.resolve_vae(file, request.vae)  # a bad VAE name fails before queueing too
+        except LookupError as exc:
+            raise RequestError("vae", str(exc)) from exc
         job = self.queue.new_job(request.mode, owner, control)
         with self.queue.run(job):
             return self._generate(file, request.with_resolved_seeds(), job, on_progress)
@@ -125,7 +127,7 @@ class Engine:
                   on_progress: ProgressCallback | None) -> GenerationResult:
         model = self._load(file)
         result = GenerationResult(request=request)
-        components = model.components
+        components, vae_name = self._with_choices(model.components, file, request.vae)
         width = request.width or components.spec.native_resolution
         height = request.height or components.spec.native_resolution
 
@@ -136,6 +138,8 @@ class Engine:
 
         # "Automatic" is written as the schedule it resolved to, as A1111 does
         extra = {"Schedule type": samplers.resolve_schedule_type(request.sampler, request.schedule_type)}
+        if vae_name:
+            extra["VAE"] = vae_name
         with model.lock:
             for batch in runner.run(components, self.placement.device, request, track, job.control):
                 for image, seed, subseed in zip(batch.images, batch.seeds, batch.subseeds):
@@ -152,6 +156,28 @@ class Engine:
                                                    result))
         result.interrupted = job.control.interrupted
         return result
+
+    def _with_choices(self, components, file: ModelFile, vae_choice: str | None):
+        """The loaded components under the user's choices for this checkpoint: its prediction
+        type override (no reload) and the VAE ("Automatic": a `<checkpoint>.vae.*` sidecar,
+        else baked in; "None": baked in; or a models/VAE file). Returns (components, VAE name)."""
+        override = self.registry.prediction_override(file.name)
+        if override and override != components.spec.prediction_type:
+            components = components.with_prediction(override, "user override")
+        vae_path = self.registry.resolve_vae(file, vae_choice)
+        if vae_path is None:
+            return components, None
+        scaling = components.spec.family.latent_scaling_factor
+        vae = self.manager.get_vae(vae_path, scaling, components.spec.native_resolution)
+        return components.with_vae(vae), vae_path.name
+
+    def vae_choices(self) -> list[str]:
+        """Values GenerationRequest.vae takes: "Automatic", "None" (baked in), then models/VAE names."""
+        return self.registry.vae_choices()
+
+    def cache_memory(self) -> dict:
+        """What the model cache holds (models, VAEs, bytes, budget, process RSS, VRAM on CUDA)."""
+        return self.manager.memory()
 
     def current_job(self) -> Job | None:
         """The job running now (for progress reports), None when idle."""
