@@ -329,3 +329,14 @@ def test_unknown_and_partial_files_are_refused(tmp_path):
     save_file({k: v.contiguous() for k, v in state.items()}, partial)
     with pytest.raises(CheckpointError, match="incomplete SDXL"):
         inspect_checkpoint(read_header(partial))
+
+
+def test_user_override_changes_what_is_generated(family_models, tmp_path):
+    engine = make_engine(family_models, tmp_path)
+    name = "sd2-512-base.safetensors"
+    before = engine.generate(req(name)).images[0]
+    engine.registry.set_prediction_type(name, "v_prediction")
+    after = engine.generate(req(name)).images[0]
+    assert not np.array_equal(np.asarray(before), np.asarray(after))
+    assert engine.loaded_checkpoints() == [name]  # the schedule changed, the model was not reloaded
+    assert engine.native_resolution(name) == 768
