@@ -6,16 +6,12 @@ Screenshots land in the test's tmp folder (printed at the end; `pytest -s` shows
 from __future__ import annotations
 
 import datetime
-import os
-import re
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from serving import launched
 
 pytestmark = pytest.mark.browser
 
@@ -23,37 +19,6 @@ CHROMIUM = "/usr/bin/chromium"
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-URL_LINE = re.compile(r"Running on local URL:\s+(http://127\.0\.0\.1:\d+)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_url(proc: subprocess.Popen, log: Path, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = log.read_text(errors="replace") if log.exists() else ""
-        match = URL_LINE.search(text)
-        if match:
-            return match.group(1)
-        if proc.poll() is not None:
-            pytest.fail(f"launch.py exited with {proc.returncode}:\n{text[-4000:]}")
-        time.sleep(0.2)
-    pytest.fail(f"launch.py printed no URL within {timeout:.0f}s:\n{log.read_text(errors='replace')[-4000:]}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)  # its own process group: the server and nothing else
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
 
 
 def _set_number(page, elem_id: str, value) -> None:
@@ -71,14 +36,9 @@ def server(tmp_path):
     write_tiny_sd1_checkpoint(models / "Stable-diffusion" / "tiny.safetensors")
     outdir = tmp_path / "outputs"
     log = tmp_path / "server.log"
-    cmd = [sys.executable, str(REPO / "launch.py"), "--port", str(_free_port()), "--models-dir", str(models),
-           "--outdir", str(outdir), "--data-dir", str(tmp_path / "data"), "--use-cpu", "all"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        yield _wait_for_url(proc, log, timeout=90), outdir
-    finally:
-        _stop(proc)
+    with launched(["--models-dir", str(models), "--outdir", str(outdir), "--data-dir", str(tmp_path / "data"),
+                   "--use-cpu", "all"], log) as url:
+        yield url, outdir
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is not installed")

@@ -149,16 +149,25 @@ def launch_kwargs(args: argparse.Namespace, paths: Paths) -> dict[str, Any]:
     return kwargs
 
 
-def notices(args: argparse.Namespace) -> list[str]:
-    """What the user asked for that this version cannot do yet, said plainly."""
-    lines = []
-    if args.api or args.nowebui:
-        lines.append("--api: the REST API (/sdapi/v1/...) is not yet available in this version.")
+def api_credentials(args: argparse.Namespace) -> list[tuple[str, str]] | None:
+    """--api-auth; with --listen/--share and only --gradio-auth, the UI's credentials guard the
+    API too, so no route is open to the network when a password was asked for."""
     if args.api_auth:
-        lines.append("--api-auth: accepted; it will protect the REST API once that is available.")
-    if (args.listen or args.share) and not args.gradio_auth:
-        lines.append("Warning: the UI is reachable from other machines without a password; "
-                     "consider --gradio-auth user:password.")
+        return parse_auth(args.api_auth)
+    if (args.listen or args.share) and args.gradio_auth:
+        return parse_auth(args.gradio_auth)
+    return None
+
+
+def notices(args: argparse.Namespace) -> list[str]:
+    """What the user should know about the flags given, said plainly."""
+    lines = []
+    if args.api_auth and not (args.api or args.nowebui):
+        lines.append("--api-auth: the REST API is off; add --api to serve it.")
+    if args.listen or args.share:
+        if not (args.gradio_auth or (args.nowebui and args.api_auth)):
+            lines.append("WARNING: the server is reachable from other machines WITHOUT a password; "
+                         "anyone on the network can use it. Use --gradio-auth user:password.")
     return lines
 
 
@@ -166,18 +175,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     for line in notices(args):
         print(line, file=sys.stderr)
-    if args.nowebui:
-        print("--nowebui: nothing to serve without the REST API; exiting.", file=sys.stderr)
-        return 2
     paths = paths_from_args(args)
     settings = settings_from_args(args)
 
     from pipelines.engine import Engine  # heavy (torch): only when actually launching
 
+    engine = Engine(paths, settings)
+    if args.nowebui:
+        return serve_api_only(engine, args)
+
     from .app import UIOptions, build_ui
 
-    engine = Engine(paths, settings)
     blocks = build_ui(engine, UIOptions())
     blocks.queue(default_concurrency_limit=1)
-    blocks.launch(**launch_kwargs(args, paths), **blocks.webui.launch_kwargs())
+    kwargs = {**launch_kwargs(args, paths), **blocks.webui.launch_kwargs()}
+    if not args.api:
+        blocks.launch(**kwargs)
+        return 0
+    from .api import mount_api
+
+    blocks.launch(**kwargs, prevent_thread_lock=True)
+    mount_api(blocks.app, engine, auth=api_credentials(args))
+    print("REST API: /sdapi/v1/ (docs at /docs)")
+    blocks.block_thread()
+    return 0
+
+
+def serve_api_only(engine, args: argparse.Namespace) -> int:
+    """--nowebui: the REST API alone, on the same port and with the same URL line."""
+    import uvicorn
+
+    from .api import create_app
+
+    host = "0.0.0.0" if args.listen else "127.0.0.1"
+    app = create_app(engine, auth=api_credentials(args))
+    print(f"Running on local URL:  http://127.0.0.1:{args.port}  (REST API only, docs at /docs)", flush=True)
+    uvicorn.run(app, host=host, port=args.port, log_level="warning")
     return 0
