@@ -161,6 +161,8 @@ class Engine:
         """The loaded components under the user's choices for this checkpoint: its prediction
         type override (no reload) and the VAE ("Automatic": a `<checkpoint>.vae.*` sidecar,
         else baked in; "None": baked in; or a models/VAE file). Returns (components, VAE name)."""
+        if components.spec.prediction_source == "probe":  # let the listing show what loading found
+            self.registry.record_probed_prediction(file, components.spec.prediction_type)
         override = self.registry.prediction_override(file.name)
         if override and override != components.spec.prediction_type:
             components = components.with_prediction(override, "user override")

@@ -250,7 +250,7 @@ class ModelRegistry:
         self.hashes = hash_cache
         self.options = options or CheckpointOptions(Path(hash_cache.path).parent / "checkpoint_options.json")
         self._hashing: dict[str, float] = {}  # name -> progress of a background hash
-        self._folder_details: dict[tuple, dict] = {}
+        self._full_details: dict[tuple, dict] = {}
         self._hash_lock = threading.Lock()
 
     def list(self, kind: str, refresh: bool = False) -> list[ModelFile]:
@@ -266,18 +266,29 @@ class ModelRegistry:
         details = dict(f.details)
         if "error" in details:
             return details
-        if "family" not in details and f.path.is_dir():
+        if "family_id" not in details and (f.path.is_dir() or f.path.suffix.lower() == ".safetensors"):
+            # the full facts (prediction source, EMA, inpainting, diffusers folders) from the
+            # loader, once per file version: a header read, never the weights
             key = (str(f.path), f.size, f.mtime)
-            if key not in self._folder_details:
-                self._folder_details[key] = _describe_lazily(f.path)
-            details.update(self._folder_details[key])
+            if key not in self._full_details:
+                self._full_details[key] = _describe_lazily(f.path)
+            details.update(self._full_details[key])
             if "error" in details:
                 return details
         metadata = details.get("metadata") or {}
         for key, value in metadata_card(metadata).items():
             details.setdefault(key, value)
         details.setdefault("prediction_source", "file")
-        override = self.options.get(f.name).get("prediction")
+        options = self.options.get(f.name)
+        probed = options.get("probed")
+        if details.get("prediction_source") == "probe" and isinstance(probed, dict) \
+                and probed.get("size") == f.size and probed.get("mtime") == f.mtime \
+                and probed.get("prediction") in PREDICTION_TYPES:
+            details["prediction"] = probed["prediction"]
+            details["prediction_source"] = "probed when loaded"
+            if str(details.get("family", "")) == "SD 2.x":
+                details["resolution"] = 768 if probed["prediction"] == "v_prediction" else 512
+        override = options.get("prediction")
         if override in PREDICTION_TYPES:
             details["prediction"] = override
             details["prediction_source"] = "user override"
@@ -297,6 +308,13 @@ class ModelRegistry:
         if file is None:
             raise KeyError(f"unknown checkpoint {name!r}")
         self.options.set(file.name, "prediction", prediction)
+
+    def record_probed_prediction(self, file: ModelFile, prediction: str) -> None:
+        """Remember what loading found by running an SD 2.x U-Net once (valid while the file is
+        unchanged), so the listing shows it without loading the file again."""
+        entry = {"prediction": prediction, "size": file.size, "mtime": file.mtime}
+        if prediction in PREDICTION_TYPES and self.options.get(file.name).get("probed") != entry:
+            self.options.set(file.name, "probed", entry)
 
     def prediction_override(self, name: str) -> str | None:
         value = self.options.get(name).get("prediction")

@@ -340,3 +340,15 @@ def test_user_override_changes_what_is_generated(family_models, tmp_path):
     assert not np.array_equal(np.asarray(before), np.asarray(after))
     assert engine.loaded_checkpoints() == [name]  # the schedule changed, the model was not reloaded
     assert engine.native_resolution(name) == 768
+
+
+def test_a_probed_prediction_type_reaches_the_listing(tmp_path):
+    models = tmp_path / "models"
+    write_tiny_checkpoint(models / "Stable-diffusion" / "finetune.safetensors", family="sd2", seed=4)
+    engine = make_engine(models, tmp_path)
+    assert engine.list_checkpoints()[0].details["prediction_source"] == "probe"
+    engine.generate(req("finetune.safetensors", steps=1))
+    probed = load_components(models / "Stable-diffusion" / "finetune.safetensors").spec
+    details = engine.list_checkpoints()[0].details
+    assert (details["prediction"], details["prediction_source"], details["resolution"]) == (
+        probed.prediction_type, "probed when loaded", probed.native_resolution)
