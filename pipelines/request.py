@@ -35,7 +35,20 @@ LIMITS: dict[str, tuple[float, float]] = {
     "mask_blur": (0, 64),
     "inpaint_full_res_padding": (0, 256),
     "clip_skip": (1, 12),
+    # hires fix
+    "hr_scale": (1.0, 4.0),
+    "hr_second_pass_steps": (0, 150),  # 0: as many as the first pass
+    "hr_resize_x": (0, 4096),  # 0: from hr_scale (or from the other side's aspect)
+    "hr_resize_y": (0, 4096),
+    "hr_denoising_strength": (0.0, 1.0),
+    "hr_size": (64, 4096),  # the second pass's width and height
+    # neural upscalers (0: the whole image in one pass)
+    "tile_size": (0, 4096),
+    "tile_overlap": (0, 256),
+    "upscaler_2_visibility": (0.0, 1.0),
 }
+HR_SAME_SAMPLER = "Use same sampler"
+HR_DEFAULT_UPSCALER = "Latent"
 
 
 class RequestError(ValueError):
@@ -77,6 +90,18 @@ class GenerationRequest:
     checkpoint: str | None = None  # a name from the registry; None = server default
     vae: str | None = None
     clip_skip: int = 1
+    # hires fix (txt2img): base pass at width x height, upscale, second img2img pass
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str = HR_DEFAULT_UPSCALER  # a latent mode or an upscaler name (checked by the engine)
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_denoising_strength: float = 0.7
+    hr_sampler: str | None = None  # None: the first pass's sampler
+    hr_schedule_type: str | None = None
+    hr_prompt: str = ""  # "": the first pass's prompt
+    hr_negative_prompt: str = ""
     # extension arguments keyed by extension id
     extension_args: Mapping[str, Any] = field(default_factory=dict)
     save_images: bool = True
@@ -123,6 +148,69 @@ class GenerationRequest:
         if not isinstance(self.extension_args, Mapping):
             raise RequestError("extension_args", "must be a mapping of extension id to arguments")
         object.__setattr__(self, "extension_args", MappingProxyType(dict(self.extension_args)))
+        self._check_hires()
+
+    def _check_hires(self) -> None:
+        if not isinstance(self.enable_hr, bool):
+            if self.enable_hr in (0, 1):
+                object.__setattr__(self, "enable_hr", bool(self.enable_hr))
+            else:
+                raise RequestError("enable_hr", f"must be true or false, got {self.enable_hr!r}")
+        for name in ("hr_second_pass_steps", "hr_resize_x", "hr_resize_y"):
+            object.__setattr__(self, name, _check_int(name, getattr(self, name)))
+            _check_range(name, getattr(self, name))
+        for name in ("hr_scale", "hr_denoising_strength"):
+            _check_range(name, _check_number(name, getattr(self, name)))
+        for name in ("hr_prompt", "hr_negative_prompt", "hr_upscaler"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, "" if name != "hr_upscaler" else HR_DEFAULT_UPSCALER)
+            _check_text(name, getattr(self, name))
+        if not self.hr_upscaler.strip():
+            object.__setattr__(self, "hr_upscaler", HR_DEFAULT_UPSCALER)
+        sampler = self.hr_sampler
+        if sampler in ("", HR_SAME_SAMPLER):
+            object.__setattr__(self, "hr_sampler", None)
+        elif sampler is not None:
+            _check_choice("hr_sampler", sampler, samplers.SAMPLER_NAMES)
+        schedule = self.hr_schedule_type
+        if schedule in ("", "Use same scheduler"):
+            schedule = None
+            object.__setattr__(self, "hr_schedule_type", None)
+        if schedule is not None:
+            _check_choice("hr_schedule_type", schedule, samplers.SCHEDULE_TYPES)
+        if schedule is not None and self.enable_hr:  # a disabled hires fix never blocks a request
+            sampler = self.hr_sampler or self.sampler
+            allowed = samplers.allowed_schedule_types(sampler)
+            if schedule not in allowed:
+                raise RequestError("hr_schedule_type", f"{sampler} does not support the {schedule} "
+                                                       f"schedule; choose one of: {', '.join(allowed)}")
+        if self.enable_hr:
+            if self.mode != "txt2img":
+                raise RequestError("enable_hr", "hires fix is for txt2img; use img2img to upscale an image")
+            if self.width is not None and self.height is not None:
+                width, height = self.hires_size(self.width, self.height)
+                low, high = LIMITS["hr_size"]
+                for name, value in (("hr_resize_x", width), ("hr_resize_y", height)):
+                    if not low <= value <= high:
+                        raise RequestError(name if (self.hr_resize_x or self.hr_resize_y) else "hr_scale",
+                                           f"the hires size would be {width}x{height}; each side must be "
+                                           f"between {low} and {high}")
+
+    def hires_size(self, width: int, height: int) -> tuple[int, int]:
+        """The second pass's size for a first pass of width x height (multiples of 8).
+
+        hr_resize_x/y both set: exactly that size (the upscaled image is cropped to its aspect);
+        one set: the other follows the aspect ratio; neither: width and height times hr_scale."""
+        x, y = self.hr_resize_x, self.hr_resize_y
+        if x and y:
+            w, h = x, y
+        elif x:
+            w, h = x, x * height / width
+        elif y:
+            w, h = y * width / height, y
+        else:
+            w, h = width * self.hr_scale, height * self.hr_scale
+        return max(8, int(w) // 8 * 8), max(8, int(h) // 8 * 8)
 
     @property
     def images_total(self) -> int:
@@ -152,16 +240,35 @@ class GenerationResult:
 
 @dataclass(frozen=True)
 class UpscaleRequest:
-    image: Image.Image
+    image: Image.Image | None = None
     upscaler: str = "Lanczos"
     scale: float = 2.0
     target_width: int | None = None  # both set: resize to exactly this size instead of by scale
     target_height: int | None = None
     save_images: bool = True
+    images: tuple[Image.Image, ...] = ()  # a batch: upscaled after `image`, each the same way
+    upscaler_2: str | None = None  # blended into the first upscaler's result
+    upscaler_2_visibility: float = 0.0
+    tile_size: int = 256  # neural upscalers: tile edge in input pixels, 0 = whole image
+    tile_overlap: int = 16
 
     def __post_init__(self) -> None:
-        if not isinstance(self.image, Image.Image):
+        if self.image is not None and not isinstance(self.image, Image.Image):
             raise RequestError("image", "an input image is needed")
+        batch = tuple(self.images or ())
+        if not all(isinstance(i, Image.Image) for i in batch):
+            raise RequestError("images", "every item of the batch must be an image")
+        object.__setattr__(self, "images", batch)
+        if self.image is None and not batch:
+            raise RequestError("image", "an input image is needed")
+        if self.upscaler_2 in ("", "None"):
+            object.__setattr__(self, "upscaler_2", None)
+        if self.upscaler_2 is not None:
+            _check_text("upscaler_2", self.upscaler_2)
+        _check_range("upscaler_2_visibility", _check_number("upscaler_2_visibility", self.upscaler_2_visibility))
+        for name in ("tile_size", "tile_overlap"):
+            object.__setattr__(self, name, _check_int(name, getattr(self, name)))
+            _check_range(name, getattr(self, name))
         scale = _check_number("scale", self.scale)
         if not 1.0 <= scale <= 8.0:
             raise RequestError("scale", f"must be between 1 and 8, got {scale}")
@@ -171,6 +278,10 @@ class UpscaleRequest:
             value = getattr(self, name)
             if value is not None and not 8 <= _check_int(name, value) <= 8192:
                 raise RequestError(name, f"must be between 8 and 8192, got {value}")
+
+    @property
+    def all_images(self) -> tuple[Image.Image, ...]:
+        return ((self.image,) if self.image is not None else ()) + self.images
 
 
 def _check_text(name: str, value: Any) -> None:
