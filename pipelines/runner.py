@@ -166,10 +166,14 @@ def added_conditioning(components, pooled_cond, pooled_uncond, width: int, heigh
 @torch.no_grad()
 def run_batch(components, device, request: GenerationRequest, cond, uncond, plan: InpaintPlan | None,
               seeds: list[int], subseeds: list[int], width: int, height: int,
-              report_step, control: JobControl, pooled: tuple | None = None) -> list[Image.Image] | None:
+              report_step, control: JobControl, pooled: tuple | None = None,
+              start_latents: torch.Tensor | None = None, decode: bool = True) -> list[Image.Image] | None:
     """Sample one batch; None when it was skipped or interrupted.
 
-    `pooled` is (pooled_cond, pooled_uncond) for families whose U-Net takes them (SDXL)."""
+    `pooled` is (pooled_cond, pooled_uncond) for families whose U-Net takes them (SDXL).
+    `start_latents` (one per seed) start an img2img pass from latents instead of from
+    `plan.image` (hires fix's second pass); with `decode=False` the final latents are
+    returned instead of images (hires fix's first pass)."""
     unet, vae = components.unet, components.vae
     latent_shape = (1, unet.config.out_channels, height // 8, width // 8)
 
@@ -185,7 +189,11 @@ def run_batch(components, device, request: GenerationRequest, cond, uncond, plan
 
     # 3. starting latents
     init_latents = mask = None
-    if plan is None:
+    if start_latents is not None:
+        init_latents = start_latents.to(device=device, dtype=torch.float32)
+        timesteps = img2img_timesteps(scheduler, request.steps, request.denoising_strength)
+        latents = scheduler.add_noise(init_latents, noise, timesteps[:1]) if len(timesteps) else init_latents
+    elif plan is None:
         latents = noise * scheduler.init_noise_sigma
     else:
         init_latents = encode_image(vae, plan.image, device).repeat(len(seeds), 1, 1, 1)
@@ -235,6 +243,8 @@ def run_batch(components, device, request: GenerationRequest, cond, uncond, plan
         return None
 
     # 5. decode and put back what was not to be changed
+    if not decode:
+        return latents
     decoded = decode_latents(vae, latents)
     return [finish_image(img, plan) for img in decoded]
 
