@@ -1,22 +1,48 @@
-"""Upscalers by name: the PIL resamplers now, neural models (spandrel, models/ESRGAN/) later.
+"""Upscalers by name: the PIL resamplers and neural models from models/ESRGAN/ (spandrel).
 
 An upscaler is anything with `name`, `scale` (its native factor, None for plain resamplers
 that do any factor) and `upscale(image, scale) -> image`. A neural one runs its native
-factor and may return a size that is not exactly `scale` times; `upscale_image` fixes the
-size up, so every upscaler honours the same contract for the UI, the API and hires fix.
+factor (repeatedly when more is asked) and may return a size that is not exactly `scale`
+times; `upscale_image` fixes the size up, so every upscaler honours the same contract for
+the UI, the API and hires fix.
 
-No torch here: the list of names is shown by the UI. Neural upscalers are passed in
-through `extra` (the engine builds them from the registry), so this module holds no state.
+Neural models: any architecture spandrel detects, from `.safetensors` or from `.pth`/`.pt`
+read with `torch.load(weights_only=True)` only (spandrel's own loader uses a restricted
+unpickler instead; we hand it the state dict). They run tile by tile (`tiling.run_tiled`).
+`ModelUpscaler` objects are built by the engine from its registry listing; loaded models
+live in a small `UpscalerModels` cache the engine owns, so this module holds no state.
+
+No torch at import time: the UI imports the names. torch and spandrel load on first use.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable, Protocol, runtime_checkable
+import logging
+import threading
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 
 from PIL import Image
 
 from .request import RequestError
+
+log = logging.getLogger(__name__)
+
+# A1111's latent upscale modes for hires fix: name -> (torch interpolate mode, antialias).
+LATENT_MODES: dict[str, tuple[str, bool]] = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+DEFAULT_TILE = 256
+DEFAULT_OVERLAP = 16
+MAX_PASSES = 3  # a 4x model asked for 8x runs twice, then resamples down
 
 
 @runtime_checkable
@@ -116,3 +142,208 @@ def upscale_image(image: Image.Image, upscaler: Upscaler | str, *, scale: float 
     if result.size != (target_w, target_h):
         result = result.resize((target_w, target_h), Image.Resampling.LANCZOS)
     return result
+
+
+# --- neural upscalers (spandrel) ------------------------------------------------------------
+
+class UpscalerLoadError(ValueError):
+    """A model file that cannot be used as an upscaler (unsafe pickle, unknown architecture...)."""
+
+
+def read_state_dict(path: Path, mmap: bool = False) -> dict:
+    """Tensors of an upscaler file, by content: safetensors, else a torch pickle read with
+    `torch.load(weights_only=True)`, never retried without it."""
+    import torch
+
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{":  # 8-byte header length, then the JSON header
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:
+            raise UpscalerLoadError(f"{path.name}: not a readable .safetensors file ({exc})") from None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and head[:2] == b"PK")
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise UpscalerLoadError(f"{path.name}: refused to load: not a plain weights file "
+                                f"({type(exc).__name__}: {first})") from None
+    if not isinstance(data, dict):
+        raise UpscalerLoadError(f"{path.name}: holds no state dict")
+    return data
+
+
+def _detect(state_dict: dict, name: str):
+    import spandrel
+
+    try:
+        descriptor = spandrel.MAIN_REGISTRY.load(spandrel.canonicalize_state_dict(state_dict))
+    except spandrel.UnsupportedModelError:
+        raise UpscalerLoadError(f"{name}: no architecture spandrel knows matches this file") from None
+    except Exception as exc:
+        raise UpscalerLoadError(f"{name}: could not be built ({type(exc).__name__}: {exc})") from None
+    if not isinstance(descriptor, spandrel.ImageModelDescriptor) or descriptor.purpose not in ("SR", "Restoration"):
+        raise UpscalerLoadError(f"{name}: is a {descriptor.architecture.name} {descriptor.purpose} model, "
+                                "not an upscaler")
+    if descriptor.input_channels not in (1, 3) or descriptor.output_channels not in (1, 3):
+        raise UpscalerLoadError(f"{name}: takes {descriptor.input_channels} channels; only RGB or grey work here")
+    return descriptor
+
+
+def load_model_file(path: Path):
+    """A spandrel ImageModelDescriptor (on the CPU, eval mode) for an upscaler file."""
+    return _detect(read_state_dict(path), Path(path).name).eval()
+
+
+def describe_model_file(path: Path) -> dict:
+    """Listing facts without loading weights: architecture and native scale (the model is
+    built on the meta device, so this costs a header read and no allocation)."""
+    import torch
+
+    state_dict = read_state_dict(path, mmap=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "copying into a meta parameter is a no-op"
+            with torch.device("meta"):
+                descriptor = _detect(state_dict, Path(path).name)
+    except UpscalerLoadError as exc:
+        if "could not be built" not in str(exc):
+            raise
+        # some architectures compute values while being built (e.g. drop-path rates with
+        # .item()), which the meta device cannot: build this one for real, once
+        descriptor = _detect(state_dict, Path(path).name)
+    return {"architecture": descriptor.architecture.name, "scale": int(descriptor.scale),
+            "tiling": descriptor.tiling.name.lower()}
+
+
+class UpscalerModels:
+    """Loaded upscaler models, least recently used dropped beyond `capacity`."""
+
+    def __init__(self, device: Any = "cpu", capacity: int = 2,
+                 loader: Callable[[Path], Any] = load_model_file):
+        self.device = device
+        self.capacity = capacity
+        self.loader = loader
+        self._models: OrderedDict[tuple, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, path: Path):
+        import torch
+
+        path = Path(path)
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime)
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            descriptor = self.loader(path)
+            device = torch.device(self.device)
+            if device.type == "cuda" and getattr(descriptor, "supports_half", False):
+                descriptor = descriptor.to(device, torch.float16)
+            else:
+                descriptor = descriptor.to(device)
+            self._models[key] = descriptor
+            while len(self._models) > self.capacity:
+                self._models.popitem(last=False)
+            return descriptor
+
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return [Path(k[0]).name for k in self._models]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._models.clear()
+
+
+@dataclass
+class TileOptions:
+    tile: int = DEFAULT_TILE  # 0: the whole image at once
+    overlap: int = DEFAULT_OVERLAP
+    on_tile: Callable[[Any], None] | None = None  # tiling.TileReport per tile
+    cancelled: Callable[[], bool] | None = None
+
+
+@dataclass
+class ModelUpscaler:
+    """A model file from the upscaler folder; loads through `models` on first use."""
+
+    name: str
+    path: Path
+    scale: float | None
+    models: UpscalerModels
+    architecture: str | None = None
+    options: TileOptions = field(default_factory=TileOptions)
+    last_tile: int | None = None  # the tile size that worked last time (after OOM reductions)
+
+    def with_options(self, options: TileOptions) -> "ModelUpscaler":
+        return ModelUpscaler(self.name, self.path, self.scale, self.models, self.architecture, options)
+
+    def upscale(self, image: Image.Image, scale: float) -> Image.Image:
+        try:
+            model = self.models.get(self.path)
+        except UpscalerLoadError as exc:
+            raise RequestError("upscaler", str(exc)) from None
+        native = max(1, int(model.scale))
+        passes = 1
+        while native ** passes < scale - 1e-6 and passes < MAX_PASSES:
+            passes += 1
+        alpha = image.getchannel("A") if image.mode in ("RGBA", "LA") else None
+        out = image.convert("L" if model.input_channels == 1 else "RGB")
+        for _ in range(passes):
+            out = self._run(model, out)
+        if alpha is not None:
+            out = out.convert("RGBA")
+            out.putalpha(alpha.resize(out.size, Image.Resampling.LANCZOS))
+        return out
+
+    def _run(self, model, image: Image.Image) -> Image.Image:
+        import numpy as np
+        import torch
+
+        from . import tiling
+
+        array = np.asarray(image, dtype=np.float32) / 255.0
+        if array.ndim == 2:
+            array = array[..., None]
+        tensor = torch.from_numpy(array).permute(2, 0, 1)[None].to(model.device, model.dtype)
+        options = self.options
+        tile = options.tile
+        if getattr(model.tiling, "name", "") == "INTERNAL":
+            tile = 0  # the model tiles itself
+        minimum = max(tiling.MIN_TILE, int(getattr(model.size_requirements, "minimum", 0)))
+        if 0 < tile < minimum:
+            tile = minimum
+        result, used = tiling.run_tiled(model, tensor, int(model.scale), tile, options.overlap,
+                                        on_tile=options.on_tile, cancelled=options.cancelled,
+                                        min_tile=minimum)
+        self.last_tile = used
+        if result.shape[-1] == 1:
+            return Image.fromarray(result[..., 0], "L").convert("RGB")
+        return Image.fromarray(result, "RGB")
+
+
+def model_upscalers(files: Iterable[Any], models: UpscalerModels) -> list[ModelUpscaler]:
+    """Upscalers for registry ModelFiles of the esrgan kind; unusable files are left out."""
+    result = []
+    for f in files:
+        details = getattr(f, "details", {}) or {}
+        if "error" in details:
+            log.warning("upscaler %s left out: %s", f.name, details["error"])
+            continue
+        name = Path(f.name).with_suffix("").as_posix()
+        result.append(ModelUpscaler(name=name, path=Path(f.path), scale=details.get("scale"), models=models,
+                                    architecture=details.get("architecture")))
+    return result
+
+
+def blend(first: Image.Image, second: Image.Image, weight: float) -> Image.Image:
+    """`second` mixed into `first` with `weight` (0: only first, 1: only second)."""
+    if second.size != first.size:
+        second = second.resize(first.size, Image.Resampling.LANCZOS)
+    mode = "RGBA" if "A" in first.getbands() else "RGB"
+    return Image.blend(first.convert(mode), second.convert(mode), float(weight))
