@@ -8,9 +8,10 @@ no per-user state: everything a job needs travels in its request.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
-from . import infotext, outputs, runner, samplers, upscalers
+from . import hires, infotext, outputs, runner, samplers, tiling, upscalers
 from .device import choose_placement
 from .loading import CheckpointError, inspect_checkpoint, read_header, sniff_format
 from .jobs import Job, JobQueue
@@ -48,10 +49,12 @@ class Engine:
         self.placement = choose_placement(self.settings)
         folders = {kind: self.paths.folder(kind) for kind in MODEL_KINDS}
         self.registry = ModelRegistry(folders, HashCache(Path(self.paths.data_dir) / "hashes.json"),
-                                      describers={"checkpoints": describe_checkpoint})
+                                      describers={"checkpoints": describe_checkpoint,
+                                                  "esrgan": upscalers.describe_model_file})
         budget = int(self.settings.ram_budget_gb * GB) if self.settings.ram_budget_gb else None
         self.manager = ModelManager(self.placement, budget)
         self.queue = JobQueue()  # one fair queue for the UI, the API and scripts
+        self.upscaler_models = upscalers.UpscalerModels(self.placement.device)  # loaded ESRGAN & co.
 
     # --- what is on disk ---------------------------------------------------------------
     def list_checkpoints(self, refresh: bool = False) -> list[ModelFile]:
@@ -119,6 +122,8 @@ class Engine:
             self.registry.resolve_vae(file, request.vae)  # a bad VAE name fails before queueing too
         except LookupError as exc:
             raise RequestError("vae", str(exc)) from exc
+        if request.enable_hr:
+            self.hires_upscaler(request.hr_upscaler)  # an unknown upscaler fails before queueing
         job = self.queue.new_job(request.mode, owner, control)
         with self.queue.run(job):
             return self._generate(file, request.with_resolved_seeds(), job, on_progress)
@@ -140,8 +145,16 @@ class Engine:
         extra = {"Schedule type": samplers.resolve_schedule_type(request.sampler, request.schedule_type)}
         if vae_name:
             extra["VAE"] = vae_name
+        if request.enable_hr:
+            extra.update(hires.infotext_params(request, width, height))
+            hr_upscaler = self.hires_upscaler(request.hr_upscaler, job.control)
+            batches = hires.run(components, self.placement.device, request,
+                                lambda image, size: upscalers.upscale_image(image, hr_upscaler, target_size=size),
+                                track, job.control)
+        else:
+            batches = runner.run(components, self.placement.device, request, track, job.control)
         with model.lock:
-            for batch in runner.run(components, self.placement.device, request, track, job.control):
+            for batch in batches:
                 for image, seed, subseed in zip(batch.images, batch.seeds, batch.subseeds):
                     params = infotext.generation_params(
                         request, seed=seed, subseed=subseed, width=width, height=height,
@@ -198,25 +211,165 @@ class Engine:
             log.error(message)
             return ""
 
-    def upscale(self, request: UpscaleRequest, owner: str | None = None) -> GenerationResult:
-        upscaler = upscalers.get_upscaler(request.upscaler)
-        with self.queue.run(self.queue.new_job("extras", owner)):
-            return self._upscale(request, upscaler)
+    # --- upscaling ---------------------------------------------------------------------------
+    def upscalers(self, refresh: bool = False) -> list:
+        """Every upscaler: Lanczos/Nearest/Bicubic, then the models of the upscaler folder
+        (`--esrgan-models-path`, default models/ESRGAN) with their native scale."""
+        files = self.registry.list("esrgan", refresh)
+        return [*upscalers.BUILTIN, *upscalers.model_upscalers(files, self.upscaler_models)]
 
-    def _upscale(self, request: UpscaleRequest, upscaler) -> GenerationResult:
+    def upscaler_names(self) -> list[str]:
+        return upscalers.upscaler_names(self.upscalers())
+
+    def hires_upscaler_names(self) -> list[str]:
+        """What hires fix offers: A1111's latent modes, then every upscaler."""
+        return [*upscalers.LATENT_MODES, *self.upscaler_names()]
+
+    def hires_upscaler(self, name: str, control: JobControl | None = None):
+        """The latent mode name itself, or the Upscaler object (RequestError naming hr_upscaler)."""
+        if name in upscalers.LATENT_MODES:
+            return name
+        if name in ("None", ""):
+            name = "Lanczos"
+        try:
+            found = upscalers.get_upscaler(name, self.upscalers())
+        except RequestError as exc:
+            choices = ", ".join(self.hires_upscaler_names())
+            raise RequestError("hr_upscaler", f"unknown value {name!r}; choose one of: {choices}") from exc
+        return self._tiled(found, upscalers.DEFAULT_TILE, upscalers.DEFAULT_OVERLAP, control)
+
+    def _tiled(self, upscaler, tile: int, overlap: int, control: JobControl | None, on_tile=None):
+        if not isinstance(upscaler, upscalers.ModelUpscaler):
+            return upscaler
+        cancelled = (lambda: control.stop_current) if control is not None else None
+        return upscaler.with_options(upscalers.TileOptions(tile=tile, overlap=overlap, on_tile=on_tile,
+                                                           cancelled=cancelled))
+
+    def upscale(self, request: UpscaleRequest, owner: str | None = None,
+                on_progress: ProgressCallback | None = None, control: JobControl | None = None) -> GenerationResult:
+        """Upscale every image of the request (Extras): the first upscaler, the second one
+        blended in by its visibility, by a factor or to an exact size; saved with parameters."""
+        available = self.upscalers()
+        first = upscalers.get_upscaler(request.upscaler, available)  # bad names fail before queueing
+        second = None
+        if request.upscaler_2 and request.upscaler_2_visibility > 0:
+            try:
+                second = upscalers.get_upscaler(request.upscaler_2, available)
+            except RequestError as exc:
+                raise RequestError("upscaler_2", exc.message) from None
+        job = self.queue.new_job("extras", owner, control)
+        with self.queue.run(job):
+            return self._upscale(request, first, second, job, on_progress)
+
+    def _upscale(self, request: UpscaleRequest, first, second, job: Job,
+                 on_progress: ProgressCallback | None) -> GenerationResult:
         target = (request.target_width, request.target_height) if request.target_width else None
-        image = upscalers.upscale_image(request.image.convert("RGB"), upscaler,
-                                        scale=None if target else request.scale, target_size=target)
-        params = {"Postprocess upscaler": request.upscaler}
-        if target:
-            params["Postprocess upscale to"] = f"{target[0]}x{target[1]}"
-        else:
-            params["Postprocess upscale by"] = f"{request.scale:g}"
-        text = infotext.build_infotext("", "", params).strip()
-        image.info["parameters"] = text
-        result = GenerationResult(images=[image], infotexts=[text])
-        result.paths.append(self._save(image, "extras-images", None, text, request, result))
+        images = request.all_images
+        result = GenerationResult()
+        started = time.monotonic()
+        passes = 2 if second is not None else 1
+
+        for index, source in enumerate(images):
+            if job.control.interrupted:
+                break
+
+            def on_tile(report: tiling.TileReport, index: int = index) -> None:
+                progress = Progress(step=report.done, steps=report.total, batch_index=index,
+                                    batch_count=len(images), elapsed=time.monotonic() - started, eta=None)
+                job.progress = progress
+                if on_progress:
+                    on_progress(progress)
+
+            image = source if source.mode in ("RGB", "RGBA", "L") else source.convert("RGBA")
+            try:
+                outputs_ = [upscalers.upscale_image(
+                    image, self._tiled(u, request.tile_size, request.tile_overlap, job.control, on_tile),
+                    scale=None if target else request.scale, target_size=target)
+                    for u in ([first, second] if second is not None else [first])]
+            except tiling.Cancelled:
+                job.control.take_skip()
+                continue
+            output = outputs_[0]
+            if passes == 2:
+                output = upscalers.blend(output, outputs_[1], request.upscaler_2_visibility)
+            params: dict = {}
+            if target:
+                params["Postprocess upscale to"] = f"{target[0]}x{target[1]}"
+            else:
+                params["Postprocess upscale by"] = f"{request.scale:g}"
+            params["Postprocess upscaler"] = first.name
+            if second is not None:
+                params["Postprocess upscaler 2"] = second.name
+                params["Postprocess upscaler 2 visibility"] = f"{request.upscaler_2_visibility:g}"
+            text = infotext.build_infotext("", "", params).strip()
+            original = source.info.get("parameters")
+            if isinstance(original, str) and original.strip():  # A1111 keeps the generation parameters
+                text = f"{original.strip()}, {text}"
+            output.info["parameters"] = text
+            result.images.append(output)
+            result.infotexts.append(text)
+            result.paths.append(self._save(output, "extras-images", None, text, request, result))
+            if on_progress:
+                on_progress(Progress(step=1, steps=1, batch_index=index, batch_count=len(images),
+                                     elapsed=time.monotonic() - started, eta=None))
+        result.interrupted = job.control.interrupted
         return result
+
+    def sd_upscale(self, request: GenerationRequest, upscaler: str = "Lanczos", scale: float = 2.0,
+                   overlap: int = 64, on_progress: ProgressCallback | None = None,
+                   control: JobControl | None = None, owner: str | None = None) -> GenerationResult:
+        """SD upscale: upscale the img2img request's image by `scale`, then img2img it tile by
+        tile (tiles of request.width x height, `overlap` pixels shared, seams feathered)."""
+        if request.mode != "img2img":
+            raise RequestError("mode", "SD upscale works on an img2img request (an input image)")
+        if not 1.0 <= float(scale) <= 8.0:
+            raise RequestError("scale", f"must be between 1 and 8, got {scale}")
+        if not 0 <= int(overlap) <= 256:
+            raise RequestError("overlap", f"must be between 0 and 256, got {overlap}")
+        file = self.resolve_checkpoint(request.checkpoint)
+        try:
+            chosen = upscalers.get_upscaler(upscaler, self.upscalers())
+        except RequestError as exc:
+            raise RequestError("upscaler", exc.message) from None
+        job = self.queue.new_job("img2img", owner, control)
+        with self.queue.run(job):
+            request = request.with_resolved_seeds()
+            model = self._load(file)
+            components, vae_name = self._with_choices(model.components, file, request.vae)
+            result = GenerationResult(request=request)
+            try:
+                upscaled = upscalers.upscale_image(request.init_image.convert("RGB"),
+                                                   self._tiled(chosen, upscalers.DEFAULT_TILE,
+                                                               upscalers.DEFAULT_OVERLAP, job.control), scale=scale)
+            except tiling.Cancelled:
+                result.interrupted = True
+                return result
+            extra = {"Schedule type": samplers.resolve_schedule_type(request.sampler, request.schedule_type),
+                     "SD upscale overlap": int(overlap), "SD upscale upscaler": chosen.name}
+            if vae_name:
+                extra["VAE"] = vae_name
+
+            def track(progress: Progress) -> None:
+                job.progress = progress
+                if on_progress:
+                    on_progress(progress)
+
+            with model.lock:
+                for image, seed, subseed in hires.sd_upscale(components, self.placement.device, request, upscaled,
+                                                             int(overlap), track, job.control):
+                    params = infotext.generation_params(
+                        request, seed=seed, subseed=subseed, width=request.width or image.width,
+                        height=request.height or image.height, model_name=file.stem,
+                        model_hash=file.short_hash, version=VERSION, extra=extra)
+                    text = infotext.build_infotext(request.prompt, request.negative_prompt, params)
+                    image.info["parameters"] = text
+                    result.images.append(image)
+                    result.seeds.append(seed)
+                    result.subseeds.append(subseed)
+                    result.infotexts.append(text)
+                    result.paths.append(self._save(image, "img2img-images", seed, text, request, result))
+            result.interrupted = job.control.interrupted
+            return result
 
     def sampler_names(self) -> tuple[str, ...]:
         return samplers.SAMPLER_NAMES
@@ -225,5 +378,3 @@ class Engine:
         """All schedule types, or those the given sampler supports."""
         return samplers.allowed_schedule_types(sampler) if sampler else samplers.SCHEDULE_TYPES
 
-    def upscaler_names(self) -> list[str]:
-        return upscalers.upscaler_names()
