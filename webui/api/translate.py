@@ -73,8 +73,11 @@ def _unsupported(body: GenerationFields) -> list[str]:
     for name in body.alwayson_scripts or {}:
         notes.append(f"alwayson_scripts: no script named {name!r} on this server; ignored")
     if isinstance(body, Txt2ImgRequest) and body.enable_hr:
-        notes.append("enable_hr: hires fix is not available on this server yet; "
-                     f"the image was generated at {body.width}x{body.height} without a second pass")
+        if body.hr_checkpoint_name not in (None, "", "Use same checkpoint"):
+            notes.append("hr_checkpoint_name: the second pass uses the same checkpoint on this server; "
+                         f"ignored {body.hr_checkpoint_name!r}")
+        if body.firstphase_width or body.firstphase_height:
+            notes.append("firstphase_width/height: ignored; width and height are the first pass's size")
     if isinstance(body, Img2ImgRequest) and body.initial_noise_multiplier not in (None, 1, 1.0):
         notes.append("initial_noise_multiplier: not available on this server; 1 was used")
     return notes
@@ -127,11 +130,28 @@ def prepare_generation(engine, body: GenerationFields, options) -> Prepared:
     )
     if isinstance(body, Img2ImgRequest):
         fields.update(_img2img_fields(body, warnings))
+    if isinstance(body, Txt2ImgRequest) and body.enable_hr:
+        fields.update(_hires_fields(body))
+        names.update(hr_denoising_strength="denoising_strength", hr_sampler="hr_sampler_name",
+                     hr_schedule_type="hr_scheduler")
     try:
         request = GenerationRequest(**fields)
     except RequestError as exc:
         raise bad_field(names.get(exc.field, exc.field), exc.message) from None
     return Prepared(request=request, checkpoint=checkpoint, warnings=warnings, names=names)
+
+
+def _hires_fields(body: Txt2ImgRequest) -> dict[str, Any]:
+    """A1111's hires fix fields; txt2img's `denoising_strength` is the second pass's."""
+    sampler, schedule = body.hr_sampler_name, body.hr_scheduler
+    if sampler not in (None, "", "Use same sampler") and sampler not in samplers.SAMPLER_NAMES:
+        sampler, in_name = infotexts.split_sampler_name(sampler)  # "DPM++ 2M Karras"
+        schedule = schedule or in_name
+    return dict(enable_hr=True, hr_scale=body.hr_scale, hr_upscaler=body.hr_upscaler or "Latent",
+                hr_second_pass_steps=body.hr_second_pass_steps, hr_resize_x=body.hr_resize_x,
+                hr_resize_y=body.hr_resize_y, hr_denoising_strength=body.denoising_strength,
+                hr_sampler=sampler, hr_schedule_type=schedule, hr_prompt=body.hr_prompt or "",
+                hr_negative_prompt=body.hr_negative_prompt or "")
 
 
 def _img2img_fields(body: Img2ImgRequest, warnings: list[str]) -> dict[str, Any]:
@@ -208,7 +228,8 @@ def generation_info(prepared: Prepared, result) -> dict[str, Any]:
         "sd_vae_hash": first.get("VAE hash"),
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
-        "denoising_strength": request.denoising_strength if request.mode != "txt2img" else None,
+        "denoising_strength": (request.denoising_strength if request.mode != "txt2img"
+                               else request.hr_denoising_strength if request.enable_hr else None),
         "extra_generation_params": {"Schedule type": schedule},
         "index_of_first_image": 0,
         "infotexts": list(result.infotexts),
