@@ -106,7 +106,7 @@ class FakeEngine:
         result.interrupted = control.interrupted
         return result
 
-    def upscale(self, request):
+    def upscale(self, request, **kwargs):
         self.upscales.append(request)
         if request.target_width:
             size = (request.target_width, request.target_height)

@@ -32,7 +32,7 @@ import gradio as gr
 
 from pipelines.request import INPAINT_FILLS, LIMITS, MAX_SEED, RESIZE_MODES, RequestError
 
-from . import convert
+from . import convert, upscale_tab
 from .jobs import JobRegistry
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ class WebUI:
                         self._generation_tab(mode, checkpoint, loaded, native)
                         self.components[mode]["sized_for"] = gr.State(default_ckpt)
                 with gr.Tab("Upscale", id="upscale", elem_id="tab_upscale") as tabs["upscale"]:
-                    self._upscale_tab()
+                    self.upscale = upscale_tab.build(self)
                 with gr.Tab("Checkpoints", id="checkpoints", elem_id="tab_checkpoints") as tabs["checkpoints"]:
                     self._checkpoints_tab(tabs["checkpoints"], checkpoint, loaded)
             footer = gr.Markdown(self._footer_text(), elem_id="footer")
@@ -226,6 +226,8 @@ class WebUI:
                         fields["batch_count"] = _slider("batch_count", step=1, elem_id=f"{p}_batch_count")
                         fields["batch_size"] = _slider("batch_size", step=1, elem_id=f"{p}_batch_size")
                 fields["cfg_scale"] = _slider("cfg_scale", step=0.5, elem_id=f"{p}_cfg_scale")
+                if mode == "txt2img":
+                    upscale_tab.hires_options(self, fields, p)
                 if mode != "txt2img":
                     fields["denoising_strength"] = _slider("denoising_strength", step=0.01,
                                                            elem_id=f"{p}_denoising")
@@ -273,39 +275,6 @@ class WebUI:
             brush_size.change(self.brush_update, inputs_kwargs={"size": brush_size},
                               outputs=fields["inpaint_image"], show_progress="hidden",
                               api_visibility="undocumented")
-
-    def _upscale_tab(self) -> None:
-        upscalers = list(self.engine.upscaler_names())
-        fields: dict[str, Any] = {}
-        with gr.Row(equal_height=False):
-            with gr.Column():
-                fields["image"] = gr.Image(label="Input image", type="pil", image_mode=None,
-                                           sources=["upload", "clipboard"], height=360, elem_id="upscale_image")
-                fields["upscaler"] = gr.Dropdown(upscalers, value=_pick("Lanczos", upscalers), label="Upscaler",
-                                                 elem_id="upscale_upscaler")
-                fields["upscale_mode"] = gr.Radio(list(convert.UPSCALE_MODES), value=convert.UPSCALE_MODES[0],
-                                                  label="Resize", elem_id="upscale_mode")
-                with gr.Group(visible=True) as by_group:
-                    fields["scale"] = gr.Slider(1, 8, value=2, step=0.05, label="Scale by", elem_id="upscale_scale")
-                with gr.Row(visible=False) as to_group:
-                    fields["target_width"] = gr.Number(value=1024, label="Width", precision=0, minimum=8,
-                                                       maximum=8192, elem_id="upscale_width")
-                    fields["target_height"] = gr.Number(value=1024, label="Height", precision=0, minimum=8,
-                                                        maximum=8192, elem_id="upscale_height")
-                button = gr.Button("Upscale", variant="primary", elem_id="upscale_button")
-            with gr.Column():
-                gallery = gr.Gallery(label="Output", columns=1, height=480, format="png", object_fit="contain",
-                                     elem_id="upscale_gallery", interactive=False)
-                info = gr.Textbox(label="Info", lines=2, interactive=False, elem_id="upscale_info")
-        self.fields["upscale"] = fields
-        self.components["upscale"] = dict(button=button, gallery=gallery, info=info)
-        fields["upscale_mode"].change(
-            lambda how: (gr.update(visible=how == convert.UPSCALE_MODES[0]),
-                         gr.update(visible=how == convert.UPSCALE_MODES[1])),
-            inputs=fields["upscale_mode"], outputs=[by_group, to_group], queue=False, show_progress="hidden",
-            api_visibility="undocumented")
-        button.click(self.upscale, inputs_kwargs=fields, outputs=[gallery, info], concurrency_id=GENERATE_GROUP,
-                     concurrency_limit=1, api_name="upscale")
 
     def _checkpoints_tab(self, tab, checkpoint, loaded) -> None:
         rows = self._checkpoint_rows()
@@ -508,29 +477,6 @@ class WebUI:
         header = self.components["checkpoint"]
         return {header: gr.update(choices=names, value=default), self.components["loaded"]: self._loaded_text(),
                 **self._resize("txt2img", default, self._initial_checkpoint)}
-
-    def upscale(self, **fields):
-        try:
-            req = convert.upscale_request(fields)
-        except RequestError as exc:
-            raise gr.Error(convert.error_message(exc), print_exception=False) from None
-        try:
-            result = self.engine.upscale(req)
-        except RequestError as exc:
-            raise gr.Error(convert.error_message(exc), print_exception=False) from None
-        except gr.Error:
-            raise
-        except Exception as exc:
-            log.exception("upscale failed")
-            raise gr.Error(f"Upscale failed: {_describe_exception(exc)}", print_exception=False) from None
-        for warning in getattr(result, "warnings", None) or []:
-            gr.Warning(str(warning))
-        infotexts = list(result.infotexts or [])
-        info = infotexts[0] if infotexts else ""
-        if not info and result.images:
-            image = result.images[0]
-            info = f"{req.upscaler}: {req.image.width}x{req.image.height} → {image.width}x{image.height}"
-        return _gallery_items(result), info
 
     def refresh_checkpoints(self, current: str | None = None):
         infos = self._checkpoint_infos(refresh=True)
