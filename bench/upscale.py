@@ -105,7 +105,8 @@ def main() -> None:
                 continue
             row = json.loads(done.stdout.strip().splitlines()[-1])
             rows.append(row)
-            print(f"  ran {tile}: {row['seconds']:.1f} s", flush=True)
+            print(f"  ran {tile}: {row['seconds']:.1f} s, peak RSS {row['peak_rss_mib']:.0f} MiB "
+                  f"({row['tiles']} tiles)", flush=True)
     base = next((r["seconds"] for r in rows if r["tile"] == "plain"), None)
     print(f"{'tile':>10} {'tiles':>5} {'seconds':>8} {'ratio':>6} {'peak RSS MiB':>12} {'model RSS MiB':>13}  output")
     for r in rows:
