@@ -24,6 +24,7 @@ from . import runner, tiling
 from .progress import JobControl, Progress, ProgressCallback
 from .prompts import encode_prompts
 from .request import GenerationRequest
+from .hires_info import fields_from_infotext, infotext_params  # noqa: F401 (re-exported)
 from .upscalers import LATENT_MODES
 
 PixelUpscale = Callable[[Image.Image, tuple[int, int]], Image.Image]
@@ -46,53 +47,6 @@ def second_pass_steps(request: GenerationRequest) -> int:
     """Sampler steps the second pass actually runs (img2img runs the tail of the schedule)."""
     steps = request.hr_second_pass_steps or request.steps
     return min(int(steps * request.hr_denoising_strength), steps)
-
-
-def infotext_params(request: GenerationRequest, width: int, height: int) -> dict[str, object]:
-    """The hires keys A1111 writes (Size stays the first pass's size)."""
-    params: dict[str, object] = {"Denoising strength": request.hr_denoising_strength}
-    if request.hr_resize_x or request.hr_resize_y:
-        hr_w, hr_h = request.hires_size(width, height)
-        params["Hires resize"] = f"{hr_w}x{hr_h}"
-    else:
-        params["Hires upscale"] = request.hr_scale
-    if request.hr_second_pass_steps:
-        params["Hires steps"] = request.hr_second_pass_steps
-    params["Hires upscaler"] = request.hr_upscaler
-    if request.hr_sampler and request.hr_sampler != request.sampler:
-        params["Hires sampler"] = request.hr_sampler
-    if request.hr_schedule_type and request.hr_schedule_type != request.schedule_type:
-        params["Hires schedule type"] = request.hr_schedule_type
-    if request.hr_prompt and request.hr_prompt != request.prompt:
-        params["Hires prompt"] = request.hr_prompt
-    if request.hr_negative_prompt and request.hr_negative_prompt != request.negative_prompt:
-        params["Hires negative prompt"] = request.hr_negative_prompt
-    return params
-
-
-def fields_from_infotext(info: dict[str, str]) -> dict[str, object]:
-    """GenerationRequest hires fields from a parsed infotext (`infotext.parse_infotext`)."""
-    fields: dict[str, object] = {}
-    if not any(key.startswith("Hires ") for key in info):
-        return fields
-    fields["enable_hr"] = True
-    try:
-        if "Hires upscale" in info:
-            fields["hr_scale"] = float(info["Hires upscale"])
-        if "Hires resize-1" in info:
-            fields["hr_resize_x"], fields["hr_resize_y"] = int(info["Hires resize-1"]), int(info["Hires resize-2"])
-        if "Hires steps" in info:
-            fields["hr_second_pass_steps"] = int(info["Hires steps"])
-        if "Denoising strength" in info:
-            fields["hr_denoising_strength"] = float(info["Denoising strength"])
-    except (TypeError, ValueError):
-        pass
-    for key, name in (("Hires upscaler", "hr_upscaler"), ("Hires sampler", "hr_sampler"),
-                      ("Hires schedule type", "hr_schedule_type"), ("Hires prompt", "hr_prompt"),
-                      ("Hires negative prompt", "hr_negative_prompt")):
-        if info.get(key):
-            fields[name] = info[key]
-    return fields
 
 
 def upscale_latents(latents: torch.Tensor, mode: str, width: int, height: int) -> torch.Tensor:

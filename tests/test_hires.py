@@ -128,3 +128,16 @@ def test_sd_upscale_tiles_and_blends(hr_engine):
     assert len(seen) == 4 and seen[-1].fraction == 1.0  # 2x2 tiles, int(2 * 0.5) = 1 step each
     with pytest.raises(RequestError):
         hr_engine.sd_upscale(request.replace(mode="txt2img"))
+
+
+def test_hires_fields_from_a_pasted_a1111_text_never_fail():
+    from pipelines.hires_info import fields_from_infotext
+
+    text = ("a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, Denoising strength: 0.45, "
+            "Hires resize: 1024x768, Hires steps: 15, Hires upscaler: 4x-UltraSharp, Hires sampler: Nope, "
+            "Hires upscale: 99")
+    fields = fields_from_infotext(parse_infotext(text))
+    assert fields == {"enable_hr": True, "hr_resize_x": 1024, "hr_resize_y": 768, "hr_second_pass_steps": 15,
+                      "hr_denoising_strength": 0.45, "hr_upscaler": "4x-UltraSharp"}
+    GenerationRequest(**fields)
+    assert fields_from_infotext(parse_infotext("a cat\nSteps: 20, Seed: 1")) == {}
