@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Checkpoints shipped inside the package (a demo model), searched after the user's folder.
+DEMO_CHECKPOINT_DIR = Path(__file__).resolve().parent / "demo"
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,21 @@ class Paths:
 
         return Path(self.models_dir) / MODEL_KINDS[kind].folder
 
+    def checkpoint_search_path(self) -> tuple[Path, ...]:
+        """Where a default checkpoint is looked for, in order: the user's checkpoint folder,
+        then the package's demo folder (pipelines/demo/, absent until a demo model ships)."""
+        return (self.folder("checkpoints"), DEMO_CHECKPOINT_DIR)
+
+    def first_checkpoint_folder(self) -> Path | None:
+        """The first folder of the search path holding a checkpoint file or diffusers folder
+        (nothing is read), or None when there is none anywhere."""
+        for folder in self.checkpoint_search_path():
+            if Path(folder).is_dir() and any(
+                    p.name == "model_index.json" or (p.suffix in (".safetensors", ".ckpt") and ".vae." not in p.name)
+                    for p in Path(folder).rglob("*")):
+                return Path(folder)
+        return None
+
 
 @dataclass(frozen=True)
 class EngineSettings:
@@ -44,3 +61,6 @@ class EngineSettings:
     offload: str = "none"  # none | medvram | lowvram
     default_checkpoint: str | None = None  # --ckpt
     ram_budget_gb: float | None = None  # model cache budget; None = derived from the machine
+    # A public hosted demo (Hugging Face Space, `--space`): limits on requests, no extension
+    # installs, no server-default changes from the UI or the API. See pipelines/space.py.
+    hosted: bool = False
