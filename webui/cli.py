@@ -7,11 +7,13 @@ Importing this module does nothing heavy; torch is only imported (through the en
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from pipelines.settings import REPO_ROOT, EngineSettings, Paths
+from pipelines.space import limits_for, running_on_space, space_id
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="credentials for the web UI, comma-separated user:password pairs")
     server.add_argument("--allowed-paths", nargs="*", default=[], metavar="DIR",
                         help="extra folders the web UI may serve files from (besides the outputs folder)")
+    server.add_argument("--space", action="store_true",
+                        help="run as a public hosted demo (on by itself inside a Hugging Face Space): "
+                             "listen on 0.0.0.0, limits on steps/size/batch, a bounded queue, no --share, "
+                             "no files served outside the outputs, outputs under /data when mounted")
 
     folders = parser.add_argument_group("folders")
     folders.add_argument("--models-dir", type=Path, default=None, metavar="DIR",
@@ -98,21 +104,38 @@ def parse_auth(text: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def paths_from_args(args: argparse.Namespace) -> Paths:
+def is_space(args: argparse.Namespace, environ=None) -> bool:
+    """Hosted-demo mode: --space, or a Hugging Face Space's environment (SPACE_ID, SYSTEM=spaces)."""
+    return bool(getattr(args, "space", False)) or running_on_space(os.environ if environ is None else environ)
+
+
+def paths_from_args(args: argparse.Namespace, space: bool = False) -> Paths:
     models_dir = args.models_dir or REPO_ROOT / "models"
-    return Paths(
+    data_dir, outdir = args.data_dir or REPO_ROOT / "data", args.outdir or REPO_ROOT / "outputs"
+    if space:
+        from pipelines.space import space_paths
+
+        outdir, data_dir = space_paths(args)  # /data (persistent storage) when mounted
+    paths = Paths(
         models_dir=Path(models_dir),
         ckpt_dir=args.ckpt_dir,
         vae_dir=args.vae_dir,
         lora_dir=args.lora_dir,
         esrgan_dir=args.esrgan_models_path,
         embeddings_dir=args.embeddings_dir,
-        data_dir=args.data_dir or REPO_ROOT / "data",
-        outdir=args.outdir or REPO_ROOT / "outputs",
+        data_dir=data_dir,
+        outdir=outdir,
     )
+    if args.ckpt_dir is None:
+        from dataclasses import replace
+
+        found = paths.first_checkpoint_folder()  # the user's folder, else the package's demo folder
+        if found is not None and found != paths.folder("checkpoints"):
+            paths = replace(paths, ckpt_dir=found)
+    return paths
 
 
-def settings_from_args(args: argparse.Namespace) -> EngineSettings:
+def settings_from_args(args: argparse.Namespace, space: bool = False) -> EngineSettings:
     device = args.device
     if any(name in ("all", "sd") for name in args.use_cpu):
         device = "cpu"
@@ -130,16 +153,20 @@ def settings_from_args(args: argparse.Namespace) -> EngineSettings:
         attention=attention,
         offload=offload,
         default_checkpoint=args.ckpt,
+        hosted=space,
     )
 
 
-def launch_kwargs(args: argparse.Namespace, paths: Paths) -> dict[str, Any]:
-    """Arguments for gr.Blocks.launch()."""
-    allowed = [str(Path(paths.outdir).resolve())] + [str(Path(p).resolve()) for p in args.allowed_paths]
+def launch_kwargs(args: argparse.Namespace, paths: Paths, space: bool = False) -> dict[str, Any]:
+    """Arguments for gr.Blocks.launch(). A Space: 0.0.0.0 (its proxy forwards to port 7860),
+    no share link, and no files served but the outputs (--allowed-paths is ignored)."""
+    allowed = [str(Path(paths.outdir).resolve())]
+    if not space:
+        allowed += [str(Path(p).resolve()) for p in args.allowed_paths]
     kwargs: dict[str, Any] = {
-        "server_name": "0.0.0.0" if args.listen else "127.0.0.1",
+        "server_name": "0.0.0.0" if (args.listen or space) else "127.0.0.1",
         "server_port": args.port,
-        "share": bool(args.share),
+        "share": bool(args.share) and not space,
         "allowed_paths": allowed,
         "ssr_mode": False,
         "show_error": True,
@@ -149,21 +176,29 @@ def launch_kwargs(args: argparse.Namespace, paths: Paths) -> dict[str, Any]:
     return kwargs
 
 
-def api_credentials(args: argparse.Namespace) -> list[tuple[str, str]] | None:
-    """--api-auth; with --listen/--share and only --gradio-auth, the UI's credentials guard the
-    API too, so no route is open to the network when a password was asked for."""
+def api_credentials(args: argparse.Namespace, space: bool = False) -> list[tuple[str, str]] | None:
+    """--api-auth; with --listen/--share (or on a Space) and only --gradio-auth, the UI's
+    credentials guard the API too, so no route is open to the network when a password was asked for."""
     if args.api_auth:
         return parse_auth(args.api_auth)
-    if (args.listen or args.share) and args.gradio_auth:
+    if (args.listen or args.share or space) and args.gradio_auth:
         return parse_auth(args.gradio_auth)
     return None
 
 
-def notices(args: argparse.Namespace) -> list[str]:
+def notices(args: argparse.Namespace, space: bool = False) -> list[str]:
     """What the user should know about the flags given, said plainly."""
     lines = []
     if args.api_auth and not (args.api or args.nowebui):
         lines.append("--api-auth: the REST API is off; add --api to serve it.")
+    if space:
+        lines.append("Hosted demo mode (Hugging Face Space or --space): listening on 0.0.0.0, limits on "
+                     "steps, size and batch, a bounded queue; public unless --gradio-auth is given.")
+        if args.share:
+            lines.append("--share is ignored in hosted demo mode (a Space is already public).")
+        if args.allowed_paths:
+            lines.append("--allowed-paths is ignored in hosted demo mode: only the outputs are served.")
+        return lines
     if args.listen or args.share:
         if not (args.gradio_auth or (args.nowebui and args.api_auth)):
             lines.append("WARNING: the server is reachable from other machines WITHOUT a password; "
@@ -173,42 +208,69 @@ def notices(args: argparse.Namespace) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    for line in notices(args):
+    space = is_space(args)
+    for line in notices(args, space):
         print(line, file=sys.stderr)
-    paths = paths_from_args(args)
-    settings = settings_from_args(args)
+    paths = paths_from_args(args, space)
+    settings = settings_from_args(args, space)
 
     from pipelines.engine import Engine  # heavy (torch): only when actually launching
 
     engine = Engine(paths, settings)
+    limits = None
+    if space:
+        from pipelines.space import ZERO_GPU_NOTE, LimitedEngine, on_zero_gpu
+
+        if on_zero_gpu():
+            print(ZERO_GPU_NOTE, file=sys.stderr)
+        limits = limits_for(engine.describe().get("device", "cpu"))
+        engine = LimitedEngine(engine, limits)
+        print(f"Hosted demo limits ({limits.hardware}): {limits.summary()}", file=sys.stderr)
+    if not engine.list_checkpoints():
+        from .space import no_checkpoint_text
+
+        print(no_checkpoint_text(paths, space).replace("**", "").replace("`", ""), file=sys.stderr)
     if args.nowebui:
-        return serve_api_only(engine, args)
+        return serve_api_only(engine, args, space)
 
     from .app import UIOptions, build_ui
+    from .space import add_notice, apply_space_ui, notice_text
 
     blocks = build_ui(engine, UIOptions())
-    blocks.queue(default_concurrency_limit=1)
-    kwargs = {**launch_kwargs(args, paths), **blocks.webui.launch_kwargs()}
+    if space:
+        apply_space_ui(blocks, limits)
+    add_notice(blocks, lambda: notice_text(engine, space, limits, space_id()))
+    blocks.queue(default_concurrency_limit=1, max_size=limits.queue_max_size if limits else None)
+    kwargs = {**launch_kwargs(args, paths, space), **blocks.webui.launch_kwargs()}
     if not args.api:
         blocks.launch(**kwargs)
         return 0
     from .api import mount_api
 
     blocks.launch(**kwargs, prevent_thread_lock=True)
-    mount_api(blocks.app, engine, auth=api_credentials(args))
+    mount_api(blocks.app, engine, auth=api_credentials(args, space), options=api_options(space))
     print("REST API: /sdapi/v1/ (docs at /docs)")
     blocks.block_thread()
     return 0
 
 
-def serve_api_only(engine, args: argparse.Namespace) -> int:
+def api_options(space: bool):
+    """The API's server defaults; read-only on a hosted demo."""
+    if not space:
+        return None
+    from .space import ReadOnlyApiOptions
+
+    return ReadOnlyApiOptions()
+
+
+def serve_api_only(engine, args: argparse.Namespace, space: bool = False) -> int:
     """--nowebui: the REST API alone, on the same port and with the same URL line."""
     import uvicorn
 
     from .api import create_app
 
-    host = "0.0.0.0" if args.listen else "127.0.0.1"
-    app = create_app(engine, auth=api_credentials(args))
+    host = "0.0.0.0" if (args.listen or space) else "127.0.0.1"
+    app = create_app(engine, auth=api_credentials(args, space), options=api_options(space))
     print(f"Running on local URL:  http://127.0.0.1:{args.port}  (REST API only, docs at /docs)", flush=True)
     uvicorn.run(app, host=host, port=args.port, log_level="warning")
     return 0
