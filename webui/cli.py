@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="textual inversion embeddings folder")
     folders.add_argument("--ckpt", default=None, metavar="PATH",
                          help="checkpoint to use by default (a file in the checkpoint folder, or its name)")
+    folders.add_argument("--hf-checkpoint", default=os.environ.get("SDUI_HF_CHECKPOINT") or None,
+                         metavar="OWNER/REPO/FILE[@REV]",
+                         help="download this checkpoint from the Hugging Face Hub into the checkpoint folder at "
+                              "start-up (size and sha256 verified; kept for the next start) and use it by default; "
+                              "env SDUI_HF_CHECKPOINT; offline, the app starts without it")
     folders.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
                          help="folder for caches (hashes) and user data; default: data/ in the repository")
     folders.add_argument("--outdir", type=Path, default=None, metavar="DIR",
@@ -211,6 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     space = is_space(args)
     for line in notices(args, space):
         print(line, file=sys.stderr)
+    if args.hf_checkpoint:
+        fetch_hf_checkpoint(args)
     paths = paths_from_args(args, space)
     settings = settings_from_args(args, space)
 
@@ -252,6 +259,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("REST API: /sdapi/v1/ (docs at /docs)")
     blocks.block_thread()
     return 0
+
+
+def fetch_hf_checkpoint(args: argparse.Namespace) -> Path | None:
+    """--hf-checkpoint: download into the user's checkpoint folder and make it the default
+    (unless --ckpt names another). A failure is said and the app starts without it."""
+    from pipelines.hub import HubError, fetch_checkpoint
+
+    folder = Path(args.ckpt_dir or Path(args.models_dir or REPO_ROOT / "models") / "Stable-diffusion")
+    print(f"Fetching {args.hf_checkpoint} into {folder} ...", file=sys.stderr, flush=True)
+    try:
+        path = fetch_checkpoint(args.hf_checkpoint, folder)
+    except HubError as exc:
+        print(f"{exc}. Starting without it.", file=sys.stderr, flush=True)
+        return None
+    print(f"Checkpoint ready: {path}", file=sys.stderr, flush=True)
+    if args.ckpt is None:
+        args.ckpt = path.relative_to(folder).as_posix()
+    return path
 
 
 def api_options(space: bool):
