@@ -254,9 +254,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     from .api import mount_api
 
-    blocks.launch(**kwargs, prevent_thread_lock=True)
+    # quiet: the URL line is printed once the API is mounted, so a client that reads it finds
+    # /sdapi/v1 there at once
+    blocks.launch(**kwargs, prevent_thread_lock=True, quiet=True)
     mount_api(blocks.app, engine, auth=api_credentials(args, space), options=api_options(space))
-    print("REST API: /sdapi/v1/ (docs at /docs)")
+    print(f"* Running on local URL:  {blocks.protocol}://{blocks.server_name}:{blocks.server_port}", flush=True)
+    if getattr(blocks, "share_url", None):
+        print(f"* Running on public URL: {blocks.share_url}", flush=True)
+    print("REST API: /sdapi/v1/ (docs at /docs)", flush=True)
     blocks.block_thread()
     return 0
 
@@ -294,8 +299,16 @@ def serve_api_only(engine, args: argparse.Namespace, space: bool = False) -> int
 
     from .api import create_app
 
+    import socket
+
     host = "0.0.0.0" if (args.listen or space) else "127.0.0.1"
     app = create_app(engine, auth=api_credentials(args, space), options=api_options(space))
+    # Listen before saying so: a client that reads the URL line can connect at once.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, args.port))
+    sock.listen(128)
     print(f"Running on local URL:  http://127.0.0.1:{args.port}  (REST API only, docs at /docs)", flush=True)
-    uvicorn.run(app, host=host, port=args.port, log_level="warning")
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server.run(sockets=[sock])
     return 0
