@@ -1,0 +1,1 @@
+"""User extensions (one folder each) and the public extension API (`extensions.api`)."""
