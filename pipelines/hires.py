@@ -110,7 +110,8 @@ def run(components, device, request: GenerationRequest, upscale_pixels: PixelUps
 
         latents = runner.run_batch(components, device, request, conditioning.cond, conditioning.uncond, None,
                                    seeds, subseeds, width, height, steps.reporter(batch, 0), control,
-                                   pooled=(conditioning.pooled_cond, conditioning.pooled_uncond), decode=False)
+                                   pooled=(conditioning.pooled_cond, conditioning.pooled_uncond), decode=False,
+                                   conditioning=conditioning)
         if latents is None:
             control.take_skip()
             continue
@@ -127,7 +128,7 @@ def run(components, device, request: GenerationRequest, upscale_pixels: PixelUps
         images = runner.run_batch(components, device, second, hr_conditioning.cond, hr_conditioning.uncond, None,
                                   seeds, subseeds, hr_width, hr_height, steps.reporter(batch, first_steps),
                                   control, pooled=(hr_conditioning.pooled_cond, hr_conditioning.pooled_uncond),
-                                  start_latents=start)
+                                  start_latents=start, conditioning=hr_conditioning)
         if images is None:
             control.take_skip()
             continue
@@ -178,7 +179,8 @@ def sd_upscale(components, device, request: GenerationRequest, upscaled: Image.I
             offset = index * (steps.per_batch // max(len(tiles), 1))
             out = runner.run_batch(components, device, request, conditioning.cond, conditioning.uncond, plan,
                                    [seed], [subseed], tile_w, tile_h, steps.reporter(n, offset), control,
-                                   pooled=(conditioning.pooled_cond, conditioning.pooled_uncond))
+                                   pooled=(conditioning.pooled_cond, conditioning.pooled_uncond),
+                                   conditioning=conditioning)
             if out is None:
                 skipped = True
                 break

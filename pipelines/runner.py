@@ -167,8 +167,13 @@ def added_conditioning(components, pooled_cond, pooled_uncond, width: int, heigh
 def run_batch(components, device, request: GenerationRequest, cond, uncond, plan: InpaintPlan | None,
               seeds: list[int], subseeds: list[int], width: int, height: int,
               report_step, control: JobControl, pooled: tuple | None = None,
-              start_latents: torch.Tensor | None = None, decode: bool = True) -> list[Image.Image] | None:
+              start_latents: torch.Tensor | None = None, decode: bool = True,
+              conditioning=None) -> list[Image.Image] | None:
     """Sample one batch; None when it was skipped or interrupted.
+
+    `conditioning` (a `prompts.PromptConditioning`), when given, replaces cond/uncond/pooled
+    step by step: prompt editing and alternation ([a:b:0.5], [a|b]) switch the text at the
+    steps A1111 does, over `request.steps`.
 
     `pooled` is (pooled_cond, pooled_uncond) for families whose U-Net takes them (SDXL).
     `start_latents` (one per seed) start an img2img pass from latents instead of from
@@ -212,15 +217,27 @@ def run_batch(components, device, request: GenerationRequest, cond, uncond, plan
 
     # 4. denoise
     use_cfg = request.cfg_scale != 1.0
-    context = torch.cat([uncond, cond]) if use_cfg else cond
-    context = context.to(unet.dtype).repeat_interleave(len(seeds), dim=0)
-    added = None
-    if pooled is not None and pooled[0] is not None:
-        added = added_conditioning(components, pooled[0], pooled[1], width, height, use_cfg, len(seeds), device)
-    extra = {"added_cond_kwargs": added} if added is not None else {}
+
+    def unet_inputs(cond, uncond, pooled):
+        context = torch.cat([uncond, cond]) if use_cfg else cond
+        context = context.to(unet.dtype).repeat_interleave(len(seeds), dim=0)
+        added = None
+        if pooled is not None and pooled[0] is not None:
+            added = added_conditioning(components, pooled[0], pooled[1], width, height, use_cfg, len(seeds), device)
+        return context, ({"added_cond_kwargs": added} if added is not None else {})
+
+    current = None
+    if conditioning is None:
+        context, extra = unet_inputs(cond, uncond, pooled)
     for i, t in enumerate(timesteps):
         if control.stop_current:
             return None
+        if conditioning is not None:
+            step_cond = conditioning.at(i, request.steps)
+            if step_cond is not current:  # the prompt's text changed at this step
+                current = step_cond
+                context, extra = unet_inputs(step_cond.cond, step_cond.uncond,
+                                             (step_cond.pooled_cond, step_cond.pooled_uncond))
         model_in = scheduler.scale_model_input(latents, t)
         if conditioning_latents is not None:
             model_in = torch.cat([model_in, conditioning_latents], dim=1)
@@ -261,15 +278,18 @@ def finish_image(generated: Image.Image, plan: InpaintPlan | None) -> Image.Imag
 
 
 def run(components, device, request: GenerationRequest, on_progress: ProgressCallback | None = None,
-        control: JobControl | None = None):
-    """Generate every batch of a request whose seeds are resolved; yields BatchOutput per batch."""
+        control: JobControl | None = None, embeddings=()):
+    """Generate every batch of a request whose seeds are resolved; yields BatchOutput per batch.
+
+    `embeddings`: textual inversions the prompts may name (`pipelines.embeddings`)."""
     control = control or JobControl()
     width = request.width or components.spec.native_resolution
     height = request.height or components.spec.native_resolution
     started = time.monotonic()
 
     # 1. conditioning, shared by every batch
-    conditioning = encode_prompts(components, request.prompt, request.negative_prompt, request.clip_skip, device)
+    conditioning = encode_prompts(components, request.prompt, request.negative_prompt, request.clip_skip, device,
+                                  steps=request.steps, embeddings=embeddings)
     # 2. pixel-side inputs
     plan = plan_pixels(request, width, height)
 
@@ -292,7 +312,8 @@ def run(components, device, request: GenerationRequest, on_progress: ProgressCal
 
         result = run_batch(components, device, request, conditioning.cond, conditioning.uncond, plan,
                            seeds, subseeds, width, height, report_step, control,
-                           pooled=(conditioning.pooled_cond, conditioning.pooled_uncond))
+                           pooled=(conditioning.pooled_cond, conditioning.pooled_uncond),
+                           conditioning=conditioning)
         if result is None:
             control.take_skip()
             continue
