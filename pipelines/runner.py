@@ -167,7 +167,7 @@ def added_conditioning(components, pooled_cond, pooled_uncond, width: int, heigh
 def run_batch(components, device, request: GenerationRequest, cond, uncond, plan: InpaintPlan | None,
               seeds: list[int], subseeds: list[int], width: int, height: int,
               report_step, control: JobControl, pooled: tuple | None = None,
-              start_latents: torch.Tensor | None = None, decode: bool = True,
+              start_latents: torch.Tensor | None = None, decode: bool = True, on_step=None,
               conditioning=None) -> list[Image.Image] | None:
     """Sample one batch; None when it was skipped or interrupted.
 
@@ -178,7 +178,8 @@ def run_batch(components, device, request: GenerationRequest, cond, uncond, plan
     `pooled` is (pooled_cond, pooled_uncond) for families whose U-Net takes them (SDXL).
     `start_latents` (one per seed) start an img2img pass from latents instead of from
     `plan.image` (hires fix's second pass); with `decode=False` the final latents are
-    returned instead of images (hires fix's first pass)."""
+    returned instead of images (hires fix's first pass). `on_step(step=, steps=, timestep=,
+    sigma=, latents=, guidance_scale=) -> guidance scale` runs before each step (extensions)."""
     unet, vae = components.unet, components.vae
     latent_shape = (1, unet.config.out_channels, height // 8, width // 8)
 
@@ -238,6 +239,10 @@ def run_batch(components, device, request: GenerationRequest, cond, uncond, plan
                 current = step_cond
                 context, extra = unet_inputs(step_cond.cond, step_cond.uncond,
                                              (step_cond.pooled_cond, step_cond.pooled_uncond))
+        guidance = request.cfg_scale
+        if on_step is not None:  # extensions read the latents and may change this step's guidance
+            guidance = on_step(step=i, steps=len(timesteps), timestep=t, sigma=sigma_at(scheduler, t),
+                               latents=latents, guidance_scale=guidance)
         model_in = scheduler.scale_model_input(latents, t)
         if conditioning_latents is not None:
             model_in = torch.cat([model_in, conditioning_latents], dim=1)
@@ -246,7 +251,7 @@ def run_batch(components, device, request: GenerationRequest, cond, uncond, plan
         prediction = unet(model_in.to(unet.dtype), t, encoder_hidden_states=context, **extra).sample.float()
         if use_cfg:
             pred_uncond, pred_cond = prediction.chunk(2)
-            prediction = pred_uncond + request.cfg_scale * (pred_cond - pred_uncond)
+            prediction = pred_uncond + guidance * (pred_cond - pred_uncond)
         latents = samplers.step(scheduler, prediction, t, latents, generators)
         if blend_each_step:
             # keep the unmasked area on the original image's noisy trajectory
@@ -266,6 +271,15 @@ def run_batch(components, device, request: GenerationRequest, cond, uncond, plan
     return [finish_image(img, plan) for img in decoded]
 
 
+def sigma_at(scheduler, t) -> float | None:
+    """The noise level (k-diffusion sigma) of timestep t, from the schedule's alphas."""
+    alphas = getattr(scheduler, "alphas_cumprod", None)
+    if alphas is None:
+        return None
+    alpha = float(alphas[min(max(int(round(float(t))), 0), len(alphas) - 1)])
+    return ((1 - alpha) / alpha) ** 0.5
+
+
 def finish_image(generated: Image.Image, plan: InpaintPlan | None) -> Image.Image:
     if plan is None or plan.mask is None:
         return generated
@@ -278,7 +292,7 @@ def finish_image(generated: Image.Image, plan: InpaintPlan | None) -> Image.Imag
 
 
 def run(components, device, request: GenerationRequest, on_progress: ProgressCallback | None = None,
-        control: JobControl | None = None, embeddings=()):
+        control: JobControl | None = None, embeddings=(), on_step=None):
     """Generate every batch of a request whose seeds are resolved; yields BatchOutput per batch.
 
     `embeddings`: textual inversions the prompts may name (`pipelines.embeddings`)."""
@@ -313,7 +327,7 @@ def run(components, device, request: GenerationRequest, on_progress: ProgressCal
         result = run_batch(components, device, request, conditioning.cond, conditioning.uncond, plan,
                            seeds, subseeds, width, height, report_step, control,
                            pooled=(conditioning.pooled_cond, conditioning.pooled_uncond),
-                           conditioning=conditioning)
+                           conditioning=conditioning, on_step=on_step)
         if result is None:
             control.take_skip()
             continue
