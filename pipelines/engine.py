@@ -20,6 +20,7 @@ from .progress import JobControl, Progress, ProgressCallback
 from .registry import HashCache, ModelFile, ModelRegistry, MODEL_KINDS
 from .request import GenerationRequest, GenerationResult, RequestError, UpscaleRequest
 from .settings import EngineSettings, Paths
+from extensions.manager import ExtensionManager
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class Engine:
         self.manager = ModelManager(self.placement, budget)
         self.queue = JobQueue()  # one fair queue for the UI, the API and scripts
         self.upscaler_models = upscalers.UpscalerModels(self.placement.device)  # loaded ESRGAN & co.
+        # extensions' hooks; none until the launcher calls extensions.discover(...)
+        self.extensions = ExtensionManager(Path(self.paths.data_dir) / "extensions.json")
 
     # --- what is on disk ---------------------------------------------------------------
     def list_checkpoints(self, refresh: bool = False) -> list[ModelFile]:
@@ -116,7 +119,28 @@ class Engine:
     # --- work ------------------------------------------------------------------------------
     def generate(self, request: GenerationRequest, on_progress: ProgressCallback | None = None,
                  control: JobControl | None = None, owner: str | None = None) -> GenerationResult:
-        """Run a txt2img/img2img/inpaint request in its turn; images are saved when asked."""
+        """Run a txt2img/img2img/inpaint request in its turn; images are saved when asked.
+
+        Extensions' hooks apply (a failing one is reported in result.warnings and disabled);
+        an extension's script (e.g. an X/Y/Z plot) runs its generations inside this one job."""
+        hooks = self.extensions.job(request)
+        request = hooks.before_request(request)
+        file = self._checked_file(request)
+        job = self.queue.new_job(request.mode, owner, control)
+        with self.queue.run(job):
+            request = request.with_resolved_seeds()
+            result = hooks.run_script(
+                request, control=job.control, on_progress=on_progress,
+                generate=lambda cell, on_progress=on_progress: self._generate(
+                    self._checked_file(cell), cell.with_resolved_seeds(), job, on_progress, hooks),
+                save=lambda image, text: self._save(image, OUTPUT_FOLDERS[request.mode].replace("images", "grids"),
+                                                    None, text, request, GenerationResult(warnings=hooks.warnings)))
+            if result is None:
+                result = self._generate(file, request, job, on_progress, hooks)
+        result.warnings.extend(w for w in hooks.warnings if w not in result.warnings)
+        return result
+
+    def _checked_file(self, request: GenerationRequest) -> ModelFile:
         file = self.resolve_checkpoint(request.checkpoint)  # bad names fail before queueing
         try:
             self.registry.resolve_vae(file, request.vae)  # a bad VAE name fails before queueing too
@@ -124,12 +148,11 @@ class Engine:
             raise RequestError("vae", str(exc)) from exc
         if request.enable_hr:
             self.hires_upscaler(request.hr_upscaler)  # an unknown upscaler fails before queueing
-        job = self.queue.new_job(request.mode, owner, control)
-        with self.queue.run(job):
-            return self._generate(file, request.with_resolved_seeds(), job, on_progress)
+        return file
 
     def _generate(self, file: ModelFile, request: GenerationRequest, job: Job,
-                  on_progress: ProgressCallback | None) -> GenerationResult:
+                  on_progress: ProgressCallback | None, hooks=None) -> GenerationResult:
+        hooks = hooks or self.extensions.job(request)
         model = self._load(file)
         result = GenerationResult(request=request)
         components, vae_name = self._with_choices(model.components, file, request.vae)
@@ -152,13 +175,16 @@ class Engine:
                                 lambda image, size: upscalers.upscale_image(image, hr_upscaler, target_size=size),
                                 track, job.control)
         else:
-            batches = runner.run(components, self.placement.device, request, track, job.control)
+            batches = runner.run(components, self.placement.device, request, track, job.control,
+                                 on_step=hooks.step_hook(request))
         with model.lock:
             for batch in batches:
                 for image, seed, subseed in zip(batch.images, batch.seeds, batch.subseeds):
+                    image, fields = hooks.after_image(image, request=request, seed=seed, subseed=subseed,
+                                                      index=len(result.images))
                     params = infotext.generation_params(
                         request, seed=seed, subseed=subseed, width=width, height=height,
-                        model_name=file.stem, model_hash=file.short_hash, version=VERSION, extra=extra)
+                        model_name=file.stem, model_hash=file.short_hash, version=VERSION, extra={**extra, **fields})
                     text = infotext.build_infotext(request.prompt, request.negative_prompt, params)
                     image.info["parameters"] = text
                     result.images.append(image)
