@@ -27,6 +27,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from .errors import route_class
+from .extensions import extension_router
 from .options import ApiOptions
 from .routes import PREFIX, create_api
 
@@ -65,6 +66,7 @@ def mount_api(app: FastAPI, engine: Any, *, auth: list[tuple[str, str]] | None =
     before = list(app.router.routes)
     replaced: list = []
     app.include_router(api)
+    app.include_router(extension_router(engine, auth))  # /ext/<id>/...: extensions' own routes
     if docs:
         extra = docs_router(api, auth)
         taken = {route.path for route in extra.routes}

@@ -74,7 +74,8 @@ class GenerationFields(ApiModel):
     send_images: bool = True
     save_images: bool = False
     alwayson_scripts: dict[str, Any] = Field(
-        default_factory=dict, description="accepted; scripts this server lacks are listed in info.warnings")
+        default_factory=dict, description='extension arguments: {"<extension id or title>": {"args": ...}}; '
+                                          'ones this server lacks are listed in info.warnings')
     infotext: Optional[str] = None
     force_task_id: Optional[str] = None
 

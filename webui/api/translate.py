@@ -18,6 +18,7 @@ from pipelines import samplers
 from pipelines.request import INPAINT_FILLS, RESIZE_MODES, GenerationRequest, RequestError, UpscaleRequest
 
 from .errors import ApiError, bad_field
+from .extensions import extension_args
 from .images import decode_image
 from .models import ExtrasSingleImageRequest, GenerationFields, Img2ImgRequest, Txt2ImgRequest
 from .names import parse_clip_skip, parse_sampler, resolve_checkpoint_field
@@ -70,8 +71,6 @@ def _unsupported(body: GenerationFields) -> list[str]:
     if not body.override_settings_restore_afterwards:
         notes.append("override_settings_restore_afterwards=false: override_settings only ever apply to "
                      "their own request here; use POST /sdapi/v1/options to change the defaults")
-    for name in body.alwayson_scripts or {}:
-        notes.append(f"alwayson_scripts: no script named {name!r} on this server; ignored")
     if isinstance(body, Txt2ImgRequest) and body.enable_hr:
         if body.hr_checkpoint_name not in (None, "", "Use same checkpoint"):
             notes.append("hr_checkpoint_name: the second pass uses the same checkpoint on this server; "
@@ -127,6 +126,7 @@ def prepare_generation(engine, body: GenerationFields, options) -> Prepared:
         height=body.height, batch_size=body.batch_size, batch_count=body.n_iter,
         checkpoint=checkpoint.name, vae=vae, clip_skip=clip_skip,
         save_images=bool(body.save_images and not body.do_not_save_samples),
+        extension_args=extension_args(engine, body.alwayson_scripts, warnings),  # known extensions' args
     )
     if isinstance(body, Img2ImgRequest):
         fields.update(_img2img_fields(body, warnings))
