@@ -32,7 +32,7 @@ import gradio as gr
 
 from pipelines.request import INPAINT_FILLS, LIMITS, MAX_SEED, RESIZE_MODES, RequestError
 
-from . import convert, upscale_tab
+from . import convert, extensions_tab, upscale_tab
 from .jobs import JobRegistry
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,7 @@ class WebUI:
                     self.upscale = upscale_tab.build(self)
                 with gr.Tab("Checkpoints", id="checkpoints", elem_id="tab_checkpoints") as tabs["checkpoints"]:
                     self._checkpoints_tab(tabs["checkpoints"], checkpoint, loaded)
+                extensions_tab.build_tabs(self, tabs, blocks)  # extensions' own tabs, then the Extensions tab
             footer = gr.Markdown(self._footer_text(), elem_id="footer")
             self.components["footer"] = footer
 
@@ -238,6 +239,7 @@ class WebUI:
                                             scale=0, min_width=48)
                     reuse_seed = gr.Button("♻️", elem_id=f"{p}_reuse_seed", elem_classes="tool-button",
                                            scale=0, min_width=48)
+                extensions_tab.add_sections(self, mode, fields)  # their values become request.extension_args
             with gr.Column(scale=1):
                 gallery = gr.Gallery(label="Output", columns=self.options.gallery_columns, height=480,
                                      format="png", object_fit="contain", elem_id=f"{p}_gallery",
@@ -364,7 +366,10 @@ class WebUI:
                  progress: Any = None) -> tuple:
         """Validate, run on the engine under this session's JobControl, return the tab outputs."""
         try:
+            fields, extension_args = extensions_tab.split_fields(self, fields)
             req = convert.generation_request(mode, fields)
+            if extension_args:
+                req = req.replace(extension_args={**req.extension_args, **extension_args})
         except RequestError as exc:
             raise gr.Error(convert.error_message(exc), print_exception=False) from None
         session = getattr(request, "session_hash", None)
