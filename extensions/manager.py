@@ -212,6 +212,39 @@ class ExtensionManager:
         ext.module, ext.registered, ext.status, ext.error = module, registrar.registered, ENABLED, ""
         log.info("extension %s %s loaded", ext.id, ext.version)
 
+    def install(self, url: str, timeout: float = 300) -> Extension:
+        """git clone `url` into the first extensions folder and load it (only when
+        `allow_install`: never on a server others can reach). Its requirements are not installed."""
+        import shutil
+        import subprocess
+
+        if not self.allow_install:
+            raise RuntimeError("installing extensions is off on this server")
+        url = url.strip()
+        if not re.match(r"^https://[\w.-]+/[\w./~-]+$", url):
+            raise ValueError(f"not an https git URL: {url!r}")
+        if not self.folders:
+            raise RuntimeError("no extensions folder")
+        name = re.sub(r"[^\w-]", "_", url.rstrip("/").rsplit("/", 1)[-1].removesuffix(".git"))
+        target = self.folders[0] / name
+        if not name or target.exists():
+            raise ValueError(f"{target} already exists")
+        try:
+            subprocess.run(["git", "clone", "--depth", "1", "--", url, str(target)], check=True, timeout=timeout,
+                           capture_output=True, text=True)
+        except (OSError, subprocess.SubprocessError) as exc:
+            shutil.rmtree(target, ignore_errors=True)
+            detail = getattr(exc, "stderr", "") or str(exc)
+            raise RuntimeError(f"git clone failed: {detail.strip()[-500:]}") from None
+        if not any((target / m).is_file() for m in MANIFESTS):
+            shutil.rmtree(target, ignore_errors=True)
+            raise ValueError(f"{url} has no {' or '.join(MANIFESTS)}: not an extension for this app")
+        self.discover()
+        found = next((e for e in self.extensions.values() if e.folder == target), None)
+        if found is None:
+            raise RuntimeError(f"{target} was not found after installing")
+        return found
+
     # --- the user's choices -----------------------------------------------------------------------
     def set_enabled(self, ext_id: str, enabled: bool) -> Extension:
         with self._lock:
