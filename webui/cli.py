@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="credentials for the web UI, comma-separated user:password pairs")
     server.add_argument("--allowed-paths", nargs="*", default=[], metavar="DIR",
                         help="extra folders the web UI may serve files from (besides the outputs folder)")
+    server.add_argument("--disable-all-extensions", action="store_true",
+                        help="load no extension (to start when one misbehaves); the Extensions tab still lists none")
     server.add_argument("--space", action="store_true",
                         help="run as a public hosted demo (on by itself inside a Hugging Face Space): "
                              "listen on 0.0.0.0, limits on steps/size/batch, a bounded queue, no --share, "
@@ -224,6 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipelines.engine import Engine  # heavy (torch): only when actually launching
 
     engine = Engine(paths, settings)
+    for line in discover_extensions(engine, args, space):
+        print(line, file=sys.stderr)
     limits = None
     if space:
         from pipelines.space import ZERO_GPU_NOTE, LimitedEngine, on_zero_gpu
@@ -264,6 +268,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("REST API: /sdapi/v1/ (docs at /docs)", flush=True)
     blocks.block_thread()
     return 0
+
+
+def discover_extensions(engine, args: argparse.Namespace, space: bool = False) -> list[str]:
+    """Load the extensions in extensions/ at start-up. Failures are printed here and shown in
+    the UI, never fatal. Installing from a URL is only offered on a server nobody else reaches."""
+    manager = engine.extensions
+    manager.allow_install = not (args.listen or args.share or space)
+    if args.disable_all_extensions:
+        return ["--disable-all-extensions: no extension is loaded."]
+    from extensions.manager import SHIPPED_DIR
+
+    manager.discover(SHIPPED_DIR)
+    return manager.failures()
 
 
 def fetch_hf_checkpoint(args: argparse.Namespace) -> Path | None:
