@@ -31,12 +31,15 @@ Hooks (each receives one context; see the dataclasses below):
 - `on_step(ctx: StepContext) -> StepChange | None` - each denoising step, before the U-Net
   runs; read `ctx.latents` (do not modify them in place), return a new guidance scale.
   With CFG scale 1 there is no unconditional prediction, so guidance cannot be changed.
+  (Not yet called during hires fix and SD upscale passes; after_image still is.)
 - `after_image(ctx: ImageContext) -> ImageChange | None` - each finished image, before its
   infotext is written and it is saved; return a changed image and/or extra infotext fields.
 - `script(run, title=..., is_active=...)` - a script that replaces the generation of a
   request where it is active (its arguments are present and not `enabled: false`); it gets
   a `ScriptContext` whose `generate(request)` runs one generation inside the same job
-  (no second queue slot, no deadlock) and returns a `GenerationResult`.
+  (no second queue slot, no deadlock) and returns a `GenerationResult`. before_request has
+  already run on the script's request; on_step and after_image run for each generation.
+  A `RequestError` raised by a script is the user's (HTTP 422 / a UI error), not a failure.
 - `ui_section(build, tabs=..., title=...)` - components inside the generation tabs; `build(ctx:
   UIContext)` returns {name: component}; their values arrive as
   `request.extension_args[<id>][name]`.
