@@ -57,7 +57,6 @@ This module imports neither torch nor gradio.
 
 from __future__ import annotations
 
-import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -225,11 +224,18 @@ def _font(size: int):
 
 
 def _text_block(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> tuple[list[str], int]:
-    """Wrap `text` to fit `width` pixels; returns (lines, line height)."""
-    probe = max(int(draw.textlength("M", font=font)), 1)
-    lines = []
+    """Wrap `text` word by word to fit `width` pixels; returns (lines, line height)."""
+    lines: list[str] = []
     for paragraph in str(text).split("\n"):
-        lines += textwrap.wrap(paragraph, max(width // probe, 1)) or [""]
+        line = ""
+        for word in paragraph.split(" "):
+            candidate = f"{line} {word}" if line else word
+            if line and draw.textlength(candidate, font=font) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = candidate
+        lines.append(line)
     box = draw.textbbox((0, 0), "Mg", font=font)
     return lines, (box[3] - box[1]) + 4
 
