@@ -11,7 +11,7 @@ import logging
 import time
 from pathlib import Path
 
-from . import hires, infotext, outputs, runner, samplers, tiling, upscalers
+from . import hires, infotext, lora, outputs, runner, samplers, tiling, upscalers
 from .device import choose_placement
 from .loading import CheckpointError, inspect_checkpoint, read_header, sniff_format
 from .jobs import Job, JobQueue
@@ -168,6 +168,7 @@ class Engine:
         extra = {"Schedule type": samplers.resolve_schedule_type(request.sampler, request.schedule_type)}
         if vae_name:
             extra["VAE"] = vae_name
+        loras = self._extra_networks(request, result, extra)
         if request.enable_hr:
             extra.update(hires.infotext_params(request, width, height))
             hr_upscaler = self.hires_upscaler(request.hr_upscaler, job.control)
@@ -177,7 +178,7 @@ class Engine:
         else:
             batches = runner.run(components, self.placement.device, request, track, job.control,
                                  on_step=hooks.step_hook(request))
-        with model.lock:
+        with model.lock, lora.applied(components, loras, result.warnings):  # removed again on exit
             for batch in batches:
                 for image, seed, subseed in zip(batch.images, batch.seeds, batch.subseeds):
                     image, fields = hooks.after_image(image, request=request, seed=seed, subseed=subseed,
@@ -195,6 +196,14 @@ class Engine:
                                                    result))
         result.interrupted = job.control.interrupted
         return result
+
+    def _extra_networks(self, request: GenerationRequest, result: GenerationResult, extra: dict) -> list:
+        """The request's <lora:...> tags resolved to files (unknown names: a warning in the
+        result, generation goes on) and their "Lora hashes" infotext field."""
+        loras, warnings = lora.resolve(request.prompt, self.registry)
+        result.warnings.extend(w for w in warnings if w not in result.warnings)
+        extra.update(lora.infotext_params(loras))
+        return loras
 
     def _with_choices(self, components, file: ModelFile, vae_choice: str | None):
         """The loaded components under the user's choices for this checkpoint: its prediction
@@ -374,13 +383,14 @@ class Engine:
                      "SD upscale overlap": int(overlap), "SD upscale upscaler": chosen.name}
             if vae_name:
                 extra["VAE"] = vae_name
+            loras = self._extra_networks(request, result, extra)
 
             def track(progress: Progress) -> None:
                 job.progress = progress
                 if on_progress:
                     on_progress(progress)
 
-            with model.lock:
+            with model.lock, lora.applied(components, loras, result.warnings):
                 for image, seed, subseed in hires.sd_upscale(components, self.placement.device, request, upscaled,
                                                              int(overlap), track, job.control):
                     params = infotext.generation_params(

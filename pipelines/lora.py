@@ -1,0 +1,272 @@
+"""LoRA from ``<lora:name:weight>`` tags, applied to the cached model for one request.
+
+Files come from the registry's "lora" folder (models/Lora); kohya/A1111 key layouts
+(``lora_unet_*``, ``lora_te_*``, ``lora_te1_*``/``lora_te2_*`` for SDXL) and diffusers/peft
+layouts are read by diffusers' own loader (`lora_state_dict` detects and converts them),
+and injected through peft as adapters, never merged: `applied(...)` loads them, sets each
+adapter's text-encoder and U-Net weights, and on exit removes every peft layer again, so
+the cached modules are the very same objects with the very same weights afterwards.
+
+The infotext's ``Lora hashes: "name: 0123456789ab"`` uses A1111's short hash of a LoRA:
+the first 12 hex digits of the sha256 of a .safetensors file's tensor data (the bytes after
+its JSON header; kohya's "addnet" hash), or of the whole file for other formats.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from .prompt_parser import ExtraNetwork, extract_extra_networks
+
+log = logging.getLogger(__name__)
+
+ADAPTER_PREFIX = "sdui_lora_"
+
+
+@dataclass
+class LoraUse:
+    """One LoRA of a request: its file and multipliers (A1111 order: te, then unet)."""
+
+    name: str  # as written in the prompt
+    path: Path
+    te: float
+    unet: float
+
+    @property
+    def short_hash(self) -> str:
+        return short_hash(self.path)
+
+
+def resolve(prompt: str, registry) -> tuple[list[LoraUse], list[str]]:
+    """The LoRAs the prompt's tags name, and warnings for those that cannot be used
+    (unknown name, bad weight). Other tag kinds (hypernet, ...) are warned about too."""
+    _, networks = extract_extra_networks(prompt)
+    uses: list[LoraUse] = []
+    warnings: list[str] = []
+    for net in networks:
+        if not net.is_lora:
+            warnings.append(f"{net.text}: extra network kind {net.kind!r} is not supported; ignored")
+            continue
+        file = find(registry, net.name)
+        if file is None:
+            warnings.append(f"{net.text}: no LoRA named {net.name!r} in the Lora folder; ignored")
+            continue
+        try:
+            te, unet = net.lora_weights()
+        except ValueError as exc:
+            warnings.append(f"{exc}; ignored")
+            continue
+        uses.append(LoraUse(net.name, Path(file.path), te, unet))
+    return uses, warnings
+
+
+def find(registry, name: str):
+    """A listed LoRA by name (file stem, with or without folder, or file name)."""
+    file = registry.find("lora", name)
+    if file is not None:
+        return file
+    for f in registry.list("lora"):
+        if f.stem == name or Path(f.name).stem == name or Path(f.name).name == name:
+            return f
+    return None
+
+
+def infotext_params(uses: list[LoraUse]) -> dict[str, str]:
+    if not uses:
+        return {}
+    return {"Lora hashes": ", ".join(f"{u.name}: {u.short_hash}" for u in uses)}
+
+
+# --- hashes ------------------------------------------------------------------------------------
+
+_hash_cache: dict[tuple[str, int, int], str] = {}
+
+
+def file_hash(path: Path) -> str:
+    """sha256 of a .safetensors file's data after the header (A1111/kohya "addnet" hash),
+    of the whole file otherwise. Cached by path, size and mtime."""
+    st = os.stat(path)
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _hash_cache:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            if str(path).endswith(".safetensors"):
+                header_len = struct.unpack("<Q", f.read(8))[0]
+                f.seek(8 + header_len)
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _hash_cache[key] = digest.hexdigest()
+    return _hash_cache[key]
+
+
+def short_hash(path: Path) -> str:
+    return file_hash(path)[:12]
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The safetensors header's ``__metadata__`` (kohya writes ss_* training facts there)."""
+    if not str(path).endswith(".safetensors"):
+        return {}
+    try:
+        with open(path, "rb") as f:
+            header_len = struct.unpack("<Q", f.read(8))[0]
+            if header_len > 100 << 20:
+                return {}
+            header = json.loads(f.read(header_len))
+    except (OSError, ValueError, struct.error):
+        return {}
+    meta = header.get("__metadata__") or {}
+    return {str(k): str(v) for k, v in meta.items()}
+
+
+def trigger_words(metadata: dict[str, str], limit: int = 20) -> list[str]:
+    """Most frequent training tags from kohya's ``ss_tag_frequency`` (the LoRA's trigger words)."""
+    raw = metadata.get("ss_tag_frequency")
+    if not raw:
+        return []
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return []
+    counts: dict[str, int] = {}
+    for tags in data.values() if isinstance(data, dict) else ():
+        if isinstance(tags, dict):
+            for tag, n in tags.items():
+                tag = str(tag).strip()
+                if tag:
+                    counts[tag] = counts.get(tag, 0) + (n if isinstance(n, int) else 1)
+    return [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]]
+
+
+# --- applying ------------------------------------------------------------------------------------
+
+def _mixin(components):
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+
+    if len(components.text_encoders) == 2:
+        return StableDiffusionXLLoraLoaderMixin
+    return StableDiffusionLoraLoaderMixin
+
+
+def _text_encoder_prefixes(components) -> list[tuple[str, object]]:
+    encoders = components.text_encoders
+    if len(encoders) == 2:
+        return [("text_encoder", encoders[0]), ("text_encoder_2", encoders[1])]
+    if components.spec.family.name == "sdxl_refiner" or (len(encoders) == 1 and getattr(
+            components.spec.family.text_encoders[0], "pooled", False)):
+        return [("text_encoder_2", encoders[0])]
+    return [("text_encoder", encoders[0])]
+
+
+def _has_adapter(module, name: str) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) and name in getattr(m, "lora_A", {}) for m in module.modules())
+
+
+@contextlib.contextmanager
+def applied(components, uses: list[LoraUse], warnings: list[str] | None = None):
+    """Load `uses` as peft adapters on the cached modules for the duration of the block;
+    every peft layer is removed afterwards (nothing is merged into the weights).
+    A file that cannot be read or matched is reported in `warnings` and skipped."""
+    if not uses:
+        yield []
+        return
+    mixin = _mixin(components)
+    unet = components.unet
+    encoders = _text_encoder_prefixes(components)
+    loaded: list[tuple[str, LoraUse]] = []
+    try:
+        for k, use in enumerate(uses):
+            adapter = f"{ADAPTER_PREFIX}{k}"
+            try:
+                state, alphas = mixin.lora_state_dict(str(use.path), unet_config=unet.config)
+            except TypeError:
+                state, alphas = mixin.lora_state_dict(str(use.path))
+            except Exception as exc:  # noqa: BLE001 - a broken file must not fail the request
+                _warn(warnings, f"LoRA {use.name}: could not be read ({exc}); ignored")
+                continue
+            try:
+                hit = False
+                if any(key.startswith("unet.") for key in state):
+                    mixin.load_lora_into_unet(state, alphas, unet=unet, adapter_name=adapter)
+                    hit = hit or _has_adapter(unet, adapter)
+                for prefix, encoder in encoders:
+                    if any(key.startswith(prefix + ".") for key in state):
+                        mixin.load_lora_into_text_encoder(state, alphas, encoder, prefix=prefix,
+                                                          adapter_name=adapter)
+                        hit = hit or _has_adapter(encoder, adapter)
+            except Exception as exc:  # noqa: BLE001
+                _warn(warnings, f"LoRA {use.name}: does not fit this model ({exc}); ignored")
+                _remove_adapter(components, adapter)
+                continue
+            if not hit:
+                _warn(warnings, f"LoRA {use.name}: none of its layers match this model; ignored")
+                continue
+            loaded.append((adapter, use))
+        _set_weights(components, loaded)
+        yield [use for _, use in loaded]
+    finally:
+        remove_all(components)
+
+
+def _warn(warnings, message: str) -> None:
+    log.warning(message)
+    if warnings is not None and message not in warnings:
+        warnings.append(message)
+
+
+def _set_weights(components, loaded) -> None:
+    from diffusers.utils.peft_utils import set_weights_and_activate_adapters
+
+    if not loaded:
+        return
+    names = [a for a, _ in loaded]
+    unet_names = [a for a, _ in loaded if _has_adapter(components.unet, a)]
+    if unet_names:
+        components.unet.set_adapters(unet_names, [u.unet for a, u in loaded if a in unet_names])
+    for encoder in components.text_encoders:
+        te_names = [a for a in names if _has_adapter(encoder, a)]
+        if te_names:
+            set_weights_and_activate_adapters(encoder, te_names, [u.te for a, u in loaded if a in te_names])
+
+
+def _remove_adapter(components, adapter: str) -> None:
+    from diffusers.utils.peft_utils import delete_adapter_layers
+
+    for module in (components.unet, *components.text_encoders):
+        if _has_adapter(module, adapter):
+            delete_adapter_layers(module, adapter)
+
+
+def remove_all(components) -> None:
+    """Take every peft layer out of the modules (restores the original module objects)."""
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+
+    for module in (components.unet, *components.text_encoders):
+        if getattr(module, "peft_config", None) or _has_any_tuner(module):
+            recurse_remove_peft_layers(module)
+            if hasattr(module, "peft_config"):
+                try:
+                    del module.peft_config
+                except AttributeError:
+                    module.peft_config = {}
+            if hasattr(module, "_hf_peft_config_loaded"):
+                module._hf_peft_config_loaded = False
+
+
+def _has_any_tuner(module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) for m in module.modules())
+
+
+__all__ = ["LoraUse", "resolve", "applied", "remove_all", "infotext_params", "short_hash", "read_metadata",
+           "trigger_words", "ExtraNetwork"]

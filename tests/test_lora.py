@@ -1,0 +1,128 @@
+"""LoRA: kohya-layout files for the tiny SD 1.x checkpoint, applied per request and removed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import make_engine
+from pipelines import lora
+from pipelines.infotext import parse_infotext
+from pipelines.loading import load_components
+from pipelines.request import GenerationRequest
+from tiny import write_tiny_sd1_checkpoint
+
+
+def kohya_lora(components, rank: int = 4, seed: int = 0, scale: float = 0.5) -> dict[str, torch.Tensor]:
+    """A LoRA in kohya's layout (lora_unet_* / lora_te_text_model_* with .alpha) for every
+    attention projection of the U-Net and the text encoder, random up/down weights."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for prefix, module in (("lora_unet", components.unet), ("lora_te", components.text_encoders[0])):
+        for name, m in module.named_modules():
+            if not isinstance(m, torch.nn.Linear):
+                continue
+            if prefix == "lora_unet" and "attn" not in name or prefix == "lora_te" and "self_attn" not in name:
+                continue
+            if prefix == "lora_te" and not name.startswith("text_model"):
+                name = "text_model." + name  # kohya names CLIP's modules as transformers 4 nests them
+            key = f"{prefix}_{name.replace('.', '_')}"
+            out[key + ".lora_down.weight"] = torch.randn(rank, m.in_features, generator=g) * scale
+            out[key + ".lora_up.weight"] = torch.randn(m.out_features, rank, generator=g) * scale
+            out[key + ".alpha"] = torch.tensor(float(rank))
+    return out
+
+
+TAGS = json.dumps({"10_red": {"red circle": 5, "shiny": 2}, "5_blue": {"red circle": 1, "blue": 3}})
+
+
+@pytest.fixture(scope="module")
+def lora_engine(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora-models")
+    ckpt = write_tiny_sd1_checkpoint(root / "Stable-diffusion" / "tiny.safetensors", seed=0)
+    components = load_components(Path(ckpt))
+    (root / "Lora" / "styles").mkdir(parents=True)
+    save_file(kohya_lora(components), str(root / "Lora" / "red.safetensors"),
+              metadata={"ss_tag_frequency": TAGS, "ss_output_name": "red"})
+    save_file(kohya_lora(components, seed=1), str(root / "Lora" / "styles" / "blue.safetensors"))
+    return make_engine(root, tmp_path_factory.mktemp("lora-engine"))
+
+
+def generate(engine, prompt: str, **fields):
+    base = dict(negative_prompt="", steps=3, width=64, height=64, seed=11, sampler="Euler",
+                save_images=False, checkpoint="tiny.safetensors")
+    return engine.generate(GenerationRequest(prompt=prompt, **{**base, **fields}))
+
+
+def pixels(result) -> np.ndarray:
+    return np.asarray(result.images[0])
+
+
+def model_state(engine):
+    file = engine.resolve_checkpoint("tiny.safetensors")
+    components = engine.manager.get(file.name, file.path).components
+    modules = [components.unet, *components.text_encoders]
+    return ([sorted(m.state_dict().keys()) for m in modules],
+            [{k: v.clone() for k, v in m.state_dict().items()} for m in modules],
+            [[type(x).__name__ for x in m.modules()] for m in modules])
+
+
+def test_lora_applies_and_is_removed_cleanly(lora_engine):
+    before = generate(lora_engine, "a red circle")
+    keys, weights, types = model_state(lora_engine)
+    with_lora = generate(lora_engine, "a red circle <lora:red:1>")
+    assert not np.array_equal(pixels(before), pixels(with_lora))
+    assert with_lora.warnings == []
+    after = generate(lora_engine, "a red circle")
+    assert np.array_equal(pixels(before), pixels(after))  # nothing left in the cached model
+    keys2, weights2, types2 = model_state(lora_engine)
+    assert keys == keys2 and types == types2
+    for a, b in zip(weights, weights2):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_infotext_hashes_and_weights(lora_engine):
+    result = generate(lora_engine, "a red circle <lora:red:0.8>, <lora:blue:0.5:1>")
+    info = parse_infotext(result.infotexts[0])
+    path = Path(lora_engine.paths.folder("lora")) / "red.safetensors"
+    data = path.read_bytes()
+    header = struct.unpack("<Q", data[:8])[0]
+    red_hash = hashlib.sha256(data[8 + header:]).hexdigest()[:12]
+    assert info["Lora hashes"].startswith(f"red: {red_hash}, blue: ")
+    assert 'Lora hashes: "red: ' in result.infotexts[0]
+    assert result.infotexts[0].splitlines()[0] == "a red circle <lora:red:0.8>, <lora:blue:0.5:1>"
+    # the tags stay in the prompt, so pasting the infotext restores them
+    # weights: te and unet separately; 0 everywhere is the plain model
+    plain = generate(lora_engine, "a red circle")
+    zero = generate(lora_engine, "a red circle <lora:red:0:0>")
+    assert np.array_equal(pixels(plain), pixels(zero))
+    te_only = generate(lora_engine, "a red circle <lora:red:1:0>")
+    unet_only = generate(lora_engine, "a red circle <lora:red:0:1>")
+    for r in (te_only, unet_only):
+        assert not np.array_equal(pixels(plain), pixels(r))
+    assert not np.array_equal(pixels(te_only), pixels(unet_only))
+
+
+def test_unknown_lora_warns_and_generates(lora_engine):
+    plain = generate(lora_engine, "a red circle ")
+    result = generate(lora_engine, "a red circle <lora:nope:1>")
+    assert len(result.images) == 1
+    assert any("nope" in w for w in result.warnings)
+    assert np.array_equal(pixels(plain), pixels(result))
+    assert "Lora hashes" not in result.infotexts[0]
+
+
+def test_trigger_words_and_metadata(lora_engine):
+    path = Path(lora_engine.paths.folder("lora")) / "red.safetensors"
+    meta = lora.read_metadata(path)
+    assert meta["ss_output_name"] == "red"
+    assert lora.trigger_words(meta) == ["red circle", "blue", "shiny"]
+    assert lora.trigger_words({}) == []
+    assert lora.trigger_words({"ss_tag_frequency": "not json"}) == []
