@@ -11,7 +11,7 @@ import logging
 import time
 from pathlib import Path
 
-from . import hires, infotext, lora, outputs, runner, samplers, tiling, upscalers
+from . import embeddings, hires, infotext, lora, outputs, runner, samplers, tiling, upscalers
 from .device import choose_placement
 from .loading import CheckpointError, inspect_checkpoint, read_header, sniff_format
 from .jobs import Job, JobQueue
@@ -169,14 +169,15 @@ class Engine:
         if vae_name:
             extra["VAE"] = vae_name
         loras = self._extra_networks(request, result, extra)
+        tis = self._embeddings(request, components, extra)
         if request.enable_hr:
             extra.update(hires.infotext_params(request, width, height))
             hr_upscaler = self.hires_upscaler(request.hr_upscaler, job.control)
             batches = hires.run(components, self.placement.device, request,
                                 lambda image, size: upscalers.upscale_image(image, hr_upscaler, target_size=size),
-                                track, job.control)
+                                track, job.control, embeddings=tis)
         else:
-            batches = runner.run(components, self.placement.device, request, track, job.control,
+            batches = runner.run(components, self.placement.device, request, track, job.control, embeddings=tis,
                                  on_step=hooks.step_hook(request))
         with model.lock, lora.applied(components, loras, result.warnings):  # removed again on exit
             for batch in batches:
@@ -204,6 +205,30 @@ class Engine:
         result.warnings.extend(w for w in warnings if w not in result.warnings)
         extra.update(lora.infotext_params(loras))
         return loras
+
+    def embedding_listing(self, refresh: bool = False) -> dict:
+        """/sdapi/v1/embeddings: readable files of the embeddings folder as "loaded" (with
+        their width and vector count), unreadable ones as "skipped"."""
+        return embeddings.listing(self.registry.list("embeddings", refresh))
+
+    def lora_listing(self, refresh: bool = False) -> list[dict]:
+        """The Lora folder for browsers and /sdapi/v1/loras: name, alias, path, metadata and
+        trigger words (kohya's ss_tag_frequency), what to write in a prompt."""
+        out = []
+        for f in self.registry.list("lora", refresh):
+            meta = lora.read_metadata(Path(f.path))
+            name = Path(f.name).stem
+            out.append({"name": name, "alias": meta.get("ss_output_name", name), "path": str(f.path),
+                        "metadata": {k: v for k, v in meta.items() if len(v) < 20000},
+                        "trigger_words": lora.trigger_words(meta), "prompt": f"<lora:{name}:1>"})
+        return out
+
+    def _embeddings(self, request: GenerationRequest, components, extra: dict) -> embeddings.EmbeddingSet:
+        """Textual inversions named in the prompts (models/embeddings) and their "TI hashes"."""
+        found = embeddings.for_request(self.registry.list("embeddings"), components,
+                                       [request.prompt, request.negative_prompt])
+        extra.update(embeddings.infotext_params(found))
+        return found
 
     def _with_choices(self, components, file: ModelFile, vae_choice: str | None):
         """The loaded components under the user's choices for this checkpoint: its prediction
@@ -384,6 +409,7 @@ class Engine:
             if vae_name:
                 extra["VAE"] = vae_name
             loras = self._extra_networks(request, result, extra)
+            tis = self._embeddings(request, components, extra)
 
             def track(progress: Progress) -> None:
                 job.progress = progress
@@ -392,7 +418,7 @@ class Engine:
 
             with model.lock, lora.applied(components, loras, result.warnings):
                 for image, seed, subseed in hires.sd_upscale(components, self.placement.device, request, upscaled,
-                                                             int(overlap), track, job.control):
+                                                             int(overlap), track, job.control, embeddings=tis):
                     params = infotext.generation_params(
                         request, seed=seed, subseed=subseed, width=request.width or image.width,
                         height=request.height or image.height, model_name=file.stem,

@@ -80,23 +80,25 @@ class _Steps:
 
 
 def run(components, device, request: GenerationRequest, upscale_pixels: PixelUpscale,
-        on_progress: ProgressCallback | None = None, control: JobControl | None = None
+        on_progress: ProgressCallback | None = None, control: JobControl | None = None, embeddings=()
         ) -> Iterator[runner.BatchOutput]:
     """`runner.run` for a txt2img request with `enable_hr`: yields one BatchOutput per batch
-    with the second pass's images."""
+    with the second pass's images. `embeddings`: textual inversions the prompts may name."""
     control = control or JobControl()
     width = request.width or components.spec.native_resolution
     height = request.height or components.spec.native_resolution
     hr_width, hr_height = request.hires_size(width, height)
     second = second_pass_request(request)
 
-    conditioning = encode_prompts(components, request.prompt, request.negative_prompt, request.clip_skip, device)
+    conditioning = encode_prompts(components, request.prompt, request.negative_prompt, request.clip_skip, device,
+                                  steps=request.steps, embeddings=embeddings)
     hr_prompt = request.hr_prompt or request.prompt
     hr_negative = request.hr_negative_prompt or request.negative_prompt
     if (hr_prompt, hr_negative) == (request.prompt, request.negative_prompt):
         hr_conditioning = conditioning
     else:
-        hr_conditioning = encode_prompts(components, hr_prompt, hr_negative, request.clip_skip, device)
+        hr_conditioning = encode_prompts(components, hr_prompt, hr_negative, request.clip_skip, device,
+                                         steps=second.steps, embeddings=embeddings)
 
     first_steps = len(_timesteps(components, request, device))
     steps = _Steps(first_steps + second_pass_steps(request), request.batch_count, on_progress)
@@ -146,7 +148,7 @@ def _timesteps(components, request: GenerationRequest, device):
 # --- SD upscale --------------------------------------------------------------------------
 
 def sd_upscale(components, device, request: GenerationRequest, upscaled: Image.Image, overlap: int,
-               on_progress: ProgressCallback | None = None, control: JobControl | None = None
+               on_progress: ProgressCallback | None = None, control: JobControl | None = None, embeddings=()
                ) -> Iterator[tuple[Image.Image, int, int]]:
     """img2img over `upscaled` (already upscaled by the engine) tile by tile: tiles of
     request.width x request.height with at least `overlap` pixels shared, blended with
@@ -162,7 +164,8 @@ def sd_upscale(components, device, request: GenerationRequest, upscaled: Image.I
     ys = tiling.positions(canvas_h, tile_h, overlap)
     xs = tiling.positions(canvas_w, tile_w, overlap)
     tiles = [(y, x) for y in ys for x in xs]
-    conditioning = encode_prompts(components, request.prompt, request.negative_prompt, request.clip_skip, device)
+    conditioning = encode_prompts(components, request.prompt, request.negative_prompt, request.clip_skip, device,
+                                  steps=request.steps, embeddings=embeddings)
     total = request.images_total
     steps = _Steps(len(tiles) * max(min(int(request.steps * request.denoising_strength), request.steps), 1),
                    total, on_progress)

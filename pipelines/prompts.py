@@ -293,6 +293,7 @@ class PromptConditioning:
         self.negative_prompt = negative_prompt  # A1111 keeps tags in it as plain words
         self.steps = max(1, int(steps))
         self.embeddings = list(embeddings or ())
+        self._mark_used = getattr(embeddings, "mark_used", None)  # an embeddings.EmbeddingSet
         self.used_embeddings: list = []
         self._texts: dict[str, Encoded] = {}
         self._pairs: dict[tuple[str, str], Conditioning] = {}
@@ -313,7 +314,11 @@ class PromptConditioning:
         if text not in self._texts:
             encoded = encode_text(self.components, text, self.clip_skip, self.device, self.embeddings)
             self._texts[text] = encoded
-            self.used_embeddings += [e for e in encoded.embeddings if e not in self.used_embeddings]
+            for e in encoded.embeddings:
+                if e not in self.used_embeddings:
+                    self.used_embeddings.append(e)
+                if self._mark_used is not None:
+                    self._mark_used(e)
         return self._texts[text]
 
     def _padded(self, encoded: Encoded, chunks: int) -> torch.Tensor:

@@ -228,16 +228,19 @@ def create_api(engine: Any, *, auth: list[tuple[str, str]] | None = None,
 
     @router.get("/loras")
     def loras():
-        return [{"name": f.stem, "alias": f.stem, "path": str(f.path), "metadata": {}}
-                for f in engine.registry.list("lora")]
+        """A1111's shape (name, alias, path, metadata: the file's safetensors metadata)."""
+        return [{k: entry[k] for k in ("name", "alias", "path", "metadata")} for entry in engine.lora_listing()]
+
+    @router.post("/refresh-loras")
+    def refresh_loras():
+        engine.lora_listing(refresh=True)
+        return None
 
     @router.get("/embeddings")
     def embeddings():
-        """Files in the embeddings folder. They are listed as `skipped`: prompts do not apply
-        textual inversion embeddings yet."""
-        return {"loaded": {}, "skipped": {
-            f.stem: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None, "vectors": 0}
-            for f in engine.registry.list("embeddings")}}
+        """Readable embedding files as `loaded` (used by writing their name in a prompt),
+        unreadable ones as `skipped`."""
+        return engine.embedding_listing()
 
     @router.get("/scripts")
     def scripts():
