@@ -311,3 +311,10 @@ def test_other_architectures_are_detected_listed_and_run(tmp_path, build, arch):
     upscaler = upscalers.ModelUpscaler(path.stem, path, 2, upscalers.UpscalerModels()).with_options(
         upscalers.TileOptions(tile=32, overlap=8))
     assert upscalers.upscale_image(_image(45, 38), upscaler, scale=2).size == (90, 76)
+
+
+def test_layout_shrinks_tiles_instead_of_overlapping_a_lot():
+    size, starts = tiling.layout(512, 256, 16)
+    assert size == 182 and len(starts) == 3 and starts[-1] + size == 512
+    assert min(a + size - b for a, b in zip(starts, starts[1:])) >= 16
+    assert tiling.layout(300, 512, 16) == (300, [0])
