@@ -32,7 +32,7 @@ import gradio as gr
 
 from pipelines.request import INPAINT_FILLS, LIMITS, MAX_SEED, RESIZE_MODES, RequestError
 
-from . import convert, extensions_tab, upscale_tab
+from . import convert, extensions_tab, networks_tab, upscale_tab
 from .jobs import JobRegistry
 
 log = logging.getLogger(__name__)
@@ -179,6 +179,7 @@ class WebUI:
                     interrupt = gr.Button("Interrupt", size="sm", elem_id=f"{p}_interrupt")
                     skip = gr.Button("Skip", size="sm", elem_id=f"{p}_skip")
                 read_params = gr.Button("↙️ Read parameters", size="sm", elem_id=f"{p}_read_params")
+        networks_tab.build(self, fields, p)  # styles, LoRA and embeddings pickers
         with gr.Row(equal_height=False):
             with gr.Column(scale=1):
                 if mode == "img2img":
