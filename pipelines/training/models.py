@@ -17,7 +17,10 @@ import torch
 SD1_SCALING_FACTOR = 0.18215
 
 VAE_CONFIGS = {
-    "demo": dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1),
+    # 64 channels at every level: two channels per norm group (the loader fixes 32 groups), so the
+    # final GroupNorms of encoder and decoder can carry absolute colour (one channel per group
+    # normalises a flat background away; measured: far slower learning of flat colours)
+    "demo": dict(block_out_channels=(64, 64, 64, 64), layers_per_block=1),
     "tiny": dict(block_out_channels=(32, 32, 32, 32), layers_per_block=1),
 }
 UNET_CONFIGS = {
@@ -79,7 +82,16 @@ def build_vae(size: str, seed: int):
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return AutoencoderKL(**vae_config(size))
+        vae = AutoencoderKL(**vae_config(size))
+    # Start the posterior narrow (std ~0.05 instead of 1): with SD's tiny KL weight the
+    # log-variance would otherwise take thousands of steps to fall, and until then the
+    # sampled latents drown the encoder's signal in unit noise (measured: 11.8 dB PSNR
+    # after 4600 images with the default init).
+    n = vae.config.latent_channels
+    with torch.no_grad():
+        vae.quant_conv.weight[n:] *= 0.1
+        vae.quant_conv.bias[n:] = -6.0
+    return vae
 
 
 def build_unet_and_text(size: str, seed: int):
