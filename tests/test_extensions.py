@@ -192,8 +192,8 @@ def test_step_hook_changes_guidance(engine, with_extensions):
     plain = engine.generate(small(cfg_scale=7.0, seed=3))
     changed = engine.generate(small(cfg_scale=7.0, seed=3, extension_args={"rec": {"guidance": 2.0}}))
     reference = engine.generate(small(cfg_scale=2.0, seed=3))
-    assert list(changed.images[0].getdata()) == list(reference.images[0].getdata())
-    assert list(changed.images[0].getdata()) != list(plain.images[0].getdata())
+    assert changed.images[0].tobytes() == reference.images[0].tobytes()
+    assert changed.images[0].tobytes() != plain.images[0].tobytes()
 
 
 def test_after_image_changes_image_and_infotext(engine, with_extensions):
