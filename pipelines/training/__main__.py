@@ -102,8 +102,13 @@ def main(argv=None) -> int:
         scores = train.evaluate_ldm(unet, text, vae, per_triple=2)
         log(f"[export] held-out: colour {scores['colour']:.3f} background {scores['background']:.3f} "
             f"shape {scores['shape']:.3f} all {scores['all']:.3f}")
-    command = export.COMMAND if args.preset == "demo" and settings.seed == 0 else " ".join(
-        ["python", "-m", "pipelines.training", *(argv if argv is not None else sys.argv[1:])])
+    # what reproduces this file: the options that change the result (not --state, --quiet)
+    command = export.COMMAND if args.preset == "demo" else f"python -m pipelines.training --out {args.out}"
+    for flag, value, default in (("--preset", args.preset, "demo"), ("--seed", settings.seed, 0),
+                                 ("--ldm-steps", settings.ldm_steps, train.PRESETS[args.preset].ldm_steps),
+                                 ("--threads", args.threads, 1)):
+        if value != default:
+            command += f" {flag} {value}"
     meta = export.metadata(settings.result_dict(), scores, command)
     path = export.write(args.out, unet, vae, text, meta)
     log(f"[export] wrote {path} ({path.stat().st_size / 2**20:.1f} MB) after {fmt_duration(time.monotonic() - t0)} "

@@ -372,10 +372,17 @@ def train_ldm(state_dir: Path, settings: Settings, log: Log, stop_at: int | None
 
     ``stop_at``: checkpoint and return None on reaching that step (as if interrupted)."""
     done_path = state_dir / "ldm_done.pt"
-    if done_path.exists():
-        log("[ldm] done already (ldm_done.pt); skipping")
-        return done_path
     ckpt_path = state_dir / "ldm.pt"
+    if done_path.exists():
+        done_step = load(done_path)["step"]
+        if done_step == settings.ldm_steps:
+            log("[ldm] done already (ldm_done.pt); skipping")
+            return done_path
+        if done_step > settings.ldm_steps:
+            raise SystemExit(f"the U-Net stage already ran {done_step} steps; it cannot be cut to "
+                             f"{settings.ldm_steps} (only the last EMA is kept): use --ldm-steps {done_step} or more")
+        log(f"[ldm] extending the finished run from {done_step} to {settings.ldm_steps} steps")
+        done_path.unlink()
     lat = load(state_dir / "latents.pt")
     unet, text = models.build_unet_and_text(settings.size, settings.seed)
     params = list(unet.parameters()) + list(text.parameters())
@@ -391,6 +398,9 @@ def train_ldm(state_dir: Path, settings: Settings, log: Log, stop_at: int | None
         opt.load_state_dict(ck["opt"])
         step = ck["step"]
         log(f"[ldm] resumed at step {step} from {ckpt_path}")
+        if step > settings.ldm_steps:
+            raise SystemExit(f"the U-Net stage is at step {step}, past --ldm-steps {settings.ldm_steps}: "
+                             f"use --ldm-steps {step} or more")
     for m in (ema_unet, ema_text):
         m.requires_grad_(False)
     unet.train()
