@@ -66,7 +66,7 @@ class _Steps:
         self.started = time.monotonic()
 
     def reporter(self, batch: int, offset: int):
-        def report(step: int, steps: int) -> None:
+        def report(step: int, steps: int, latents=None) -> None:
             self.done += 1
             if not self.on_progress:
                 return
@@ -74,7 +74,7 @@ class _Steps:
             remaining = max(self.per_batch * self.batches - self.done, 0)
             self.on_progress(Progress(step=min(offset + step, self.per_batch), steps=self.per_batch,
                                       batch_index=batch, batch_count=self.batches, elapsed=elapsed,
-                                      eta=elapsed / self.done * remaining))
+                                      eta=elapsed / self.done * remaining, preview=runner.preview_of(latents)))
 
         return report
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 
 @dataclass(frozen=True)
@@ -16,6 +16,8 @@ class Progress:
     batch_count: int
     elapsed: float  # seconds since the job started
     eta: float | None  # seconds left for the whole job, None until one step is timed
+    # a rough picture of the current latents, made only when someone asks (API /progress)
+    preview: Callable[[], Any] | None = field(default=None, compare=False, repr=False)
 
     @property
     def fraction(self) -> float:

@@ -260,7 +260,7 @@ def run_batch(components, device, request: GenerationRequest, cond, uncond, plan
             else:
                 known = init_latents
             latents = known * (1 - mask) + latents * mask
-        report_step(i + 1, len(timesteps))
+        report_step(i + 1, len(timesteps), latents=latents)
     if control.stop_current:
         return None
 
@@ -269,6 +269,25 @@ def run_batch(components, device, request: GenerationRequest, cond, uncond, plan
         return latents
     decoded = decode_latents(vae, latents)
     return [finish_image(img, plan) for img in decoded]
+
+
+# Approximate latent -> RGB map of the SD VAE (a linear fit, A1111's "Approx cheap" idea):
+# good enough to watch an image form, at latent resolution and at no decoding cost.
+LATENT_RGB = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473))
+
+
+def latent_preview(latents: torch.Tensor) -> Image.Image | None:
+    """The first image of a batch as a cheap RGB preview (None for non-4-channel latents)."""
+    if latents.shape[1] != len(LATENT_RGB):
+        return None
+    factors = torch.tensor(LATENT_RGB, dtype=torch.float32)
+    rgb = torch.einsum("chw,cr->rhw", latents[0].detach().float().cpu(), factors)
+    return to_image(rgb.clamp(-1, 1))
+
+
+def preview_of(latents: torch.Tensor | None):
+    """A deferred preview for Progress.preview: nothing is computed unless it is called."""
+    return None if latents is None else (lambda: latent_preview(latents))
 
 
 def sigma_at(scheduler, t) -> float | None:
@@ -315,14 +334,15 @@ def run(components, device, request: GenerationRequest, on_progress: ProgressCal
         seeds = [request.seed + first + i for i in range(request.batch_size)]
         subseeds = [request.subseed + first + i for i in range(request.batch_size)]
 
-        def report_step(step: int, steps: int, batch: int = batch) -> None:
+        def report_step(step: int, steps: int, batch: int = batch, latents=None) -> None:
             nonlocal done_steps
             done_steps += 1
             elapsed = time.monotonic() - started
             remaining = steps * request.batch_count - done_steps
             if on_progress:
                 on_progress(Progress(step=step, steps=steps, batch_index=batch, batch_count=request.batch_count,
-                                     elapsed=elapsed, eta=elapsed / done_steps * remaining))
+                                     elapsed=elapsed, eta=elapsed / done_steps * remaining,
+                                     preview=preview_of(latents)))
 
         result = run_batch(components, device, request, conditioning.cond, conditioning.uncond, plan,
                            seeds, subseeds, width, height, report_step, control,

@@ -239,7 +239,10 @@ def test_progress_during_a_job_and_interrupt(api):
     state = progress["state"]
     assert state["sampling_steps"] == 150 and state["job_count"] == 20 and state["job_no"] == 0
     assert state["interrupted"] is False and "Step" in progress["textinfo"]
-    assert progress["current_image"] is None
+    preview = Image.open(io.BytesIO(base64.b64decode(progress["current_image"])))
+    assert preview.size == (8, 8)  # the latents, seen through the cheap RGB approximation
+    raw = requests.get(f"{api.baseurl}/progress", params={"skip_current_image": "true"}, timeout=10).json()
+    assert raw["current_image"] is None
     assert api.interrupt()["done"] is True
     thread.join(30)
     assert not thread.is_alive(), "interrupt did not stop the job"

@@ -37,6 +37,17 @@ def _is_api_job(job) -> bool:
     return owner == API_OWNER or owner.startswith(API_OWNER + ":")
 
 
+def _preview_png(report) -> str | None:
+    """The running job's latent preview as base64 PNG; a preview that fails is just absent."""
+    if report is None or report.preview is None:
+        return None
+    try:
+        picture = report.preview()
+    except Exception:  # the latents may be mid-update; the next poll gets one
+        return None
+    return images.encode_png(picture) if picture is not None else None
+
+
 def _wall_clock(monotonic_time: float | None) -> datetime.datetime:
     if monotonic_time is None:
         return datetime.datetime.now()
@@ -120,8 +131,8 @@ def create_api(engine: Any, *, auth: list[tuple[str, str]] | None = None,
 
     @router.get("/progress", response_model=ProgressResponse)
     async def progress(skip_current_image: bool = False):
-        """Progress of the job running now (from the API or the web UI). current_image is always
-        null: the engine does not expose previews."""
+        """Progress of the job running now (from the API or the web UI), with a cheap preview of
+        the current latents as current_image unless skip_current_image is set."""
         job = engine.current_job()
         waiting = engine.queue.waiting()
         if job is None:
@@ -149,7 +160,7 @@ def create_api(engine: Any, *, auth: list[tuple[str, str]] | None = None,
             "progress": round(report.fraction, 4) if report else 0.0,
             "eta_relative": float(report.eta) if report and report.eta is not None else 0.0,
             "state": state,
-            "current_image": None,
+            "current_image": None if skip_current_image else _preview_png(report),
             "textinfo": report.describe() if report else f"{job.kind}: starting (loading the model)",
         }
 
