@@ -19,7 +19,7 @@ import json
 import re
 from typing import Any, Mapping
 
-from . import samplers
+from . import hires_info, samplers
 from .request import INPAINT_FILLS, LIMITS, MAX_SEED
 
 NEGATIVE_PREFIX = "Negative prompt:"
@@ -363,4 +363,5 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
                       ("VAE", "vae_name"), ("VAE hash", "vae_hash")):
         if info.get(key, "").strip():
             fields[hint] = info[key].strip()
+    fields.update(hires_info.fields_from_infotext(info))  # hires fix, when the text has it
     return fields

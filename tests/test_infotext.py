@@ -205,3 +205,16 @@ def test_module_does_not_import_torch():
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
     assert out.stdout.strip() == "False"
+
+
+def test_hires_settings_come_back_from_a_pasted_text():
+    text = ("a cat\nNegative prompt: dog\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, "
+            "Seed: 5, Size: 512x512, Model: m, Denoising strength: 0.45, Hires upscale: 2, Hires steps: 10, "
+            "Hires upscaler: Latent, Version: v1.10.1")
+    fields = request_fields_from_infotext(text)
+    assert fields["enable_hr"] is True and fields["hr_scale"] == 2.0
+    assert fields["hr_second_pass_steps"] == 10 and fields["hr_upscaler"] == "Latent"
+    # A1111 writes the second pass's strength as "Denoising strength"; img2img reads it too
+    assert fields["hr_denoising_strength"] == 0.45 and fields["denoising_strength"] == 0.45
+    assert "enable_hr" not in request_fields_from_infotext(text.replace(", Hires upscale: 2, Hires steps: 10, "
+                                                                        "Hires upscaler: Latent", ""))
