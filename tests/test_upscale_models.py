@@ -318,3 +318,14 @@ def test_layout_shrinks_tiles_instead_of_overlapping_a_lot():
     assert size == 182 and len(starts) == 3 and starts[-1] + size == 512
     assert min(a + size - b for a, b in zip(starts, starts[1:])) >= 16
     assert tiling.layout(300, 512, 16) == (300, [0])
+
+
+def test_rest_api_lists_model_upscalers_with_their_scale(up_engine):
+    from fastapi.testclient import TestClient
+
+    from webui.api import create_app
+
+    listed = {u["name"]: u for u in TestClient(create_app(up_engine)).get("/sdapi/v1/upscalers").json()}
+    assert listed["None"]["scale"] is None and listed["Lanczos"]["model_path"] is None
+    assert listed["4x-Tiny"]["scale"] == 4 and listed["4x-Tiny"]["model_name"] == "ESRGAN"
+    assert listed["4x-Tiny"]["model_path"].endswith("4x-Tiny.pth")

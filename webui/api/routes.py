@@ -233,9 +233,11 @@ def create_api(engine: Any, *, auth: list[tuple[str, str]] | None = None,
 
     @router.get("/upscalers")
     def upscalers():
+        """A1111's shape; model upscalers carry their architecture, file and native scale."""
         none = {"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": None}
-        return [none, *({"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": None}
-                        for name in engine.upscaler_names())]
+        return [none, *({"name": u.name, "model_name": getattr(u, "architecture", None),
+                         "model_path": str(u.path) if getattr(u, "path", None) else None, "model_url": None,
+                         "scale": u.scale} for u in engine.upscalers())]
 
     @router.get("/loras")
     def loras():
