@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .fileio import write_json_atomic
+
 
 @dataclass(frozen=True)
 class ModelKind:
@@ -103,10 +105,7 @@ class HashCache:
         return sha
 
     def _save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self._entries, indent=1))
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, self._entries, indent=1)
 
 
 class FolderListing:
@@ -222,10 +221,7 @@ class CheckpointOptions:
                     del self._entries[name]
             else:
                 entry[key] = value
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self._entries, indent=1, sort_keys=True))
-            os.replace(tmp, self.path)
+            write_json_atomic(self.path, self._entries, indent=1, sort_keys=True)
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")

@@ -17,11 +17,12 @@ from __future__ import annotations
 import csv
 import io
 import os
-import tempfile
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from .fileio import write_bytes_atomic
 
 __all__ = [
     "PromptStyle",
@@ -200,24 +201,7 @@ def _write_table(path: Path, table: _Table) -> None:
         writer.writerow({f: row.get(f, "") for f in fieldnames})
     data = buf.getvalue().encode("utf-8-sig")
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.chmod(tmp, path.stat().st_mode & 0o777)
-        except FileNotFoundError:
-            os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_bytes_atomic(path, data, keep_mode=True)
 
 
 class StyleDatabase:
