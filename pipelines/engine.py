@@ -187,14 +187,7 @@ class Engine:
                     params = infotext.generation_params(
                         request, seed=seed, subseed=subseed, width=width, height=height,
                         model_name=file.stem, model_hash=file.short_hash, version=VERSION, extra={**extra, **fields})
-                    text = infotext.build_infotext(request.prompt, request.negative_prompt, params)
-                    image.info["parameters"] = text
-                    result.images.append(image)
-                    result.seeds.append(seed)
-                    result.subseeds.append(subseed)
-                    result.infotexts.append(text)
-                    result.paths.append(self._save(image, OUTPUT_FOLDERS[request.mode], seed, text, request,
-                                                   result))
+                    self._record(result, request, image, seed, subseed, params, OUTPUT_FOLDERS[request.mode])
         result.interrupted = job.control.interrupted
         return result
 
@@ -257,6 +250,17 @@ class Engine:
     def current_job(self) -> Job | None:
         """The job running now (for progress reports), None when idle."""
         return self.queue.running()
+
+    def _record(self, result: GenerationResult, request: GenerationRequest, image, seed: int, subseed: int,
+                params: dict, folder: str) -> None:
+        """Add one finished image to the result: its infotext in the PNG, the lists, the file."""
+        text = infotext.build_infotext(request.prompt, request.negative_prompt, params)
+        image.info["parameters"] = text
+        result.images.append(image)
+        result.seeds.append(seed)
+        result.subseeds.append(subseed)
+        result.infotexts.append(text)
+        result.paths.append(self._save(image, folder, seed, text, request, result))
 
     def _save(self, image, folder: str, seed: int | None, text: str, request, result: GenerationResult) -> str:
         if not request.save_images:
@@ -423,13 +427,7 @@ class Engine:
                         request, seed=seed, subseed=subseed, width=request.width or image.width,
                         height=request.height or image.height, model_name=file.stem,
                         model_hash=file.short_hash, version=VERSION, extra=extra)
-                    text = infotext.build_infotext(request.prompt, request.negative_prompt, params)
-                    image.info["parameters"] = text
-                    result.images.append(image)
-                    result.seeds.append(seed)
-                    result.subseeds.append(subseed)
-                    result.infotexts.append(text)
-                    result.paths.append(self._save(image, "img2img-images", seed, text, request, result))
+                    self._record(result, request, image, seed, subseed, params, "img2img-images")
             result.interrupted = job.control.interrupted
             return result
 

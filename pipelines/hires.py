@@ -106,9 +106,7 @@ def run(components, device, request: GenerationRequest, upscale_pixels: PixelUps
     for batch in range(request.batch_count):
         if control.interrupted:
             break
-        first = batch * request.batch_size
-        seeds = [request.seed + first + i for i in range(request.batch_size)]
-        subseeds = [request.subseed + first + i for i in range(request.batch_size)]
+        seeds, subseeds = runner.batch_seeds(request, batch)
 
         latents = runner.run_batch(components, device, request, conditioning.cond, conditioning.uncond, None,
                                    seeds, subseeds, width, height, steps.reporter(batch, 0), control,

@@ -310,6 +310,13 @@ def finish_image(generated: Image.Image, plan: InpaintPlan | None) -> Image.Imag
     return images.composite(generated, plan.original, plan.overlay_mask)
 
 
+def batch_seeds(request: GenerationRequest, batch: int) -> tuple[list[int], list[int]]:
+    """Seeds and variation seeds of one batch: image i of the whole job uses seed + i."""
+    first = batch * request.batch_size
+    return ([request.seed + first + i for i in range(request.batch_size)],
+            [request.subseed + first + i for i in range(request.batch_size)])
+
+
 def run(components, device, request: GenerationRequest, on_progress: ProgressCallback | None = None,
         control: JobControl | None = None, embeddings=(), on_step=None):
     """Generate every batch of a request whose seeds are resolved; yields BatchOutput per batch.
@@ -330,9 +337,7 @@ def run(components, device, request: GenerationRequest, on_progress: ProgressCal
     for batch in range(request.batch_count):
         if control.interrupted:
             break
-        first = batch * request.batch_size
-        seeds = [request.seed + first + i for i in range(request.batch_size)]
-        subseeds = [request.subseed + first + i for i in range(request.batch_size)]
+        seeds, subseeds = batch_seeds(request, batch)
 
         def report_step(step: int, steps: int, batch: int = batch, latents=None) -> None:
             nonlocal done_steps
