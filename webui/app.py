@@ -32,7 +32,7 @@ import gradio as gr
 
 from pipelines.request import INPAINT_FILLS, LIMITS, MAX_SEED, RESIZE_MODES, RequestError
 
-from . import convert, extensions_tab, networks_tab, upscale_tab
+from . import checkpoints_tab, convert, extensions_tab, networks_tab, upscale_tab
 from .jobs import JobRegistry
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ class WebUI:
         self.engine = engine
         self.options = options
         self.jobs = JobRegistry()
+        self.checkpoints_tab = checkpoints_tab.CheckpointsTab(engine, self._loaded_text, self._default_checkpoint)
         # tab -> {name: component}; the names are what the handlers receive.
         self.fields: dict[str, dict[str, gr.components.Component]] = {}
         self.components: dict[str, Any] = {}
@@ -280,27 +281,8 @@ class WebUI:
                               api_visibility="undocumented")
 
     def _checkpoints_tab(self, tab, checkpoint, loaded) -> None:
-        rows = self._checkpoint_rows()
-        with gr.Row():
-            refresh = gr.Button("🔄 Refresh", elem_id="checkpoints_refresh", scale=0, min_width=120)
-            choice = gr.Dropdown(choices=[r[0] for r in rows], value=None, label="Checkpoint to load",
-                                 elem_id="checkpoints_choice", scale=3)
-            load = gr.Button("Load", variant="primary", elem_id="checkpoints_load", scale=0, min_width=120)
-        table = gr.Dataframe(value=rows or None, headers=list(convert.CHECKPOINT_HEADERS), interactive=False,
-                             datatype="str", elem_id="checkpoints_table", wrap=True,
-                             column_count=len(convert.CHECKPOINT_HEADERS))
-        status = gr.Markdown("Select a row or pick a name, then **Load**.", elem_id="checkpoints_status")
-        self.components["checkpoints"] = dict(refresh=refresh, choice=choice, load=load, table=table,
-                                              status=status)
-        refresh.click(self.refresh_checkpoints, inputs_kwargs={"current": checkpoint},
-                      outputs=[table, checkpoint, choice, loaded], api_name="refresh_checkpoints")
-        table.select(self.select_checkpoint_row, outputs=choice, show_progress="hidden",
-                     api_visibility="undocumented")
-        load.click(self.load_checkpoint, inputs_kwargs={"name": choice},
-                   outputs=[checkpoint, loaded, table, status], concurrency_id=GENERATE_GROUP,
-                   concurrency_limit=1, api_name="load_checkpoint")
-        tab.select(self.show_checkpoints, outputs=[table, loaded], show_progress="hidden",
-                   api_visibility="undocumented")  # hashes appear once computed (on first load)
+        self.checkpoints_tab.build(tab, checkpoint, loaded, GENERATE_GROUP)
+        self.components["checkpoints"] = self.checkpoints_tab.components
 
     # ------------------------------------------------------------------------------------------
     # engine look-ups (never fatal for building the page)
@@ -484,31 +466,12 @@ class WebUI:
         return {header: gr.update(choices=names, value=default), self.components["loaded"]: self._loaded_text(),
                 **self._resize("txt2img", default, self._initial_checkpoint)}
 
-    def refresh_checkpoints(self, current: str | None = None):
-        infos = self._checkpoint_infos(refresh=True)
-        names = [info.name for info in infos]
-        value = current if current in names else self._default_checkpoint(names)
-        return (convert.checkpoint_rows(infos) or None, gr.update(choices=names, value=value),
-                gr.update(choices=names), self._loaded_text())
-
-    def show_checkpoints(self):
-        return self._checkpoint_rows() or None, self._loaded_text()
-
-    def select_checkpoint_row(self, evt: gr.SelectData):
-        row = evt.row_value or []
-        return row[0] if row else gr.update()
+    # the Checkpoints tab's handlers live in webui/checkpoints_tab.py
+    def refresh_checkpoints(self, current: str | None = None, query: str | None = "", sort: str | None = None):
+        return self.checkpoints_tab.refresh(current, query, sort)
 
     def load_checkpoint(self, name: str | None = None):
-        if not name:
-            raise gr.Error("Checkpoint to load: pick a checkpoint first.", print_exception=False)
-        try:
-            self.engine.load_checkpoint(name)
-        except RequestError as exc:
-            raise gr.Error(convert.error_message(exc), print_exception=False) from None
-        except Exception as exc:
-            log.exception("loading %r failed", name)
-            raise gr.Error(f"Loading {name} failed: {_describe_exception(exc)}", print_exception=False) from None
-        return name, self._loaded_text(), self._checkpoint_rows() or None, f"Loaded **{name}**."
+        return self.checkpoints_tab.load(name)
 
 
 def _slider(name: str, value: float | None = None, step: float = 1, elem_id: str | None = None) -> gr.Slider:
