@@ -251,6 +251,7 @@ class ModelSpec:
     native_resolution: int
     prediction_source: str = "family default"  # where prediction_type came from, for the UI
     ema: bool = False  # the U-Net weights are the file's EMA copy
+    declared_resolution: int | None = None  # what the file's metadata says it was trained at
 
     @property
     def description(self) -> str:
@@ -258,8 +259,18 @@ class ModelSpec:
 
     def with_prediction(self, prediction_type: str, source: str) -> "ModelSpec":
         prediction_type = normalise_prediction(prediction_type) or EPSILON
-        return replace(self, prediction_type=prediction_type, prediction_source=source,
-                       native_resolution=self.family.resolution_for(prediction_type, self.inpainting))
+        native = self.declared_resolution or self.family.resolution_for(prediction_type, self.inpainting)
+        return replace(self, prediction_type=prediction_type, prediction_source=source, native_resolution=native)
+
+
+def declared_resolution(metadata: dict[str, str]) -> int | None:
+    """The training size a file states (`sdui.native_resolution`, or the model spec's
+    `modelspec.resolution` "WxH"), so a 64 px demo model or a 768 px fine-tune opens at its size."""
+    for key in ("sdui.native_resolution", "modelspec.resolution"):
+        text = str(metadata.get(key, "")).lower().split("x")[0].strip()
+        if text.isdigit() and 64 <= int(text) <= 4096 and int(text) % 8 == 0:
+            return int(text)
+    return None
 
 
 def _indices(shapes, pattern: str) -> list[int]:
@@ -524,6 +535,7 @@ def inspect_checkpoint(header: CheckpointHeader) -> ModelSpec:
         text_encoder_configs=encoders,
         native_resolution=family.native_resolution,
         ema=_unet_ema_keys(header.shapes) is not None,
+        declared_resolution=declared_resolution(header.metadata),
     )
     return spec.with_prediction(prediction, source)
 

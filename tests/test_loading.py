@@ -147,3 +147,14 @@ def test_loading_never_touches_the_network(fp32_checkpoint, monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
     components = load_components(fp32_checkpoint)
     assert components.tokenizers[0]("a cat").input_ids == [49406, 320, 2368, 49407]
+
+
+def test_a_resolution_stated_in_the_metadata_is_the_default_size(tmp_path):
+    small = write_tiny_sd1_checkpoint(tmp_path / "demo.safetensors", metadata={"sdui.native_resolution": "64"})
+    spec = inspect_checkpoint(read_header(small))
+    assert spec.native_resolution == 64
+    spec_768 = inspect_checkpoint(read_header(write_tiny_sd1_checkpoint(
+        tmp_path / "ft.safetensors", metadata={"modelspec.resolution": "768x768"})))
+    assert spec_768.native_resolution == 768
+    odd = write_tiny_sd1_checkpoint(tmp_path / "odd.safetensors", metadata={"modelspec.resolution": "huge"})
+    assert inspect_checkpoint(read_header(odd)).native_resolution == 512
