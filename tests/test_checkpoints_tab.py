@@ -152,3 +152,20 @@ def test_select_row_picks_name_and_override(tab):
     evt = SimpleNamespace(row_value=["b_model"])
     assert tab.select_row(evt) == ("b_model", "v-prediction")
     assert tab.select_row(SimpleNamespace(row_value=["sub/a_model"])) == ("sub/a_model", "Automatic")
+
+
+def test_header_vae_dropdown_goes_into_each_request_by_name():
+    from tests.test_webui import FakeEngine, fake_request, values
+    from webui.app import build_ui
+
+    engine = FakeEngine()
+    engine.vae_choices = lambda: ["Automatic", "None", "kl-f8.safetensors"]
+    ui = build_ui(engine).webui
+    vae = ui.components["vae"]
+    assert vae.choices and [c[0] for c in vae.choices] == ["Automatic", "None", "kl-f8.safetensors"]
+    assert vae.value == "Automatic"
+    for mode in ("txt2img", "img2img"):
+        assert ui.fields[mode]["vae"] is vae  # one header component, a per-session value
+    ui.generate("txt2img", values(ui, "txt2img", vae="kl-f8.safetensors"), request=fake_request("s1"))
+    assert engine.requests[-1].vae == "kl-f8.safetensors"
+    assert [c[0] for c in build_ui(FakeEngine()).webui.components["vae"].choices] == ["Automatic", "None"]

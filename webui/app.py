@@ -100,8 +100,11 @@ class WebUI:
                     choices=checkpoints, value=default_ckpt, label="Stable Diffusion checkpoint",
                     elem_id="checkpoint", scale=3, allow_custom_value=False,
                 )
+                vaes = self._vae_choices()
+                vae = gr.Dropdown(choices=vaes, value=_pick("Automatic", vaes), label="SD VAE",
+                                  elem_id="sd_vae", scale=2, allow_custom_value=False)
                 loaded = gr.Markdown(self._loaded_text(), elem_id="loaded_line")
-            self.components.update(checkpoint=checkpoint, loaded=loaded)
+            self.components.update(checkpoint=checkpoint, vae=vae, loaded=loaded)
             native = self._native(default_ckpt)
             # Width/height follow the session's checkpoint (its native size). Gradio 6 mounts tabs
             # lazily and drops updates sent to components of a tab not on screen, so each
@@ -167,7 +170,8 @@ class WebUI:
     def _generation_tab(self, mode: str, checkpoint, loaded, native: int) -> None:
         engine = self.engine
         p = mode  # elem_id prefix
-        fields: dict[str, Any] = {"checkpoint": checkpoint}
+        # per session like the checkpoint: the header's VAE pick goes into each request by name
+        fields: dict[str, Any] = {"checkpoint": checkpoint, "vae": self.components["vae"]}
         with gr.Row(elem_id=f"{p}_toprow"):
             with gr.Column(scale=6):
                 fields["prompt"] = gr.Textbox(label="Prompt", lines=3, elem_id=f"{p}_prompt",
@@ -293,6 +297,15 @@ class WebUI:
         except Exception:
             log.exception("listing checkpoints failed")
             return []
+
+    def _vae_choices(self) -> list[str]:
+        """"Automatic", "None", then the VAE files, as the engine names them."""
+        try:
+            choices = list(self.engine.vae_choices() or [])
+        except Exception:
+            log.debug("VAE choices unavailable", exc_info=True)
+            choices = []
+        return choices or ["Automatic", "None"]
 
     def _checkpoint_names(self, refresh: bool = False) -> list[str]:
         return [info.name for info in self._checkpoint_infos(refresh)]
