@@ -234,3 +234,19 @@ def test_upscale_by_factor_and_to_size(models_dir, tmp_path):
     assert exact.images[0].size == (100, 50) and exact.paths == [""]
     with pytest.raises(ValueError, match="upscaler"):
         engine.upscale(UpscaleRequest(image=image, upscaler="Magic"))
+
+
+def test_round_trip_from_the_saved_png_gives_identical_pixels(models_dir, tmp_path):
+    from pipelines.infotext import request_fields_from_infotext
+    from pipelines.outputs import read_infotext
+
+    engine = make_engine(models_dir, tmp_path)
+    first = engine.generate(req(prompt="a (red:1.3) circle [on:under:2] a box", negative_prompt="blurry, [dark]",
+                                sampler="DPM++ 2M", schedule_type="Karras", cfg_scale=6.5, clip_skip=2,
+                                seed=-1, save_images=True))
+    fields = request_fields_from_infotext(read_infotext(first.paths[0]))
+    hints = {k: fields.pop(k) for k in ("model_name", "model_hash") if k in fields}
+    assert hints["model_name"] == "tiny"
+    again = engine.generate(GenerationRequest(**fields, checkpoint=hints["model_name"], save_images=False))
+    assert again.seeds == first.seeds
+    assert np.array_equal(pixels(again.images[0]), pixels(first.images[0]))
