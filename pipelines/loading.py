@@ -349,12 +349,19 @@ def _pooled_dim(shapes, family: Family) -> int:
 
 def infer_vae_config(shapes: dict[str, tuple], scaling_factor: float, sample_size: int = 512,
                      prefix: str = VAE_PREFIX) -> dict[str, Any]:
+    return _vae_config(shapes, prefix, scaling_factor, sample_size, down="down", block="block")
+
+
+def _vae_config(shapes, prefix: str, scaling_factor: float, sample_size: int, *, down: str,
+                block: str) -> dict[str, Any]:
+    """AutoencoderKL config from shapes; `down`/`block` name the encoder levels and their resnets
+    ("down"/"block" in original files, "down_blocks"/"resnets" in diffusers folders)."""
     p = re.escape(prefix)
-    levels = _indices(shapes, p + r"encoder\.down\.(\d+)\.")
+    levels = _indices(shapes, p + rf"encoder\.{down}\.(\d+)\.")
     if not levels:
         raise UnsupportedCheckpoint(f"no VAE weights ({prefix}encoder.*)")
-    layers = len(_indices(shapes, p + r"encoder\.down\.0\.block\.(\d+)\."))
-    channels = [shapes[prefix + f"encoder.down.{i}.block.{layers - 1}.conv2.weight"][0] for i in levels]
+    layers = len(_indices(shapes, p + rf"encoder\.{down}\.0\.{block}\.(\d+)\."))
+    channels = [shapes[prefix + f"encoder.{down}.{i}.{block}.{layers - 1}.conv2.weight"][0] for i in levels]
     return {
         "in_channels": shapes[prefix + "encoder.conv_in.weight"][1],
         "out_channels": shapes[prefix + "decoder.conv_out.weight"][0],
@@ -831,22 +838,7 @@ def load_vae(path: Path, dtype: torch.dtype, scaling_factor: float, sample_size:
 
 
 def _diffusers_vae_config(shapes, prefix: str, scaling_factor: float, sample_size: int) -> dict[str, Any]:
-    p = re.escape(prefix)
-    levels = _indices(shapes, p + r"encoder\.down_blocks\.(\d+)\.")
-    layers = len(_indices(shapes, p + r"encoder\.down_blocks\.0\.resnets\.(\d+)\."))
-    channels = [shapes[prefix + f"encoder.down_blocks.{i}.resnets.{layers - 1}.conv2.weight"][0] for i in levels]
-    return {
-        "in_channels": shapes[prefix + "encoder.conv_in.weight"][1],
-        "out_channels": shapes[prefix + "decoder.conv_out.weight"][0],
-        "down_block_types": ["DownEncoderBlock2D"] * len(levels),
-        "up_block_types": ["UpDecoderBlock2D"] * len(levels),
-        "block_out_channels": channels,
-        "layers_per_block": layers,
-        "latent_channels": shapes[prefix + "post_quant_conv.weight"][0],
-        "norm_num_groups": 32,
-        "sample_size": sample_size,
-        "scaling_factor": scaling_factor,
-    }
+    return _vae_config(shapes, prefix, scaling_factor, sample_size, down="down_blocks", block="resnets")
 
 
 # --- diffusers folders -------------------------------------------------------------------------
