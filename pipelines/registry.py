@@ -61,8 +61,8 @@ class ModelFile:
         return self.details.get("family")
 
 
-class HashCache:
-    """sha256 per file, persisted as JSON, valid while path, size and mtime match."""
+class _JsonFile:
+    """A dict persisted as one JSON file; a missing or unreadable file starts empty."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -71,6 +71,10 @@ class HashCache:
             self._entries: dict = json.loads(self.path.read_text())
         except (OSError, ValueError):
             self._entries = {}
+
+
+class HashCache(_JsonFile):
+    """sha256 per file, persisted as JSON, valid while path, size and mtime match."""
 
     def get(self, file: ModelFile) -> str | None:
         entry = self._entries.get(str(file.path))
@@ -197,16 +201,8 @@ class FolderListing:
         return self._details[key]
 
 
-class CheckpointOptions:
+class CheckpointOptions(_JsonFile):
     """Per-checkpoint user choices (keyed by listing name), persisted as JSON in the data dir."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self._lock = threading.Lock()
-        try:
-            self._entries: dict = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            self._entries = {}
 
     def get(self, name: str) -> dict:
         with self._lock:
