@@ -373,19 +373,9 @@ class WebUI:
         with self.jobs.run(session) as control:
             if on_progress:
                 on_progress(None)
-            try:
-                result = self.engine.generate(req, on_progress=on_progress, control=control, owner=session)
-            except RequestError as exc:
-                raise gr.Error(convert.error_message(exc), print_exception=False) from None
-            except gr.Error:
-                raise
-            except Exception as exc:
-                log.exception("generation failed")
-                raise gr.Error(f"Generation failed: {_describe_exception(exc)}", print_exception=False) from None
-        for warning in getattr(result, "warnings", None) or []:
-            gr.Warning(str(warning))
-        if getattr(result, "interrupted", False):
-            gr.Info("Interrupted: showing what was finished.")
+            result = call_engine("Generation", lambda: self.engine.generate(
+                req, on_progress=on_progress, control=control, owner=session))
+        show_notices(result)
         images = _gallery_items(result)
         infotexts = list(result.infotexts or [])
         last = {"seeds": list(result.seeds or []), "infotexts": infotexts, "selected": 0}
@@ -504,6 +494,28 @@ def _pick(preferred: str, choices: list[str]) -> str | None:
     if preferred in choices:
         return preferred
     return choices[0] if choices else None
+
+
+def call_engine(what: str, call: Callable[[], Any]) -> Any:
+    """Run an engine call; its errors reach the user as a gr.Error naming the field (bad
+    request) or saying what failed, never as a traceback."""
+    try:
+        return call()
+    except RequestError as exc:
+        raise gr.Error(convert.error_message(exc), print_exception=False) from None
+    except gr.Error:
+        raise
+    except Exception as exc:
+        log.exception("%s failed", what)
+        raise gr.Error(f"{what} failed: {_describe_exception(exc)}", print_exception=False) from None
+
+
+def show_notices(result: Any) -> None:
+    """The result's warnings as toasts, and a note when the job was interrupted."""
+    for warning in getattr(result, "warnings", None) or []:
+        gr.Warning(str(warning))
+    if getattr(result, "interrupted", False):
+        gr.Info("Interrupted: showing what was finished.")
 
 
 def _describe_exception(exc: BaseException) -> str:

@@ -162,7 +162,7 @@ def upscale_request(fields: dict[str, Any]) -> UpscaleRequest:
 
 def make_handler(webui: Any) -> Callable[..., tuple]:
     def upscale(request: gr.Request = None, progress=gr.Progress(), **fields):
-        from .app import _describe_exception, _gallery_items, _progress_reporter
+        from .app import _gallery_items, _progress_reporter, call_engine, show_notices
 
         try:
             req = upscale_request(fields)
@@ -171,19 +171,9 @@ def make_handler(webui: Any) -> Callable[..., tuple]:
         session = getattr(request, "session_hash", None)
         on_progress = _progress_reporter(progress) if request is not None else None
         with webui.jobs.run(session) as control:
-            try:
-                result = webui.engine.upscale(req, owner=session, on_progress=on_progress, control=control)
-            except RequestError as exc:
-                raise gr.Error(convert.error_message(exc), print_exception=False) from None
-            except gr.Error:
-                raise
-            except Exception as exc:
-                log.exception("upscale failed")
-                raise gr.Error(f"Upscale failed: {_describe_exception(exc)}", print_exception=False) from None
-        for warning in getattr(result, "warnings", None) or []:
-            gr.Warning(str(warning))
-        if getattr(result, "interrupted", False):
-            gr.Info("Interrupted: showing what was finished.")
+            result = call_engine("Upscale", lambda: webui.engine.upscale(
+                req, owner=session, on_progress=on_progress, control=control))
+        show_notices(result)
         infotexts = list(result.infotexts or [])
         info = infotexts[0] if infotexts else ""
         if not info and result.images:
@@ -238,7 +228,7 @@ def make_sd_upscale_handler(webui: Any) -> Callable[..., tuple]:
                    sd_upscaler="Lanczos", sd_scale=2.0, sd_overlap=64, **fields):
         from pipelines.request import GenerationRequest
 
-        from .app import _describe_exception, _gallery_items, _progress_reporter
+        from .app import _gallery_items, _progress_reporter, call_engine, show_notices
 
         if image is None:
             raise gr.Error("Input image: choose an image first (Single image).", print_exception=False)
@@ -255,17 +245,9 @@ def make_sd_upscale_handler(webui: Any) -> Callable[..., tuple]:
         session = getattr(request, "session_hash", None)
         on_progress = _progress_reporter(progress) if request is not None else None
         with webui.jobs.run(session) as control:
-            try:
-                result = webui.engine.sd_upscale(req, upscaler=sd_upscaler, scale=float(sd_scale),
-                                                 overlap=int(sd_overlap), on_progress=on_progress,
-                                                 control=control, owner=session)
-            except RequestError as exc:
-                raise gr.Error(convert.error_message(exc), print_exception=False) from None
-            except gr.Error:
-                raise
-            except Exception as exc:
-                log.exception("SD upscale failed")
-                raise gr.Error(f"SD upscale failed: {_describe_exception(exc)}", print_exception=False) from None
+            result = call_engine("SD upscale", lambda: webui.engine.sd_upscale(
+                req, upscaler=sd_upscaler, scale=float(sd_scale), overlap=int(sd_overlap),
+                on_progress=on_progress, control=control, owner=session))
         infotexts = list(result.infotexts or [])
         return _gallery_items(result), (infotexts[0] if infotexts else "")
 
