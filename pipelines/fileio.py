@@ -14,11 +14,22 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def _process_umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; done once, at import
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates 0600 files; a saved image or model must get what open() would give it.
+NEW_FILE_MODE = 0o666 & ~_process_umask()
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, keep_mode: bool = False) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; on success it is fsynced and renamed
     onto `path`, on any error it is removed. `keep_mode`: the new file keeps the old one's
-    permissions (for files the user may have chmod'ed, like styles.csv)."""
+    permissions (for files the user may have chmod'ed, like styles.csv); otherwise it gets the
+    usual mode of a new file (0644 under the common umask), not mkstemp's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -28,11 +39,13 @@ def atomic_path(path: str | os.PathLike, keep_mode: bool = False) -> Iterator[Pa
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        mode = NEW_FILE_MODE
         if keep_mode:
             try:
-                os.chmod(tmp, path.stat().st_mode & 0o777)
+                mode = path.stat().st_mode & 0o777
             except FileNotFoundError:
-                os.chmod(tmp, 0o644)
+                pass
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

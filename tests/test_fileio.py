@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from pipelines.fileio import atomic_path, write_bytes_atomic, write_json_atomic
@@ -32,3 +34,16 @@ def test_keep_mode_preserves_permissions(tmp_path):
     target.chmod(0o600)
     write_bytes_atomic(target, b"new", keep_mode=True)
     assert target.read_bytes() == b"new" and target.stat().st_mode & 0o777 == 0o600
+
+
+def test_new_files_get_the_usual_permissions_not_mkstemps_private_ones(tmp_path):
+    # a saved image must be readable by whatever serves or syncs the outputs folder
+    target = tmp_path / "00001-1.png"
+    write_bytes_atomic(target, b"png")
+    assert target.stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
