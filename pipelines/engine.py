@@ -39,6 +39,7 @@ def describe_checkpoint(path: Path) -> dict:
         "family": spec.description,
         "resolution": spec.native_resolution,
         "prediction": spec.prediction_type,
+        "demo": header.metadata.get("sdui.demo") == "true",  # the shipped demo model: the UI says so
         "metadata": {k: v for k, v in header.metadata.items() if len(v) < 2000},
     }
 
@@ -51,7 +52,8 @@ class Engine:
         folders = {kind: self.paths.folder(kind) for kind in MODEL_KINDS}
         self.registry = ModelRegistry(folders, HashCache(Path(self.paths.data_dir) / "hashes.json"),
                                       describers={"checkpoints": describe_checkpoint,
-                                                  "esrgan": upscalers.describe_model_file})
+                                                  "esrgan": upscalers.describe_model_file},
+                                      fallbacks={kind: self.paths.fallback(kind) for kind in MODEL_KINDS})
         budget = int(self.settings.ram_budget_gb * GB) if self.settings.ram_budget_gb else None
         self.manager = ModelManager(self.placement, budget)
         self.queue = JobQueue()  # one fair queue for the UI, the API and scripts

@@ -113,11 +113,15 @@ class HashCache(_JsonFile):
 
 
 class FolderListing:
-    """Files of one model kind; re-walked only when some folder's mtime changed."""
+    """Files of one model kind; re-walked only when some folder's mtime changed.
+
+    `fallback`: a folder listed instead while `root` holds none of these files (the shipped
+    demo checkpoint); the user's first file replaces it at the next listing."""
 
     def __init__(self, root: Path, extensions: tuple[str, ...], describe: Callable[[Path], dict] | None = None,
-                 hide_sidecars: bool = False, folder_marker: str | None = None):
+                 hide_sidecars: bool = False, folder_marker: str | None = None, fallback: Path | None = None):
         self.root = Path(root)
+        self.fallback = Path(fallback) if fallback is not None else None
         self.extensions = extensions
         self.describe = describe
         self.hide_sidecars = hide_sidecars  # checkpoints: `<name>.vae.*` files belong to their checkpoint
@@ -143,32 +147,40 @@ class FolderListing:
 
     def _rescan(self) -> None:
         dir_mtimes: dict[str, float] = {}
-        found: list[ModelFile] = []
-        if self.root.is_dir():
-            for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                dir_mtimes[dirpath] = os.stat(dirpath).st_mtime
-                if self.folder_marker and self.folder_marker in filenames and Path(dirpath) != self.root:
-                    dirnames[:] = []  # a diffusers folder is one model
-                    found.append(self._folder_entry(Path(dirpath)))
-                    continue
-                for filename in sorted(filenames):
-                    if not filename.lower().endswith(self.extensions) or filename.startswith("."):
-                        continue
-                    if self.hide_sidecars and self._is_sidecar(filename):
-                        continue
-                    path = Path(dirpath) / filename
-                    try:
-                        st = path.stat()
-                    except OSError:
-                        continue
-                    name = path.relative_to(self.root).as_posix()
-                    found.append(ModelFile(name=name, path=path, size=st.st_size, mtime=st.st_mtime,
-                                           details=self._describe(path, st)))
+        found = self._walk(self.root, dir_mtimes)
+        if not self.root.is_dir():
+            dir_mtimes[str(self.root)] = -1.0  # never matches: a folder created later is noticed
+        if not found and self.fallback is not None:
+            found = self._walk(self.fallback, dir_mtimes)
         found.sort(key=lambda f: f.name.lower())
         self._dir_mtimes, self._files = dir_mtimes, found
 
-    def _folder_entry(self, folder: Path) -> ModelFile:
+    def _walk(self, root: Path, dir_mtimes: dict[str, float]) -> list[ModelFile]:
+        found: list[ModelFile] = []
+        if not root.is_dir():
+            return found
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            dir_mtimes[dirpath] = os.stat(dirpath).st_mtime
+            if self.folder_marker and self.folder_marker in filenames and Path(dirpath) != root:
+                dirnames[:] = []  # a diffusers folder is one model
+                found.append(self._folder_entry(root, Path(dirpath)))
+                continue
+            for filename in sorted(filenames):
+                if not filename.lower().endswith(self.extensions) or filename.startswith("."):
+                    continue
+                if self.hide_sidecars and self._is_sidecar(filename):
+                    continue
+                path = Path(dirpath) / filename
+                try:
+                    st = path.stat()
+                except OSError:
+                    continue
+                found.append(ModelFile(name=path.relative_to(root).as_posix(), path=path, size=st.st_size,
+                                       mtime=st.st_mtime, details=self._describe(path, st)))
+        return found
+
+    def _folder_entry(self, root: Path, folder: Path) -> ModelFile:
         size, mtime = 0, 0.0
         for dirpath, _, filenames in os.walk(folder):
             for filename in filenames:
@@ -181,7 +193,7 @@ class FolderListing:
         st = os.stat(folder)
         fake = os.stat_result((st.st_mode, st.st_ino, st.st_dev, st.st_nlink, st.st_uid, st.st_gid, size,
                                int(mtime), int(mtime), int(mtime)))
-        return ModelFile(name=folder.relative_to(self.root).as_posix(), path=folder, size=size, mtime=mtime,
+        return ModelFile(name=folder.relative_to(root).as_posix(), path=folder, size=size, mtime=mtime,
                          details=self._describe(folder, fake))
 
     @staticmethod
@@ -231,12 +243,14 @@ class ModelRegistry:
 
     def __init__(self, folders: dict[str, Path], hash_cache: HashCache,
                  describers: dict[str, Callable[[Path], dict]] | None = None,
-                 options: CheckpointOptions | None = None):
+                 options: CheckpointOptions | None = None, fallbacks: dict[str, Path | None] | None = None):
         describers = describers or {}
+        fallbacks = fallbacks or {}
         self.listings = {
             kind: FolderListing(folders[kind], MODEL_KINDS[kind].extensions, describers.get(kind),
                                 hide_sidecars=kind == "checkpoints",
-                                folder_marker="model_index.json" if kind == "checkpoints" else None)
+                                folder_marker="model_index.json" if kind == "checkpoints" else None,
+                                fallback=fallbacks.get(kind))
             for kind in MODEL_KINDS
         }
         self.hashes = hash_cache

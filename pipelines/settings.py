@@ -20,6 +20,7 @@ class Paths:
     embeddings_dir: Path | None = None
     data_dir: Path = REPO_ROOT / "data"  # caches (hashes) and user data
     outdir: Path = REPO_ROOT / "outputs"
+    demo_dir: Path | None = DEMO_CHECKPOINT_DIR  # None: no demo fallback (tests of an empty folder)
 
     def folder(self, kind: str) -> Path:
         """The folder of a model kind, honouring the per-kind overrides."""
@@ -36,20 +37,10 @@ class Paths:
 
         return Path(self.models_dir) / MODEL_KINDS[kind].folder
 
-    def checkpoint_search_path(self) -> tuple[Path, ...]:
-        """Where a default checkpoint is looked for, in order: the user's checkpoint folder,
-        then the package's demo folder (pipelines/demo/, absent until a demo model ships)."""
-        return (self.folder("checkpoints"), DEMO_CHECKPOINT_DIR)
-
-    def first_checkpoint_folder(self) -> Path | None:
-        """The first folder of the search path holding a checkpoint file or diffusers folder
-        (nothing is read), or None when there is none anywhere."""
-        for folder in self.checkpoint_search_path():
-            if Path(folder).is_dir() and any(
-                    p.name == "model_index.json" or (p.suffix in (".safetensors", ".ckpt") and ".vae." not in p.name)
-                    for p in Path(folder).rglob("*")):
-                return Path(folder)
-        return None
+    def fallback(self, kind: str) -> Path | None:
+        """Listed in place of a kind's folder while that folder holds none of its files: the
+        shipped demo model stands in for checkpoints until the user adds one."""
+        return self.demo_dir if kind == "checkpoints" else None
 
 
 @dataclass(frozen=True)

@@ -130,24 +130,22 @@ def test_space_auth_guards_the_api_too():
     assert cli.api_credentials(args, space=True) == [("ann", "pw")]
 
 
-def test_checkpoint_search_path_ends_in_the_package_demo_folder(tmp_path, monkeypatch):
-    import pipelines.settings as settings
+def test_the_demo_folder_stands_in_until_the_user_has_a_checkpoint(tmp_path):
+    from pipelines.registry import FolderListing
 
-    demo = tmp_path / "demo"
-    monkeypatch.setattr(settings, "DEMO_CHECKPOINT_DIR", demo)
-    paths = settings.Paths(models_dir=tmp_path / "models")
-    assert paths.checkpoint_search_path() == (tmp_path / "models" / "Stable-diffusion", demo)
-    assert paths.first_checkpoint_folder() is None
+    user, demo = tmp_path / "models" / "Stable-diffusion", tmp_path / "demo"
     demo.mkdir()
     (demo / "demo.safetensors").write_bytes(b"x")
-    assert paths.first_checkpoint_folder() == demo  # nothing of the user's: the shipped demo
+    listing = FolderListing(user, (".safetensors",), fallback=demo)
+    assert [f.name for f in listing.files()] == ["demo.safetensors"]  # no user folder yet
+    user.mkdir(parents=True)
+    assert [f.path for f in listing.files()] == [demo / "demo.safetensors"]  # empty user folder
+    (user / "mine.safetensors").write_bytes(b"x")
+    assert [f.name for f in listing.files()] == ["mine.safetensors"]  # noticed without a refresh
     args = cli.parse_args(["--models-dir", str(tmp_path / "models")])
-    assert cli.paths_from_args(args).folder("checkpoints") == demo
-    user = tmp_path / "models" / "Stable-diffusion" / "mine.safetensors"
-    user.parent.mkdir(parents=True)
-    user.write_bytes(b"x")
-    assert paths.first_checkpoint_folder() == user.parent  # the user's own checkpoints come first
-    assert cli.paths_from_args(args).folder("checkpoints") == user.parent
+    paths = cli.paths_from_args(args)
+    assert paths.folder("checkpoints") == user  # new files still go to the user's folder
+    assert paths.fallback("checkpoints") == paths.demo_dir and paths.fallback("vae") is None
 
 
 # --- limits -----------------------------------------------------------------------------------

@@ -104,7 +104,8 @@ class WebUI:
                 vae = gr.Dropdown(choices=vaes, value=_pick("Automatic", vaes), label="SD VAE",
                                   elem_id="sd_vae", scale=2, allow_custom_value=False)
                 loaded = gr.Markdown(self._loaded_text(), elem_id="loaded_line")
-            self.components.update(checkpoint=checkpoint, vae=vae, loaded=loaded)
+            demo_note = gr.Markdown(self.demo_note(default_ckpt), elem_id="demo_note")
+            self.components.update(checkpoint=checkpoint, vae=vae, loaded=loaded, demo_note=demo_note)
             native = self._native(default_ckpt)
             # Width/height follow the session's checkpoint (its native size). Gradio 6 mounts tabs
             # lazily and drops updates sent to components of a tab not on screen, so each
@@ -149,6 +150,9 @@ class WebUI:
             checkpoint.input(self.on_checkpoint_pick, inputs_kwargs={"checkpoint": checkpoint,
                                                                      "current_tab": current_tab},
                              outputs=sizing, show_progress="hidden", api_visibility="undocumented")
+            # .change: whatever set the checkpoint (a pick, Load, Read parameters, a page load)
+            checkpoint.change(self.demo_note, inputs=checkpoint, outputs=demo_note, queue=False,
+                              show_progress="hidden", api_visibility="undocumented")
             # A new page gets the current list (it may have been refreshed since build time).
             blocks.load(self.on_page_load, outputs=[checkpoint, loaded, *self._sizing_components("txt2img")],
                         show_progress="hidden", api_visibility="undocumented")
@@ -322,6 +326,16 @@ class WebUI:
         if name in names:
             return name
         return names[0] if names else None
+
+    def demo_note(self, checkpoint: str | None = None) -> str:
+        info = next((i for i in self._checkpoint_infos() if i.name == checkpoint), None)
+        if info is None:
+            return ""
+        try:
+            folder = self.engine.paths.folder("checkpoints")
+        except Exception:
+            folder = "models/Stable-diffusion"
+        return convert.demo_note(info, folder)
 
     def _native(self, checkpoint: str | None) -> int:
         try:

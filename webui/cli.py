@@ -123,7 +123,7 @@ def paths_from_args(args: argparse.Namespace, space: bool = False) -> Paths:
         from pipelines.space import space_paths
 
         outdir, data_dir = space_paths(args)  # /data (persistent storage) when mounted
-    paths = Paths(
+    return Paths(
         models_dir=Path(models_dir),
         ckpt_dir=args.ckpt_dir,
         vae_dir=args.vae_dir,
@@ -133,13 +133,6 @@ def paths_from_args(args: argparse.Namespace, space: bool = False) -> Paths:
         data_dir=data_dir,
         outdir=outdir,
     )
-    if args.ckpt_dir is None:
-        from dataclasses import replace
-
-        found = paths.first_checkpoint_folder()  # the user's folder, else the package's demo folder
-        if found is not None and found != paths.folder("checkpoints"):
-            paths = replace(paths, ckpt_dir=found)
-    return paths
 
 
 def settings_from_args(args: argparse.Namespace, space: bool = False) -> EngineSettings:

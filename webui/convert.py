@@ -225,6 +225,19 @@ def loaded_line(names: Iterable[str]) -> str:
     return "**Loaded:** " + (", ".join(names) if names else "nothing yet (loads on first use)")
 
 
+def demo_note(info: Any, user_folder: Any) -> str:
+    """A line under the header while the session's checkpoint is the shipped demo model:
+    what it is, a prompt it knows, and where real checkpoints go."""
+    details = getattr(info, "details", None) or {}
+    if not details.get("demo"):
+        return ""
+    size = details.get("resolution") or 64
+    example = details.get("trigger_words") or "a red circle on a blue background"
+    return (f"🧪 **Demo model** ({details.get('title') or info.name}): trained by this project on coloured "
+            f"shapes at {size}×{size}, so everything works before you add a model. Try *{example}*. "
+            f"Put your own `.safetensors` checkpoints in `{user_folder}`: they replace the demo in the list.")
+
+
 def engine_line(description: Mapping[str, Any] | None) -> str:
     if not description:
         return ""
