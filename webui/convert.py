@@ -233,9 +233,9 @@ def demo_note(info: Any, user_folder: Any) -> str:
         return ""
     size = details.get("resolution") or 64
     example = details.get("trigger_words") or "a red circle on a blue background"
-    return (f"🧪 **Demo model** ({details.get('title') or info.name}): trained by this project on coloured "
-            f"shapes at {size}×{size}, so everything works before you add a model. Try *{example}*. "
-            f"Put your own `.safetensors` checkpoints in `{user_folder}`: they replace the demo in the list.")
+    return (f"**Demo model** `{info.name}` ({size}×{size}), trained by this project so that everything works "
+            f"before you add a model. It knows coloured shapes: try *{example}*. Put your own `.safetensors` "
+            f"checkpoints in `{user_folder}`: they replace the demo in the list.")
 
 
 def engine_line(description: Mapping[str, Any] | None) -> str:
