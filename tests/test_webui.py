@@ -149,7 +149,7 @@ def test_build_ui_has_the_tabs_header_and_footer(engine):
     blocks = build_ui(engine)
     assert isinstance(blocks, gr.Blocks)
     labels = [block.label for block in blocks.blocks.values() if isinstance(block, gr.Tab)]
-    assert labels == ["txt2img", "img2img", "Inpaint", "Upscale", "Checkpoints"]
+    assert labels == ["txt2img", "img2img", "Inpaint", "Upscale", "PNG Info", "Checkpoints"]
     ui = blocks.webui
     header = ui.components["checkpoint"]
     assert header.choices == [("sd15", "sd15"), ("sdxl", "sdxl")]
@@ -366,7 +366,8 @@ def test_read_parameters_fills_fields_by_name(ui, engine):
     assert got == {"prompt": "a castle", "negative_prompt": "fog", "steps": 33, "sampler": "Euler",
                    "schedule_type": "Karras", "cfg_scale": 5.5, "seed": 77, "width": 640, "height": 384,
                    "denoising_strength": 0.3, "mask_blur": 9, "inpaint_area": "Only masked",
-                   "mask_mode": "Inpaint not masked", "checkpoint": "sd15"}
+                   "mask_mode": "Inpaint not masked", "checkpoint": "sd15",
+                   "clip_skip": 1}  # absent in the text: A1111 leaves it out at 1
     assert set(updates) <= set(fields.values()) | {ui.components["inpaint"]["sized_for"]}
     assert updates[ui.components["inpaint"]["sized_for"]] == "sd15"
     # txt2img has no denoising/mask fields: they are simply not touched

@@ -32,7 +32,7 @@ import gradio as gr
 
 from pipelines.request import INPAINT_FILLS, LIMITS, MAX_SEED, RESIZE_MODES, RequestError
 
-from . import checkpoints_tab, convert, extensions_tab, networks_tab, upscale_tab
+from . import checkpoints_tab, convert, extensions_tab, networks_tab, pnginfo_tab, upscale_tab
 from .jobs import JobRegistry
 
 log = logging.getLogger(__name__)
@@ -103,9 +103,15 @@ class WebUI:
                 vaes = self._vae_choices()
                 vae = gr.Dropdown(choices=vaes, value=_pick("Automatic", vaes), label="SD VAE",
                                   elem_id="sd_vae", scale=2, allow_custom_value=False)
+                # A1111 keeps clip skip beside the checkpoint too; per session, sent with each request
+                low, high = LIMITS["clip_skip"]
+                clip_skip = gr.Slider(low, high, value=convert.request_default("clip_skip"), step=1,
+                                      label=convert.LABELS["clip_skip"], elem_id="clip_skip", scale=1,
+                                      min_width=180)
                 loaded = gr.Markdown(self._loaded_text(), elem_id="loaded_line")
             demo_note = gr.Markdown(self.demo_note(default_ckpt), elem_id="demo_note")
-            self.components.update(checkpoint=checkpoint, vae=vae, loaded=loaded, demo_note=demo_note)
+            self.components.update(checkpoint=checkpoint, vae=vae, clip_skip=clip_skip, loaded=loaded,
+                                   demo_note=demo_note)
             native = self._native(default_ckpt)
             # Width/height follow the session's checkpoint (its native size). Gradio 6 mounts tabs
             # lazily and drops updates sent to components of a tab not on screen, so each
@@ -114,13 +120,15 @@ class WebUI:
             current_tab = gr.State("txt2img")
             self.components["current_tab"] = current_tab
             tabs: dict[str, gr.Tab] = {}
-            with gr.Tabs(elem_id="tabs"):
+            with gr.Tabs(elem_id="tabs") as tab_switcher:
                 for mode, label in (("txt2img", "txt2img"), ("img2img", "img2img"), ("inpaint", "Inpaint")):
                     with gr.Tab(label, id=mode, elem_id=f"tab_{mode}") as tabs[mode]:
                         self._generation_tab(mode, checkpoint, loaded, native)
                         self.components[mode]["sized_for"] = gr.State(default_ckpt)
                 with gr.Tab("Upscale", id="upscale", elem_id="tab_upscale") as tabs["upscale"]:
                     self.upscale = upscale_tab.build(self)
+                with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo") as tabs["pnginfo"]:
+                    pnginfo_tab.build(self, tab_switcher)  # after the tabs its "Send to" buttons fill
                 with gr.Tab("Checkpoints", id="checkpoints", elem_id="tab_checkpoints") as tabs["checkpoints"]:
                     self._checkpoints_tab(tabs["checkpoints"], checkpoint, loaded)
                 extensions_tab.build_tabs(self, tabs, blocks)  # extensions' own tabs, then the Extensions tab
@@ -174,8 +182,9 @@ class WebUI:
     def _generation_tab(self, mode: str, checkpoint, loaded, native: int) -> None:
         engine = self.engine
         p = mode  # elem_id prefix
-        # per session like the checkpoint: the header's VAE pick goes into each request by name
-        fields: dict[str, Any] = {"checkpoint": checkpoint, "vae": self.components["vae"]}
+        # per session like the checkpoint: the header's VAE and clip skip go into each request by name
+        fields: dict[str, Any] = {"checkpoint": checkpoint, "vae": self.components["vae"],
+                                  "clip_skip": self.components["clip_skip"]}
         with gr.Row(elem_id=f"{p}_toprow"):
             with gr.Column(scale=6):
                 fields["prompt"] = gr.Textbox(label="Prompt", lines=3, elem_id=f"{p}_prompt",

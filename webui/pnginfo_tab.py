@@ -1,0 +1,152 @@
+"""The PNG Info tab: drop an image, see how it was made, send its settings to a tab.
+
+`build(webui, tabs)` lays out the tab inside the `gr.Tab` the app opened; `tabs` is the
+`gr.Tabs` the "Send to" buttons switch. Reading is `pipelines.metadata_read` (this app's,
+A1111's, ComfyUI's, InvokeAI's and Fooocus' metadata, all in A1111 terms); sending reuses the
+"Read parameters" path (`WebUI.read_parameters`) on the A1111 text shown in the tab, so
+whatever the user edits there is what gets sent.
+
+The image arrives as the uploaded file's path (`type="filepath"`): Gradio then hands over
+the file as uploaded, with its text chunks and EXIF intact.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import gradio as gr
+from PIL import Image, UnidentifiedImageError
+
+from pipelines.metadata_read import ImageMetadata, read_image_metadata
+
+from . import convert
+
+log = logging.getLogger(__name__)
+
+NOTHING_FOUND = "No generation parameters found in this image."
+TARGETS = (("txt2img", "Send to txt2img"), ("img2img", "Send to img2img"), ("inpaint", "Send to Inpaint"),
+           ("upscale", "Send to Upscale"))
+# What the SD upscale accordion takes from an image's parameters (its size, seed and
+# denoising strength mean other things there).
+SD_UPSCALE_FIELDS = ("prompt", "negative_prompt", "sampler", "steps", "cfg_scale")
+
+
+def describe(path: str | None) -> tuple[str, list[list[str]], str, str]:
+    """(summary line, [field, value] rows, A1111 parameters text, raw metadata) for a file."""
+    if not path:
+        return "", [], "", ""
+    try:
+        meta = read_image_metadata(path)
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        log.info("PNG Info cannot read %s: %s", path, exc)
+        return "**Not an image this tab can read.**", [], "", ""
+    rows = [[key, value] for key, value in meta.fields.items() if not _derived(key, meta.fields)]
+    return summary(meta), rows, meta.infotext, meta.raw
+
+
+def _derived(key: str, fields: dict[str, str]) -> bool:
+    """"Size-1"/"Size-2": the parser's split of "Size", not something the image says."""
+    return key[-2:] in ("-1", "-2") and key[:-2] in fields
+
+
+def summary(meta: ImageMetadata) -> str:
+    if not meta.found:
+        return f"**{NOTHING_FOUND}**" + (" Its other metadata is shown below." if meta.raw else "")
+    return f"**Format:** {meta.format}"
+
+
+def build(webui: Any, tabs: gr.Tabs) -> None:
+    with gr.Row(equal_height=False):
+        with gr.Column():
+            image = gr.Image(label="Image (PNG, JPEG or WebP)", type="filepath", image_mode=None,
+                             sources=["upload", "clipboard"], height=420, elem_id="pnginfo_image")
+            with gr.Row():
+                buttons = {mode: gr.Button(label, elem_id=f"pnginfo_send_{mode}", size="sm")
+                           for mode, label in TARGETS}
+        with gr.Column():
+            found = gr.Markdown("", elem_id="pnginfo_format")
+            table = gr.Dataframe(headers=["Field", "Value"], datatype=["str", "str"], column_count=2,
+                                 interactive=False, wrap=True, elem_id="pnginfo_fields", label="Parameters")
+            infotext = gr.Textbox(label="As A1111 parameters (what Send to uses)", lines=4,
+                                  elem_id="pnginfo_infotext", buttons=["copy"])
+            with gr.Accordion("Raw metadata", open=False, elem_id="pnginfo_raw_accordion"):
+                raw = gr.Textbox(label="Raw metadata", lines=8, max_lines=30, interactive=False,
+                                 elem_id="pnginfo_raw", buttons=["copy"])
+    webui.components["pnginfo"] = dict(image=image, found=found, table=table, infotext=infotext, raw=raw,
+                                       buttons=buttons)
+    image.change(describe, inputs=image, outputs=[found, table, infotext, raw], show_progress="hidden",
+                 api_name="pnginfo")
+    checkpoint, current_tab = webui.components["checkpoint"], webui.components["current_tab"]
+    for mode, button in buttons.items():
+        targets = _target_components(webui, mode)
+        # Switch first, then fill: Gradio drops values sent to a tab that is not mounted.
+        button.click(_constant_tab(mode), outputs=[tabs, current_tab], show_progress="hidden",
+                     api_visibility="undocumented").then(
+            send_handler(webui, mode), inputs_kwargs={"text": infotext, "image": image, "checkpoint": checkpoint},
+            outputs=targets, show_progress="hidden", api_visibility="undocumented")
+
+
+def _constant_tab(mode: str):
+    def select():
+        return gr.Tabs(selected=mode), mode
+
+    select.__name__ = f"pnginfo_show_{mode}"
+    return select
+
+
+def _target_components(webui: Any, mode: str) -> list:
+    if mode == "upscale":
+        sd = webui.fields["sd_upscale"]
+        return [webui.fields["upscale"]["image"], sd["checkpoint"], *(sd[name] for name in SD_UPSCALE_FIELDS)]
+    fields, parts = webui.fields[mode], webui.components[mode]
+    return list(dict.fromkeys([*fields.values(), parts["sized_for"]]))
+
+
+def send_handler(webui: Any, mode: str):
+    def send(text: str | None = None, image: str | None = None, checkpoint: str | None = None) -> dict:
+        return send_values(webui, mode, text, image, checkpoint)
+
+    send.__name__ = f"pnginfo_send_{mode}"
+    return send
+
+
+def send_values(webui: Any, mode: str, text: str | None, image: str | None, checkpoint: str | None) -> dict:
+    """{component: value} filling the target tab from an A1111 text, the image going to its
+    input image (img2img, inpaint, upscale)."""
+    if mode == "upscale":
+        updates = _upscale_values(webui, text, checkpoint)
+    else:
+        updates = webui.read_parameters(mode, text or "", None, checkpoint) if (text or "").strip() else {}
+    if image and mode != "txt2img":
+        updates.update(_image_value(webui, mode, image))
+    if not updates:
+        gr.Info(NOTHING_FOUND)
+    return updates
+
+
+def _image_value(webui: Any, mode: str, path: str) -> dict:
+    try:
+        with Image.open(path) as opened:
+            picture = convert.flatten(opened)
+    except (OSError, UnidentifiedImageError) as exc:
+        gr.Warning(f"The image could not be opened: {exc}")
+        return {}
+    if mode == "inpaint":
+        editor = {"background": picture, "layers": [], "composite": picture}
+        return {webui.fields["inpaint"]["inpaint_image"]: editor}
+    if mode == "upscale":
+        return {webui.fields["upscale"]["image"]: picture}
+    return {webui.fields[mode]["init_image"]: picture}
+
+
+def _upscale_values(webui: Any, text: str | None, checkpoint: str | None) -> dict:
+    """The SD upscale accordion's prompt and sampling settings (and the header checkpoint)."""
+    values = convert.ui_values_from_infotext(text or "", names=webui._checkpoint_infos())
+    if values is None:
+        return {}
+    sd = webui.fields["sd_upscale"]
+    updates = {sd[name]: values[name] for name in SD_UPSCALE_FIELDS if name in values}
+    if values.get("checkpoint") and values["checkpoint"] != checkpoint:
+        updates[sd["checkpoint"]] = values["checkpoint"]
+    return updates
