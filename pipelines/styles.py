@@ -21,6 +21,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .fileio import write_bytes_atomic
 
@@ -32,6 +33,7 @@ __all__ = [
     "extract_styles",
     "merge_prompt",
     "read_styles",
+    "style_database",
 ]
 
 PLACEHOLDER = "{prompt}"
@@ -315,3 +317,19 @@ class StyleDatabase:
         _write_table(self.path, self._table)
         self._styles = _styles_of(self._table)
         self._stamp = self._file_stamp()
+
+
+def style_database(engine: Any) -> StyleDatabase | None:
+    """The engine's styles.csv (A1111 keeps it beside its data; we use --data-dir), one
+    database per engine, shared by the UI and the API; None for an engine without a data dir."""
+    db = getattr(engine, "_style_database", None)
+    if db is None:
+        data_dir = getattr(getattr(engine, "paths", None), "data_dir", None)
+        if data_dir is None:
+            return None
+        db = StyleDatabase(Path(data_dir) / "styles.csv")
+        try:
+            engine._style_database = db
+        except AttributeError:
+            pass
+    return db

@@ -26,6 +26,7 @@ from pipelines.images import prepare_mask
 from pipelines.jobs import JobQueue
 from pipelines.progress import JobControl
 from pipelines.request import GenerationRequest
+from pipelines.styles import style_database
 from webui.api import ApiOptions, create_app, mount_api
 
 from conftest import make_engine
@@ -445,3 +446,28 @@ def test_mount_api_goes_before_a_catch_all_and_protects_the_docs(engine):
         assert requests.get(url + "/openapi.json", timeout=10).status_code == 401
         models = requests.get(url + "/sdapi/v1/sd-models", auth=("u", "p"), timeout=10)
         assert models.status_code == 200 and len(models.json()) == 2
+
+
+def test_styles_apply_to_the_prompts_and_unknown_names_are_422(base_url, engine):
+    database = style_database(engine)
+    database.save_style("api-moody", "{prompt}, dark, moody", "bright")
+    database.save_style("api-frame", "ornate frame", "")
+    body = {**SMALL, "prompt": "a cat", "negative_prompt": "blurry", "seed": 3, "sampler_name": "Euler",
+            "styles": ["api-moody", "api-frame"]}
+    response = post(base_url, "txt2img", body)
+    assert response.status_code == 200, response.text
+    info = json.loads(response.json()["info"])
+    assert (info["prompt"], info["negative_prompt"]) == ("a cat, dark, moody, ornate frame", "blurry, bright")
+    assert info["styles"] == ["api-moody", "api-frame"]
+    assert info["infotexts"][0].startswith("a cat, dark, moody, ornate frame\nNegative prompt: blurry, bright\n")
+    assert not any("styles" in warning for warning in info["warnings"])
+    # the same pixels as sending the styled prompts themselves
+    written_out = post(base_url, "txt2img", {**body, "styles": [], "prompt": info["prompt"],
+                                             "negative_prompt": info["negative_prompt"]})
+    assert response.json()["images"] == written_out.json()["images"]
+
+    for styles, mentions in ((["api-moody", "no-such-style"], "'no-such-style'"), ("api-moody", "list")):
+        answer = post(base_url, "txt2img", {**body, "styles": styles})
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["field"] == "styles" and mentions in answer.json()["error"], answer.json()
+    assert "api-moody" in post(base_url, "txt2img", {**body, "styles": ["nope"]}).json()["error"]  # lists them

@@ -17,30 +17,13 @@ No torch here: LoRA metadata comes from the engine's `lora_listing()`.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
-from pipelines.styles import StyleDatabase
+from pipelines.styles import style_database  # noqa: F401 - also used by tests through this module
 
 log = logging.getLogger(__name__)
-
-
-def style_database(engine: Any) -> StyleDatabase | None:
-    """The app's styles.csv (A1111 keeps it beside its data; we use --data-dir); None for an
-    engine without a data dir."""
-    db = getattr(engine, "_style_database", None)
-    if db is None:
-        data_dir = getattr(getattr(engine, "paths", None), "data_dir", None)
-        if data_dir is None:
-            return None
-        db = StyleDatabase(Path(data_dir) / "styles.csv")
-        try:
-            engine._style_database = db
-        except AttributeError:
-            pass
-    return db
 
 
 def append_to_prompt(prompt: str | None, text: str) -> str:

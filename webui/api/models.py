@@ -34,7 +34,8 @@ class GenerationFields(ApiModel):
 
     prompt: str = ""
     negative_prompt: str = ""
-    styles: Optional[list[str]] = None
+    styles: Optional[list[str]] = Field(None, description="names of styles in styles.csv (in --data-dir), "
+                                                          "applied to the prompts in order")
     seed: int = -1
     subseed: int = -1
     subseed_strength: float = 0.0

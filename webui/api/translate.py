@@ -15,6 +15,7 @@ from PIL import Image
 
 from pipelines import infotext as infotexts
 from pipelines import samplers
+from pipelines.styles import apply_styles, style_database
 from pipelines.request import INPAINT_FILLS, RESIZE_MODES, GenerationRequest, RequestError, UpscaleRequest
 
 from .errors import ApiError, bad_field
@@ -40,6 +41,7 @@ class Prepared:
     checkpoint: Any  # the ModelFile
     warnings: list[str] = field(default_factory=list)
     names: dict[str, str] = field(default_factory=dict)
+    styles: list[str] = field(default_factory=list)  # applied to the prompts, in order
     started: datetime.datetime = field(default_factory=datetime.datetime.now)
 
     def api_field(self, request_field: str) -> str:
@@ -56,8 +58,6 @@ def _choice(field_name: str, value: int, choices: tuple[str, ...], labels: Itera
 def _unsupported(body: GenerationFields) -> list[str]:
     """Warnings for A1111 features that would change the picture but are not available here."""
     notes = []
-    if body.styles:
-        notes.append(f"styles: prompt styles are not available on this server; ignored {body.styles!r}")
     if body.restore_faces:
         notes.append("restore_faces: face restoration is not available on this server; ignored")
     if body.tiling:
@@ -134,11 +134,33 @@ def prepare_generation(engine, body: GenerationFields, options) -> Prepared:
         fields.update(_hires_fields(body))
         names.update(hr_denoising_strength="denoising_strength", hr_sampler="hr_sampler_name",
                      hr_schedule_type="hr_scheduler")
+    if body.styles:
+        fields.update(_styled_prompts(engine, body.styles, fields))
     try:
         request = GenerationRequest(**fields)
     except RequestError as exc:
         raise bad_field(names.get(exc.field, exc.field), exc.message) from None
-    return Prepared(request=request, checkpoint=checkpoint, warnings=warnings, names=names)
+    return Prepared(request=request, checkpoint=checkpoint, warnings=warnings, names=names,
+                    styles=list(body.styles or []))
+
+
+def _styled_prompts(engine, names: list[str], fields: Mapping[str, Any]) -> dict[str, str]:
+    """The prompts with the named styles of styles.csv applied in order (A1111's rule). Hires
+    prompts too when given; an empty one already follows the styled prompt."""
+    database = style_database(engine)
+    known = {style.name: style for style in (database.styles() if database is not None else [])}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        listed = ", ".join(map(repr, known)) if known else "none (styles.csv is empty or missing)"
+        raise bad_field("styles", f"unknown style(s) {', '.join(map(repr, unknown))}; available: {listed}")
+    chosen = [known[name] for name in names]
+    styled = dict(zip(("prompt", "negative_prompt"),
+                      apply_styles(fields["prompt"] or "", fields["negative_prompt"] or "", chosen)))
+    if fields.get("hr_prompt"):
+        styled["hr_prompt"] = apply_styles(fields["hr_prompt"], "", chosen)[0]
+    if fields.get("hr_negative_prompt"):
+        styled["hr_negative_prompt"] = apply_styles("", fields["hr_negative_prompt"], chosen)[1]
+    return styled
 
 
 def _hires_fields(body: Txt2ImgRequest) -> dict[str, Any]:
@@ -233,7 +255,7 @@ def generation_info(prepared: Prepared, result) -> dict[str, Any]:
         "extra_generation_params": {"Schedule type": schedule},
         "index_of_first_image": 0,
         "infotexts": list(result.infotexts),
-        "styles": [],
+        "styles": prepared.styles,
         "job_timestamp": prepared.started.strftime("%Y%m%d%H%M%S"),
         "clip_skip": request.clip_skip,
         "is_using_inpainting_conditioning": "inpaint" in str(file.details.get("family", "")).lower(),
