@@ -67,7 +67,8 @@ def build(webui: Any, tabs: gr.Tabs) -> None:
         with gr.Column():
             found = gr.Markdown("", elem_id="pnginfo_format")
             table = gr.Dataframe(headers=["Field", "Value"], datatype=["str", "str"], column_count=2,
-                                 interactive=False, wrap=True, elem_id="pnginfo_fields", label="Parameters")
+                                 interactive=False, wrap=True, column_widths=["25%", "75%"],
+                                 elem_id="pnginfo_fields", label="Parameters")
             infotext = gr.Textbox(label="As A1111 parameters (what Send to uses)", lines=4,
                                   elem_id="pnginfo_infotext", buttons=["copy"])
             with gr.Accordion("Raw metadata", open=False, elem_id="pnginfo_raw_accordion"):
