@@ -216,3 +216,15 @@ def test_no_metadata_and_broken_metadata_are_not_found():
         assert meta.format == "" and meta.fields == {}
     # other text chunks are shown raw, so the user sees what the image does carry
     assert "GIMP" in read_image_metadata(png_with(Software="GIMP")).raw
+
+
+def test_comfyui_webp_carries_its_graphs_in_exif():
+    image = Image.new("RGB", (16, 16))
+    exif = image.getexif()
+    exif[0x0110] = "prompt:" + json.dumps(COMFY_PROMPT)  # Model
+    exif[0x010F] = "workflow:" + json.dumps(COMFY_WORKFLOW)  # Make
+    buffer = io.BytesIO()
+    image.save(buffer, "WEBP", exif=exif)
+    buffer.seek(0)
+    meta = read_image_metadata(buffer)
+    assert meta.format == COMFYUI and meta.fields["Steps"] == "24"

@@ -86,3 +86,13 @@ def test_buttons_switch_tab_then_fill(ui):
     assert set(parts["buttons"]) == {"txt2img", "img2img", "inpaint", "upscale"}
     names = {fn.name for fn in blocks.fns.values()}
     assert {"pnginfo_show_txt2img", "pnginfo_send_txt2img", "pnginfo_send_upscale"} <= names
+
+
+def test_clip_skip_is_a_header_value_every_tab_sends(ui):
+    from test_webui import fake_request, values
+
+    clip_skip = ui.components["clip_skip"]
+    assert all(ui.fields[mode]["clip_skip"] is clip_skip for mode in ("txt2img", "img2img", "inpaint"))
+    ui.generate("txt2img", values(ui, "txt2img", prompt="p", steps=2, width=64, height=64, clip_skip=2),
+                request=fake_request("s"))
+    assert ui.engine.requests[-1].clip_skip == 2
