@@ -11,7 +11,7 @@ import logging
 import time
 from pathlib import Path
 
-from . import embeddings, hires, infotext, lora, outputs, runner, samplers, tiling, upscalers
+from . import embeddings, hires, infotext, lora, outputs, runner, samplers, tiling, upscalers, zerogpu
 from .device import choose_placement
 from .loading import CheckpointError, inspect_checkpoint, read_header, sniff_format
 from .jobs import Job, JobQueue
@@ -48,6 +48,8 @@ class Engine:
     def __init__(self, paths: Paths | None = None, settings: EngineSettings | None = None):
         self.paths = paths or Paths()
         self.settings = settings or EngineSettings()
+        # first: on ZeroGPU this imports `spaces`, which must patch torch before CUDA is looked at
+        self.gpu = zerogpu.GpuLease()
         self.placement = choose_placement(self.settings)
         folders = {kind: self.paths.folder(kind) for kind in MODEL_KINDS}
         self.registry = ModelRegistry(folders, HashCache(Path(self.paths.data_dir) / "hashes.json"),
@@ -60,6 +62,11 @@ class Engine:
         self.upscaler_models = upscalers.UpscalerModels(self.placement.device)  # loaded ESRGAN & co.
         # extensions' hooks; none until the launcher calls extensions.discover(...)
         self.extensions = ExtensionManager(Path(self.paths.data_dir) / "extensions.json")
+        # each job's device work as a request-only function: on ZeroGPU it borrows the GPU for
+        # the estimated time and runs in a worker process (see pipelines/zerogpu.py)
+        self._lent_generation = self.gpu.lend(self._generate_request, self._generation_seconds)
+        self._lent_upscale = self.gpu.lend(self._upscale_request, zerogpu.upscale_seconds)
+        self._lent_sd_upscale = self.gpu.lend(self._sd_upscale_request, self._sd_upscale_seconds)
 
     # --- what is on disk ---------------------------------------------------------------
     def list_checkpoints(self, refresh: bool = False) -> list[ModelFile]:
@@ -154,6 +161,27 @@ class Engine:
 
     def _generate(self, file: ModelFile, request: GenerationRequest, job: Job,
                   on_progress: ProgressCallback | None, hooks=None) -> GenerationResult:
+        if self.gpu.active:  # ZeroGPU: only the request crosses to the worker holding the GPU
+            return self._lent_generation(request)
+        return self._run_generation(file, request, job, on_progress, hooks)
+
+    def _generate_request(self, request: GenerationRequest) -> GenerationResult:
+        """One generation from the request alone (seeds resolved, checked): what a ZeroGPU worker
+        runs. No progress callback or interrupt reaches it across the process boundary."""
+        hooks = self.extensions.job(request)
+        job = self.queue.new_job(request.mode)  # its own handle; the caller holds the queue slot
+        result = self._run_generation(self.resolve_checkpoint(request.checkpoint), request, job, None, hooks)
+        result.warnings.extend(w for w in hooks.warnings if w not in result.warnings)
+        return result
+
+    def _generation_seconds(self, request: GenerationRequest) -> float:
+        native = 512
+        if request.width is None or request.height is None:
+            native = self.native_resolution(request.checkpoint)
+        return zerogpu.generation_seconds(request, native)
+
+    def _run_generation(self, file: ModelFile, request: GenerationRequest, job: Job,
+                        on_progress: ProgressCallback | None, hooks=None) -> GenerationResult:
         hooks = hooks or self.extensions.job(request)
         model = self._load(file)
         result = GenerationResult(request=request)
@@ -315,17 +343,30 @@ class Engine:
                 on_progress: ProgressCallback | None = None, control: JobControl | None = None) -> GenerationResult:
         """Upscale every image of the request (Extras): the first upscaler, the second one
         blended in by its visibility, by a factor or to an exact size; saved with parameters."""
+        first, second = self._chosen_upscalers(request)  # bad names fail before queueing
+        job = self.queue.new_job("extras", owner, control)
+        with self.queue.run(job):
+            on_device = any(isinstance(u, upscalers.ModelUpscaler) for u in (first, second))
+            if self.gpu.active and on_device:  # Lanczos & co. need no GPU time
+                return self._lent_upscale(request)
+            return self._upscale(request, first, second, job, on_progress)
+
+    def _chosen_upscalers(self, request: UpscaleRequest) -> tuple:
+        """(first, second or None) of the request, as Upscaler objects."""
         available = self.upscalers()
-        first = upscalers.get_upscaler(request.upscaler, available)  # bad names fail before queueing
+        first = upscalers.get_upscaler(request.upscaler, available)
         second = None
         if request.upscaler_2 and request.upscaler_2_visibility > 0:
             try:
                 second = upscalers.get_upscaler(request.upscaler_2, available)
             except RequestError as exc:
                 raise RequestError("upscaler_2", exc.message) from None
-        job = self.queue.new_job("extras", owner, control)
-        with self.queue.run(job):
-            return self._upscale(request, first, second, job, on_progress)
+        return first, second
+
+    def _upscale_request(self, request: UpscaleRequest) -> GenerationResult:
+        """An upscale from the request alone: what a ZeroGPU worker runs."""
+        first, second = self._chosen_upscalers(request)
+        return self._upscale(request, first, second, self.queue.new_job("extras"), None)
 
     def _upscale(self, request: UpscaleRequest, first, second, job: Job,
                  on_progress: ProgressCallback | None) -> GenerationResult:
@@ -400,38 +441,54 @@ class Engine:
         job = self.queue.new_job("img2img", owner, control)
         with self.queue.run(job):
             request = request.with_resolved_seeds()
-            model = self._load(file)
-            components, vae_name = self._with_choices(model.components, file, request.vae)
-            result = GenerationResult(request=request)
-            try:
-                upscaled = upscalers.upscale_image(request.init_image.convert("RGB"),
-                                                   self._tiled(chosen, upscalers.DEFAULT_TILE,
-                                                               upscalers.DEFAULT_OVERLAP, job.control), scale=scale)
-            except tiling.Cancelled:
-                result.interrupted = True
-                return result
-            extra = {"Schedule type": samplers.resolve_schedule_type(request.sampler, request.schedule_type),
-                     "SD upscale overlap": int(overlap), "SD upscale upscaler": chosen.name}
-            if vae_name:
-                extra["VAE"] = vae_name
-            loras = self._extra_networks(request, result, extra)
-            tis = self._embeddings(request, components, extra)
+            if self.gpu.active:  # ZeroGPU: only the request crosses to the worker holding the GPU
+                return self._lent_sd_upscale(request, chosen.name, float(scale), int(overlap))
+            return self._sd_upscale(file, request, chosen, scale, overlap, job, on_progress)
 
-            def track(progress: Progress) -> None:
-                job.progress = progress
-                if on_progress:
-                    on_progress(progress)
+    def _sd_upscale_request(self, request: GenerationRequest, upscaler: str, scale: float,
+                            overlap: int) -> GenerationResult:
+        """SD upscale from the request and its options alone: what a ZeroGPU worker runs."""
+        chosen = upscalers.get_upscaler(upscaler, self.upscalers())
+        return self._sd_upscale(self.resolve_checkpoint(request.checkpoint), request, chosen, scale, overlap,
+                                self.queue.new_job("img2img"), None)
 
-            with model.lock, lora.applied(components, loras, result.warnings):
-                for image, seed, subseed in hires.sd_upscale(components, self.placement.device, request, upscaled,
-                                                             int(overlap), track, job.control, embeddings=tis):
-                    params = infotext.generation_params(
-                        request, seed=seed, subseed=subseed, width=request.width or image.width,
-                        height=request.height or image.height, model_name=file.stem,
-                        model_hash=file.short_hash, version=VERSION, extra=extra)
-                    self._record(result, request, image, seed, subseed, params, "img2img-images")
-            result.interrupted = job.control.interrupted
+    def _sd_upscale_seconds(self, request: GenerationRequest, upscaler: str, scale: float, overlap: int) -> float:
+        return zerogpu.sd_upscale_seconds(request, scale, overlap, self.native_resolution(request.checkpoint))
+
+    def _sd_upscale(self, file: ModelFile, request: GenerationRequest, chosen, scale: float, overlap: int,
+                    job: Job, on_progress: ProgressCallback | None) -> GenerationResult:
+        model = self._load(file)
+        components, vae_name = self._with_choices(model.components, file, request.vae)
+        result = GenerationResult(request=request)
+        try:
+            upscaled = upscalers.upscale_image(request.init_image.convert("RGB"),
+                                               self._tiled(chosen, upscalers.DEFAULT_TILE,
+                                                           upscalers.DEFAULT_OVERLAP, job.control), scale=scale)
+        except tiling.Cancelled:
+            result.interrupted = True
             return result
+        extra = {"Schedule type": samplers.resolve_schedule_type(request.sampler, request.schedule_type),
+                 "SD upscale overlap": int(overlap), "SD upscale upscaler": chosen.name}
+        if vae_name:
+            extra["VAE"] = vae_name
+        loras = self._extra_networks(request, result, extra)
+        tis = self._embeddings(request, components, extra)
+
+        def track(progress: Progress) -> None:
+            job.progress = progress
+            if on_progress:
+                on_progress(progress)
+
+        with model.lock, lora.applied(components, loras, result.warnings):
+            for image, seed, subseed in hires.sd_upscale(components, self.placement.device, request, upscaled,
+                                                         int(overlap), track, job.control, embeddings=tis):
+                params = infotext.generation_params(
+                    request, seed=seed, subseed=subseed, width=request.width or image.width,
+                    height=request.height or image.height, model_name=file.stem,
+                    model_hash=file.short_hash, version=VERSION, extra=extra)
+                self._record(result, request, image, seed, subseed, params, "img2img-images")
+        result.interrupted = job.control.interrupted
+        return result
 
     def sampler_names(self) -> tuple[str, ...]:
         return samplers.SAMPLER_NAMES

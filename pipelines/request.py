@@ -59,6 +59,9 @@ class RequestError(ValueError):
         self.field = field
         self.message = message
 
+    def __reduce__(self):  # pickles (a ZeroGPU worker sends its errors back to the main process)
+        return (type(self), (self.field, self.message))
+
 
 @dataclass(frozen=True)
 class GenerationRequest:
@@ -195,6 +198,13 @@ class GenerationRequest:
                         raise RequestError(name if (self.hr_resize_x or self.hr_resize_y) else "hr_scale",
                                            f"the hires size would be {width}x{height}; each side must be "
                                            f"between {low} and {high}")
+
+    def __getstate__(self) -> dict:
+        # pickled when a ZeroGPU worker runs the request; a mappingproxy does not pickle
+        return {**self.__dict__, "extension_args": dict(self.extension_args)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, extension_args=MappingProxyType(dict(state["extension_args"])))
 
     def hires_size(self, width: int, height: int) -> tuple[int, int]:
         """The second pass's size for a first pass of width x height (multiples of 8).

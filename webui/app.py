@@ -31,6 +31,7 @@ from typing import Any, Callable
 import gradio as gr
 
 from pipelines.request import INPAINT_FILLS, LIMITS, MAX_SEED, RESIZE_MODES, RequestError
+from pipelines.zerogpu import ZeroGPUError
 
 from . import checkpoints_tab, convert, extensions_tab, networks_tab, pnginfo_tab, upscale_tab
 from .jobs import JobRegistry
@@ -526,6 +527,8 @@ def call_engine(what: str, call: Callable[[], Any]) -> Any:
         return call()
     except RequestError as exc:
         raise gr.Error(convert.error_message(exc), print_exception=False) from None
+    except ZeroGPUError as exc:  # quota, duration, no GPU free: said as ZeroGPU said it
+        raise gr.Error(str(exc), title="ZeroGPU", print_exception=False) from None
     except gr.Error:
         raise
     except Exception as exc:

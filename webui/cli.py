@@ -216,6 +216,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     paths = paths_from_args(args, space)
     settings = settings_from_args(args, space)
 
+    from pipelines.zerogpu import import_spaces
+
+    import_spaces()  # on ZeroGPU `spaces` must patch torch before diffusers & co. look at CUDA
     from pipelines.engine import Engine  # heavy (torch): only when actually launching
 
     engine = Engine(paths, settings)

@@ -7,8 +7,9 @@ errors, plus two flat keys for clients that just print something:
      "detail": [{"loc": ["body", "steps"], "msg": "must be between 1 and 150, got 0",
                  "type": "value_error"}]}
 
-Known trouble that is not the client's fault (queue full, out of memory) is a 503 with
-{"error", "detail"}; only a genuine bug is a 500, and it still says what happened.
+Known trouble that is not the client's fault (queue full, out of memory, no ZeroGPU free) is
+a 503 with {"error", "detail"}, a spent ZeroGPU quota a 429; only a genuine bug is a 500, and
+it still says what happened.
 
 The checks live in a route class rather than in app-level exception handlers so the router
 can be mounted into someone else's app (Gradio's) without changing how that app's own routes
@@ -30,6 +31,7 @@ from fastapi.routing import APIRoute
 
 from pipelines.jobs import QueueFull
 from pipelines.request import RequestError
+from pipelines.zerogpu import ZeroGPUError
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,8 @@ def unexpected_error(exc: Exception) -> JSONResponse:
     if isinstance(exc, QueueFull):
         return JSONResponse({"error": str(exc), "detail": str(exc)}, status_code=503,
                             headers={"Retry-After": "5"})
+    if isinstance(exc, ZeroGPUError):  # the visitor's quota is spent (429), or no GPU was lent (503)
+        return JSONResponse({"error": str(exc), "detail": str(exc)}, status_code=429 if exc.quota else 503)
     if isinstance(exc, MemoryError) or _named(exc, "OutOfMemoryError"):
         message = ("out of memory while running this job; try a smaller size or batch, "
                    "or --medvram / --lowvram")
