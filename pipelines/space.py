@@ -136,9 +136,9 @@ def check_upscale(request: UpscaleRequest, limits: SpaceLimits) -> None:
                            f"this one would be {size[0]}×{size[1]}", limits)
 
 
-ZERO_GPU_NOTE = ("ZeroGPU hardware: each job borrows a GPU for the time its steps, size and batch need "
-                 "(spaces.GPU, see pipelines/zerogpu.py), counted against the visitor's daily ZeroGPU quota; "
-                 "step-by-step progress and Interrupt do not reach the GPU worker, the images come at the end.")
+ZERO_GPU_NOTE = ("ZeroGPU: each job borrows a GPU for the time its steps, size and batch need, from the "
+                 "visitor's daily ZeroGPU quota (logged-in Hugging Face users get more); step progress and "
+                 "Interrupt do not reach the GPU, the images arrive when the job ends.")
 
 
 def on_zero_gpu(environ: Mapping[str, str] | None = None) -> bool:

@@ -24,7 +24,9 @@ from pipelines.zerogpu import GpuLease, ZeroGPUError, clamp_seconds, generation_
 from webui.api import ApiOptions, create_app
 from webui.app import call_engine
 
-from conftest import make_engine
+from pipelines.engine import Engine
+from pipelines.settings import EngineSettings, Paths
+from test_upscale_models import write_tiny_compact
 
 CKPT = "tiny.safetensors"
 SMALL = dict(checkpoint=CKPT, width=64, height=64, steps=2, sampler="Euler", save_images=False)
@@ -66,7 +68,10 @@ def simulated(models_dir, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:  # both are read when the engine is built
         patch.setenv("SPACES_ZERO_GPU", "true")
         patch.setattr(spaces, "GPU", fake)
-        engine = make_engine(models_dir, tmp_path_factory.mktemp("zero"))
+        tmp = tmp_path_factory.mktemp("zero")
+        write_tiny_compact(tmp / "ESRGAN" / "tiny-compact-x2.safetensors")
+        engine = Engine(Paths(models_dir=models_dir, esrgan_dir=tmp / "ESRGAN", data_dir=tmp / "data",
+                              outdir=tmp / "outputs"), EngineSettings(device="cpu"))
     return engine, fake
 
 
@@ -237,3 +242,26 @@ def test_builtin_upscalers_do_not_borrow_the_gpu(zero_engine, zero_gpu):
                                                 scale=2, save_images=False))
     assert result.images[0].size == (64, 64)
     assert zero_gpu.durations == []
+
+
+def test_model_upscale_and_sd_upscale_borrow_the_gpu(zero_engine, zero_gpu):
+    image = Image.new("RGB", (48, 40), "teal")
+    request = UpscaleRequest(image=image, upscaler="tiny-compact-x2", scale=2, save_images=False)
+    result = zero_engine.upscale(request)
+    assert result.images[0].size == (96, 80) and "Postprocess upscaler: tiny-compact-x2" in result.infotexts[0]
+    assert zero_gpu.durations == [clamp_seconds(zerogpu.upscale_seconds(request))]
+
+    img2img = GenerationRequest(mode="img2img", init_image=image, prompt="teal", seed=2, denoising_strength=0.5,
+                                **SMALL)
+    result = zero_engine.sd_upscale(img2img, upscaler="Lanczos", scale=2, overlap=16)
+    assert result.images[0].size == (96, 80) and "SD upscale overlap: 16" in result.infotexts[0]
+    assert zero_gpu.durations[-1] == clamp_seconds(zerogpu.sd_upscale_seconds(img2img, 2, 16, 512))
+
+
+def test_the_hosted_page_tells_visitors_about_zero_gpu(zero_engine, engine):
+    from pipelines.space import GPU_LIMITS, LimitedEngine
+    from webui.space import notice_text
+
+    hosted = notice_text(LimitedEngine(zero_engine, GPU_LIMITS), True, GPU_LIMITS, "someone/sdui")
+    assert "ZeroGPU" in hosted and "quota" in hosted
+    assert "ZeroGPU" not in notice_text(LimitedEngine(engine, GPU_LIMITS), True, GPU_LIMITS, "someone/sdui")

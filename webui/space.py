@@ -22,7 +22,7 @@ from typing import Any, Callable
 import gradio as gr
 
 from pipelines.settings import REPO_ROOT, Paths
-from pipelines.space import SpaceLimits
+from pipelines.space import ZERO_GPU_NOTE, SpaceLimits
 
 from .api.errors import bad_field
 from .api.options import ApiOptions
@@ -55,6 +55,8 @@ def notice_text(engine: Any, hosted: bool, limits: SpaceLimits | None = None, sp
     parts = []
     if hosted and limits is not None:
         parts.append(hosted_text(limits, space))
+    if hosted and getattr(getattr(engine, "gpu", None), "active", False):
+        parts.append(f"⚡ {ZERO_GPU_NOTE}")
     try:
         has_checkpoint = bool(engine.list_checkpoints())
     except Exception:
