@@ -162,6 +162,8 @@ class Engine:
     def _generate(self, file: ModelFile, request: GenerationRequest, job: Job,
                   on_progress: ProgressCallback | None, hooks=None) -> GenerationResult:
         if self.gpu.active:  # ZeroGPU: only the request crosses to the worker holding the GPU
+            if job.control.interrupted:  # stopped while waiting: spend no GPU quota on it
+                return GenerationResult(request=request, interrupted=True)
             return self._lent_generation(request)
         return self._run_generation(file, request, job, on_progress, hooks)
 

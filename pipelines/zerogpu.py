@@ -200,7 +200,12 @@ def import_spaces(environ: Mapping[str, str] | None = None) -> Any:
         log.warning("SPACES_ZERO_GPU is set but the `spaces` package is not installed: "
                     "running without spaces.GPU (pip install spaces)")
         return None
-    return importlib.import_module("spaces")
+    try:
+        return importlib.import_module("spaces")
+    except Exception as exc:  # e.g. SPACES_ZERO_DEVICE_API_URL missing, CUDA initialised first
+        log.error("SPACES_ZERO_GPU is set but `spaces` could not be loaded (%s: %s): running without "
+                  "spaces.GPU", type(exc).__name__, exc)
+        return None
 
 
 class GpuLease:

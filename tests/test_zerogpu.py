@@ -118,6 +118,17 @@ def test_zero_gpu_env_without_the_package_runs_unwrapped(monkeypatch):
     assert lease.lend(len, lambda *a: 60) is len
 
 
+def test_zero_gpu_env_with_a_spaces_that_will_not_load_runs_unwrapped(monkeypatch, caplog):
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+
+    def refuse(name):
+        raise AssertionError("SPACES_ZERO_DEVICE_API_URL env must be set on ZeroGPU Spaces")
+
+    monkeypatch.setattr(zerogpu.importlib, "import_module", refuse)
+    assert not GpuLease().active
+    assert "SPACES_ZERO_DEVICE_API_URL" in caplog.text
+
+
 # --- the duration estimate ----------------------------------------------------------------------------
 
 def test_duration_grows_with_steps_size_batch_and_hires():
@@ -265,3 +276,13 @@ def test_the_hosted_page_tells_visitors_about_zero_gpu(zero_engine, engine):
     hosted = notice_text(LimitedEngine(zero_engine, GPU_LIMITS), True, GPU_LIMITS, "someone/sdui")
     assert "ZeroGPU" in hosted and "quota" in hosted
     assert "ZeroGPU" not in notice_text(LimitedEngine(engine, GPU_LIMITS), True, GPU_LIMITS, "someone/sdui")
+
+
+def test_a_job_interrupted_while_waiting_borrows_no_gpu(zero_engine, zero_gpu):
+    from pipelines.progress import JobControl
+
+    control = JobControl()
+    control.interrupt()
+    result = zero_engine.generate(GenerationRequest(prompt="x", **SMALL), control=control)
+    assert result.interrupted and result.images == []
+    assert zero_gpu.durations == []
