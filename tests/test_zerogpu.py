@@ -1,15 +1,21 @@
 """ZeroGPU: device work runs inside `spaces.GPU` functions with a duration estimated from the request.
 
 Tested with the real `spaces` package (a test extra). Off ZeroGPU it must stay out of the way.
-A real ZeroGPU needs Hugging Face's device API, so "on ZeroGPU" is simulated: SPACES_ZERO_GPU is
-set and `spaces.GPU` is replaced by a recorder that does what the real one does to a call
-(evaluates the duration callable with the call's arguments, sends arguments and result through
-pickle as to and from its forked worker) or raises what the real one raises on a spent quota.
+On ZeroGPU two ways: in this process SPACES_ZERO_GPU is set and `spaces.GPU` is replaced by a
+recorder that does what the real one does to a call (evaluates the duration callable with the
+call's arguments, sends arguments and result through pickle as to and from its forked worker,
+or raises what the real one raises on a spent quota), so jobs really run; and in a separate
+process the real package in ZeroGPU mode talks to a fake device API (tests/zerogpu_device.py),
+which checks what it is asked for and how its refusals reach the caller.
 """
 
 from __future__ import annotations
 
+import json
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import gradio as gr
 import pytest
@@ -286,3 +292,22 @@ def test_a_job_interrupted_while_waiting_borrows_no_gpu(zero_engine, zero_gpu):
     result = zero_engine.generate(GenerationRequest(prompt="x", **SMALL), control=control)
     assert result.interrupted and result.images == []
     assert zero_gpu.durations == []
+
+
+def test_real_spaces_on_zero_gpu_asks_the_device_api_for_the_estimate_and_reports_refusals(models_dir):
+    """The real package in ZeroGPU mode (its own process: importing it patches torch), against a
+    fake device API that refuses for quota, then for duration: the GPU seconds it was asked for
+    are the estimates, the refusals are ZeroGPUErrors, and the engine keeps working."""
+    script = Path(__file__).with_name("zerogpu_device.py")
+    done = subprocess.run([sys.executable, str(script), str(models_dir)], capture_output=True, text=True,
+                          timeout=600, cwd=script.parent.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["active"] and report["device"] == "cuda"  # spaces' patched torch shows a GPU
+    assert report["asked_seconds"] == report["expected_seconds"]
+    assert report["asked_seconds"][0] < report["asked_seconds"][1]  # a bigger job asks for longer
+    quota, duration = report["errors"]
+    assert quota["quota"] and quota["text"].startswith("ZeroGPU quota exceeded: Space app has reached its GPU limit")
+    assert not duration["quota"] and duration["text"].startswith(
+        f"ZeroGPU illegal duration: The requested GPU duration ({report['asked_seconds'][1]}s)")
+    assert report["upscaled"] == [32, 32]
