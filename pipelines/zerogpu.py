@@ -80,9 +80,11 @@ def as_zero_gpu_error(exc: BaseException) -> ZeroGPUError | None:
     title = getattr(exc, "title", None)
     if isinstance(title, str) and title.startswith("ZeroGPU"):
         message = str(getattr(exc, "message", "") or exc)
-        if title == "ZeroGPU worker error":
-            message += (" (the GPU worker stopped: the job ran past the GPU time it asked for, or crashed; "
+        if title == "ZeroGPU worker error" and message == "GPU task aborted":
+            message += (" (the job ran past the GPU time it asked for, or its worker died; "
                         "try fewer steps, a smaller size or a smaller batch)")
+        elif title == "ZeroGPU worker error":  # the message is just an exception class name
+            message = f"the GPU worker failed to start or to send its result back ({message}; see the Space's logs)"
         return ZeroGPUError(title, message)
     text = str(exc)
     if isinstance(exc, RuntimeError) and text.startswith("ZeroGPU"):

@@ -296,8 +296,9 @@ def test_a_job_interrupted_while_waiting_borrows_no_gpu(zero_engine, zero_gpu):
 
 def test_real_spaces_on_zero_gpu_asks_the_device_api_for_the_estimate_and_reports_refusals(models_dir):
     """The real package in ZeroGPU mode (its own process: importing it patches torch), against a
-    fake device API that refuses for quota, then for duration: the GPU seconds it was asked for
-    are the estimates, the refusals are ZeroGPUErrors, and the engine keeps working."""
+    fake device API that refuses for quota, then for duration, then lends a GPU that is not there:
+    the GPU seconds it was asked for are the estimates, every failure is a ZeroGPUError, and the
+    engine keeps working."""
     script = Path(__file__).with_name("zerogpu_device.py")
     done = subprocess.run([sys.executable, str(script), str(models_dir)], capture_output=True, text=True,
                           timeout=600, cwd=script.parent.parent)
@@ -306,8 +307,11 @@ def test_real_spaces_on_zero_gpu_asks_the_device_api_for_the_estimate_and_report
     assert report["active"] and report["device"] == "cuda"  # spaces' patched torch shows a GPU
     assert report["asked_seconds"] == report["expected_seconds"]
     assert report["asked_seconds"][0] < report["asked_seconds"][1]  # a bigger job asks for longer
-    quota, duration = report["errors"]
+    quota, duration, worker = report["errors"]
     assert quota["quota"] and quota["text"].startswith("ZeroGPU quota exceeded: Space app has reached its GPU limit")
     assert not duration["quota"] and duration["text"].startswith(
         f"ZeroGPU illegal duration: The requested GPU duration ({report['asked_seconds'][1]}s)")
+    # the third was granted: the request pickled into spaces' worker, which had no CUDA to start on
+    assert worker["text"] == ("ZeroGPU worker error: the GPU worker failed to start or to send its result back "
+                              "(RuntimeError; see the Space's logs)")
     assert report["upscaled"] == [32, 32]

@@ -2,9 +2,9 @@
 
 `spaces` reads SPACES_ZERO_GPU when imported and then patches torch, so this runs in its own
 process: `python tests/zerogpu_device.py CHECKPOINT_DIR` prints one JSON line. The fake API
-(Hugging Face's ZeroGPU scheduler, `spaces/zero/api.py`) refuses every /schedule call, first
-for quota, then for duration, and records the GPU seconds each call asked for. Accepting one
-would fork a worker that needs a real CUDA device.
+(Hugging Face's ZeroGPU scheduler, `spaces/zero/api.py`) refuses the first /schedule call for
+quota, the second for duration, and grants the third, whose forked worker then fails to start
+for want of a CUDA device; it records the GPU seconds each call asked for.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ from urllib.parse import parse_qs, urlparse
 
 REPO = Path(__file__).resolve().parent.parent
 
-# (status, body) answers to /schedule, in order: a spent quota, then a duration over the maximum
-SCHEDULE_ANSWERS = [(429, {"left": 12, "wait": 250}), (429, {"left": 0, "wait": -1})]
+# (status, body) answers to /schedule, in order: a spent quota, a duration over the maximum, then
+# a GPU: spaces pickles the request into a forked worker, which fails here for want of CUDA
+SCHEDULE_ANSWERS = [(429, {"left": 12, "wait": 250}), (429, {"left": 0, "wait": -1}),
+                    (200, {"idle": True, "nvidiaIndex": 0, "nvidiaUUID": "GPU-fake", "allowToken": "token"})]
 
 
 class FakeDeviceApi(BaseHTTPRequestHandler):
@@ -70,7 +72,7 @@ def main(models_dir: str) -> dict:
                     "expected_seconds": []}
     small = GenerationRequest(prompt="a cat", checkpoint="tiny.safetensors", width=64, height=64, steps=2)
     large = small.replace(width=1024, height=1024, steps=40, batch_size=4)
-    for request in (small, large):
+    for request in (small, large, small.replace(seed=7)):
         report["expected_seconds"].append(clamp_seconds(generation_seconds(request)))
         try:
             engine.generate(request)
