@@ -3,7 +3,8 @@
 Files come from the registry's "lora" folder (models/Lora); kohya/A1111 key layouts
 (``lora_unet_*``, ``lora_te_*``, ``lora_te1_*``/``lora_te2_*`` for SDXL) and diffusers/peft
 layouts are read by diffusers' own loader (`lora_state_dict` detects and converts them),
-and injected through peft as adapters, never merged: `applied(...)` loads them, sets each
+and injected through peft as adapters, never merged (LyCORIS LoHa/LoKr layers through peft's
+LoHa/LoKr layers, see `lycoris`): `applied(...)` loads them, sets each
 adapter's text-encoder and U-Net weights, and on exit removes every peft layer again, so
 the cached modules are the very same objects with the very same weights afterwards.
 
@@ -79,9 +80,12 @@ def find(registry, name: str):
 
 
 def infotext_params(uses: list[LoraUse]) -> dict[str, str]:
+    """``Lora hashes`` as A1111 writes it: the name as the prompt mentions it, without the
+    ":" and "," that would break the list, then the short hash."""
     if not uses:
         return {}
-    return {"Lora hashes": ", ".join(f"{u.name}: {u.short_hash}" for u in uses)}
+    return {"Lora hashes": ", ".join(f"{u.name.replace(':', '').replace(',', '')}: {u.short_hash}"
+                                     for u in uses)}
 
 
 # --- hashes ------------------------------------------------------------------------------------
@@ -168,7 +172,46 @@ def _text_encoder_prefixes(components) -> list[tuple[str, object]]:
 def _has_adapter(module, name: str) -> bool:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return any(isinstance(m, BaseTunerLayer) and name in getattr(m, "lora_A", {}) for m in module.modules())
+    return any(isinstance(m, BaseTunerLayer) and any(name in getattr(m, attr) for attr in m.adapter_layer_names)
+               for m in module.modules())
+
+
+def read_state_dict(path: Path) -> dict:
+    """A LoRA file's tensors (.safetensors, or a weights-only torch pickle)."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    from .loading import _torch_state_dict
+
+    return _torch_state_dict(path)
+
+
+@dataclass
+class _Prepared:
+    use: LoraUse
+    adapter: str
+    plain: dict  # LoRA tensors for diffusers' loader (kohya or diffusers/peft layout)
+    lycoris: list  # LoHa/LoKr layers
+    names: list  # the peft adapters it became
+    unmatched: list  # its LoHa/LoKr layers that fit no module
+    failed: bool = False
+
+
+def _prepare(use: LoraUse, adapter: str, warnings) -> _Prepared | None:
+    from . import lycoris
+
+    try:
+        plain, layers, unknown = lycoris.split(read_state_dict(use.path))
+    except Exception as exc:  # noqa: BLE001 - a broken file must not fail the request
+        _warn(warnings, f"LoRA {use.name}: {use.path.name} could not be read ({exc}); ignored")
+        return None
+    if unknown:
+        _warn(warnings, f"LoRA {use.name}: {use.path.name} has {len(unknown)} layer(s) in a format this app "
+                        f"does not read (e.g. {unknown[0]}); those are ignored")
+    if not plain and not layers:
+        return None
+    return _Prepared(use, adapter, plain, layers, [], [])
 
 
 @contextlib.contextmanager
@@ -179,42 +222,69 @@ def applied(components, uses: list[LoraUse], warnings: list[str] | None = None):
     if not uses:
         yield []
         return
-    mixin = _mixin(components)
-    unet = components.unet
+    from . import lycoris
+
     encoders = _text_encoder_prefixes(components)
-    loaded: list[tuple[str, LoraUse]] = []
     try:
-        for k, use in enumerate(uses):
-            adapter = f"{ADAPTER_PREFIX}{k}"
-            try:
-                state, alphas = mixin.lora_state_dict(str(use.path), unet_config=unet.config)
-            except TypeError:
-                state, alphas = mixin.lora_state_dict(str(use.path))
-            except Exception as exc:  # noqa: BLE001 - a broken file must not fail the request
-                _warn(warnings, f"LoRA {use.name}: could not be read ({exc}); ignored")
+        prepared = [p for k, use in enumerate(uses) if (p := _prepare(use, f"{ADAPTER_PREFIX}{k}", warnings))]
+        # module paths as they are before any peft layer goes in
+        index = lycoris.module_index(components.unet, encoders) if any(p.lycoris for p in prepared) else {}
+        # plain LoRA first: peft can wrap a LoRA layer in a LoHa/LoKr layer, not the other way round
+        for item in prepared:
+            if item.plain:
+                _load(components, item, warnings, lambda: _load_plain(components, encoders, item.plain, item.adapter))
+        for item in prepared:
+            if item.lycoris and not item.failed:
+                _load(components, item, warnings, lambda: lycoris.inject(item.lycoris, index, item.adapter))
+        loaded = []
+        for item in prepared:
+            if item.failed:
                 continue
-            try:
-                hit = False
-                if any(key.startswith("unet.") for key in state):
-                    mixin.load_lora_into_unet(state, alphas, unet=unet, adapter_name=adapter)
-                    hit = hit or _has_adapter(unet, adapter)
-                for prefix, encoder in encoders:
-                    if any(key.startswith(prefix + ".") for key in state):
-                        mixin.load_lora_into_text_encoder(state, alphas, encoder, prefix=prefix,
-                                                          adapter_name=adapter)
-                        hit = hit or _has_adapter(encoder, adapter)
-            except Exception as exc:  # noqa: BLE001
-                _warn(warnings, f"LoRA {use.name}: does not fit this model ({exc}); ignored")
-                _remove_adapter(components, adapter)
+            if not item.names:
+                _warn(warnings, f"LoRA {item.use.name}: none of its layers match this model; ignored")
                 continue
-            if not hit:
-                _warn(warnings, f"LoRA {use.name}: none of its layers match this model; ignored")
-                continue
-            loaded.append((adapter, use))
+            if item.unmatched:
+                _warn(warnings, f"LoRA {item.use.name}: {len(item.unmatched)} of its layers match nothing in this "
+                                f"model (e.g. {item.unmatched[0]}); those are ignored")
+            loaded.append((item.names, item.use))
         _set_weights(components, loaded)
         yield [use for _, use in loaded]
     finally:
         remove_all(components)
+
+
+def _load(components, item: _Prepared, warnings, load) -> None:
+    """Run one loading step of `item`; if it fails, take all of the file's adapters out again."""
+    try:
+        names, unmatched = load()
+    except Exception as exc:  # noqa: BLE001 - a file that does not fit must not fail the request
+        _warn(warnings, f"LoRA {item.use.name}: does not fit this model ({exc}); ignored")
+        for name in (item.adapter, *item.names, f"{item.adapter}_loha", f"{item.adapter}_lokr"):
+            _remove_adapter(components, name)
+        item.failed, item.names = True, []
+        return
+    item.names += names
+    item.unmatched += unmatched
+
+
+def _load_plain(components, encoders, state: dict, adapter: str) -> tuple[list[str], list[str]]:
+    """Plain LoRA tensors through diffusers' loader (it converts kohya names): ([the adapter's
+    name] if any module took it, []), shaped like `lycoris.inject`'s answer."""
+    mixin = _mixin(components)
+    unet = components.unet
+    try:
+        state, alphas = mixin.lora_state_dict(state, unet_config=unet.config)
+    except TypeError:
+        state, alphas = mixin.lora_state_dict(state)
+    hit = False
+    if any(key.startswith("unet.") for key in state):
+        mixin.load_lora_into_unet(state, alphas, unet=unet, adapter_name=adapter)
+        hit = hit or _has_adapter(unet, adapter)
+    for prefix, encoder in encoders:
+        if any(key.startswith(prefix + ".") for key in state):
+            mixin.load_lora_into_text_encoder(state, alphas, encoder, prefix=prefix, adapter_name=adapter)
+            hit = hit or _has_adapter(encoder, adapter)
+    return ([adapter] if hit else []), []
 
 
 def _warn(warnings, message: str) -> None:
@@ -224,18 +294,14 @@ def _warn(warnings, message: str) -> None:
 
 
 def _set_weights(components, loaded) -> None:
+    """Each adapter's multiplier: the te weight on text encoders, the unet weight on the U-Net."""
     from diffusers.utils.peft_utils import set_weights_and_activate_adapters
 
-    if not loaded:
-        return
-    names = [a for a, _ in loaded]
-    unet_names = [a for a, _ in loaded if _has_adapter(components.unet, a)]
-    if unet_names:
-        components.unet.set_adapters(unet_names, [u.unet for a, u in loaded if a in unet_names])
-    for encoder in components.text_encoders:
-        te_names = [a for a in names if _has_adapter(encoder, a)]
-        if te_names:
-            set_weights_and_activate_adapters(encoder, te_names, [u.te for a, u in loaded if a in te_names])
+    for module in (components.unet, *components.text_encoders):
+        pairs = [(name, use.unet if module is components.unet else use.te)
+                 for names, use in loaded for name in names if _has_adapter(module, name)]
+        if pairs:
+            set_weights_and_activate_adapters(module, [n for n, _ in pairs], [w for _, w in pairs])
 
 
 def _remove_adapter(components, adapter: str) -> None:

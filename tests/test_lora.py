@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import make_engine
+from lora_files import assert_same_state, kohya_targets, lora_file, model_state
 from pipelines import lora
 from pipelines.infotext import parse_infotext
 from pipelines.loading import load_components
@@ -20,24 +21,9 @@ from pipelines.request import GenerationRequest
 from tiny import write_tiny_sd1_checkpoint
 
 
-def kohya_lora(components, rank: int = 4, seed: int = 0, scale: float = 0.5) -> dict[str, torch.Tensor]:
-    """A LoRA in kohya's layout (lora_unet_* / lora_te_text_model_* with .alpha) for every
-    attention projection of the U-Net and the text encoder, random up/down weights."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for prefix, module in (("lora_unet", components.unet), ("lora_te", components.text_encoders[0])):
-        for name, m in module.named_modules():
-            if not isinstance(m, torch.nn.Linear):
-                continue
-            if prefix == "lora_unet" and "attn" not in name or prefix == "lora_te" and "self_attn" not in name:
-                continue
-            if prefix == "lora_te" and not name.startswith("text_model"):
-                name = "text_model." + name  # kohya names CLIP's modules as transformers 4 nests them
-            key = f"{prefix}_{name.replace('.', '_')}"
-            out[key + ".lora_down.weight"] = torch.randn(rank, m.in_features, generator=g) * scale
-            out[key + ".lora_up.weight"] = torch.randn(m.out_features, rank, generator=g) * scale
-            out[key + ".alpha"] = torch.tensor(float(rank))
-    return out
+def kohya_lora(components, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A LoRA in kohya's layout for every attention projection of the U-Net and the text encoder."""
+    return lora_file([(k, m) for k, m in kohya_targets(components) if "attn" in k], seed=seed)
 
 
 TAGS = json.dumps({"10_red": {"red circle": 5, "shiny": 2}, "5_blue": {"red circle": 1, "blue": 3}})
@@ -65,27 +51,20 @@ def pixels(result) -> np.ndarray:
     return np.asarray(result.images[0])
 
 
-def model_state(engine):
+def cached_state(engine):
     file = engine.resolve_checkpoint("tiny.safetensors")
-    components = engine.manager.get(file.name, file.path).components
-    modules = [components.unet, *components.text_encoders]
-    return ([sorted(m.state_dict().keys()) for m in modules],
-            [{k: v.clone() for k, v in m.state_dict().items()} for m in modules],
-            [[type(x).__name__ for x in m.modules()] for m in modules])
+    return model_state(engine.manager.get(file.name, file.path).components)
 
 
 def test_lora_applies_and_is_removed_cleanly(lora_engine):
     before = generate(lora_engine, "a red circle")
-    keys, weights, types = model_state(lora_engine)
+    state = cached_state(lora_engine)
     with_lora = generate(lora_engine, "a red circle <lora:red:1>")
     assert not np.array_equal(pixels(before), pixels(with_lora))
     assert with_lora.warnings == []
     after = generate(lora_engine, "a red circle")
     assert np.array_equal(pixels(before), pixels(after))  # nothing left in the cached model
-    keys2, weights2, types2 = model_state(lora_engine)
-    assert keys == keys2 and types == types2
-    for a, b in zip(weights, weights2):
-        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_state(state, cached_state(lora_engine))
 
 
 def test_lora_infotext_hashes_and_weights(lora_engine):
@@ -108,6 +87,14 @@ def test_lora_infotext_hashes_and_weights(lora_engine):
     for r in (te_only, unet_only):
         assert not np.array_equal(pixels(plain), pixels(r))
     assert not np.array_equal(pixels(te_only), pixels(unet_only))
+
+
+def test_lora_hashes_names_drop_separators_as_a1111_does(lora_engine):
+    path = Path(lora_engine.paths.folder("lora")) / "red.safetensors"
+    uses = [lora.LoraUse("red", path, 1, 1), lora.LoraUse("a, b:c", path, 1, 1)]
+    short = lora.short_hash(path)
+    assert lora.infotext_params(uses) == {"Lora hashes": f"red: {short}, a bc: {short}"}
+    assert lora.infotext_params([]) == {}
 
 
 def test_unknown_lora_warns_and_generates(lora_engine):
