@@ -17,6 +17,7 @@ LoRA: the peft wrappers are taken out and the original modules come back untouch
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from math import prod
 
@@ -171,7 +172,9 @@ def inject(layers: list[Layer], index, adapter: str) -> tuple[list[str], list[st
         name = f"{adapter}_{kind}"
         config = (LoHaConfig if kind == "loha" else LoKrConfig)(r=1, alpha=1, target_modules=[p for p, _ in items])
         root = roots[root_id]
-        inject_adapter_in_model(config, root, adapter_name=name)
+        with warnings.catch_warnings():  # several adapters on one model is what we mean to do
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            inject_adapter_in_model(config, root, adapter_name=name)
         for path, layer in items:
             _put_factors(root.get_submodule(path), name, layer)
         if name not in created:

@@ -225,3 +225,44 @@ def test_lycoris_layers_add_exactly_the_lycoris_delta(maker, kind):
         torch.testing.assert_close(got, want(delta), rtol=1e-4, atol=1e-4)
     lora.remove_all(components)
     assert unet.get_submodule(LINEAR) is modules[LINEAR] and unet.get_submodule(CONV) is modules[CONV]
+
+
+def _tucker(t, w_a, w_b):
+    """LyCORIS' Tucker rebuild of a conv factor: core (rank, rank, kh, kw), w_a (rank, out), w_b (rank, in)."""
+    return torch.einsum("i j k l, i p, j r -> p r k l", t, w_a, w_b).contiguous()
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_tucker_conv_layers_add_the_lycoris_delta(kind):
+    components = _tiny_sd1()
+    conv = components.unet.get_submodule(CONV)
+    out, inp, rank, alpha = conv.out_channels, conv.in_channels, 3, 1.5
+    g = torch.Generator().manual_seed(9)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g) * 0.3
+
+    key = "lora_unet_" + CONV.replace(".", "_")
+    if kind == "loha":
+        f = {"hada_t1": rnd(rank, rank, 3, 3), "hada_w1_a": rnd(rank, out), "hada_w1_b": rnd(rank, inp),
+             "hada_t2": rnd(rank, rank, 3, 3), "hada_w2_a": rnd(rank, out), "hada_w2_b": rnd(rank, inp)}
+        delta = _tucker(f["hada_t1"], f["hada_w1_a"], f["hada_w1_b"]) \
+            * _tucker(f["hada_t2"], f["hada_w2_a"], f["hada_w2_b"]) * alpha / rank
+    else:
+        f = {"lokr_w1": rnd(4, 4), "lokr_t2": rnd(rank, rank, 3, 3), "lokr_w2_a": rnd(rank, out // 4),
+             "lokr_w2_b": rnd(rank, inp // 4)}
+        delta = torch.kron(f["lokr_w1"][:, :, None, None], _tucker(f["lokr_t2"], f["lokr_w2_a"], f["lokr_w2_b"]))
+        delta = delta * alpha / rank
+    _, layers, unknown = lycoris.split({**{f"{key}.{k}": v for k, v in f.items()}, key + ".alpha": torch.tensor(alpha)})
+    assert unknown == [] and [layer.kind for layer in layers] == [kind]
+    index = lycoris.module_index(components.unet, [("text_encoder", components.text_encoders[0])])
+    img = torch.randn(1, inp, 8, 8)
+    with torch.no_grad():
+        want = conv(img) + F.conv2d(img, delta, padding=1)
+        names, unmatched = lycoris.inject(layers, index, "t")
+        assert unmatched == []
+        lora._set_weights(components, [(names, lora.LoraUse("t", Path("t"), te=1.0, unet=1.0))])
+        got = components.unet.get_submodule(CONV)(img)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    lora.remove_all(components)
+    assert components.unet.get_submodule(CONV) is conv
