@@ -179,7 +179,8 @@ def test_unsupported_layout_warns_naming_the_file(kinds_engine, plain):
 def _tiny_sd1():
     unet, _, encoders = make_tiny("sd1", seed=0)
     return SimpleNamespace(unet=unet, text_encoders=encoders,
-                           spec=SimpleNamespace(family=SimpleNamespace(name="sd1")))
+                           spec=SimpleNamespace(family=SimpleNamespace(
+                               name="sd1", text_encoders=[SimpleNamespace(pooled=False)])))
 
 
 LINEAR = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -266,3 +267,17 @@ def test_tucker_conv_layers_add_the_lycoris_delta(kind):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     lora.remove_all(components)
     assert components.unet.get_submodule(CONV) is conv
+
+
+def test_pt_lycoris_file_applies_and_an_unreadable_file_is_reported(tmp_path):
+    components = _tiny_sd1()
+    targets = [("lora_unet_" + LINEAR.replace(".", "_"), components.unet.get_submodule(LINEAR))]
+    torch.save(loha_file(targets), tmp_path / "h.pt")
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    warnings: list[str] = []
+    uses = [lora.LoraUse("bad", tmp_path / "bad.safetensors", 1, 1), lora.LoraUse("h", tmp_path / "h.pt", 1, 1)]
+    with lora.applied(components, uses, warnings) as loaded:
+        assert [use.name for use in loaded] == ["h"]
+        assert lora._has_adapter(components.unet, "sdui_lora_1_loha")
+    assert len(warnings) == 1 and "bad.safetensors" in warnings[0] and "could not be read" in warnings[0]
+    assert not lora._has_any_tuner(components.unet)
