@@ -8,6 +8,7 @@ no per-user state: everything a job needs travels in its request.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -67,6 +68,7 @@ class Engine:
         self._lent_generation = self.gpu.lend(self._generate_request, self._generation_seconds)
         self._lent_upscale = self.gpu.lend(self._upscale_request, zerogpu.upscale_seconds)
         self._lent_sd_upscale = self.gpu.lend(self._sd_upscale_request, self._sd_upscale_seconds)
+        self._loading: list[str] = []  # checkpoints being read into memory now, for the UI
 
     # --- what is on disk ---------------------------------------------------------------
     def list_checkpoints(self, refresh: bool = False) -> list[ModelFile]:
@@ -107,14 +109,49 @@ class Engine:
         return file
 
     def _load(self, file: ModelFile):
+        loading = file.name not in self.manager.loaded_names()
+        if loading:
+            self._loading.append(file.name)
         try:
             model = self.manager.get(file.name, file.path)
         except CheckpointError:
             raise
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{file.name}: could not be loaded ({exc})") from exc
+        finally:
+            if loading:
+                self._loading.remove(file.name)
         self.registry.ensure_hash(file)  # the infotext's "Model hash"; cached after the first time
         return model
+
+    def preload(self, name: str | None = None, on_done=None) -> threading.Thread | None:
+        """Load a checkpoint (default: the default one) in a background thread, so the server
+        answers while it loads. A job for it meanwhile waits for this load rather than loading
+        it again (the manager loads a file once, under its lock). `on_done(name, seconds, error)`
+        is called at the end; a failure is not raised here: the first job reports it too.
+        Returns the thread, or None when there is no checkpoint to load."""
+        try:
+            file = self.resolve_checkpoint(name)
+        except RequestError:
+            return None
+
+        def load() -> None:
+            started, error = time.monotonic(), None
+            try:
+                self._load(file)
+            except Exception as exc:  # noqa: BLE001 - said through on_done and the log
+                log.error("preloading %s failed: %s", file.name, exc)
+                error = exc
+            if on_done is not None:
+                on_done(file.name, time.monotonic() - started, error)
+
+        thread = threading.Thread(target=load, name="sdui-preload", daemon=True)
+        thread.start()
+        return thread
+
+    def loading_checkpoints(self) -> list[str]:
+        """Checkpoints being loaded right now (start-up preload or a job's first use)."""
+        return list(self._loading)
 
     def unload_checkpoint(self, name: str) -> bool:
         return self.manager.unload(name)

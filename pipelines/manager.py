@@ -142,8 +142,9 @@ class ModelManager:
             self._release()
 
     def loaded_names(self) -> list[str]:
-        with self._lock:
-            return [m.name for m in reversed(self._cache.values())]
+        # No lock: a load holds it for seconds, and the UI asks this while one runs (start-up).
+        # list() copies the dict in one C call, so the snapshot is consistent.
+        return [m.name for m in reversed(list(self._cache.values()))]
 
     def loaded(self, name: str) -> LoadedModel | None:
         with self._lock:

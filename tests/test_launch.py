@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 
@@ -48,3 +50,62 @@ def test_listen_without_auth_warns_loudly(folders, tmp_path):
 
     assert any("WITHOUT a password" in line for line in notices(parse_args(["--listen"])))
     assert not notices(parse_args(["--listen", "--gradio-auth", "a:b"]))
+
+
+def test_ui_answers_while_the_model_loads_and_a_job_waits_for_the_load(tmp_path, monkeypatch):
+    """Start-up order: the page is served first, the default checkpoint loads in the background
+    (the header says so), and a job submitted meanwhile completes after that one load."""
+    import threading
+
+    import pipelines.manager
+    from conftest import make_engine
+    from serving import free_port
+    from tiny import write_tiny_sd1_checkpoint
+    from webui.api import mount_api
+    from webui.app import UIOptions, build_ui
+    from webui.cli import preload
+
+    write_tiny_sd1_checkpoint(tmp_path / "models" / "Stable-diffusion" / "tiny.safetensors")
+    release, loads = threading.Event(), []
+    real_load = pipelines.manager.load_components
+
+    def slow_load(*args, **kwargs):
+        loads.append(args[0])
+        assert release.wait(60), "the test never released the load"
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(pipelines.manager, "load_components", slow_load)
+    engine = make_engine(tmp_path / "models", tmp_path)
+    blocks = build_ui(engine, UIOptions())
+    blocks.queue(default_concurrency_limit=1)
+    port = free_port()
+    blocks.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False)
+    try:
+        mount_api(blocks.app, engine)
+        url = f"http://127.0.0.1:{port}"
+        loader = preload(engine)
+        assert loader is not None
+        deadline = time.monotonic() + 30
+        while not loads and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert loads, "the background load did not start"
+
+        assert httpx.get(url + "/", timeout=30).status_code == 200  # served while the model loads
+        assert "Loading model…" in blocks.webui.on_page_load()[blocks.webui.components["loaded"]]
+        answer = {}
+        job = threading.Thread(target=lambda: answer.setdefault("r", httpx.post(
+            f"{url}/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "width": 64, "height": 64}, timeout=120)))
+        job.start()
+        job.join(2)
+        assert job.is_alive() and not answer, "the job should wait for the load in progress"
+
+        release.set()
+        job.join(120)
+        assert answer["r"].status_code == 200 and len(answer["r"].json()["images"]) == 1
+        loader.join(30)
+        assert len(loads) == 1  # loaded once, by the background load; the job reused it
+        assert engine.loaded_checkpoints() == ["tiny.safetensors"]
+        assert "Loading" not in blocks.webui.on_page_load()[blocks.webui.components["loaded"]]
+    finally:
+        release.set()
+        blocks.close()

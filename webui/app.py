@@ -111,8 +111,12 @@ class WebUI:
                                       min_width=180)
                 loaded = gr.Markdown(self._loaded_text(), elem_id="loaded_line")
             demo_note = gr.Markdown(self.demo_note(default_ckpt), elem_id="demo_note")
+            # ticks only while a model is loading (switched on by the page load), to say when it is ready
+            loading_timer = gr.Timer(1.0, active=False)
+            loading_timer.tick(self.on_loading_tick, outputs=[loaded, loading_timer], show_progress="hidden",
+                               api_visibility="undocumented", concurrency_limit=None)
             self.components.update(checkpoint=checkpoint, vae=vae, clip_skip=clip_skip, loaded=loaded,
-                                   demo_note=demo_note)
+                                   demo_note=demo_note, loading_timer=loading_timer)
             native = self._native(default_ckpt)
             # Width/height follow the session's checkpoint (its native size). Gradio 6 mounts tabs
             # lazily and drops updates sent to components of a tab not on screen, so each
@@ -163,7 +167,8 @@ class WebUI:
             checkpoint.change(self.demo_note, inputs=checkpoint, outputs=demo_note, queue=False,
                               show_progress="hidden", api_visibility="undocumented")
             # A new page gets the current list (it may have been refreshed since build time).
-            blocks.load(self.on_page_load, outputs=[checkpoint, loaded, *self._sizing_components("txt2img")],
+            blocks.load(self.on_page_load, outputs=[checkpoint, loaded, loading_timer,
+                                                    *self._sizing_components("txt2img")],
                         show_progress="hidden", api_visibility="undocumented")
         blocks.webui = self  # type: ignore[attr-defined]
         self.blocks = blocks
@@ -356,9 +361,16 @@ class WebUI:
         low, high = LIMITS["width"]
         return int(min(max(value - value % 8, low), high))
 
+    def _loading(self) -> list[str]:
+        try:
+            return list(getattr(self.engine, "loading_checkpoints", list)())
+        except Exception:
+            log.exception("loading checkpoints failed")
+            return []
+
     def _loaded_text(self) -> str:
         try:
-            return convert.loaded_line(self.engine.loaded_checkpoints())
+            return convert.loaded_line(self.engine.loaded_checkpoints(), self._loading())
         except Exception:
             log.exception("loaded checkpoints failed")
             return ""
@@ -491,7 +503,12 @@ class WebUI:
         default = self._default_checkpoint(names)
         header = self.components["checkpoint"]
         return {header: gr.update(choices=names, value=default), self.components["loaded"]: self._loaded_text(),
+                self.components["loading_timer"]: gr.Timer(active=bool(self._loading())),
                 **self._resize("txt2img", default, self._initial_checkpoint)}
+
+    def on_loading_tick(self) -> tuple:
+        """The loaded line while a model loads; the timer stops once nothing is loading."""
+        return self._loaded_text(), gr.Timer(active=bool(self._loading()))
 
     # the Checkpoints tab's handlers live in webui/checkpoints_tab.py
     def refresh_checkpoints(self, current: str | None = None, query: str | None = "", sort: str | None = None):

@@ -1,7 +1,9 @@
 """Command line of `launch.py`: A1111 flag names -> Paths / EngineSettings / Gradio launch().
 
-Importing this module does nothing heavy; torch is only imported (through the engine) by
-`main()`.
+Importing this module does nothing heavy. Start-up order (`main()`): torch and the engine are
+imported in a thread while Gradio is imported here (the two biggest costs overlap), the UI is
+served, and only then is the default checkpoint loaded, in the background: the page says
+"Loading model…" and a job submitted meanwhile waits for that load.
 """
 
 from __future__ import annotations
@@ -9,6 +11,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
+import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -219,9 +224,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipelines.zerogpu import import_spaces
 
     import_spaces()  # on ZeroGPU `spaces` must patch torch before diffusers & co. look at CUDA
-    from pipelines.engine import Engine  # heavy (torch): only when actually launching
-
-    engine = Engine(paths, settings)
+    engine_future = start_engine(paths, settings)
+    if not args.nowebui:
+        from . import app  # noqa: F401 - Gradio, imported while the engine thread imports torch
+    engine = engine_future.result()
+    core = engine  # what preload() runs on (the hosted-demo wrapper below only limits requests)
     for line in discover_extensions(engine, args, space):
         print(line, file=sys.stderr)
     limits = None
@@ -238,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(no_checkpoint_text(paths, space).replace("**", "").replace("`", ""), file=sys.stderr)
     if args.nowebui:
-        return serve_api_only(engine, args, space)
+        return serve_api_only(engine, args, space, on_serving=lambda: preload(core))
 
     from .app import UIOptions, build_ui
     from .space import add_notice, apply_space_ui, notice_text
@@ -250,7 +257,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     blocks.queue(default_concurrency_limit=1, max_size=limits.queue_max_size if limits else None)
     kwargs = {**launch_kwargs(args, paths, space), **blocks.webui.launch_kwargs()}
     if not args.api:
-        blocks.launch(**kwargs)
+        blocks.launch(**kwargs, prevent_thread_lock=True)
+        preload(core)
+        blocks.block_thread()
         return 0
     from .api import mount_api
 
@@ -262,8 +271,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(blocks, "share_url", None):
         print(f"* Running on public URL: {blocks.share_url}", flush=True)
     print("REST API: /sdapi/v1/ (docs at /docs)", flush=True)
+    preload(core)
     blocks.block_thread()
     return 0
+
+
+def start_engine(paths: Paths, settings: EngineSettings) -> Future:
+    """Import the engine (torch) and build it in a thread; the Future holds the Engine."""
+    future: Future = Future()
+
+    def build() -> None:
+        try:
+            from pipelines.engine import Engine  # heavy (torch): only when actually launching
+
+            future.set_result(Engine(paths, settings))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in main() by result()
+            future.set_exception(exc)
+
+    threading.Thread(target=build, name="sdui-engine-start", daemon=True).start()
+    return future
+
+
+def preload(engine) -> threading.Thread | None:
+    """Load the default checkpoint in the background once the server answers; say when it is ready."""
+    started = time.monotonic()
+
+    def done(name: str, seconds: float, error: BaseException | None) -> None:
+        if error is None:
+            print(f"Model loaded: {name} in {seconds:.1f}s ({time.monotonic() - started:.1f}s after serving)",
+                  flush=True)
+        else:
+            print(f"Model {name} could not be loaded: {error}", file=sys.stderr, flush=True)
+
+    thread = engine.preload(on_done=done)
+    if thread is not None:
+        print("Loading the default checkpoint in the background; the UI is up meanwhile.", flush=True)
+    return thread
 
 
 def discover_extensions(engine, args: argparse.Namespace, space: bool = False) -> list[str]:
@@ -306,7 +349,7 @@ def api_options(space: bool):
     return ReadOnlyApiOptions()
 
 
-def serve_api_only(engine, args: argparse.Namespace, space: bool = False) -> int:
+def serve_api_only(engine, args: argparse.Namespace, space: bool = False, on_serving=None) -> int:
     """--nowebui: the REST API alone, on the same port and with the same URL line."""
     import uvicorn
 
@@ -322,6 +365,8 @@ def serve_api_only(engine, args: argparse.Namespace, space: bool = False) -> int
     sock.bind((host, args.port))
     sock.listen(128)
     print(f"Running on local URL:  http://127.0.0.1:{args.port}  (REST API only, docs at /docs)", flush=True)
+    if on_serving is not None:
+        on_serving()
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     server.run(sockets=[sock])
     return 0

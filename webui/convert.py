@@ -220,8 +220,11 @@ def checkpoint_rows(infos: Iterable[Any]) -> list[list[str]]:
     ]
 
 
-def loaded_line(names: Iterable[str]) -> str:
-    names = list(names)
+def loaded_line(names: Iterable[str], loading: Iterable[str] = ()) -> str:
+    names, loading = list(names), list(loading)
+    if loading:
+        done = f"**Loaded:** {', '.join(names)} · " if names else ""
+        return f"{done}**Loading model…** {', '.join(loading)} (a job started now waits for it)"
     return "**Loaded:** " + (", ".join(names) if names else "nothing yet (loads on first use)")
 
 
