@@ -15,7 +15,7 @@ from pathlib import Path
 from . import embeddings, hires, infotext, lora, outputs, runner, samplers, tiling, upscalers, zerogpu
 from .device import choose_placement
 from .loading import CheckpointError, inspect_checkpoint, read_header, sniff_format
-from .jobs import Job, JobQueue
+from .jobs import Job, JobQueue, WaitCallback
 from .manager import ModelManager
 from .progress import JobControl, Progress, ProgressCallback
 from .registry import HashCache, ModelFile, ModelRegistry, MODEL_KINDS
@@ -59,7 +59,7 @@ class Engine:
                                       fallbacks={kind: self.paths.fallback(kind) for kind in MODEL_KINDS})
         budget = int(self.settings.ram_budget_gb * GB) if self.settings.ram_budget_gb else None
         self.manager = ModelManager(self.placement, budget)
-        self.queue = JobQueue()  # one fair queue for the UI, the API and scripts
+        self.queue = JobQueue(self.settings.max_queue_size)  # one fair queue for the UI, the API and scripts
         self.upscaler_models = upscalers.UpscalerModels(self.placement.device)  # loaded ESRGAN & co.
         # extensions' hooks; none until the launcher calls extensions.discover(...)
         self.extensions = ExtensionManager(Path(self.paths.data_dir) / "extensions.json")
@@ -164,8 +164,11 @@ class Engine:
 
     # --- work ------------------------------------------------------------------------------
     def generate(self, request: GenerationRequest, on_progress: ProgressCallback | None = None,
-                 control: JobControl | None = None, owner: str | None = None) -> GenerationResult:
+                 control: JobControl | None = None, owner: str | None = None,
+                 on_wait: WaitCallback | None = None) -> GenerationResult:
         """Run a txt2img/img2img/inpaint request in its turn; images are saved when asked.
+        `on_wait` hears how many jobs are ahead while it waits (see JobQueue.run); a full
+        queue raises QueueFull before anything runs.
 
         Extensions' hooks apply (a failing one is reported in result.warnings and disabled);
         an extension's script (e.g. an X/Y/Z plot) runs its generations inside this one job."""
@@ -173,7 +176,7 @@ class Engine:
         request = hooks.before_request(request)
         file = self._checked_file(request)
         job = self.queue.new_job(request.mode, owner, control)
-        with self.queue.run(job):
+        with self.queue.run(job, on_wait):
             request = request.with_resolved_seeds()
             result = hooks.run_script(
                 request, control=job.control, on_progress=on_progress,
@@ -379,12 +382,13 @@ class Engine:
                                                            cancelled=cancelled))
 
     def upscale(self, request: UpscaleRequest, owner: str | None = None,
-                on_progress: ProgressCallback | None = None, control: JobControl | None = None) -> GenerationResult:
+                on_progress: ProgressCallback | None = None, control: JobControl | None = None,
+                on_wait: WaitCallback | None = None) -> GenerationResult:
         """Upscale every image of the request (Extras): the first upscaler, the second one
         blended in by its visibility, by a factor or to an exact size; saved with parameters."""
         first, second = self._chosen_upscalers(request)  # bad names fail before queueing
         job = self.queue.new_job("extras", owner, control)
-        with self.queue.run(job):
+        with self.queue.run(job, on_wait):
             on_device = any(isinstance(u, upscalers.ModelUpscaler) for u in (first, second))
             if self.gpu.active and on_device:  # Lanczos & co. need no GPU time
                 return self._lent_upscale(request)
@@ -463,7 +467,8 @@ class Engine:
 
     def sd_upscale(self, request: GenerationRequest, upscaler: str = "Lanczos", scale: float = 2.0,
                    overlap: int = 64, on_progress: ProgressCallback | None = None,
-                   control: JobControl | None = None, owner: str | None = None) -> GenerationResult:
+                   control: JobControl | None = None, owner: str | None = None,
+                   on_wait: WaitCallback | None = None) -> GenerationResult:
         """SD upscale: upscale the img2img request's image by `scale`, then img2img it tile by
         tile (tiles of request.width x height, `overlap` pixels shared, seams feathered)."""
         if request.mode != "img2img":
@@ -478,7 +483,7 @@ class Engine:
         except RequestError as exc:
             raise RequestError("upscaler", exc.message) from None
         job = self.queue.new_job("img2img", owner, control)
-        with self.queue.run(job):
+        with self.queue.run(job, on_wait):
             request = request.with_resolved_seeds()
             if self.gpu.active:  # ZeroGPU: only the request crosses to the worker holding the GPU
                 return self._lent_sd_upscale(request, chosen.name, float(scale), int(overlap))

@@ -11,13 +11,24 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .progress import JobControl, Progress
 
+DEFAULT_MAX_WAITING = 64  # `--max-queue-size`; a hosted demo uses its own, smaller bound (pipelines.space)
+
+# Called with the number of jobs ahead (the running one included) whenever it changes while
+# a job waits, from the waiting thread, under the queue's lock: it must be quick and must not
+# wait on the queue itself.
+WaitCallback = Callable[[int], None]
+
 
 class QueueFull(RuntimeError):
-    pass
+    """The queue already holds its maximum of waiting jobs; the caller should retry later."""
+
+    def __init__(self, waiting: int):
+        super().__init__(f"Queue full ({waiting} waiting), try again in a moment")
+        self.waiting = waiting
 
 
 @dataclass
@@ -42,15 +53,35 @@ class JobQueue:
     def new_job(self, kind: str, owner: str | None = None, control: JobControl | None = None) -> Job:
         return Job(id=next(self._tickets), kind=kind, owner=owner, control=control or JobControl())
 
-    @contextmanager
-    def run(self, job: Job) -> Iterator[Job]:
-        """Wait for this job's turn (FIFO), hold the slot while the body runs."""
+    def check_room(self) -> None:
+        """Raise QueueFull now if a new job would be refused (a cheap early answer; `run`
+        checks again)."""
         with self._cond:
             if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
-                raise QueueFull(f"the queue is full ({self.max_waiting} jobs waiting); try again shortly")
+                raise QueueFull(len(self._waiting))
+
+    def capacity(self) -> int | None:
+        """Jobs that can be in the queue at once, the running one included (None: unbounded)."""
+        return None if self.max_waiting is None else self.max_waiting + 1
+
+    @contextmanager
+    def run(self, job: Job, on_wait: WaitCallback | None = None) -> Iterator[Job]:
+        """Wait for this job's turn (FIFO), hold the slot while the body runs.
+
+        Raises QueueFull at once when `max_waiting` jobs already wait. `on_wait` hears how many
+        jobs are ahead each time that number changes, and 0 when the job's turn comes (not at
+        all when it starts at once)."""
+        with self._cond:
+            if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
+                raise QueueFull(len(self._waiting))
             self._waiting.append(job)
+            told = None
             try:
                 while self._running is not None or self._waiting[0] is not job:
+                    ahead = self._ahead(job)
+                    if on_wait is not None and ahead != told:
+                        told = ahead
+                        on_wait(ahead)
                     self._cond.wait()
             except BaseException:
                 self._waiting.remove(job)
@@ -59,6 +90,8 @@ class JobQueue:
             self._waiting.pop(0)
             self._running = job
             job.started_at = time.monotonic()
+            if on_wait is not None and told is not None:
+                on_wait(0)
         try:
             yield job
         finally:
@@ -69,12 +102,22 @@ class JobQueue:
     def running(self) -> Job | None:
         return self._running
 
-    def position(self, job: Job) -> int:
-        """0 when running, n when n-1 jobs are ahead of it, -1 when not queued."""
+    def ahead(self, job: Job) -> int:
+        """How many jobs run or wait before `job`: 0 when it runs, -1 when not queued."""
         with self._cond:
-            if self._running is job:
-                return 0
-            return self._waiting.index(job) + 1 if job in self._waiting else -1
+            return self._ahead(job)
+
+    def _ahead(self, job: Job) -> int:
+        if self._running is job:
+            return 0
+        if job not in self._waiting:
+            return -1
+        return self._waiting.index(job) + (self._running is not None)
+
+    def first_waiting(self, owner: str) -> Job | None:
+        """The earliest waiting job of `owner` (for telling a caller where it stands)."""
+        with self._cond:
+            return next((job for job in self._waiting if job.owner == owner), None)
 
     def waiting(self) -> int:
         with self._cond:

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .jobs import DEFAULT_MAX_WAITING
+from .uploads import DEFAULT_MAX_UPLOAD_MB, DEFAULT_MAX_UPLOAD_MEGAPIXELS
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Checkpoints shipped inside the package (a demo model), searched after the user's folder.
 DEMO_CHECKPOINT_DIR = Path(__file__).resolve().parent / "demo"
@@ -55,3 +58,6 @@ class EngineSettings:
     # A public hosted demo (Hugging Face Space, `--space`): limits on requests, no extension
     # installs, no server-default changes from the UI or the API. See pipelines/space.py.
     hosted: bool = False
+    max_queue_size: int | None = DEFAULT_MAX_WAITING  # jobs waiting (UI and API together); None = no bound
+    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB  # one uploaded image file (API: the decoded base64)
+    max_upload_megapixels: float = DEFAULT_MAX_UPLOAD_MEGAPIXELS  # width x height of an uploaded image

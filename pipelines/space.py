@@ -66,7 +66,7 @@ class SpaceLimits:
     max_batch_count: int
     max_images: int  # batch size * batch count
     max_upscale_side: int  # upscaler output, and input, per side
-    queue_max_size: int  # waiting jobs in Gradio's queue; more are refused with "queue full"
+    queue_max_size: int  # waiting jobs (UI and API, the engine's queue); more are refused with "Queue full"
 
     def summary(self) -> str:
         return (f"up to {self.max_steps} steps, {self.max_side}×{self.max_side} pixels, "
@@ -157,6 +157,10 @@ class LimitedEngine:
     def __init__(self, engine: Any, limits: SpaceLimits):
         self._engine = engine
         self.limits = limits
+        # the demo's bound on waiting jobs (--max-queue-size can only lower it): UI and API share it
+        queue = getattr(engine, "queue", None)
+        if queue is not None:
+            queue.max_waiting = min(limits.queue_max_size, queue.max_waiting or limits.queue_max_size)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)

@@ -414,7 +414,9 @@ def test_broken_checkpoint_and_full_queue_are_clear_errors(models_dir, tmp_path)
         assert "broken.safetensors" in response.json()["error"]
         engine.queue = JobQueue(max_waiting=0)  # every job is refused
         response = post(url, "txt2img", {**SMALL, "prompt": "x"})
-        assert response.status_code == 503 and "queue is full" in response.json()["error"]
+        body = response.json()
+        assert response.status_code == 503 and body["detail"] == "Queue full (0 waiting), try again in a moment"
+        assert response.headers["Retry-After"]
 
 
 class ExplodingEngine:

@@ -60,7 +60,7 @@ def test_full_queue_refuses_with_a_clear_message():
     threads[1].start()
     while queue.waiting() < 1:
         time.sleep(0.001)
-    with pytest.raises(QueueFull, match="queue is full"):
+    with pytest.raises(QueueFull, match=r"^Queue full \(1 waiting\), try again in a moment$"):
         with queue.run(queue.new_job("c")):
             pass
     release.set()
@@ -68,3 +68,48 @@ def test_full_queue_refuses_with_a_clear_message():
         t.join(5)
     assert second_in.is_set(), "the waiting job still ran after the refusal"
     assert queue.running() is None and queue.waiting() == 0
+
+
+def test_a_waiting_job_hears_how_many_are_ahead_as_it_moves_up():
+    queue = JobQueue()
+    release = [threading.Event() for _ in range(2)]
+    entered = [threading.Event() for _ in range(2)]
+    heard: list[int] = []
+    first = threading.Thread(target=hold_slot, args=(queue, "a", entered[0], release[0]))
+    first.start()
+    entered[0].wait(5)
+    second = threading.Thread(target=hold_slot, args=(queue, "b", entered[1], release[1]))
+    second.start()
+    while queue.waiting() < 1:
+        time.sleep(0.001)
+    mine = queue.new_job("c", owner="me")
+
+    def wait_my_turn():
+        with queue.run(mine, on_wait=heard.append):
+            heard.append("ran")
+
+    third = threading.Thread(target=wait_my_turn)
+    third.start()
+    while queue.waiting() < 2:
+        time.sleep(0.001)
+    assert queue.ahead(mine) == 2 and queue.first_waiting("me") is mine
+    release[0].set()  # the first job ends: one ahead now
+    entered[1].wait(5)
+    while heard[-1] != 1:
+        time.sleep(0.001)
+    release[1].set()
+    for t in (first, second, third):
+        t.join(5)
+    assert heard == [2, 1, 0, "ran"]
+    assert queue.ahead(mine) == -1 and queue.first_waiting("me") is None
+
+
+def test_a_job_that_starts_at_once_hears_nothing_and_check_room_refuses_early():
+    queue = JobQueue(max_waiting=1)
+    heard: list[int] = []
+    with queue.run(queue.new_job("a"), on_wait=heard.append):
+        queue.check_room()  # one may still wait
+    assert heard == []
+    assert queue.capacity() == 2 and JobQueue().capacity() is None
+    with pytest.raises(QueueFull):
+        JobQueue(max_waiting=0).check_room()

@@ -71,7 +71,7 @@ class FakeEngine:
     def describe(self):
         return {"device": "cpu", "dtype": "float32", "attention": "sdpa"}
 
-    def generate(self, request, on_progress=None, control=None, owner=None):
+    def generate(self, request, on_progress=None, control=None, owner=None, on_wait=None):
         self.requests.append(request)
         self.owners.append(owner)
         if self.error is not None:
@@ -194,7 +194,8 @@ def test_handler_registered_with_inputs_by_name(ui):
         for fn in fns:
             named = dict(zip(fn.input_parameter_names, fn.inputs))
             assert named == ui.fields[mode]
-            assert fn.concurrency_id == "generate" and fn.concurrency_limit == 1
+            # they wait in the engine's queue; an engine without one (this fake): one at a time
+            assert fn.concurrency_id == "queued" and fn.concurrency_limit == 1
 
 
 def test_img2img_and_inpaint_requests(ui, engine):

@@ -15,10 +15,13 @@ value is per browser session; the last result of each tab (seeds, infotexts, sel
 is a `gr.State`. Interrupt/Skip use `WebUI.jobs`, a `JobRegistry` keyed by
 `gr.Request.session_hash` (see `webui.jobs`).
 
-Concurrency: everything that runs the models (generate, upscale, load) shares the
-concurrency group "generate" with limit 1, so one job runs at a time and the others wait in
-Gradio's queue in arrival order. Interrupt/Skip are queued in their own unlimited group
-("control"), so they run at once, even while a generation holds the "generate" slot.
+Concurrency: generate, upscale and SD upscale wait in the engine's one fair queue, shared
+with the REST API (pipelines.jobs): their Gradio group ("queued") lets as many handlers in as
+that queue holds, each shows "Waiting: N jobs ahead of you" until its turn, and a full queue
+is a warning toast ("Queue full (N waiting), try again in a moment"), not an error. Loading a
+checkpoint by hand keeps the group "generate" with limit 1. Interrupt/Skip are queued in their
+own unlimited group ("control"), so they run at once, even while a job runs; they reach the
+caller's job while it waits, too.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any, Callable
 
 import gradio as gr
 
+from pipelines.jobs import QueueFull
 from pipelines.request import INPAINT_FILLS, LIMITS, MAX_SEED, RESIZE_MODES, RequestError
 from pipelines.zerogpu import ZeroGPUError
 
@@ -39,6 +43,7 @@ from .jobs import JobRegistry
 log = logging.getLogger(__name__)
 
 GENERATE_GROUP = "generate"
+QUEUED_GROUP = "queued"  # handlers that wait in the engine's queue (see the module docstring)
 GENERATION_MODES = ("txt2img", "img2img", "inpaint")
 
 
@@ -85,7 +90,14 @@ class WebUI:
 
     # Arguments for Blocks.launch() that gradio 6 no longer takes in the Blocks constructor.
     def launch_kwargs(self) -> dict[str, Any]:
-        return {"theme": _theme(), "css": CSS}
+        # every waiting job holds a handler thread: Gradio's usual 40 on top of those
+        return {"theme": _theme(), "css": CSS, "max_threads": 40 + (self.queue_capacity() or 0)}
+
+    def queue_capacity(self) -> int | None:
+        """Jobs the engine's queue holds at once (running + waiting); Gradio lets that many
+        handlers of the "queued" group in. An engine without a queue: one at a time."""
+        queue = getattr(self.engine, "queue", None)
+        return queue.capacity() if queue is not None else 1
 
     # ------------------------------------------------------------------------------------------
     # layout
@@ -279,8 +291,8 @@ class WebUI:
 
         generate.click(
             self.generate_handler(mode), inputs_kwargs=fields, outputs=[gallery, infotext, last, loaded],
-            show_progress="full", show_progress_on=[gallery], concurrency_id=GENERATE_GROUP,
-            concurrency_limit=1, api_name=mode,
+            show_progress="full", show_progress_on=[gallery], concurrency_id=QUEUED_GROUP,
+            concurrency_limit=self.queue_capacity(), api_name=mode,
         )
         # Own unlimited group: never waits behind the running job (queue=True so gr.Info shows).
         interrupt.click(self.interrupt, concurrency_id="control", concurrency_limit=None, show_progress="hidden",
@@ -410,7 +422,10 @@ class WebUI:
             if on_progress:
                 on_progress(None)
             result = call_engine("Generation", lambda: self.engine.generate(
-                req, on_progress=on_progress, control=control, owner=session))
+                req, on_progress=on_progress, control=control, owner=session,
+                on_wait=_wait_reporter(progress)))
+        if result is None:  # the queue was full; the toast says so, the tab stays as it was
+            return unchanged(4)
         show_notices(result)
         images = _gallery_items(result)
         infotexts = list(result.infotexts or [])
@@ -539,9 +554,13 @@ def _pick(preferred: str, choices: list[str]) -> str | None:
 
 def call_engine(what: str, call: Callable[[], Any]) -> Any:
     """Run an engine call; its errors reach the user as a gr.Error naming the field (bad
-    request) or saying what failed, never as a traceback."""
+    request) or saying what failed, never as a traceback. A full queue is no error: a warning
+    toast says so and None comes back (answer with `unchanged(n)`)."""
     try:
         return call()
+    except QueueFull as exc:
+        gr.Warning(str(exc))
+        return None
     except RequestError as exc:
         raise gr.Error(convert.error_message(exc), print_exception=False) from None
     except ZeroGPUError as exc:  # quota, duration, no GPU free: said as ZeroGPU said it
@@ -575,8 +594,20 @@ def _gallery_items(result: Any) -> list:
     return images
 
 
-def _progress_reporter(progress: Any) -> Callable | None:
-    """Turn gr.Progress into an engine on_progress callback that works from any thread.
+def unchanged(outputs: int) -> tuple:
+    """A handler's answer that leaves its `outputs` components as they are."""
+    return tuple(gr.skip() for _ in range(outputs))
+
+
+def waiting_text(ahead: int) -> str:
+    """What a waiting job's progress bar says; 0: its turn has come."""
+    if ahead <= 0:
+        return "Starting…"
+    return f"Waiting: {ahead} job{'s' if ahead != 1 else ''} ahead of you"
+
+
+def _progress_shower(progress: Any) -> Callable[[float, str], None] | None:
+    """gr.Progress as a (fraction, text) function that works from any thread.
 
     gr.Progress finds its event through context variables; copying the handler's context
     lets the engine call back from a worker thread as well as from the handler thread.
@@ -585,13 +616,33 @@ def _progress_reporter(progress: Any) -> Callable | None:
         return None
     context = contextvars.copy_context()
 
-    def on_progress(p) -> None:
+    def show(fraction: float, text: str) -> None:
         try:
-            if p is None:
-                context.copy().run(progress, 0.0, desc="Starting…")
-            else:
-                context.copy().run(progress, max(0.0, min(1.0, p.fraction)), desc=p.describe())
+            context.copy().run(progress, max(0.0, min(1.0, fraction)), desc=text)
         except Exception:  # progress display must never break a job
             log.debug("progress update failed", exc_info=True)
 
+    return show
+
+
+def _progress_reporter(progress: Any) -> Callable | None:
+    """gr.Progress as an engine on_progress callback (None: the job is starting)."""
+    show = _progress_shower(progress)
+    if show is None:
+        return None
+
+    def on_progress(p) -> None:
+        if p is None:
+            show(0.0, "Starting…")
+        else:
+            show(p.fraction, p.describe())
+
     return on_progress
+
+
+def _wait_reporter(progress: Any) -> Callable[[int], None] | None:
+    """gr.Progress as the engine's on_wait callback: "Waiting: N jobs ahead of you"."""
+    show = _progress_shower(progress)
+    if show is None:
+        return None
+    return lambda ahead: show(0.0, waiting_text(ahead))

@@ -17,8 +17,10 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Sequence
 
+from pipelines.jobs import DEFAULT_MAX_WAITING
 from pipelines.settings import REPO_ROOT, EngineSettings, Paths
 from pipelines.space import limits_for, running_on_space, space_id
+from pipelines.uploads import DEFAULT_MAX_UPLOAD_MB, DEFAULT_MAX_UPLOAD_MEGAPIXELS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="credentials for the web UI, comma-separated user:password pairs")
     server.add_argument("--allowed-paths", nargs="*", default=[], metavar="DIR",
                         help="extra folders the web UI may serve files from (besides the outputs folder)")
+    server.add_argument("--max-queue-size", type=int, default=DEFAULT_MAX_WAITING, metavar="N",
+                        help=f"jobs that may wait, web UI and API together (default {DEFAULT_MAX_WAITING}); "
+                             "more are refused with 'Queue full, try again in a moment' (API: 503). "
+                             "A hosted demo keeps its own, smaller bound; this can only lower it")
+    server.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, metavar="MB",
+                        help=f"largest image file a user may upload, web UI and API (default {DEFAULT_MAX_UPLOAD_MB:g})")
+    server.add_argument("--max-upload-megapixels", type=float, default=DEFAULT_MAX_UPLOAD_MEGAPIXELS, metavar="MP",
+                        help="largest uploaded image in megapixels, read from its header before decoding "
+                             f"(default {DEFAULT_MAX_UPLOAD_MEGAPIXELS:g}, below Pillow's decompression-bomb limit)")
     server.add_argument("--disable-all-extensions", action="store_true",
                         help="load no extension (to start when one misbehaves); the Extensions tab still lists none")
     server.add_argument("--space", action="store_true",
@@ -90,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    for flag in ("max_queue_size", "max_upload_mb", "max_upload_megapixels"):
+        if getattr(args, flag) < (1 if flag == "max_queue_size" else 0.001):
+            parser.error(f"--{flag.replace('_', '-')}: must be positive, got {getattr(args, flag):g}")
     for flag in ("gradio_auth", "api_auth"):
         value = getattr(args, flag)
         if value is not None:
@@ -159,6 +173,9 @@ def settings_from_args(args: argparse.Namespace, space: bool = False) -> EngineS
         offload=offload,
         default_checkpoint=args.ckpt,
         hosted=space,
+        max_queue_size=args.max_queue_size,
+        max_upload_mb=args.max_upload_mb,
+        max_upload_megapixels=args.max_upload_megapixels,
     )
 
 
@@ -175,6 +192,8 @@ def launch_kwargs(args: argparse.Namespace, paths: Paths, space: bool = False) -
         "allowed_paths": allowed,
         "ssr_mode": False,
         "show_error": True,
+        # Gradio refuses bigger uploads itself (the page says so before sending them)
+        "max_file_size": int(args.max_upload_mb * (1 << 20)),
     }
     if args.gradio_auth:
         kwargs["auth"] = parse_auth(args.gradio_auth)
@@ -254,7 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if space:
         apply_space_ui(blocks, limits)
     add_notice(blocks, lambda: notice_text(engine, space, limits, space_id()))
-    blocks.queue(default_concurrency_limit=1, max_size=limits.queue_max_size if limits else None)
+    # Gradio's own queue holds no more than the engine's (the one place its bound is decided)
+    blocks.queue(default_concurrency_limit=1, max_size=engine.queue.max_waiting)
     kwargs = {**launch_kwargs(args, paths, space), **blocks.webui.launch_kwargs()}
     if not args.api:
         blocks.launch(**kwargs, prevent_thread_lock=True)

@@ -2,9 +2,9 @@
 
 One `JobRegistry` is created per built UI (inside `build_ui`, never at import time) and keyed by
 Gradio's `session_hash`, which is unique per open page. A job is registered when its handler
-starts running (after it left the queue) and removed when it ends; Interrupt/Skip look the
-caller's session up and flip that job's `JobControl` only. A job still waiting in the queue is
-not registered yet, so Interrupt has nothing to stop there (the same as A1111).
+starts, before it waits in the engine's queue, and removed when it ends; Interrupt/Skip look
+the caller's session up and flip that job's `JobControl` only. Interrupting a job that still
+waits makes it stop as soon as its turn comes.
 """
 
 from __future__ import annotations

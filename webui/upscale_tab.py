@@ -51,7 +51,7 @@ def _slider(name: str, default: float, step: float, label: str, elem_id: str, **
 
 def build(webui: Any) -> Callable[..., tuple]:
     """Lay out the Upscale tab; returns its handler."""
-    from .app import GENERATE_GROUP, _pick
+    from .app import QUEUED_GROUP, _pick
 
     engine = webui.engine
     names = [n for n in _names(engine, "upscaler_names", ["Lanczos", "Nearest", "Bicubic"]) if n != "None"]
@@ -107,12 +107,12 @@ def build(webui: Any) -> Callable[..., tuple]:
         inputs=fields["upscale_mode"], outputs=[by_group, to_group], queue=False, show_progress="hidden",
         api_visibility="undocumented")
     handler = make_handler(webui)
-    button.click(handler, inputs_kwargs=fields, outputs=[gallery, info], concurrency_id=GENERATE_GROUP,
-                 concurrency_limit=1, api_name="upscale")
+    button.click(handler, inputs_kwargs=fields, outputs=[gallery, info], concurrency_id=QUEUED_GROUP,
+                 concurrency_limit=webui.queue_capacity(), api_name="upscale")
     sd_inputs = {**sd["fields"], "image": fields["image"], "checkpoint": webui.components["checkpoint"]}
     webui.sd_upscale = make_sd_upscale_handler(webui)
     sd["button"].click(webui.sd_upscale, inputs_kwargs=sd_inputs, outputs=[gallery, info],
-                       concurrency_id=GENERATE_GROUP, concurrency_limit=1, api_name="sd_upscale")
+                       concurrency_id=QUEUED_GROUP, concurrency_limit=webui.queue_capacity(), api_name="sd_upscale")
     webui.fields["sd_upscale"] = sd_inputs
     interrupt.click(webui.interrupt, concurrency_id="control", concurrency_limit=None, show_progress="hidden",
                     api_visibility="undocumented")
@@ -162,7 +162,7 @@ def upscale_request(fields: dict[str, Any]) -> UpscaleRequest:
 
 def make_handler(webui: Any) -> Callable[..., tuple]:
     def upscale(request: gr.Request = None, progress=gr.Progress(), **fields):
-        from .app import _gallery_items, _progress_reporter, call_engine, show_notices
+        from .app import _gallery_items, _progress_reporter, _wait_reporter, call_engine, show_notices, unchanged
 
         try:
             req = upscale_request(fields)
@@ -172,7 +172,10 @@ def make_handler(webui: Any) -> Callable[..., tuple]:
         on_progress = _progress_reporter(progress) if request is not None else None
         with webui.jobs.run(session) as control:
             result = call_engine("Upscale", lambda: webui.engine.upscale(
-                req, owner=session, on_progress=on_progress, control=control))
+                req, owner=session, on_progress=on_progress, control=control,
+                on_wait=_wait_reporter(progress) if request is not None else None))
+        if result is None:  # queue full: said in a toast
+            return unchanged(2)
         show_notices(result)
         infotexts = list(result.infotexts or [])
         info = infotexts[0] if infotexts else ""
@@ -228,7 +231,7 @@ def make_sd_upscale_handler(webui: Any) -> Callable[..., tuple]:
                    sd_upscaler="Lanczos", sd_scale=2.0, sd_overlap=64, **fields):
         from pipelines.request import GenerationRequest
 
-        from .app import _gallery_items, _progress_reporter, call_engine, show_notices
+        from .app import _gallery_items, _progress_reporter, _wait_reporter, call_engine, show_notices, unchanged
 
         if image is None:
             raise gr.Error("Input image: choose an image first (Single image).", print_exception=False)
@@ -247,7 +250,11 @@ def make_sd_upscale_handler(webui: Any) -> Callable[..., tuple]:
         with webui.jobs.run(session) as control:
             result = call_engine("SD upscale", lambda: webui.engine.sd_upscale(
                 req, upscaler=sd_upscaler, scale=float(sd_scale), overlap=int(sd_overlap),
-                on_progress=on_progress, control=control, owner=session))
+                on_progress=on_progress, control=control, owner=session,
+                on_wait=_wait_reporter(progress) if request is not None else None))
+        if result is None:  # queue full: said in a toast
+            return unchanged(2)
+        show_notices(result)
         infotexts = list(result.infotexts or [])
         return _gallery_items(result), (infotexts[0] if infotexts else "")
 

@@ -160,3 +160,4 @@ class ProgressResponse(BaseModel):
     state: dict[str, Any]
     current_image: Optional[str] = None
     textinfo: Optional[str] = None
+    jobs_ahead: Optional[int] = None  # not in A1111: jobs before the caller's own, null when it has none

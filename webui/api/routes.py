@@ -1,9 +1,10 @@
 """The /sdapi/v1 routes over an injected engine.
 
-Generation, extras and listings are plain `def` endpoints, so FastAPI runs them in its
-thread pool: a generation waits in the engine's one fair queue (shared with the web UI)
-without blocking the event loop, and /progress, /interrupt and /skip (async, no blocking
-calls) answer while it runs.
+Generation and extras run in threads of their own pool, sized to the engine queue's
+capacity: a job waits in the engine's one fair queue (shared with the web UI) without
+blocking the event loop or taking the threads the listings (plain `def` endpoints, FastAPI's
+pool) need. A full queue is answered 503 at once, before a thread is taken. /progress,
+/interrupt and /skip (async, no blocking calls) answer while a job runs.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import datetime
 import time
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Body, Request
 from PIL import Image
 
 from pipelines import samplers
 from pipelines.infotext import parse_infotext
+from pipelines.jobs import DEFAULT_MAX_WAITING
 from pipelines.outputs import read_infotext
 from pipelines.request import RequestError
 
@@ -68,6 +71,13 @@ def create_api(engine: Any, *, auth: list[tuple[str, str]] | None = None,
 
     # --- generation ---------------------------------------------------------------------------
 
+    threads = anyio.CapacityLimiter(engine.queue.capacity() or DEFAULT_MAX_WAITING + 1)
+
+    async def queued(call, *args):
+        """Run a job's handler in the job threads; a full queue answers 503 without waiting."""
+        engine.queue.check_room()
+        return await anyio.to_thread.run_sync(call, *args, limiter=threads)
+
     def generate(body: GenerationFields, request: Request) -> dict[str, Any]:
         prepared = tr.prepare_generation(engine, body, options)
         try:
@@ -85,19 +95,24 @@ def create_api(engine: Any, *, auth: list[tuple[str, str]] | None = None,
         }
 
     @router.post("/txt2img", response_model=GenerationResponse)
-    def txt2img(body: Txt2ImgRequest, request: Request):
-        """Text to image. Unknown fields are ignored; unsupported features are listed in info.warnings."""
-        return generate(body, request)
+    async def txt2img(body: Txt2ImgRequest, request: Request):
+        """Text to image. Unknown fields are ignored; unsupported features are listed in info.warnings.
+        503 with a `detail` saying so when the queue is full (`--max-queue-size`)."""
+        return await queued(generate, body, request)
 
     @router.post("/img2img", response_model=GenerationResponse)
-    def img2img(body: Img2ImgRequest, request: Request):
-        """Image to image; with `mask`, inpainting (white = repaint)."""
-        return generate(body, request)
+    async def img2img(body: Img2ImgRequest, request: Request):
+        """Image to image; with `mask`, inpainting (white = repaint). Images over the upload
+        limits (`--max-upload-mb`, `--max-upload-megapixels`) are refused before decoding."""
+        return await queued(generate, body, request)
 
     @router.post("/extra-single-image", response_model=ExtrasSingleImageResponse)
-    def extra_single_image(body: ExtrasSingleImageRequest, request: Request):
+    async def extra_single_image(body: ExtrasSingleImageRequest, request: Request):
         """Upscale one image with upscaler_1 (and blend in upscaler_2 by its visibility)."""
-        image = images.decode_image("image", body.image)
+        return await queued(upscale_single, body, request)
+
+    def upscale_single(body: ExtrasSingleImageRequest, request: Request) -> dict[str, Any]:
+        image = images.decode_image("image", body.image, tr.upload_limits(engine))
         upscale = tr.upscale_request(body, image)
         if upscale is None:
             return {"html_info": "", "image": images.encode_png(image)}
@@ -123,23 +138,36 @@ def create_api(engine: Any, *, auth: list[tuple[str, str]] | None = None,
     @router.post("/png-info", response_model=PNGInfoResponse)
     def png_info(body: PNGInfoRequest):
         """The parameters text of an image (PNG chunk or EXIF comment), parsed."""
-        image = images.decode_image("image", body.image)
+        image = images.decode_image("image", body.image, tr.upload_limits(engine))
         text = read_infotext(image) or ""
         return {"info": text, "items": images.png_items(image), "parameters": parse_infotext(text)}
 
     # --- the running job ----------------------------------------------------------------------
 
+    def jobs_ahead(request: Request, running) -> int | None:
+        """How many jobs are ahead of the caller's earliest one: 0 when the caller's job runs,
+        None when the caller has none. The caller is its --api-auth user; without auth every
+        API client is the same caller."""
+        owner = owner_of(request)
+        if running is not None and running.owner == owner:
+            return 0
+        mine = engine.queue.first_waiting(owner)
+        return None if mine is None else max(engine.queue.ahead(mine), 0)
+
     @router.get("/progress", response_model=ProgressResponse)
-    async def progress(skip_current_image: bool = False):
+    async def progress(request: Request, skip_current_image: bool = False):
         """Progress of the job running now (from the API or the web UI), with a cheap preview of
-        the current latents as current_image unless skip_current_image is set."""
+        the current latents as current_image unless skip_current_image is set. `jobs_ahead`
+        (not in A1111): how many jobs run or wait before the caller's own, null when it has none."""
         job = engine.current_job()
         waiting = engine.queue.waiting()
+        ahead = jobs_ahead(request, job)
         if job is None:
             state = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "",
                      "job_count": 0, "job_timestamp": "0", "job_no": 0, "sampling_step": 0,
                      "sampling_steps": 0, "queued": waiting}
-            return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
+            return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None,
+                    "jobs_ahead": ahead}
         report, control = job.progress, job.control
         label = job.kind
         if report is not None and report.batch_count > 1:
@@ -162,6 +190,7 @@ def create_api(engine: Any, *, auth: list[tuple[str, str]] | None = None,
             "state": state,
             "current_image": None if skip_current_image else _preview_png(report),
             "textinfo": report.describe() if report else f"{job.kind}: starting (loading the model)",
+            "jobs_ahead": ahead,
         }
 
     def control_running(action: str) -> dict[str, Any]:
