@@ -35,10 +35,12 @@ import gradio as gr
 
 from pipelines.jobs import QueueFull
 from pipelines.request import INPAINT_FILLS, LIMITS, MAX_SEED, RESIZE_MODES, RequestError
+from pipelines.uploads import UploadLimits
 from pipelines.zerogpu import ZeroGPUError
 
 from . import checkpoints_tab, convert, extensions_tab, networks_tab, pnginfo_tab, upscale_tab
 from .jobs import JobRegistry
+from .uploads import guard_uploads
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +184,7 @@ class WebUI:
             blocks.load(self.on_page_load, outputs=[checkpoint, loaded, loading_timer,
                                                     *self._sizing_components("txt2img")],
                         show_progress="hidden", api_visibility="undocumented")
+        guard_uploads(blocks, UploadLimits.of(getattr(self.engine, "settings", None)))
         blocks.webui = self  # type: ignore[attr-defined]
         self.blocks = blocks
         return blocks

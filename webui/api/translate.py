@@ -17,6 +17,7 @@ from pipelines import infotext as infotexts
 from pipelines import samplers
 from pipelines.styles import apply_styles, style_database
 from pipelines.request import INPAINT_FILLS, RESIZE_MODES, GenerationRequest, RequestError, UpscaleRequest
+from pipelines.uploads import UploadLimits
 
 from .errors import ApiError, bad_field
 from .extensions import extension_args
@@ -129,7 +130,7 @@ def prepare_generation(engine, body: GenerationFields, options) -> Prepared:
         extension_args=extension_args(engine, body.alwayson_scripts, warnings),  # known extensions' args
     )
     if isinstance(body, Img2ImgRequest):
-        fields.update(_img2img_fields(body, warnings))
+        fields.update(_img2img_fields(body, warnings, upload_limits(engine)))
     if isinstance(body, Txt2ImgRequest) and body.enable_hr:
         fields.update(_hires_fields(body))
         names.update(hr_denoising_strength="denoising_strength", hr_sampler="hr_sampler_name",
@@ -176,13 +177,18 @@ def _hires_fields(body: Txt2ImgRequest) -> dict[str, Any]:
                 hr_negative_prompt=body.hr_negative_prompt or "")
 
 
-def _img2img_fields(body: Img2ImgRequest, warnings: list[str]) -> dict[str, Any]:
+def upload_limits(engine) -> UploadLimits:
+    """The engine's limits on uploaded images (`--max-upload-mb`, `--max-upload-megapixels`)."""
+    return UploadLimits.of(getattr(engine, "settings", None))
+
+
+def _img2img_fields(body: Img2ImgRequest, warnings: list[str], limits: UploadLimits) -> dict[str, Any]:
     if not body.init_images:
         raise bad_field("init_images", "img2img needs an input image: a list with one base64 image")
-    init = decode_image("init_images.0", body.init_images[0])
+    init = decode_image("init_images.0", body.init_images[0], limits)
     if len(body.init_images) > 1:
         warnings.append(f"init_images: only the first of {len(body.init_images)} images is used")
-    mask = decode_image("mask", body.mask) if body.mask else None
+    mask = decode_image("mask", body.mask, limits) if body.mask else None
     resize_mode = _choice("resize_mode", body.resize_mode, (*RESIZE_MODES, RESIZE_MODES[0]),
                           ("just resize", "crop and resize", "resize and fill", "just resize (latent upscale)"))
     if body.resize_mode == 3:
