@@ -473,3 +473,31 @@ def test_styles_apply_to_the_prompts_and_unknown_names_are_422(base_url, engine)
         assert answer.status_code == 422, answer.text
         assert answer.json()["field"] == "styles" and mentions in answer.json()["error"], answer.json()
     assert "api-moody" in post(base_url, "txt2img", {**body, "styles": ["nope"]}).json()["error"]  # lists them
+
+
+def test_progress_tells_the_caller_how_many_jobs_are_ahead(engine):
+    """jobs_ahead (not in A1111): null with nothing queued, 1 while a web UI job runs before ours."""
+    release, entered = threading.Event(), threading.Event()
+
+    def page_job():
+        with engine.queue.run(engine.queue.new_job("txt2img", owner="a-page-session")):
+            entered.set()
+            release.wait(60)
+
+    with serve(create_app(engine, options=ApiOptions(sd_model_checkpoint="tiny.safetensors"))) as url:
+        assert requests.get(f"{url}/sdapi/v1/progress", timeout=10).json()["jobs_ahead"] is None
+        page = threading.Thread(target=page_job)
+        page.start()
+        entered.wait(10)
+        answers = []
+        ours = threading.Thread(target=lambda: answers.append(post(url, "txt2img", {**SMALL, "steps": 1})))
+        ours.start()
+        try:
+            wait_for(lambda: requests.get(f"{url}/sdapi/v1/progress", timeout=10).json()["jobs_ahead"] == 1,
+                     "our API job waiting behind the page's")
+            assert requests.get(f"{url}/sdapi/v1/progress", timeout=10).json()["state"]["queued"] == 1
+        finally:
+            release.set()
+            page.join(10)
+            ours.join(120)
+        assert answers[0].status_code == 200
