@@ -273,8 +273,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if space:
         apply_space_ui(blocks, limits)
     add_notice(blocks, lambda: notice_text(engine, space, limits, space_id()))
-    # Gradio's own queue holds no more than the engine's (the one place its bound is decided)
-    blocks.queue(default_concurrency_limit=1, max_size=engine.queue.max_waiting)
+    # Jobs are bounded by the engine's queue alone (--max-queue-size; a hosted demo's own bound):
+    # Gradio's queue also holds page loads and tab switches, and bounding it the same way would
+    # refuse those ("This application is currently busy") while jobs wait.
+    blocks.queue(default_concurrency_limit=1, max_size=None)
     kwargs = {**launch_kwargs(args, paths, space), **blocks.webui.launch_kwargs()}
     if not args.api:
         blocks.launch(**kwargs, prevent_thread_lock=True)
