@@ -109,3 +109,20 @@ def test_ui_answers_while_the_model_loads_and_a_job_waits_for_the_load(tmp_path,
     finally:
         release.set()
         blocks.close()
+
+
+def test_queue_and_upload_flags_reach_the_engine_and_gradio(tmp_path):
+    from pipelines.uploads import UploadLimits
+    from webui.cli import launch_kwargs, parse_args, paths_from_args, settings_from_args
+
+    args = parse_args(["--max-queue-size", "5", "--max-upload-mb", "2", "--max-upload-megapixels", "16",
+                       "--outdir", str(tmp_path)])
+    settings = settings_from_args(args)
+    assert settings.max_queue_size == 5
+    assert UploadLimits.of(settings) == UploadLimits(max_bytes=2 << 20, max_pixels=16_000_000)
+    assert launch_kwargs(args, paths_from_args(args))["max_file_size"] == 2 << 20  # Gradio's upload route
+    defaults = settings_from_args(parse_args([]))
+    assert (defaults.max_queue_size, defaults.max_upload_mb, defaults.max_upload_megapixels) == (64, 50, 64)
+    for bad in (["--max-queue-size", "0"], ["--max-upload-mb", "-1"], ["--max-upload-megapixels", "0"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)

@@ -224,6 +224,18 @@ def test_limited_engine_checks_before_the_engine_sees_the_request():
     assert len(inner.calls) == 1
 
 
+def test_a_hosted_demo_keeps_its_own_smaller_queue_bound():
+    from pipelines.jobs import DEFAULT_MAX_WAITING, JobQueue
+
+    inner = _RecordingEngine()
+    inner.queue = JobQueue(DEFAULT_MAX_WAITING)  # --max-queue-size left at its default
+    LimitedEngine(inner, CPU_LIMITS)
+    assert inner.queue.max_waiting == CPU_LIMITS.queue_max_size  # the one bound UI and API share
+    inner.queue = JobQueue(3)  # the flag may lower it
+    LimitedEngine(inner, GPU_LIMITS)
+    assert inner.queue.max_waiting == 3
+
+
 def test_api_options_are_read_only_on_a_space():
     from webui.api.errors import ApiError
     from webui.space import ReadOnlyApiOptions
