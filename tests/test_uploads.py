@@ -140,3 +140,27 @@ def test_every_image_input_of_the_page_checks_pixels_before_decoding(page, tmp_p
         assert "1500x1000" in info.value.message, where
     fine = uploaded(tmp_path, png_bytes(64, 64, "RGB"), "fine.png")
     assert inputs["img2img"].preprocess(fine).size == (64, 64)
+
+
+def test_api_refuses_a_body_too_big_to_hold_allowed_images_before_reading_it(engine):
+    import http.client
+    import json
+
+    from test_api import serve
+
+    small = LimitedSettingsEngine(engine, EngineSettings(max_upload_mb=0.1))
+    with serve(create_app(small)) as url:
+        host, port = url.rsplit("//", 1)[1].split(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        connection.putrequest("POST", "/sdapi/v1/img2img")
+        connection.putheader("Content-Type", "application/json")
+        connection.putheader("Content-Length", str(1 << 30))  # announces 1 GB...
+        connection.endheaders()
+        connection.send(b'{"init_images": ["' + b"A" * 1000)  # ...and sends a little: answered anyway
+        response = connection.getresponse()
+        answer = json.loads(response.read())
+        connection.close()
+        assert response.status == 413
+        assert answer["field"] == "body" and "at most 1 MB" in answer["error"]
+        ok = requests.post(f"{url}/sdapi/v1/png-info", json={"image": b64(png_bytes(64, 64))}, timeout=30)
+        assert ok.status_code == 200  # the server keeps answering

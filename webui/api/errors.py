@@ -140,8 +140,16 @@ def unauthorized() -> JSONResponse:
                         status_code=401, headers={"WWW-Authenticate": 'Basic realm="sdapi"'})
 
 
-def route_class(auth: Credentials | None) -> type[APIRoute]:
-    """An APIRoute that checks basic auth first, then turns every failure into JSON."""
+def too_large(declared: int, limit: int) -> JSONResponse:
+    message = (f"the request body is {declared / (1 << 20):.1f} MB; this server takes at most "
+               f"{limit / (1 << 20):.0f} MB (see --max-upload-mb)")
+    return JSONResponse({"error": f"body: {message}", "field": "body",
+                         "detail": [{"loc": ["body"], "msg": message, "type": "value_error"}]}, status_code=413)
+
+
+def route_class(auth: Credentials | None, max_body: int | None = None) -> type[APIRoute]:
+    """An APIRoute that checks basic auth first, then the declared body size against `max_body`
+    (a 413 before the body is read), then turns every failure into JSON."""
 
     class ApiRoute(APIRoute):
         def get_route_handler(self):
@@ -153,6 +161,9 @@ def route_class(auth: Credentials | None) -> type[APIRoute]:
                     user = authenticated_user(request, auth)
                     if user is None:
                         return unauthorized()
+                declared = request.headers.get("content-length", "")
+                if max_body is not None and declared.isdigit() and int(declared) > max_body:
+                    return too_large(int(declared), max_body)
                 request.state.api_user = user
                 try:
                     return await handler(request)

@@ -66,7 +66,7 @@ def create_api(engine: Any, *, auth: list[tuple[str, str]] | None = None,
     also reachable as `router.api_options`.
     """
     options = options or ApiOptions()
-    router = APIRouter(prefix=PREFIX, route_class=route_class(auth), tags=["sdapi"])
+    router = APIRouter(prefix=PREFIX, route_class=route_class(auth, tr.max_body_bytes(engine)), tags=["sdapi"])
     router.api_options = options  # type: ignore[attr-defined]
 
     # --- generation ---------------------------------------------------------------------------

@@ -182,6 +182,12 @@ def upload_limits(engine) -> UploadLimits:
     return UploadLimits.of(getattr(engine, "settings", None))
 
 
+def max_body_bytes(engine) -> int:
+    """The largest request body worth reading: two images at the upload limit (init image and
+    mask) as base64, plus room for the other fields. Bigger ones are refused unread."""
+    return upload_limits(engine).max_bytes * 4 // 3 * 2 + (1 << 20)
+
+
 def _img2img_fields(body: Img2ImgRequest, warnings: list[str], limits: UploadLimits) -> dict[str, Any]:
     if not body.init_images:
         raise bad_field("init_images", "img2img needs an input image: a list with one base64 image")
