@@ -168,7 +168,7 @@ class Engine:
                  on_wait: WaitCallback | None = None) -> GenerationResult:
         """Run a txt2img/img2img/inpaint request in its turn; images are saved when asked.
         `on_wait` hears how many jobs are ahead while it waits (see JobQueue.run); a full
-        queue raises QueueFull before anything runs.
+        queue raises QueueFull, an interrupt while it waits JobCancelled, before anything runs.
 
         Extensions' hooks apply (a failing one is reported in result.warnings and disabled);
         an extension's script (e.g. an X/Y/Z plot) runs its generations inside this one job."""

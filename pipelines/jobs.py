@@ -15,12 +15,17 @@ from typing import Callable, Iterator
 
 from .progress import JobControl, Progress
 
+CANCEL_POLL_SECONDS = 0.25  # how soon a waiting job notices it was interrupted
 DEFAULT_MAX_WAITING = 64  # `--max-queue-size`; a hosted demo uses its own, smaller bound (pipelines.space)
 
 # Called with the number of jobs ahead (the running one included) whenever it changes while
 # a job waits, from the waiting thread, under the queue's lock: it must be quick and must not
 # wait on the queue itself.
 WaitCallback = Callable[[int], None]
+
+
+class JobCancelled(Exception):
+    """The job was interrupted while it waited: it leaves the queue without running."""
 
 
 class QueueFull(RuntimeError):
@@ -68,9 +73,10 @@ class JobQueue:
     def run(self, job: Job, on_wait: WaitCallback | None = None) -> Iterator[Job]:
         """Wait for this job's turn (FIFO), hold the slot while the body runs.
 
-        Raises QueueFull at once when `max_waiting` jobs already wait. `on_wait` hears how many
-        jobs are ahead each time that number changes, and 0 when the job's turn comes (not at
-        all when it starts at once)."""
+        Raises QueueFull at once when `max_waiting` jobs already wait, JobCancelled when the
+        job's control is interrupted while it waits. `on_wait` hears how many jobs are ahead
+        each time that number changes, and 0 when the job's turn comes (not at all when it
+        starts at once)."""
         with self._cond:
             if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
                 raise QueueFull(len(self._waiting))
@@ -78,11 +84,13 @@ class JobQueue:
             told = None
             try:
                 while self._running is not None or self._waiting[0] is not job:
+                    if job.control.interrupted:
+                        raise JobCancelled(f"job {job.id} was interrupted while it waited")
                     ahead = self._ahead(job)
                     if on_wait is not None and ahead != told:
                         told = ahead
                         on_wait(ahead)
-                    self._cond.wait()
+                    self._cond.wait(CANCEL_POLL_SECONDS)  # an interrupt does not notify the queue
             except BaseException:
                 self._waiting.remove(job)
                 self._cond.notify_all()

@@ -113,3 +113,36 @@ def test_a_job_that_starts_at_once_hears_nothing_and_check_room_refuses_early():
     assert queue.capacity() == 2 and JobQueue().capacity() is None
     with pytest.raises(QueueFull):
         JobQueue(max_waiting=0).check_room()
+
+
+def test_a_job_interrupted_while_it_waits_leaves_the_queue_without_running():
+    from pipelines.jobs import JobCancelled
+
+    queue = JobQueue()
+    release, entered = threading.Event(), threading.Event()
+    first = threading.Thread(target=hold_slot, args=(queue, "a", entered, release))
+    first.start()
+    entered.wait(5)
+    mine = queue.new_job("b", owner="me")
+    outcome = []
+
+    def wait_my_turn():
+        try:
+            with queue.run(mine):
+                outcome.append("ran")
+        except JobCancelled:
+            outcome.append("cancelled")
+
+    waiter = threading.Thread(target=wait_my_turn)
+    waiter.start()
+    while queue.waiting() < 1:
+        time.sleep(0.001)
+    mine.control.interrupt()
+    waiter.join(5)
+    assert outcome == ["cancelled"] and queue.waiting() == 0
+    assert queue.running() is not None  # the running job was not touched
+    release.set()
+    first.join(5)
+    with queue.run(queue.new_job("c")):  # and the queue goes on
+        outcome.append("next ran")
+    assert outcome[-1] == "next ran"

@@ -472,3 +472,79 @@ def test_schedule_choices_follow_the_sampler(ui):
     assert update["choices"] in (["Automatic"], [("Automatic", "Automatic")]) and update["value"] == "Automatic"
     update = ui.schedule_choices(sampler="DPM++ 2M", current="Karras")
     assert update["value"] == "Karras"
+
+
+class QueuedFakeEngine(FakeEngine):
+    """The fake engine behind a real JobQueue, as the real engine is."""
+
+    def __init__(self, max_waiting=4):
+        super().__init__()
+        from pipelines.jobs import JobQueue
+
+        self.queue = JobQueue(max_waiting)
+
+    def generate(self, request, on_progress=None, control=None, owner=None, on_wait=None):
+        with self.queue.run(self.queue.new_job(request.mode, owner, control), on_wait):
+            return super().generate(request, on_progress, control, owner)
+
+
+def hold_queue(queue):
+    """Occupy the queue's slot until the returned event is set."""
+    release, entered = threading.Event(), threading.Event()
+
+    def hold():
+        with queue.run(queue.new_job("txt2img", owner="someone else")):
+            entered.set()
+            release.wait(30)
+
+    threading.Thread(target=hold, daemon=True).start()
+    entered.wait(5)
+    return release
+
+
+def test_waiting_jobs_are_told_their_place_and_a_full_queue_is_a_warning(capsys):
+    engine = QueuedFakeEngine(max_waiting=1)
+    ui = build_ui(engine).webui
+    generate = next(fn for fn in ui.blocks.fns.values() if fn.name == "generate_txt2img")
+    assert generate.concurrency_limit == 2  # as many handlers as the queue holds, running one included
+    release = hold_queue(engine.queue)
+    shown, answers = [], []
+
+    class Shown:  # stands in for gr.Progress: what the page's progress bar would say
+        def __call__(self, fraction, desc=None):
+            shown.append(desc)
+
+    waiter = threading.Thread(target=lambda: answers.append(ui.generate(
+        "txt2img", {"prompt": "a", "steps": 1}, request=fake_request("s1"), progress=Shown())))
+    waiter.start()
+    while engine.queue.waiting() < 1:
+        time.sleep(0.01)
+    with pytest.warns(UserWarning, match=r"^Queue full \(1 waiting\), try again in a moment$"):
+        refused = ui.generate("txt2img", {"prompt": "b", "steps": 1}, request=fake_request("s2"))
+    assert all(isinstance(value, type(gr.skip())) for value in refused) and len(refused) == 4
+    assert [r.prompt for r in engine.requests] == []
+    release.set()
+    waiter.join(10)
+    assert "Waiting: 1 job ahead of you" in shown and shown[-1] != "Waiting: 1 job ahead of you"
+    assert len(answers[0][0]) == 1 and [r.prompt for r in engine.requests] == ["a"]
+
+
+def test_interrupt_reaches_a_job_that_still_waits(capsys):
+    engine = QueuedFakeEngine()
+    ui = build_ui(engine).webui
+    release = hold_queue(engine.queue)
+    answers = []
+    waiter = threading.Thread(target=lambda: answers.append(ui.generate(
+        "txt2img", {"prompt": "a", "steps": 1}, request=fake_request("s1"))))
+    waiter.start()
+    while engine.queue.waiting() < 1:
+        time.sleep(0.01)
+    ui.interrupt(fake_request("s2"))  # another session's Interrupt does nothing to it
+    time.sleep(0.5)
+    assert engine.queue.waiting() == 1
+    ui.interrupt(fake_request("s1"))
+    waiter.join(5)
+    assert not waiter.is_alive() and engine.queue.waiting() == 0  # it left at once, the slot still held
+    assert engine.requests == [] and len(answers[0]) == 4
+    assert "Interrupted while waiting: nothing ran." in capsys.readouterr().out
+    release.set()

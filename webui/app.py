@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from pipelines.jobs import QueueFull
+from pipelines.jobs import JobCancelled, QueueFull
 from pipelines.request import INPAINT_FILLS, LIMITS, MAX_SEED, RESIZE_MODES, RequestError
 from pipelines.uploads import UploadLimits
 from pipelines.zerogpu import ZeroGPUError
@@ -427,7 +427,7 @@ class WebUI:
             result = call_engine("Generation", lambda: self.engine.generate(
                 req, on_progress=on_progress, control=control, owner=session,
                 on_wait=_wait_reporter(progress)))
-        if result is None:  # the queue was full; the toast says so, the tab stays as it was
+        if result is None:  # it did not run (queue full, or interrupted while waiting): the toast says so
             return unchanged(4)
         show_notices(result)
         images = _gallery_items(result)
@@ -557,12 +557,16 @@ def _pick(preferred: str, choices: list[str]) -> str | None:
 
 def call_engine(what: str, call: Callable[[], Any]) -> Any:
     """Run an engine call; its errors reach the user as a gr.Error naming the field (bad
-    request) or saying what failed, never as a traceback. A full queue is no error: a warning
-    toast says so and None comes back (answer with `unchanged(n)`)."""
+    request) or saying what failed, never as a traceback. A job that did not run is no error:
+    a full queue is a warning toast, an interrupt while it waited a note, and None comes back
+    (answer with `unchanged(n)`)."""
     try:
         return call()
     except QueueFull as exc:
         gr.Warning(str(exc))
+        return None
+    except JobCancelled:
+        gr.Info("Interrupted while waiting: nothing ran.")
         return None
     except RequestError as exc:
         raise gr.Error(convert.error_message(exc), print_exception=False) from None

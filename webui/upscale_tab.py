@@ -174,7 +174,7 @@ def make_handler(webui: Any) -> Callable[..., tuple]:
             result = call_engine("Upscale", lambda: webui.engine.upscale(
                 req, owner=session, on_progress=on_progress, control=control,
                 on_wait=_wait_reporter(progress) if request is not None else None))
-        if result is None:  # queue full: said in a toast
+        if result is None:  # did not run (queue full, interrupted while waiting): said in a toast
             return unchanged(2)
         show_notices(result)
         infotexts = list(result.infotexts or [])
@@ -252,7 +252,7 @@ def make_sd_upscale_handler(webui: Any) -> Callable[..., tuple]:
                 req, upscaler=sd_upscaler, scale=float(sd_scale), overlap=int(sd_overlap),
                 on_progress=on_progress, control=control, owner=session,
                 on_wait=_wait_reporter(progress) if request is not None else None))
-        if result is None:  # queue full: said in a toast
+        if result is None:  # did not run (queue full, interrupted while waiting): said in a toast
             return unchanged(2)
         show_notices(result)
         infotexts = list(result.infotexts or [])
