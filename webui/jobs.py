@@ -3,8 +3,8 @@
 One `JobRegistry` is created per built UI (inside `build_ui`, never at import time) and keyed by
 Gradio's `session_hash`, which is unique per open page. A job is registered when its handler
 starts, before it waits in the engine's queue, and removed when it ends; Interrupt/Skip look
-the caller's session up and flip that job's `JobControl` only. Interrupting a job that still
-waits makes it stop as soon as its turn comes.
+the caller's session up and flip that job's `JobControl` only. A job interrupted while it still
+waits leaves the queue at once (pipelines.jobs.JobCancelled) without running.
 """
 
 from __future__ import annotations

@@ -41,11 +41,12 @@ def no_checkpoint_text(paths: Paths, hosted: bool) -> str:
     return f"⚠️ **No checkpoint found.** To generate images, {how}."
 
 
-def hosted_text(limits: SpaceLimits, space: str | None = None) -> str:
+def hosted_text(limits: SpaceLimits, space: str | None = None, waiting: int | None = None) -> str:
+    """The hosted-demo note; `waiting`: the queue's bound when --max-queue-size lowered it."""
     name = f" `{space}`" if space else ""
     hardware = "a CPU" if limits.hardware == "cpu" else "a GPU"
     return (f"🌐 **Hosted demo**{name} on {hardware}, shared by everyone who opens it: one job runs at a "
-            f"time and at most {limits.queue_max_size} wait. Limits: {limits.summary()}. "
+            f"time and at most {waiting or limits.queue_max_size} wait. Limits: {limits.summary()}. "
             "Generated images are saved on the Space and are not private; without persistent storage "
             "they are lost when it restarts. For no limits, run it on your own machine: "
             "`pip install -e .` then `python launch.py`.")
@@ -54,7 +55,7 @@ def hosted_text(limits: SpaceLimits, space: str | None = None) -> str:
 def notice_text(engine: Any, hosted: bool, limits: SpaceLimits | None = None, space: str | None = None) -> str:
     parts = []
     if hosted and limits is not None:
-        parts.append(hosted_text(limits, space))
+        parts.append(hosted_text(limits, space, getattr(getattr(engine, "queue", None), "max_waiting", None)))
     if hosted and getattr(getattr(engine, "gpu", None), "active", False):
         parts.append(f"⚡ {ZERO_GPU_NOTE}")
     try:
