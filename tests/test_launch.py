@@ -126,3 +126,12 @@ def test_queue_and_upload_flags_reach_the_engine_and_gradio(tmp_path):
     for bad in (["--max-queue-size", "0"], ["--max-upload-mb", "-1"], ["--max-upload-megapixels", "0"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
+
+
+def test_the_ui_password_guards_the_api_even_without_listen():
+    from webui.cli import api_credentials, parse_args
+
+    assert api_credentials(parse_args(["--api", "--gradio-auth", "ann:pw"])) == [("ann", "pw")]
+    assert api_credentials(parse_args(["--api", "--gradio-auth", "ann:pw", "--api-auth", "bot:key"])) == [
+        ("bot", "key")]  # the API's own credentials when given
+    assert api_credentials(parse_args(["--api"])) is None

@@ -201,11 +201,12 @@ def launch_kwargs(args: argparse.Namespace, paths: Paths, space: bool = False) -
 
 
 def api_credentials(args: argparse.Namespace, space: bool = False) -> list[tuple[str, str]] | None:
-    """--api-auth; with --listen/--share (or on a Space) and only --gradio-auth, the UI's
-    credentials guard the API too, so no route is open to the network when a password was asked for."""
+    """--api-auth; with only --gradio-auth, the UI's credentials guard the API too, so no route
+    is open when a password was asked for. That holds without --listen as well: a server on
+    127.0.0.1 behind a reverse proxy is as reachable as one on 0.0.0.0."""
     if args.api_auth:
         return parse_auth(args.api_auth)
-    if (args.listen or args.share or space) and args.gradio_auth:
+    if args.gradio_auth:
         return parse_auth(args.gradio_auth)
     return None
 
