@@ -34,7 +34,8 @@ def server(tmp_path_factory):
     (outputs / "linkdir").symlink_to(root, target_is_directory=True)
     (allowed / "shared.txt").write_text("shared on purpose")
     args = ["--models-dir", str(root / "models"), "--outdir", str(outputs), "--data-dir", str(root / "data"),
-            "--api", "--listen", "--gradio-auth", f"{USER}:{PASSWORD}", "--allowed-paths", str(allowed)]
+            "--api", "--listen", "--gradio-auth", f"{USER}:{PASSWORD}", "--allowed-paths", str(allowed),
+            "--max-upload-mb", "1"]
     with launched(args, root / "server.log") as url:
         yield url, root
 
@@ -118,3 +119,16 @@ def test_no_file_outside_the_outputs_allowed_paths_and_cache(server):
             assert status in (403, 404), (prefix + attempt, status)
     # the server is still fine
     assert httpx.get(url + "/sdapi/v1/sd-models", auth=(USER, PASSWORD), timeout=30).status_code == 200
+
+
+def test_uploads_over_the_size_limit_are_refused_by_the_page_routes(server):
+    url, _ = server
+    headers = logged_in_headers(url)
+    big = httpx.post(f"{url}/gradio_api/upload", headers=headers, timeout=60,
+                     files={"files": ("big.png", b"\x89PNG" + b"\0" * (2 << 20), "image/png")})
+    assert big.status_code == 413, big.text
+    small = httpx.post(f"{url}/gradio_api/upload", headers=headers, timeout=60,
+                       files={"files": ("small.png", b"\x89PNG" + b"\0" * 1000, "image/png")})
+    assert small.status_code == 200
+    config = httpx.get(f"{url}/config", headers=headers, timeout=30).json()
+    assert config["max_file_size"] == 1 << 20  # the page checks before sending, too
