@@ -16,6 +16,7 @@ import errno
 import os
 import re
 import threading
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import IO
@@ -25,6 +26,10 @@ from PIL.PngImagePlugin import PngInfo
 
 _LOCK = threading.Lock()
 _NUMBER_RE = re.compile(r"^\.?(\d+)")  # final names and our hidden temp names
+_TEMP_RE = re.compile(r"^\.\d+\.png\.tmp$")
+# A temp file untouched this long belongs to a writer that died mid-save (kill -9, power cut):
+# a live one writes and renames within seconds. Such leftovers are removed by the next save.
+STALE_TEMP_SECONDS = 3600
 _FOLDER_RE = re.compile(r"^[\w.\- ]+$")
 _PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"}
 _EXIF_IFD = 0x8769
@@ -53,10 +58,25 @@ def _temp_name(number: int) -> str:
     return f".{number:05}.png.tmp"
 
 
+def _remove_stale_temps(folder: Path) -> None:
+    """Delete what writers that died mid-save left behind (never a final name)."""
+    cutoff = time.time() - STALE_TEMP_SECONDS
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if not _TEMP_RE.match(entry.name):
+                continue
+            try:
+                if entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+            except OSError:
+                pass  # gone already, or not ours to remove: it only costs a number
+
+
 def _reserve(folder: Path) -> tuple[int, Path, int]:
     """Pick the next number and create its temp file exclusively; returns (number, temp, fd)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     with _LOCK:  # threads of this process queue here; O_EXCL guards against other processes
+        _remove_stale_temps(folder)
         for _ in range(1000):
             taken = _numbers_in(folder)
             number = max(taken, default=-1) + 1

@@ -6,6 +6,7 @@ import errno
 import io
 import os
 import threading
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -153,6 +154,21 @@ def test_number_reserved_by_another_writer_is_skipped(tmp_path):
     path = save_image(_image(), tmp_path, "txt2img-images", seed=9, infotext=None, now=NOW)
     assert path.name == "00001-9.png"
     assert (folder / ".00000.png.tmp").read_bytes() == b"partial"  # not ours to touch
+
+
+def test_temp_files_left_by_a_dead_writer_are_cleared_by_the_next_save(tmp_path):
+    folder = tmp_path / "txt2img-images" / "2024-05-17"
+    folder.mkdir(parents=True)
+    dead, live = folder / ".00003.png.tmp", folder / ".00004.png.tmp"
+    dead.write_bytes(b"half a png from a killed process")
+    live.write_bytes(b"another process writing right now")
+    hours_ago = time.time() - outputs.STALE_TEMP_SECONDS - 60
+    os.utime(dead, (hours_ago, hours_ago))
+    (folder / "00002-1.png").write_bytes(b"x")
+    os.utime(folder / "00002-1.png", (hours_ago, hours_ago))  # an old final file is never touched
+    path = save_image(_image(), tmp_path, "txt2img-images", seed=9, infotext=None, now=NOW)
+    assert path.name == "00005-9.png"
+    assert sorted(os.listdir(folder)) == [".00004.png.tmp", "00002-1.png", "00005-9.png"]
 
 
 def test_number_finished_by_another_process_during_reservation_is_given_back(tmp_path, monkeypatch):
