@@ -117,6 +117,12 @@ def test_no_file_outside_the_outputs_allowed_paths_and_cache(server):
             status, body = raw_get(url, prefix + attempt, headers)
             assert SECRET not in body, f"{prefix}{attempt} served the secret"
             assert status in (403, 404), (prefix + attempt, status)
+    # nor does the file route fetch a URL for anyone (Gradio would, for public addresses)
+    for target in ("https://example.com/cat.png", "HTTP://example.com/x", "http%3A%2F%2Fexample.com%2Fx",
+                   "//example.com/x"):
+        for prefix in ("/gradio_api/file=", "/gradio_api/file/"):
+            status, body = raw_get(url, prefix + target, headers)
+            assert status == 403 and "does not fetch URLs" in body, (prefix + target, status, body)
     # the server is still fine
     assert httpx.get(url + "/sdapi/v1/sd-models", auth=(USER, PASSWORD), timeout=30).status_code == 200
 

@@ -17,10 +17,14 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Sequence
 
+from starlette.middleware import Middleware
+
 from pipelines.jobs import DEFAULT_MAX_WAITING
 from pipelines.settings import REPO_ROOT, EngineSettings, Paths
 from pipelines.space import limits_for, running_on_space, space_id
 from pipelines.uploads import DEFAULT_MAX_UPLOAD_MB, DEFAULT_MAX_UPLOAD_MEGAPIXELS
+
+from .guards import NoUrlFetch
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,6 +198,7 @@ def launch_kwargs(args: argparse.Namespace, paths: Paths, space: bool = False) -
         "show_error": True,
         # Gradio refuses bigger uploads itself (the page says so before sending them)
         "max_file_size": int(args.max_upload_mb * (1 << 20)),
+        "app_kwargs": {"middleware": [Middleware(NoUrlFetch)]},  # see webui.guards
     }
     if args.gradio_auth:
         kwargs["auth"] = parse_auth(args.gradio_auth)
