@@ -7,12 +7,14 @@ no per-user state: everything a job needs travels in its request.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from . import embeddings, hires, infotext, lora, outputs, runner, samplers, tiling, upscalers, zerogpu
+from . import embeddings, hires, infotext, lora, memory, outputs, runner, samplers, tiling, upscalers, zerogpu
 from .device import choose_placement
 from .loading import CheckpointError, inspect_checkpoint, read_header, sniff_format
 from .jobs import Job, JobQueue, WaitCallback
@@ -162,6 +164,17 @@ class Engine:
     def describe(self) -> dict:
         return self.placement.describe()
 
+    def runtime_flags(self) -> dict:
+        """What the device/precision/attention/offload flags resolved to (A1111's flag names
+        where it has one), for /sdapi/v1/cmd-flags."""
+        p, d = self.placement, self.placement.describe()
+        return {"device": d["device"], "precision": self.settings.precision, "dtype": d["dtype"],
+                "vae_dtype": d["vae dtype"], "no_half": d["dtype"] == "float32",
+                "no_half_vae": d["vae dtype"] == "float32", "attention": p.attention,
+                "xformers": p.attention == "xformers", "opt_sdp_attention": p.attention == "sdpa",
+                "medvram": p.offload == "medvram", "lowvram": p.offload == "lowvram", "compile": p.compile,
+                "channels_last": p.channels_last, "vae_channels_last": p.vae_channels_last}
+
     # --- work ------------------------------------------------------------------------------
     def generate(self, request: GenerationRequest, on_progress: ProgressCallback | None = None,
                  control: JobControl | None = None, owner: str | None = None,
@@ -242,26 +255,60 @@ class Engine:
             extra["VAE"] = vae_name
         loras = self._extra_networks(request, result, extra)
         tis = self._embeddings(request, components, extra)
+        hr_upscaler = self.hires_upscaler(request.hr_upscaler, job.control) if request.enable_hr else None
         if request.enable_hr:
             extra.update(hires.infotext_params(request, width, height))
-            hr_upscaler = self.hires_upscaler(request.hr_upscaler, job.control)
-            batches = hires.run(components, self.placement.device, request,
-                                lambda image, size: upscalers.upscale_image(image, hr_upscaler, target_size=size),
-                                track, job.control, embeddings=tis)
-        else:
-            batches = runner.run(components, self.placement.device, request, track, job.control, embeddings=tis,
-                                 on_step=hooks.step_hook(request))
-        with model.lock, lora.applied(components, loras, result.warnings):  # removed again on exit
-            for batch in batches:
-                for image, seed, subseed in zip(batch.images, batch.seeds, batch.subseeds):
-                    image, fields = hooks.after_image(image, request=request, seed=seed, subseed=subseed,
-                                                      index=len(result.images))
-                    params = infotext.generation_params(
-                        request, seed=seed, subseed=subseed, width=width, height=height,
-                        model_name=file.stem, model_hash=file.short_hash, version=VERSION, extra={**extra, **fields})
-                    self._record(result, request, image, seed, subseed, params, OUTPUT_FOLDERS[request.mode])
+        size = request.hires_size(width, height) if request.enable_hr else (width, height)
+        # OutOfMemory (a RequestError) here when not even the low-memory mode fits
+        plan = memory.plan_job(components, self.placement, *size, request.batch_size, request.cfg_scale != 1.0)
+
+        def batches(first_batch: int):
+            if request.enable_hr:
+                return hires.run(components, self.placement.device, request,
+                                 lambda image, size: upscalers.upscale_image(image, hr_upscaler, target_size=size),
+                                 track, job.control, embeddings=tis, first_batch=first_batch)
+            return runner.run(components, self.placement.device, request, track, job.control, embeddings=tis,
+                              on_step=hooks.step_hook(request), first_batch=first_batch)
+
+        next_batch = 0
+        try:
+            while True:
+                try:
+                    with model.lock, self._memory_mode(components, plan), lora.applied(components, loras,
+                                                                                       result.warnings):
+                        for batch in batches(next_batch):
+                            for image, seed, subseed in zip(batch.images, batch.seeds, batch.subseeds):
+                                image, fields = hooks.after_image(image, request=request, seed=seed,
+                                                                  subseed=subseed, index=len(result.images))
+                                params = infotext.generation_params(
+                                    request, seed=seed, subseed=subseed, width=width, height=height,
+                                    model_name=file.stem, model_hash=file.short_hash, version=VERSION,
+                                    extra={**extra, **fields})
+                                self._record(result, request, image, seed, subseed, params,
+                                             OUTPUT_FOLDERS[request.mode])
+                            next_batch = batch.index + 1
+                    break
+                except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled here
+                    if not memory.is_out_of_memory(exc):
+                        raise
+                    log.warning("out of memory at %dx%d batch %d: %s", *size, request.batch_size, exc)
+                    memory.release(self.placement.device)
+                    if plan.low_memory or plan.retried:  # nothing lower to fall back to
+                        raise memory.OutOfMemory(*size, request.batch_size) from None
+                    plan = replace(plan, retried=True)  # once more from the failed batch, in low-memory mode
+        finally:
+            self.manager.after_job()
+        result.memory = plan.describe()
+        for note in [plan.note(), *job.control.notes]:
+            if note and note not in result.warnings:
+                result.warnings.append(note)
         result.interrupted = job.control.interrupted
         return result
+
+    def _memory_mode(self, components, plan: memory.MemoryPlan):
+        if plan.low_memory or plan.retried:
+            return memory.low_memory(components, self.placement)
+        return contextlib.nullcontext()
 
     def _extra_networks(self, request: GenerationRequest, result: GenerationResult, extra: dict) -> list:
         """The request's <lora:...> tags resolved to files (unknown names: a warning in the

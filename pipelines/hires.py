@@ -80,8 +80,8 @@ class _Steps:
 
 
 def run(components, device, request: GenerationRequest, upscale_pixels: PixelUpscale,
-        on_progress: ProgressCallback | None = None, control: JobControl | None = None, embeddings=()
-        ) -> Iterator[runner.BatchOutput]:
+        on_progress: ProgressCallback | None = None, control: JobControl | None = None, embeddings=(),
+        first_batch: int = 0) -> Iterator[runner.BatchOutput]:
     """`runner.run` for a txt2img request with `enable_hr`: yields one BatchOutput per batch
     with the second pass's images. `embeddings`: textual inversions the prompts may name."""
     control = control or JobControl()
@@ -103,7 +103,7 @@ def run(components, device, request: GenerationRequest, upscale_pixels: PixelUps
     first_steps = len(_timesteps(components, request, device))
     steps = _Steps(first_steps + second_pass_steps(request), request.batch_count, on_progress)
     vae = components.vae
-    for batch in range(request.batch_count):
+    for batch in range(first_batch, request.batch_count):
         if control.interrupted:
             break
         seeds, subseeds = runner.batch_seeds(request, batch)
@@ -118,7 +118,7 @@ def run(components, device, request: GenerationRequest, upscale_pixels: PixelUps
         if is_latent(request.hr_upscaler):
             start = upscale_latents(latents, request.hr_upscaler, hr_width, hr_height)
         else:
-            base = runner.decode_latents(vae, latents)
+            base = runner.decode_latents(vae, latents, control)
             try:
                 upscaled = [upscale_pixels(image, (hr_width, hr_height)) for image in base]
             except tiling.Cancelled:  # interrupted or skipped between two tiles
@@ -132,7 +132,7 @@ def run(components, device, request: GenerationRequest, upscale_pixels: PixelUps
         if images is None:
             control.take_skip()
             continue
-        yield runner.BatchOutput(images=images, seeds=seeds, subseeds=subseeds)
+        yield runner.BatchOutput(images=images, seeds=seeds, subseeds=subseeds, index=batch)
 
 
 def _timesteps(components, request: GenerationRequest, device):

@@ -13,7 +13,6 @@ scaling factor of the checkpoint family they serve.
 
 from __future__ import annotations
 
-import gc
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from . import memory
 from .device import Placement, apply_attention
 from .loading import Components, inspect_checkpoint, load_components, load_vae, modules_nbytes, read_header
 
@@ -34,6 +34,7 @@ class LoadedModel:
     components: Components
     nbytes: int
     lock: threading.Lock = field(default_factory=threading.Lock)  # one generation at a time per model
+    offload_hooks: list = field(default_factory=list)  # --medvram: moved back to the CPU after each job
 
 
 @dataclass
@@ -41,6 +42,7 @@ class LoadedVae:
     path: Path
     module: torch.nn.Module
     nbytes: int
+    offload_hooks: list = field(default_factory=list)
 
 
 class ModelManager:
@@ -87,10 +89,9 @@ class ModelManager:
             inspect_checkpoint(header)  # a broken or unknown file fails here, before any eviction
             self._evict_for(self._estimate(header))
             components = load_components(path, self.placement.dtype, self.placement.vae_dtype, header=header)
-            for module in components.modules():
-                module.to(self.placement.device)
             apply_attention(components.unet, self.placement.attention)
-            model = LoadedModel(name=name, components=components, nbytes=components.nbytes())
+            hooks = memory.place(components, self.placement)
+            model = LoadedModel(name=name, components=components, nbytes=components.nbytes(), offload_hooks=hooks)
             self._cache[key] = model
             return model
 
@@ -106,9 +107,7 @@ class ModelManager:
             self._release()
 
     def _release(self) -> None:
-        gc.collect()
-        if self.placement.device.type == "cuda":
-            torch.cuda.empty_cache()
+        memory.release(self.placement.device)
 
     # --- separate VAEs ---------------------------------------------------------------------------
     def get_vae(self, path: Path, scaling_factor: float, sample_size: int = 512) -> torch.nn.Module:
@@ -119,11 +118,20 @@ class ModelManager:
                 self._vaes.move_to_end(key)
                 return self._vaes[key].module
             module = load_vae(path, self.placement.vae_dtype, scaling_factor, sample_size)
-            module.to(self.placement.device)
+            if self.placement.vae_channels_last:
+                module.to(memory_format=torch.channels_last)
+            hooks = memory.offload([module], self.placement.device, self.placement.offload)
             while len(self._vaes) >= self.max_vaes:
                 self._vaes.popitem(last=False)
-            self._vaes[key] = LoadedVae(Path(path), module, modules_nbytes([module]))
+            self._vaes[key] = LoadedVae(Path(path), module, modules_nbytes([module]), hooks)
             return module
+
+    def after_job(self) -> None:
+        """--medvram: move every model back to the CPU; release what the job left behind."""
+        with self._lock:
+            for entry in [*self._cache.values(), *self._vaes.values()]:
+                memory.offload_all(entry.offload_hooks)
+        self._release()
 
     # --- control and facts -----------------------------------------------------------------------
     def unload(self, name: str) -> bool:

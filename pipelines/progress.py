@@ -1,4 +1,5 @@
-"""Progress reports and the interrupt/skip handle of one running job."""
+"""Progress reports and the interrupt/skip handle of one running job (which also collects
+the job's notes for the user)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,11 @@ class JobControl:
         self._interrupted = threading.Event()
         self._skipped = threading.Event()
         self.started = time.monotonic()
+        self.notes: list[str] = []  # what the user should know about how the job ran
+
+    def note(self, message: str) -> None:
+        if message not in self.notes:
+            self.notes.append(message)
 
     def interrupt(self) -> None:
         self._interrupted.set()

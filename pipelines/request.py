@@ -246,6 +246,8 @@ class GenerationResult:
     warnings: list[str] = field(default_factory=list)
     interrupted: bool = False
     request: GenerationRequest | None = None
+    # the job's memory plan: estimated peak, free memory, mode, whether it was retried
+    memory: dict | None = None
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ class BatchOutput:
     images: list[Image.Image]
     seeds: list[int]
     subseeds: list[int]
+    index: int = 0  # which batch of the request
 
 
 @dataclass
@@ -101,9 +102,24 @@ def encode_image(vae, image: Image.Image, device) -> torch.Tensor:
     return latents.float() * vae.config.scaling_factor
 
 
+VAE_NAN_NOTE = ("A tensor with NaNs or infinities was produced in the VAE decode at {dtype}; "
+                "decoded again in float32 (use --no-half-vae to always decode in float32)")
+
+
 @torch.no_grad()
-def decode_latents(vae, latents: torch.Tensor) -> list[Image.Image]:
+def decode_latents(vae, latents: torch.Tensor, control: JobControl | None = None) -> list[Image.Image]:
+    """Latents -> images. A half-precision decode that overflows (NaN/inf, which would be
+    saved as a black image) is done again in float32 and the job says so (control.notes)."""
     samples = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
+    if vae.dtype != torch.float32 and not torch.isfinite(samples).all():
+        half = vae.dtype
+        vae.to(torch.float32)  # jobs run one at a time, so the shared module can switch dtype
+        try:
+            samples = vae.decode((latents / vae.config.scaling_factor).float()).sample
+        finally:
+            vae.to(half)
+        if control is not None:
+            control.note(VAE_NAN_NOTE.format(dtype=str(half).replace("torch.", "")))
     return [to_image(s) for s in samples]
 
 
@@ -267,7 +283,7 @@ def run_batch(components, device, request: GenerationRequest, cond, uncond, plan
     # 5. decode and put back what was not to be changed
     if not decode:
         return latents
-    decoded = decode_latents(vae, latents)
+    decoded = decode_latents(vae, latents, control)
     return [finish_image(img, plan) for img in decoded]
 
 
@@ -318,10 +334,11 @@ def batch_seeds(request: GenerationRequest, batch: int) -> tuple[list[int], list
 
 
 def run(components, device, request: GenerationRequest, on_progress: ProgressCallback | None = None,
-        control: JobControl | None = None, embeddings=(), on_step=None):
+        control: JobControl | None = None, embeddings=(), on_step=None, first_batch: int = 0):
     """Generate every batch of a request whose seeds are resolved; yields BatchOutput per batch.
 
-    `embeddings`: textual inversions the prompts may name (`pipelines.embeddings`)."""
+    `embeddings`: textual inversions the prompts may name (`pipelines.embeddings`).
+    `first_batch`: start there (a retry after running out of memory); seeds stay those of the batch."""
     control = control or JobControl()
     width = request.width or components.spec.native_resolution
     height = request.height or components.spec.native_resolution
@@ -333,8 +350,8 @@ def run(components, device, request: GenerationRequest, on_progress: ProgressCal
     # 2. pixel-side inputs
     plan = plan_pixels(request, width, height)
 
-    done_steps = 0
-    for batch in range(request.batch_count):
+    done_steps = first_batch * request.steps
+    for batch in range(first_batch, request.batch_count):
         if control.interrupted:
             break
         seeds, subseeds = batch_seeds(request, batch)
@@ -356,4 +373,4 @@ def run(components, device, request: GenerationRequest, on_progress: ProgressCal
         if result is None:
             control.take_skip()
             continue
-        yield BatchOutput(images=result, seeds=seeds, subseeds=subseeds)
+        yield BatchOutput(images=result, seeds=seeds, subseeds=subseeds, index=batch)

@@ -53,6 +53,7 @@ class EngineSettings:
     no_half_vae: bool = False
     attention: str = "auto"  # auto | xformers | sdpa | sliced
     offload: str = "none"  # none | medvram | lowvram
+    compile: bool = False  # --compile: torch.compile the U-Net (slow first step, faster later ones)
     default_checkpoint: str | None = None  # --ckpt
     ram_budget_gb: float | None = None  # model cache budget; None = derived from the machine
     # A public hosted demo (Hugging Face Space, `--space`): limits on requests, no extension

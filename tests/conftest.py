@@ -26,8 +26,10 @@ def make_engine(models_dir: Path, tmp: Path):
     from pipelines.engine import Engine
     from pipelines.settings import EngineSettings, Paths
 
+    # fp32: tests compare pixels with diffusers and across code paths exactly; the `auto`
+    # precision (bf16 on CPUs with AVX512-BF16/AMX) is tested in test_precision_memory.py
     return Engine(Paths(models_dir=models_dir, data_dir=tmp / "data", outdir=tmp / "outputs"),
-                  EngineSettings(device="cpu"))
+                  EngineSettings(device="cpu", precision="full"))
 
 
 @pytest.fixture(scope="session")

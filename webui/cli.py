@@ -97,8 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="attention backend (default: auto)")
     compute.add_argument("--xformers", action="store_true", help="same as --attention xformers")
     compute.add_argument("--opt-sdp-attention", action="store_true", help="same as --attention sdpa")
-    compute.add_argument("--lowvram", action="store_true", help="offload aggressively to fit small GPUs")
-    compute.add_argument("--medvram", action="store_true", help="offload model parts to save VRAM")
+    compute.add_argument("--lowvram", action="store_true",
+                         help="sequential offload: weights stay in RAM, each layer visits the GPU in turn")
+    compute.add_argument("--medvram", action="store_true",
+                         help="model offload: text encoder, U-Net and VAE each on the GPU only while it runs")
+    compute.add_argument("--compile", action="store_true",
+                         help="torch.compile the U-Net (the first image is slower, later steps may be faster)")
     return parser
 
 
@@ -175,6 +179,7 @@ def settings_from_args(args: argparse.Namespace, space: bool = False) -> EngineS
         no_half_vae=args.no_half_vae,
         attention=attention,
         offload=offload,
+        compile=args.compile,
         default_checkpoint=args.ckpt,
         hosted=space,
         max_queue_size=args.max_queue_size,
@@ -294,7 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # quiet: the URL line is printed once the API is mounted, so a client that reads it finds
     # /sdapi/v1 there at once
     blocks.launch(**kwargs, prevent_thread_lock=True, quiet=True)
-    mount_api(blocks.app, engine, auth=api_credentials(args, space), options=api_options(space))
+    mount_api(blocks.app, engine, auth=api_credentials(args, space), options=api_options(space),
+              cmd_flags=vars(args))
     print(f"* Running on local URL:  {blocks.protocol}://{blocks.server_name}:{blocks.server_port}", flush=True)
     if getattr(blocks, "share_url", None):
         print(f"* Running on public URL: {blocks.share_url}", flush=True)
@@ -386,7 +392,7 @@ def serve_api_only(engine, args: argparse.Namespace, space: bool = False, on_ser
     import socket
 
     host = "0.0.0.0" if (args.listen or space) else "127.0.0.1"
-    app = create_app(engine, auth=api_credentials(args, space), options=api_options(space))
+    app = create_app(engine, auth=api_credentials(args, space), options=api_options(space), cmd_flags=vars(args))
     # Listen before saying so: a client that reads the URL line can connect at once.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

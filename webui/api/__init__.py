@@ -60,9 +60,10 @@ def docs_router(api: APIRouter, auth: list[tuple[str, str]] | None, *, docs_path
 
 
 def mount_api(app: FastAPI, engine: Any, *, auth: list[tuple[str, str]] | None = None,
-              options: ApiOptions | None = None, docs: bool = True) -> APIRouter:
+              options: ApiOptions | None = None, docs: bool = True, cmd_flags: dict[str, Any] | None = None
+              ) -> APIRouter:
     """Add the API (and, with `docs`, its protected /docs and /openapi.json) to `app`."""
-    api = create_api(engine, auth=auth, options=options)
+    api = create_api(engine, auth=auth, options=options, cmd_flags=cmd_flags)
     before = list(app.router.routes)
     replaced: list = []
     app.include_router(api)
@@ -82,8 +83,8 @@ def mount_api(app: FastAPI, engine: Any, *, auth: list[tuple[str, str]] | None =
 
 
 def create_app(engine: Any, *, auth: list[tuple[str, str]] | None = None,
-               options: ApiOptions | None = None) -> FastAPI:
+               options: ApiOptions | None = None, cmd_flags: dict[str, Any] | None = None) -> FastAPI:
     """A FastAPI app serving only the API and its docs (`--nowebui`)."""
     app = FastAPI(title=TITLE, version=VERSION, docs_url=None, redoc_url=None, openapi_url=None)
-    mount_api(app, engine, auth=auth, options=options, docs=True)
+    mount_api(app, engine, auth=auth, options=options, docs=True, cmd_flags=cmd_flags)
     return app

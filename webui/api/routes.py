@@ -57,13 +57,31 @@ def _wall_clock(monotonic_time: float | None) -> datetime.datetime:
     return datetime.datetime.now() - datetime.timedelta(seconds=time.monotonic() - monotonic_time)
 
 
+SECRET_FLAGS = ("api_auth", "gradio_auth")
+
+
+def public_flags(flags: dict[str, Any] | None) -> dict[str, Any]:
+    """Command-line flags as JSON values, passwords masked."""
+    out = {}
+    for key, value in (flags or {}).items():
+        if key in SECRET_FLAGS and value:
+            value = "***"
+        elif isinstance(value, (list, tuple)):
+            value = [str(v) for v in value]
+        elif value is not None and not isinstance(value, (bool, int, float, str)):
+            value = str(value)
+        out[key] = value
+    return out
+
+
 def create_api(engine: Any, *, auth: list[tuple[str, str]] | None = None,
-               options: ApiOptions | None = None) -> APIRouter:
+               options: ApiOptions | None = None, cmd_flags: dict[str, Any] | None = None) -> APIRouter:
     """An APIRouter with every /sdapi/v1 route over `engine`.
 
     auth: basic-auth (user, password) pairs; when given, every route answers 401 without one.
     options: the server defaults POST /options changes (a fresh ApiOptions by default); it is
     also reachable as `router.api_options`.
+    cmd_flags: the launcher's parsed flags (`vars(args)`) for GET /cmd-flags.
     """
     options = options or ApiOptions()
     router = APIRouter(prefix=PREFIX, route_class=route_class(auth, tr.max_body_bytes(engine)), tags=["sdapi"])
@@ -283,6 +301,12 @@ def create_api(engine: Any, *, auth: list[tuple[str, str]] | None = None,
         """Readable embedding files as `loaded` (used by writing their name in a prompt),
         unreadable ones as `skipped`."""
         return engine.embedding_listing()
+
+    @router.get("/cmd-flags")
+    def get_cmd_flags():
+        """The flags the server was started with (A1111's names, passwords masked), then what
+        the engine made of them: device, dtypes, attention backend, offload mode."""
+        return {**public_flags(cmd_flags), **engine.runtime_flags()}
 
     @router.get("/scripts")
     def scripts():

@@ -267,6 +267,7 @@ def generation_info(prepared: Prepared, result) -> dict[str, Any]:
         "extra_generation_params": {"Schedule type": schedule},
         "index_of_first_image": 0,
         "infotexts": list(result.infotexts),
+        "memory": getattr(result, "memory", None),  # estimated peak, free memory, mode, retried
         "styles": prepared.styles,
         "job_timestamp": prepared.started.strftime("%Y%m%d%H%M%S"),
         "clip_skip": request.clip_skip,
