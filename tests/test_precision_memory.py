@@ -4,6 +4,7 @@ handling, and where the attention backend is shown (issue 7, the engine half).""
 from __future__ import annotations
 
 import json
+import os
 import urllib.request
 
 import numpy as np
@@ -290,11 +291,12 @@ def test_the_footer_names_the_attention_backend_and_precision(engine):
 
 # --- torch.compile ----------------------------------------------------------------------------
 
-def test_compile_flag_generates(models_dir, tmp_path):
+def test_compile_flag_compiles_the_unet(models_dir, tmp_path):
     engine = engine_with(models_dir, tmp_path, precision="full", compile=True)
-    assert engine.describe()["compile"] == "on"
-    try:
-        result = engine.generate(req(steps=2, cfg_scale=1.0))
-    except Exception as exc:  # no working C++ toolchain for inductor here
-        pytest.skip(f"torch.compile does not run on this machine: {exc}")
+    assert engine.describe()["compile"] == "on" and engine.runtime_flags()["compile"] is True
+    assert unet_of(engine)._compiled_call_impl is not None  # nn.Module.compile(): compiled in place
+    if not os.environ.get("SDUI_TEST_COMPILE"):
+        pytest.skip("compiling even the tiny U-Net takes minutes on a 2-core CPU (142 s measured); "
+                    "set SDUI_TEST_COMPILE=1 to generate with it")
+    result = engine.generate(req(steps=2, cfg_scale=1.0))
     assert len(result.images) == 1 and pixels(result.images[0]).std() > 5
