@@ -314,6 +314,11 @@ class Engine:
         """The request's <lora:...> tags resolved to files (unknown names: a warning in the
         result, generation goes on) and their "Lora hashes" infotext field."""
         loras, warnings = lora.resolve(request.prompt, self.registry)
+        if loras and self.placement.offload == "lowvram":
+            # peft cannot add adapters to layers whose weights accelerate keeps off the module
+            warnings.append("LoRA is not available with --lowvram (weights are offloaded layer by layer); "
+                            "ignored. Use --medvram to combine offloading with LoRA.")
+            loras = []
         result.warnings.extend(w for w in warnings if w not in result.warnings)
         extra.update(lora.infotext_params(loras))
         return loras

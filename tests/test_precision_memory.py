@@ -300,3 +300,21 @@ def test_compile_flag_compiles_the_unet(models_dir, tmp_path):
                     "set SDUI_TEST_COMPILE=1 to generate with it")
     result = engine.generate(req(steps=2, cfg_scale=1.0))
     assert len(result.images) == 1 and pixels(result.images[0]).std() > 5
+
+
+def test_lora_under_lowvram_is_skipped_with_a_warning_not_a_crash(tmp_path):
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from pipelines.loading import load_components
+    from test_lora import kohya_lora
+    from tiny import write_tiny_sd1_checkpoint
+
+    ckpt = write_tiny_sd1_checkpoint(tmp_path / "models" / "Stable-diffusion" / "tiny.safetensors", seed=0)
+    (tmp_path / "models" / "Lora").mkdir()
+    save_file(kohya_lora(load_components(Path(ckpt))), str(tmp_path / "models" / "Lora" / "red.safetensors"))
+    engine = engine_with(tmp_path / "models", tmp_path, precision="full", offload="lowvram")
+    with_lora = engine.generate(req(prompt="a <lora:red:1>"))
+    assert any("--lowvram" in w and "LoRA" in w for w in with_lora.warnings), with_lora.warnings
+    assert np.array_equal(pixels(with_lora.images[0]), pixels(engine.generate(req(prompt="a")).images[0]))
