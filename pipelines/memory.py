@@ -11,13 +11,17 @@ already counted where they live), at the dtypes and mode it runs in:
 
     U-Net  = rows * itemsize * (sum over levels l of C_l * (h*w / 4^l) * (layers + 1)
                                 + U_WORK * C_0 * h * w)
-    VAE    = images * itemsize_vae * V_WORK * C_vae * H * W     (images decoded at once)
+    VAE    = images * itemsize_vae * V_WORK * C_up * H * W     (images decoded at once)
 
 with h, w = H/8, W/8, rows = batch * 2 under CFG, C_l the U-Net's block widths (the skip
-connections kept for the up path), C_vae the VAE decoder's full-resolution width, and the
-work factors calibrated on tiny models (peak RSS over several sizes, see the README's
-performance notes). In low-memory mode the VAE decodes one image at a time in tiles of at
-most its sample size, so H*W is capped by the tile and `images` is 1.
+connections kept for the up path), and C_up the VAE width that is upsampled into the last
+decoder block at full resolution (block_out_channels[1]). Attention adds no quadratic term:
+PyTorch's SDPA (and xformers) never hold the full score matrix. The work factors come from
+peak-RSS deltas of the tiny test models in fresh processes (fp32, one thread): the U-Net
+used 49-61 x C_0*h*w beyond its skips at 256-512 px, the VAE 5.0-8.5 x C_up*H*W (the larger
+factor at the smaller size, where fixed costs weigh more). In low-memory mode the VAE
+decodes one image at a time in tiles of at most its sample size, so H*W is capped by the
+tile and `images` is 1.
 """
 
 from __future__ import annotations
@@ -33,8 +37,8 @@ import torch
 from .device import Placement
 from .request import RequestError
 
-U_WORK = 12  # resnet/attention/feed-forward buffers at the first level, in units of C_0 * h * w
-V_WORK = 8  # decoder buffers at full resolution (upsampled input, norm, conv, residual), per C_vae * H * W
+U_WORK = 56  # resnet/attention/feed-forward buffers, in units of C_0 * h * w (measured 49-61)
+V_WORK = 7  # decoder buffers at full resolution, in units of C_up * H * W (measured 5.0-8.5)
 SAFETY = 0.9  # share of the free memory a job may plan to use
 
 
@@ -177,7 +181,8 @@ def estimate_working_bytes(components, width: int, height: int, batch: int, cfg:
     if low_memory:
         tile = int(getattr(vae_cfg, "sample_size", 512) or 512)
         pixels, images = min(height, tile) * min(width, tile), 1
-    vae_bytes = images * _itemsize(vae_dtype) * V_WORK * vae_cfg.block_out_channels[0] * pixels
+    widths = list(vae_cfg.block_out_channels)
+    vae_bytes = images * _itemsize(vae_dtype) * V_WORK * widths[min(1, len(widths) - 1)] * pixels
     outputs = batch * height * width * 3 * 4  # the decoded float images
     return unet_bytes + vae_bytes + outputs
 
