@@ -77,8 +77,8 @@ def simulated(models_dir, tmp_path_factory):
         tmp = tmp_path_factory.mktemp("zero")
         write_tiny_compact(tmp / "ESRGAN" / "tiny-compact-x2.safetensors")
         engine = Engine(Paths(models_dir=models_dir, esrgan_dir=tmp / "ESRGAN", data_dir=tmp / "data",
-                              outdir=tmp / "outputs"), EngineSettings(device="cpu"))
-    return engine, fake
+                              outdir=tmp / "outputs"), EngineSettings(device="cpu", precision="full"))
+    return engine, fake  # fp32 like the `engine` fixture it is compared with pixel for pixel
 
 
 @pytest.fixture
