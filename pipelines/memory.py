@@ -165,7 +165,8 @@ class MemoryPlan:
 
 
 def _gb(n: int) -> str:
-    return f"{n / (1 << 30):.2f} GB"
+    """Bytes for people: MB below a gigabyte (tiny models), GB above."""
+    return f"{n / (1 << 30):.2f} GB" if n >= 1 << 30 else f"{n / (1 << 20):.1f} MB"
 
 
 def estimate_working_bytes(components, width: int, height: int, batch: int, cfg: bool,
