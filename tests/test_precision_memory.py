@@ -216,6 +216,31 @@ def test_out_of_memory_once_is_retried_in_low_memory_mode(models_dir, tmp_path, 
     assert not unet_of(engine).training and not engine.manager.loaded("tiny.safetensors").components.vae.use_tiling
 
 
+def test_hires_fix_out_of_memory_in_the_second_batch_resumes_there(models_dir, tmp_path, monkeypatch):
+    engine = engine_with(models_dir, tmp_path, precision="full")
+    request = req(steps=2, batch_count=2, enable_hr=True, hr_scale=1.5, hr_upscaler="Latent")
+    counted = failing_forward(unet_of(engine), monkeypatch, times=0)  # counts U-Net calls
+    expected = engine.generate(request)
+    per_batch = counted["n"] // 2
+    monkeypatch.undo()
+    unet = unet_of(engine)
+    forward, calls = unet.forward, {"n": 0}
+
+    def fail_once_in_the_second_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == per_batch + 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(unet, "forward", fail_once_in_the_second_batch)
+    result = engine.generate(request)
+    assert result.seeds == expected.seeds == [1234, 1235] and result.memory["retried"]
+    assert result.images[0].size == (96, 96)
+    assert np.array_equal(pixels(result.images[0]), pixels(expected.images[0]))  # batch 1 kept as it ran
+    assert np.abs(pixels(result.images[1]) - pixels(expected.images[1])).max() <= 2
+    assert calls["n"] == per_batch + 2 + per_batch  # batch 1, batch 2 up to the failure, batch 2 again
+
+
 def test_out_of_memory_every_time_fails_clearly_and_the_next_job_runs(models_dir, tmp_path, monkeypatch):
     engine = engine_with(models_dir, tmp_path, precision="full")
     calls = failing_forward(unet_of(engine), monkeypatch, times=None)
