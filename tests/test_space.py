@@ -250,7 +250,9 @@ def _empty_engine(tmp_path):
     from pipelines.engine import Engine
     from pipelines.settings import EngineSettings, Paths
 
-    return Engine(Paths(models_dir=tmp_path / "models", data_dir=tmp_path / "data", outdir=tmp_path / "out"),
+    # demo_dir=None: truly no checkpoint (the shipped demo would otherwise stand in)
+    return Engine(Paths(models_dir=tmp_path / "models", data_dir=tmp_path / "data", outdir=tmp_path / "out",
+                        demo_dir=None),
                   EngineSettings(device="cpu", hosted=True))
 
 

@@ -45,7 +45,7 @@ class Settings:
     # latent data set
     n_latents: int = 32768
     # U-Net + text encoder
-    ldm_steps: int = 6000
+    ldm_steps: int = 3000  # what the shipped demo was trained with (README.md here, "Budget")
     ldm_batch: int = 64
     ldm_lr: float = 5e-4
     ldm_warmup: int = 200
