@@ -11,28 +11,18 @@ import pytest
 import requests
 from PIL import Image
 
-from pipelines.engine import Engine
 from pipelines.request import GenerationRequest
-from pipelines.settings import EngineSettings, Paths
 from webui import convert
 from webui.api import ApiOptions, create_app
 from webui.app import build_ui
 
 from test_api import serve
-from test_upscale_models import write_tiny_esrgan
+from test_hires import hr_engine  # noqa: F401 - the engine with a tiny ESRGAN, a fixture
 
 
 @pytest.fixture(scope="module")
-def engine_with_models(models_dir, tmp_path_factory) -> Engine:
-    tmp = tmp_path_factory.mktemp("hiresapi")
-    write_tiny_esrgan(tmp / "ESRGAN" / "4x-Tiny.pth")
-    return Engine(Paths(models_dir=models_dir, esrgan_dir=tmp / "ESRGAN", data_dir=tmp / "data",
-                        outdir=tmp / "outputs"), EngineSettings(device="cpu"))
-
-
-@pytest.fixture(scope="module")
-def base_url(engine_with_models):
-    with serve(create_app(engine_with_models, options=ApiOptions(sd_model_checkpoint="tiny.safetensors"))) as url:
+def base_url(hr_engine):
+    with serve(create_app(hr_engine, options=ApiOptions(sd_model_checkpoint="tiny.safetensors"))) as url:
         yield url
 
 
@@ -86,8 +76,8 @@ def test_extras_with_a_neural_upscaler_and_the_upscaler_list(base_url):
     assert "4x-Tiny" in [u["name"] for u in listed]
 
 
-def test_ui_hires_fields_reach_the_request_by_name(engine_with_models):
-    ui = build_ui(engine_with_models).webui
+def test_ui_hires_fields_reach_the_request_by_name(hr_engine):
+    ui = build_ui(hr_engine).webui
     fields = ui.fields["txt2img"]
     for name in ("enable_hr", "hr_upscaler", "hr_scale", "hr_second_pass_steps", "hr_denoising_strength",
                  "hr_resize_x", "hr_resize_y", "hr_sampler", "hr_schedule_type", "hr_prompt", "hr_negative_prompt"):
@@ -101,8 +91,8 @@ def test_ui_hires_fields_reach_the_request_by_name(engine_with_models):
     assert request.hr_schedule_type is None and request.hr_upscaler == "4x-Tiny"
 
 
-def test_ui_upscale_batch_of_files(engine_with_models, tmp_path):
-    ui = build_ui(engine_with_models).webui
+def test_ui_upscale_batch_of_files(hr_engine, tmp_path):
+    ui = build_ui(hr_engine).webui
     paths = []
     for i, size in enumerate([(20, 10), (16, 16)]):
         path = tmp_path / f"in{i}.png"
@@ -118,8 +108,8 @@ def test_ui_upscale_batch_of_files(engine_with_models, tmp_path):
     assert sizes == [(40, 20), (32, 32)]
 
 
-def test_ui_sd_upscale(engine_with_models):
-    ui = build_ui(engine_with_models).webui
+def test_ui_sd_upscale(hr_engine):
+    ui = build_ui(hr_engine).webui
     assert {"prompt", "sd_upscaler", "sd_scale", "sd_overlap", "image", "checkpoint"} <= set(ui.fields["sd_upscale"])
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 48, 3), dtype=np.uint8))
     gallery, info = ui.sd_upscale(image=image, checkpoint="tiny.safetensors", sd_upscaler="Lanczos", sd_scale=2,
