@@ -326,11 +326,7 @@ class WebUI:
     # engine look-ups (never fatal for building the page)
     # ------------------------------------------------------------------------------------------
     def _checkpoint_infos(self, refresh: bool = False) -> list:
-        try:
-            return list(self.engine.list_checkpoints(refresh=refresh) or [])
-        except Exception:
-            log.exception("listing checkpoints failed")
-            return []
+        return self.checkpoints_tab.infos(refresh)
 
     def _vae_choices(self) -> list[str]:
         """"Automatic", "None", then the VAE files, as the engine names them."""
@@ -419,14 +415,12 @@ class WebUI:
                 req = req.replace(extension_args={**req.extension_args, **extension_args})
         except RequestError as exc:
             raise gr.Error(convert.error_message(exc), print_exception=False) from None
-        session = getattr(request, "session_hash", None)
-        on_progress = _progress_reporter(progress)
-        with self.jobs.run(session) as control:
-            if on_progress:
-                on_progress(None)
-            result = call_engine("Generation", lambda: self.engine.generate(
-                req, on_progress=on_progress, control=control, owner=session,
-                on_wait=_wait_reporter(progress)))
+        def start(**job):
+            if job["on_progress"]:
+                job["on_progress"](None)
+            return self.engine.generate(req, **job)
+
+        result = self.run_job("Generation", request, progress, start)
         if result is None:  # it did not run (queue full, or interrupted while waiting): the toast says so
             return unchanged(4)
         show_notices(result)
@@ -434,6 +428,15 @@ class WebUI:
         infotexts = list(result.infotexts or [])
         last = {"seeds": list(result.seeds or []), "infotexts": infotexts, "selected": 0}
         return images, (infotexts[0] if infotexts else ""), last, self._loaded_text()
+
+    def run_job(self, what: str, request: gr.Request | None, progress: Any, call: Callable[..., Any]) -> Any:
+        """Run an engine call as this browser session's job: `call(on_progress=, on_wait=,
+        control=, owner=)` gets the progress and queue-position reporters and the session's
+        JobControl (what Interrupt/Skip act on). None: it did not run (see `call_engine`)."""
+        session = getattr(request, "session_hash", None)
+        with self.jobs.run(session) as control:
+            return call_engine(what, lambda: call(on_progress=_progress_reporter(progress),
+                                                  on_wait=_wait_reporter(progress), control=control, owner=session))
 
     def read_parameters_handler(self, mode: str) -> Callable[..., dict]:
         def read_parameters(prompt=None, last=None, checkpoint=None):

@@ -162,18 +162,14 @@ def upscale_request(fields: dict[str, Any]) -> UpscaleRequest:
 
 def make_handler(webui: Any) -> Callable[..., tuple]:
     def upscale(request: gr.Request = None, progress=gr.Progress(), **fields):
-        from .app import _gallery_items, _progress_reporter, _wait_reporter, call_engine, show_notices, unchanged
+        from .app import _gallery_items, show_notices, unchanged
 
         try:
             req = upscale_request(fields)
         except RequestError as exc:
             raise gr.Error(convert.error_message(exc), print_exception=False) from None
-        session = getattr(request, "session_hash", None)
-        on_progress = _progress_reporter(progress) if request is not None else None
-        with webui.jobs.run(session) as control:
-            result = call_engine("Upscale", lambda: webui.engine.upscale(
-                req, owner=session, on_progress=on_progress, control=control,
-                on_wait=_wait_reporter(progress) if request is not None else None))
+        result = webui.run_job("Upscale", request, progress if request is not None else None,
+                               lambda **job: webui.engine.upscale(req, **job))
         if result is None:  # did not run (queue full, interrupted while waiting): said in a toast
             return unchanged(2)
         show_notices(result)
@@ -231,7 +227,7 @@ def make_sd_upscale_handler(webui: Any) -> Callable[..., tuple]:
                    sd_upscaler="Lanczos", sd_scale=2.0, sd_overlap=64, **fields):
         from pipelines.request import GenerationRequest
 
-        from .app import _gallery_items, _progress_reporter, _wait_reporter, call_engine, show_notices, unchanged
+        from .app import _gallery_items, show_notices, unchanged
 
         if image is None:
             raise gr.Error("Input image: choose an image first (Single image).", print_exception=False)
@@ -245,13 +241,9 @@ def make_sd_upscale_handler(webui: Any) -> Callable[..., tuple]:
                                     **values)
         except RequestError as exc:
             raise gr.Error(convert.error_message(exc), print_exception=False) from None
-        session = getattr(request, "session_hash", None)
-        on_progress = _progress_reporter(progress) if request is not None else None
-        with webui.jobs.run(session) as control:
-            result = call_engine("SD upscale", lambda: webui.engine.sd_upscale(
-                req, upscaler=sd_upscaler, scale=float(sd_scale), overlap=int(sd_overlap),
-                on_progress=on_progress, control=control, owner=session,
-                on_wait=_wait_reporter(progress) if request is not None else None))
+        result = webui.run_job("SD upscale", request, progress if request is not None else None,
+                               lambda **job: webui.engine.sd_upscale(req, upscaler=sd_upscaler, scale=float(sd_scale),
+                                                                     overlap=int(sd_overlap), **job))
         if result is None:  # did not run (queue full, interrupted while waiting): said in a toast
             return unchanged(2)
         show_notices(result)
