@@ -105,7 +105,6 @@ class WebUI:
     # layout
     # ------------------------------------------------------------------------------------------
     def build(self) -> gr.Blocks:
-        engine = self.engine
         checkpoints = self._checkpoint_names()
         default_ckpt = self._default_checkpoint(checkpoints)
         self._initial_checkpoint = default_ckpt  # what the sliders were built for
