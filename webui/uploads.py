@@ -16,6 +16,8 @@ from pydantic import BaseModel
 from pipelines.request import RequestError
 from pipelines.uploads import UploadLimits
 
+from . import convert
+
 GUARDED = (gr.Image, gr.ImageEditor, gr.File)
 
 
@@ -38,7 +40,7 @@ def _guard(component: Any, limits: UploadLimits) -> None:
             try:
                 limits.check_file(name, path)
             except RequestError as exc:
-                raise gr.Error(f"{exc.field}: {exc.message}", print_exception=False) from None
+                raise gr.Error(convert.error_message(exc), print_exception=False) from None
         return decode(payload)
 
     component.preprocess = preprocess
