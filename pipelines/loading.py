@@ -28,6 +28,7 @@ import json
 import mmap
 import re
 import struct
+import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -102,6 +103,21 @@ class CheckpointHeader:
     entries: dict[str, tuple[str, int, int]] = field(default_factory=dict)
 
 
+@contextlib.contextmanager
+def _no_gc():
+    """Loading builds tens of thousands of objects (header entries, modules, tensors) and no
+    garbage cycles; a full collection set off by them walks the whole heap, torch's and
+    diffusers' half a million objects included (0.2 s, more than the rest of a warm load)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@_no_gc()
 def read_header(path: Path) -> CheckpointHeader:
     """Names, shapes and metadata. For safetensors this reads only the JSON header."""
     path = Path(path)
@@ -616,19 +632,6 @@ def _tokenizer(pad_token: str):
     return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), pad_token=pad_token, local_files_only=True)
 
 
-@contextlib.contextmanager
-def _no_gc():
-    """Loading builds thousands of module objects and no garbage cycles; the cyclic collector
-    would otherwise walk the whole heap several times over (a quarter second per load)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def _fit_names(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Match `text_model.`-prefixed names to the module: transformers 5 dropped that level in
     CLIPTextModel (but not in CLIPTextModelWithProjection); files and transformers 4 have it."""
@@ -734,6 +737,40 @@ def build_text_encoder(config: dict[str, Any], spec: TextEncoderSpec):
         return cls(CLIPTextConfig(**config))
 
 
+_TORCH_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "zeros_", "ones_", "eye_",
+                         "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_",
+                         "orthogonal_")
+_init_patch_lock = threading.Lock()
+
+
+def _skip_meta(init_function):
+    @functools.wraps(init_function)
+    def init(tensor, *args, **kwargs):
+        return tensor if tensor.is_meta else init_function(tensor, *args, **kwargs)
+    return init
+
+
+@contextlib.contextmanager
+def _empty_modules():
+    """Construct modules with meta parameters and no weight initialisation: the weights come
+    from the file. accelerate puts the parameters on meta; torch.nn.init is told to leave meta
+    tensors alone (random init on meta still runs torch's Python decompositions: 40% of building
+    a U-Net). Real tensors, in other threads too, are initialised as usual."""
+    init = torch.nn.init
+    with _init_patch_lock:
+        from accelerate import init_empty_weights
+
+        originals = {name: getattr(init, name) for name in _TORCH_INIT_FUNCTIONS if hasattr(init, name)}
+        try:
+            for name, function in originals.items():
+                setattr(init, name, _skip_meta(function))
+            with init_empty_weights():
+                yield
+        finally:
+            for name, function in originals.items():
+                setattr(init, name, function)
+
+
 def _no_init_weights():
     """transformers' switch that skips the (pointless, on meta tensors) weight initialisation."""
     try:
@@ -746,10 +783,10 @@ def _no_init_weights():
     return no_init_weights()
 
 
+@_no_gc()
 def load_components(path: Path, dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None,
                     header: CheckpointHeader | None = None, probe: bool = True) -> Components:
     """Build every component of a checkpoint, the weights going from the file straight in."""
-    from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
@@ -758,8 +795,8 @@ def load_components(path: Path, dtype: torch.dtype = torch.float32, vae_dtype: t
     if header.format == "diffusers":
         return load_diffusers_folder(path, dtype, vae_dtype)
     spec = inspect_checkpoint(header)
-    with _no_gc(), TensorSource(header) as source:
-        with init_empty_weights():
+    with TensorSource(header) as source:
+        with _empty_modules():
             unet = UNet2DConditionModel(**spec.unet_config)
         unet_keys = [k for k in header.shapes if k.startswith(UNET_PREFIX)]
         ema = _unet_ema_keys(header.shapes)
@@ -770,7 +807,7 @@ def load_components(path: Path, dtype: torch.dtype = torch.float32, vae_dtype: t
             source.release([ema[k] for k in unet_keys] if ema else unet_keys)
         del unet_state
 
-        with init_empty_weights():
+        with _empty_modules():
             vae = AutoencoderKL(**spec.vae_config)
         vae_keys = [k for k in header.shapes if k.startswith(VAE_PREFIX)]
         vae_raw = {k: source.get(k, vae_dtype or dtype) for k in vae_keys}
@@ -802,10 +839,10 @@ def load_components(path: Path, dtype: torch.dtype = torch.float32, vae_dtype: t
 
 # --- separate VAE files ----------------------------------------------------------------------
 
+@_no_gc()
 def load_vae(path: Path, dtype: torch.dtype, scaling_factor: float, sample_size: int = 512):
     """A VAE file (models/VAE or a `<checkpoint>.vae.safetensors` sidecar): original layout
     (`encoder.down.0...`, optionally under `first_stage_model.`) or diffusers layout."""
-    from accelerate import init_empty_weights
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
@@ -816,7 +853,7 @@ def load_vae(path: Path, dtype: torch.dtype, scaling_factor: float, sample_size:
     shapes = header.shapes
     prefix = VAE_PREFIX if any(k.startswith(VAE_PREFIX + "encoder.") for k in shapes) else ""
     diffusers_layout = any(k.startswith(prefix + "encoder.down_blocks.") for k in shapes)
-    with _no_gc(), TensorSource(header) as source:
+    with TensorSource(header) as source:
         if diffusers_layout:
             config = _diffusers_vae_config(shapes, prefix, scaling_factor, sample_size)
             state = {k[len(prefix):]: source.get(k, dtype) for k in shapes
@@ -828,7 +865,7 @@ def load_vae(path: Path, dtype: torch.dtype, scaling_factor: float, sample_size:
                 raise CheckpointError(f"{path.name}: not a VAE (no encoder/decoder weights)") from exc
             keys = [k for k in shapes if k.startswith(prefix) and not k.startswith(("loss.", EMA_PREFIX))]
             state = None
-        with init_empty_weights():
+        with _empty_modules():
             vae = AutoencoderKL(**config)
         if state is None:
             state = convert_ldm_vae_checkpoint({k: source.get(k, dtype) for k in keys}, vae.config)

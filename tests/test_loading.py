@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import gc
 import socket
+import threading
 import time
 
 import pytest
@@ -34,6 +36,31 @@ def test_every_weight_arrives_exactly(fp32_checkpoint):
         for key in want:
             assert torch.equal(want[key], got[key]), key
     assert not any(p.is_meta for m in components.modules() for p in m.parameters())
+
+
+def test_loading_leaves_other_threads_weight_init_and_the_collector_as_they_were(fp32_checkpoint, tmp_path):
+    """The loader skips random init for its meta modules only: a model (an upscaler, a LoRA
+    layer) initialised in another thread meanwhile still gets real random weights, and the
+    cyclic garbage collector paused for the load runs again afterwards, even after a failure."""
+    from pipelines import loading
+
+    original_normal = torch.nn.init.normal_
+    initialised = torch.zeros(1000)
+    with loading._empty_modules():
+        meta_layer = torch.nn.Linear(8, 8)
+        worker = threading.Thread(target=lambda: torch.nn.init.normal_(initialised))
+        worker.start()
+        worker.join()
+    assert meta_layer.weight.is_meta
+    assert initialised.std() > 0.5
+    assert torch.nn.init.normal_ is original_normal
+    load_components(fp32_checkpoint)
+    assert gc.isenabled()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(fp32_checkpoint.read_bytes()[:100_000])
+    with pytest.raises(CheckpointError):
+        load_components(truncated)
+    assert gc.isenabled()
 
 
 def test_family_and_variant_are_read_from_the_file(models_dir):
