@@ -9,6 +9,7 @@ served, and only then is the default checkpoint loaded, in the background: the p
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import threading
@@ -275,6 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(no_checkpoint_text(paths, space).replace("**", "").replace("`", ""), file=sys.stderr)
     if args.nowebui:
+        freeze_startup_objects()
         return serve_api_only(engine, args, space, on_serving=lambda: preload(core))
 
     from .app import UIOptions, build_ui
@@ -284,6 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if space:
         apply_space_ui(blocks, limits)
     add_notice(blocks, lambda: notice_text(engine, space, limits, space_id()))
+    freeze_startup_objects()
     # Jobs are bounded by the engine's queue alone (--max-queue-size; a hosted demo's own bound):
     # Gradio's queue also holds page loads and tab switches, and bounding it the same way would
     # refuse those ("This application is currently busy") while jobs wait.
@@ -308,6 +311,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     preload(core)
     blocks.block_thread()
     return 0
+
+
+def freeze_startup_objects() -> None:
+    """Everything alive once the server is built (torch, diffusers, transformers and Gradio:
+    a third of a million objects) lives as long as the process. Moving it out of the cyclic
+    collector's sight keeps every later full collection, which can fall in the middle of a
+    model load or a generation, from walking it again (0.12 s each here, 5 us after)."""
+    gc.freeze()
 
 
 def start_engine(paths: Paths, settings: EngineSettings) -> Future:
