@@ -190,13 +190,17 @@ class TensorSource:
         self._map = None
         self._state = None
 
-    def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The tensor: a view of the file, or, if `dtype` differs (floating point only), a cast
-        copy whose file pages are dropped from this process at once."""
+    def get(self, key: str, dtype: torch.dtype | None = None, channels_last: bool = False) -> torch.Tensor:
+        """The tensor: a view of the file, or, if `dtype` differs (floating point only) or a 4-D
+        weight is wanted channels-last, a copy made in one pass whose file pages are dropped
+        from this process at once."""
         tensor = self._view(key)
-        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+        cast = dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype
+        relayout = channels_last and tensor.dim() == 4 and not tensor.is_contiguous(memory_format=torch.channels_last)
+        if cast or relayout:
             self._read_ahead(key)
-            tensor = tensor.to(dtype)
+            tensor = tensor.to(dtype=dtype if cast else tensor.dtype,
+                               memory_format=torch.channels_last if relayout else torch.preserve_format)
             self.release([key])
         return tensor
 
@@ -785,8 +789,10 @@ def _no_init_weights():
 
 @_no_gc()
 def load_components(path: Path, dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None,
-                    header: CheckpointHeader | None = None, probe: bool = True) -> Components:
-    """Build every component of a checkpoint, the weights going from the file straight in."""
+                    header: CheckpointHeader | None = None, probe: bool = True, unet_channels_last: bool = False,
+                    vae_channels_last: bool = False) -> Components:
+    """Build every component of a checkpoint, the weights going from the file straight in
+    (cast, and made channels-last where asked, in the same single copy)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
@@ -800,7 +806,7 @@ def load_components(path: Path, dtype: torch.dtype = torch.float32, vae_dtype: t
             unet = UNet2DConditionModel(**spec.unet_config)
         unet_keys = [k for k in header.shapes if k.startswith(UNET_PREFIX)]
         ema = _unet_ema_keys(header.shapes)
-        raw = {k: source.get(ema[k] if ema else k, dtype) for k in unet_keys}
+        raw = {k: source.get(ema[k] if ema else k, dtype, unet_channels_last) for k in unet_keys}
         unet_state = convert_ldm_unet_checkpoint(raw, unet.config)
         del raw
         if _assign(unet, unet_state, dtype, "the U-Net", path):
@@ -810,7 +816,7 @@ def load_components(path: Path, dtype: torch.dtype = torch.float32, vae_dtype: t
         with _empty_modules():
             vae = AutoencoderKL(**spec.vae_config)
         vae_keys = [k for k in header.shapes if k.startswith(VAE_PREFIX)]
-        vae_raw = {k: source.get(k, vae_dtype or dtype) for k in vae_keys}
+        vae_raw = {k: source.get(k, vae_dtype or dtype, vae_channels_last) for k in vae_keys}
         vae_state = convert_ldm_vae_checkpoint(vae_raw, vae.config)
         del vae_raw
         if _assign(vae, vae_state, vae_dtype or dtype, "the VAE", path):

@@ -88,7 +88,9 @@ class ModelManager:
             header = read_header(path)
             inspect_checkpoint(header)  # a broken or unknown file fails here, before any eviction
             self._evict_for(self._estimate(header))
-            components = load_components(path, self.placement.dtype, self.placement.vae_dtype, header=header)
+            components = load_components(path, self.placement.dtype, self.placement.vae_dtype, header=header,
+                                         unet_channels_last=self.placement.channels_last,
+                                         vae_channels_last=self.placement.vae_channels_last)
             apply_attention(components.unet, self.placement.attention)
             hooks = memory.place(components, self.placement)
             model = LoadedModel(name=name, components=components, nbytes=components.nbytes(), offload_hooks=hooks)

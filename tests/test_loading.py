@@ -80,6 +80,18 @@ def test_run_dtype_is_applied_while_loading(fp32_checkpoint):
     assert components.vae.dtype == torch.float32
 
 
+def test_channels_last_is_made_while_loading_with_the_same_values(fp32_checkpoint):
+    plain = load_components(fp32_checkpoint, dtype=torch.bfloat16)
+    nhwc = load_components(fp32_checkpoint, dtype=torch.bfloat16, unet_channels_last=True, vae_channels_last=True)
+    for module in (nhwc.unet, nhwc.vae):
+        convs = [p for p in module.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+        assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert not plain.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    for a, b in ((plain.unet, nhwc.unet), (plain.vae, nhwc.vae)):
+        want, got = a.state_dict(), b.state_dict()
+        assert all(torch.equal(want[k], got[k]) for k in want)
+
+
 def test_format_is_decided_by_content_not_name(fp32_checkpoint, tmp_path):
     disguised = tmp_path / "model.ckpt"
     shutil.copy(fp32_checkpoint, disguised)
