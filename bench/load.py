@@ -35,6 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "bench" / ".cache"
 sys.path.insert(0, str(ROOT))
 
+from pipelines import export  # noqa: E402  (light: no torch model code at import)
+
 GB = 1 << 30
 
 SD15_UNET = dict(
@@ -61,18 +63,48 @@ VAE = dict(
 CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
               num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
               bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+OPEN_CLIP_H = dict(CLIP_L, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                   hidden_act="gelu", projection_dim=1024, pad_token_id=0)
 CLIP_G = dict(CLIP_L, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
               hidden_act="gelu", projection_dim=1280, pad_token_id=0)
+SD2_UNET = dict(SD15_UNET, attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True)
+REFINER_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(384, 768, 1536, 1536),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=4, attention_head_dim=(6, 12, 24, 24), cross_attention_dim=1280,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2560,
+)
+SD_VAE = dict(VAE, sample_size=512, scaling_factor=0.18215)
+SDXL_VAE = dict(VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
 
+# text encoders: (component, tokenizer, config, pad token, with projection, single-file prefix, layout)
+SD1_TE = [("text_encoder", "tokenizer", CLIP_L, "<|endoftext|>", False, export.CLIP_PREFIX, "hf_clip")]
+SD2_TE = [("text_encoder", "tokenizer", OPEN_CLIP_H, "!", False, export.OPEN_CLIP_PREFIX, "open_clip")]
+SDXL_TE = [("text_encoder", "tokenizer", CLIP_L, "<|endoftext|>", False, export.SDXL_CLIP_L_PREFIX, "hf_clip"),
+           ("text_encoder_2", "tokenizer_2", CLIP_G, "!", True, export.SDXL_CLIP_G_PREFIX, "open_clip")]
+REFINER_TE = [("text_encoder_2", "tokenizer_2", CLIP_G, "!", True, export.REFINER_CLIP_G_PREFIX, "open_clip")]
+
+# "pipeline": the diffusers class from_single_file is compared with (load timing); the other
+# families are written for bench/families.py (every family loads offline and generates).
 MODELS = {
     "sd15": dict(file="sd15-random-fp16.safetensors", pipeline="StableDiffusionPipeline",
-                 unet=SD15_UNET, vae=dict(VAE, sample_size=512, scaling_factor=0.18215),
-                 encoders=[("text_encoder", "tokenizer", CLIP_L, "<|endoftext|>", False)]),
+                 unet=SD15_UNET, vae=SD_VAE, encoders=SD1_TE),
     "sdxl": dict(file="sdxl-random-fp16.safetensors", pipeline="StableDiffusionXLPipeline",
-                 unet=SDXL_UNET, vae=dict(VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True),
-                 encoders=[("text_encoder", "tokenizer", CLIP_L, "<|endoftext|>", False),
-                           ("text_encoder_2", "tokenizer_2", CLIP_G, "!", True)]),
+                 unet=SDXL_UNET, vae=SDXL_VAE, encoders=SDXL_TE),
+    "sd15-inpainting": dict(file="sd15-inpainting-random-fp16.safetensors", unet=dict(SD15_UNET, in_channels=9),
+                            vae=SD_VAE, encoders=SD1_TE),
+    "sd2": dict(file="sd2-random-fp16.safetensors", unet=SD2_UNET, vae=SD_VAE, encoders=SD2_TE),
+    "sd2-inpainting": dict(file="sd2-inpainting-random-fp16.safetensors", unet=dict(SD2_UNET, in_channels=9),
+                           vae=SD_VAE, encoders=SD2_TE),
+    "sdxl-refiner": dict(file="sdxl-refiner-random-fp16.safetensors", unet=REFINER_UNET, vae=SDXL_VAE,
+                         encoders=REFINER_TE),
+    "sdxl-inpainting": dict(file="sdxl-inpainting-random-fp16.safetensors", unet=dict(SDXL_UNET, in_channels=9),
+                            vae=SDXL_VAE, encoders=SDXL_TE),
 }
+COMPARED = [name for name, spec in MODELS.items() if "pipeline" in spec]
 
 
 # --- writing the files ---------------------------------------------------------------------------
@@ -86,7 +118,7 @@ def _meta_models(spec):
         unet = UNet2DConditionModel(**spec["unet"])
         vae = AutoencoderKL(**spec["vae"])
         encoders = [(CLIPTextModelWithProjection if proj else CLIPTextModel)(CLIPTextConfig(**cfg))
-                    for _, _, cfg, _, proj in spec["encoders"]]
+                    for _, _, cfg, _, proj, _, _ in spec["encoders"]]
     return unet, vae, encoders
 
 
@@ -108,7 +140,7 @@ def write_config_folder(name: str) -> Path:
     index = {"_class_name": spec["pipeline"], "_diffusers_version": "0.42.1",
              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
              "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
-    for (te, tok, _, pad, proj), encoder in zip(spec["encoders"], encoders):
+    for (te, tok, _, pad, proj, _, _), encoder in zip(spec["encoders"], encoders):
         encoder.config.save_pretrained(folder / te)
         CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), pad_token=pad).save_pretrained(folder / tok)
         index[te] = ["transformers", "CLIPTextModelWithProjection" if proj else "CLIPTextModel"]
@@ -127,18 +159,12 @@ def write_checkpoint(name: str) -> Path:
     """Stream a full-size single file with random fp16 weights (never the whole model in RAM)."""
     import torch
 
-    from pipelines import export
-
     path = CACHE / MODELS[name]["file"]
     if path.is_file():
         return path
     spec = MODELS[name]
     unet, vae, encoders = _meta_models(spec)
-    if name == "sd15":
-        layout = [(export.CLIP_PREFIX, "hf_clip", encoders[0])]
-    else:
-        layout = [(export.SDXL_CLIP_L_PREFIX, "hf_clip", encoders[0]),
-                  (export.SDXL_CLIP_G_PREFIX, "open_clip", encoders[1])]
+    layout = [(prefix, kind, encoder) for (*_, prefix, kind), encoder in zip(spec["encoders"], encoders)]
     meta_state = export.single_file_state_dict(unet, vae, layout)
     header, offset, order = {}, 0, sorted(meta_state)
     for key in order:
@@ -302,7 +328,7 @@ def generate_smoke(name: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["sd15", "sdxl"], choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=COMPARED, choices=COMPARED)
     parser.add_argument("--dtypes", nargs="+", default=["fp16"], choices=["fp16", "fp32", "bf16"])
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--generate", action="store_true")
