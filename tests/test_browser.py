@@ -6,25 +6,13 @@ Screenshots land in the test's tmp folder (printed at the end; `pytest -s` shows
 from __future__ import annotations
 
 import datetime
-import time
-from pathlib import Path
 
 import pytest
 
+from browsing import chromium, needs_chromium, open_ui, set_number
 from serving import launched
 
 pytestmark = pytest.mark.browser
-
-CHROMIUM = "/usr/bin/chromium"
-REPO = Path(__file__).resolve().parent.parent
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-
-
-def _set_number(page, elem_id: str, value) -> None:
-    box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(str(value))
-    box.press("Enter")
 
 
 @pytest.fixture
@@ -41,46 +29,39 @@ def server(tmp_path):
         yield url, outdir
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is not installed")
+@needs_chromium
 def test_txt2img_in_the_browser(server, tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api")
     url, outdir = server
     shots = tmp_path / "screenshots"
     shots.mkdir()
     prompt = "a tiny red fox"
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(url)
-            page.wait_for_selector("#txt2img_prompt textarea", timeout=30000)
-            for label in ("txt2img", "img2img", "Inpaint", "Upscale", "Checkpoints"):
-                assert page.get_by_role("tab", name=label, exact=True).count() == 1, label
-            assert "tiny" in page.input_value("#checkpoint input")
-            assert page.input_value("#txt2img_width input[type=number]") == "512"  # SD 1.x native size
-            page.screenshot(path=str(shots / "start.png"), full_page=True)
+    with chromium() as browser:
+        page = open_ui(browser, url)
+        for label in ("txt2img", "img2img", "Inpaint", "Upscale", "Checkpoints"):
+            assert page.get_by_role("tab", name=label, exact=True).count() == 1, label
+        assert "tiny" in page.input_value("#checkpoint input")
+        assert page.input_value("#txt2img_width input[type=number]") == "512"  # SD 1.x native size
+        page.screenshot(path=str(shots / "start.png"), full_page=True)
 
-            # A bad request answers with a message naming the field, and the server keeps going.
-            page.get_by_role("tab", name="img2img", exact=True).click()
-            page.click("#img2img_generate")
-            toast = page.wait_for_selector(".toast-body", timeout=15000)
-            assert "init_image" in toast.inner_text()
-            page.screenshot(path=str(shots / "error.png"))
+        # A bad request answers with a message naming the field, and the server keeps going.
+        page.get_by_role("tab", name="img2img", exact=True).click()
+        page.click("#img2img_generate")
+        toast = page.wait_for_selector(".toast-body", timeout=15000)
+        assert "init_image" in toast.inner_text()
+        page.screenshot(path=str(shots / "error.png"))
 
-            page.get_by_role("tab", name="txt2img", exact=True).click()
-            page.fill("#txt2img_prompt textarea", prompt)
-            _set_number(page, "txt2img_width", 64)
-            _set_number(page, "txt2img_height", 64)
-            _set_number(page, "txt2img_steps", 3)
-            page.click("#txt2img_generate")
-            page.wait_for_selector("#txt2img_gallery img", timeout=60000)
-            page.wait_for_function(
-                "p => document.querySelector('#txt2img_infotext textarea').value.includes(p)", arg=prompt,
-                timeout=10000)
-            infotext = page.input_value("#txt2img_infotext textarea")
-            page.screenshot(path=str(shots / "generated.png"), full_page=True)
-        finally:
-            browser.close()
+        page.get_by_role("tab", name="txt2img", exact=True).click()
+        page.fill("#txt2img_prompt textarea", prompt)
+        set_number(page, "txt2img_width", 64)
+        set_number(page, "txt2img_height", 64)
+        set_number(page, "txt2img_steps", 3)
+        page.click("#txt2img_generate")
+        page.wait_for_selector("#txt2img_gallery img", timeout=60000)
+        page.wait_for_function(
+            "p => document.querySelector('#txt2img_infotext textarea').value.includes(p)", arg=prompt,
+            timeout=10000)
+        infotext = page.input_value("#txt2img_infotext textarea")
+        page.screenshot(path=str(shots / "generated.png"), full_page=True)
     print(f"screenshots: {shots}")
 
     assert infotext.startswith(prompt)

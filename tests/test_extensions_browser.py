@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
+from browsing import chromium, needs_chromium, open_ui, set_number
 from serving import launched
-from test_browser import CHROMIUM, CHROMIUM_ARGS, _set_number
 
 pytestmark = pytest.mark.browser
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is not installed")
+@needs_chromium
 def test_xyz_plot_and_extensions_tab_in_the_browser(tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api")
     from tiny import write_tiny_sd1_checkpoint
 
     models = tmp_path / "models"
@@ -22,35 +19,29 @@ def test_xyz_plot_and_extensions_tab_in_the_browser(tmp_path):
     outdir, shots = tmp_path / "outputs", tmp_path / "screenshots"
     shots.mkdir()
     with launched(["--models-dir", str(models), "--outdir", str(outdir), "--data-dir", str(tmp_path / "data"),
-                   "--use-cpu", "all"], tmp_path / "server.log") as url, sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(url)
-            page.wait_for_selector("#txt2img_prompt textarea", timeout=30000)
-            page.get_by_role("tab", name="Extensions", exact=True).click()
-            table = page.wait_for_selector("#extensions_table", timeout=15000)
-            text = table.inner_text()
-            assert "xyz-plot" in text and "prompt-matrix" in text and "enabled" in text
-            assert page.locator("#extensions_url").count() == 0 or page.locator("#extensions_url").is_visible()
-            page.screenshot(path=str(shots / "extensions.png"), full_page=True)
+                   "--use-cpu", "all"], tmp_path / "server.log") as url, chromium() as browser:
+        page = open_ui(browser, url)
+        page.get_by_role("tab", name="Extensions", exact=True).click()
+        table = page.wait_for_selector("#extensions_table", timeout=15000)
+        text = table.inner_text()
+        assert "xyz-plot" in text and "prompt-matrix" in text and "enabled" in text
+        assert page.locator("#extensions_url").count() == 0 or page.locator("#extensions_url").is_visible()
+        page.screenshot(path=str(shots / "extensions.png"), full_page=True)
 
-            page.get_by_role("tab", name="txt2img", exact=True).click()
-            page.fill("#txt2img_prompt textarea", "a tiny red fox")
-            _set_number(page, "txt2img_width", 64)
-            _set_number(page, "txt2img_height", 64)
-            _set_number(page, "txt2img_steps", 2)
-            page.click("#txt2img_ext_xyz-plot")  # open the accordion
-            page.check("#txt2img_xyz_enabled input")
-            page.click("#txt2img_xyz_x_type input")
-            page.get_by_role("option", name="Steps", exact=True).click()
-            page.fill("#txt2img_xyz_x_values textarea", "1, 2")
-            page.click("#txt2img_generate")
-            page.wait_for_function("() => document.querySelectorAll('#txt2img_gallery img').length >= 3",
-                                   timeout=120000)
-            page.screenshot(path=str(shots / "xyz.png"), full_page=True)
-        finally:
-            browser.close()
+        page.get_by_role("tab", name="txt2img", exact=True).click()
+        page.fill("#txt2img_prompt textarea", "a tiny red fox")
+        set_number(page, "txt2img_width", 64)
+        set_number(page, "txt2img_height", 64)
+        set_number(page, "txt2img_steps", 2)
+        page.click("#txt2img_ext_xyz-plot")  # open the accordion
+        page.check("#txt2img_xyz_enabled input")
+        page.click("#txt2img_xyz_x_type input")
+        page.get_by_role("option", name="Steps", exact=True).click()
+        page.fill("#txt2img_xyz_x_values textarea", "1, 2")
+        page.click("#txt2img_generate")
+        page.wait_for_function("() => document.querySelectorAll('#txt2img_gallery img').length >= 3",
+                               timeout=120000)
+        page.screenshot(path=str(shots / "xyz.png"), full_page=True)
     print(f"screenshots: {shots}")
     grids = sorted((outdir / "txt2img-grids").glob("*/*.png"))
     assert len(grids) == 1
