@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 from pathlib import Path
 
@@ -36,3 +37,14 @@ def make_engine(models_dir: Path, tmp: Path):
 def engine(models_dir, tmp_path_factory):
     """One engine for the session (its model cache is what makes the suite fast)."""
     return make_engine(models_dir, tmp_path_factory.mktemp("engine"))
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """The Hub told to stay offline and every socket connection failing the test at once."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)

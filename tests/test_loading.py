@@ -6,7 +6,6 @@ import os
 import pickle
 import shutil
 import gc
-import socket
 import threading
 import time
 
@@ -177,13 +176,7 @@ def test_listing_notices_new_files(models_dir, tmp_path):
     assert "inpaint/new.safetensors" in after and "inpaint/new.safetensors" not in before
 
 
-def test_loading_never_touches_the_network(fp32_checkpoint, monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("network access attempted")
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
+def test_loading_never_touches_the_network(fp32_checkpoint, no_network):
     components = load_components(fp32_checkpoint)
     assert components.tokenizers[0]("a cat").input_ids == [49406, 320, 2368, 49407]
 
