@@ -217,7 +217,7 @@ class CheckpointsTab:
                                      elem_id="checkpoints_prediction", scale=1)
         memory = gr.Markdown(self.memory(), elem_id="checkpoints_memory")
         table = gr.Dataframe(value=rows or None, headers=HEADERS, interactive=False, datatype="str",
-                             elem_id="checkpoints_table", wrap=True, column_count=len(HEADERS))
+                             elem_id="checkpoints_table", wrap=False, column_count=len(HEADERS))
         status = gr.Markdown("Select a row or pick a name, then **Load**.", elem_id="checkpoints_status")
         self.components.update(refresh=refresh, search=search, sort=sort, choice=choice, load=load,
                                unload=unload, hash=hash_button, prediction=prediction, memory=memory,
