@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import embeddings, hires, infotext, lora, memory, outputs, runner, samplers, tiling, upscalers, zerogpu
 from .device import choose_placement
+from .families import SDXL_REFINER
 from .loading import CheckpointError, inspect_checkpoint, read_header, sniff_format
 from .jobs import Job, JobQueue, WaitCallback
 from .manager import ModelManager
@@ -85,7 +86,11 @@ class Engine:
             log.warning("--ckpt %s is not in %s; using the first checkpoint instead",
                         self.settings.default_checkpoint, self.paths.folder("checkpoints"))
         usable = [f for f in files if "error" not in f.details]
-        return usable[0].name if usable else (files[0].name if files else None)
+        # a general model first: an inpainting model or a refiner makes a poor txt2img default
+        general = [f for f in usable if not f.details.get("inpainting")
+                   and f.details.get("family_id") != SDXL_REFINER.name]
+        first = (general or usable or files or [None])[0]
+        return first.name if first else None
 
     def resolve_checkpoint(self, name: str | None) -> ModelFile:
         wanted = name or self.default_checkpoint()

@@ -148,6 +148,23 @@ def test_broken_checkpoint_fails_clearly_and_the_loaded_one_still_works(models_d
     assert engine.default_checkpoint() != "broken.safetensors"
 
 
+def test_the_default_checkpoint_is_a_general_model_not_an_inpainting_one_or_a_refiner(models_dir, tmp_path):
+    from tiny import write_tiny_checkpoint
+
+    root = tmp_path / "models"
+    folder = root / "Stable-diffusion"
+    folder.mkdir(parents=True)
+    shutil.copy(models_dir / "Stable-diffusion" / "inpaint" / "tiny-inpainting.safetensors",
+                folder / "a-inpainting.safetensors")
+    write_tiny_checkpoint(folder / "b-refiner.safetensors", family="sdxl_refiner")
+    engine = make_engine(root, tmp_path)
+    assert [f.name for f in engine.list_checkpoints()][0] == "a-inpainting.safetensors"
+    assert engine.default_checkpoint() == "a-inpainting.safetensors"  # nothing else: the first one
+    shutil.copy(models_dir / "Stable-diffusion" / "tiny.safetensors", folder / "c.safetensors")
+    engine.list_checkpoints(refresh=True)
+    assert engine.default_checkpoint() == "c.safetensors"
+
+
 def test_listing_never_hashes_and_the_hash_is_cached(models_dir, tmp_path):
     engine = make_engine(models_dir, tmp_path)
     files = {f.name: f for f in engine.list_checkpoints()}
