@@ -162,6 +162,20 @@ class Engine:
         thread.start()
         return thread
 
+    def preload_when_idle(self, name: str) -> threading.Thread | None:
+        """A checkpoint picked in the UI starts loading at once, as in A1111, but only while
+        no job runs or waits and nothing else loads: beside a job a load would slow it down
+        and hold two models in RAM at once. Otherwise the pick's first job loads it."""
+        if self.queue.running() is not None or self.queue.waiting() or self._loading:
+            return None
+        try:
+            file = self.resolve_checkpoint(name)
+        except RequestError:
+            return None
+        if file.name in self.manager.loaded_names():
+            return None
+        return self.preload(file.name)
+
     def loading_checkpoints(self) -> list[str]:
         """Checkpoints being loaded right now (start-up preload or a job's first use)."""
         return list(self._loading)

@@ -135,3 +135,33 @@ def test_the_ui_password_guards_the_api_even_without_listen():
     assert api_credentials(parse_args(["--api", "--gradio-auth", "ann:pw", "--api-auth", "bot:key"])) == [
         ("bot", "key")]  # the API's own credentials when given
     assert api_credentials(parse_args(["--api"])) is None
+
+
+def test_a_picked_checkpoint_loads_at_once_when_the_server_is_idle_but_not_beside_a_job(tmp_path):
+    import shutil
+
+    from conftest import make_engine
+    from tiny import write_tiny_sd1_checkpoint
+    from webui.app import UIOptions, build_ui
+
+    folder = tmp_path / "models" / "Stable-diffusion"
+    write_tiny_sd1_checkpoint(folder / "a.safetensors")
+    for name in ("b.safetensors", "c.safetensors"):
+        shutil.copy(folder / "a.safetensors", folder / name)
+    engine = make_engine(tmp_path / "models", tmp_path)
+    ui = build_ui(engine, UIOptions()).webui
+    loaded_line = ui.components["loaded"]
+    engine.load_checkpoint("a.safetensors")
+
+    updates = ui.on_checkpoint_pick("b.safetensors", "txt2img")
+    assert "Loading model…** b.safetensors" in updates[loaded_line]  # said at once, the timer follows it
+    deadline = time.monotonic() + 60
+    while "b.safetensors" not in engine.loaded_checkpoints() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert set(engine.loaded_checkpoints()) == {"a.safetensors", "b.safetensors"}
+    assert loaded_line not in ui.on_checkpoint_pick("a.safetensors", "txt2img")  # loaded already: nothing to do
+
+    queue = engine.queue
+    with queue.run(queue.new_job("txt2img")):  # a job runs: the pick waits for its own first job
+        assert loaded_line not in ui.on_checkpoint_pick("c.safetensors", "txt2img")
+    assert engine.loading_checkpoints() == [] and "c.safetensors" not in engine.loaded_checkpoints()

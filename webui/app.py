@@ -175,7 +175,8 @@ class WebUI:
             # themselves (Load, Refresh, Read parameters) leave sizes to `sized_for`.
             checkpoint.input(self.on_checkpoint_pick, inputs_kwargs={"checkpoint": checkpoint,
                                                                      "current_tab": current_tab},
-                             outputs=sizing, show_progress="hidden", api_visibility="undocumented")
+                             outputs=[*sizing, loaded, loading_timer], show_progress="hidden",
+                             api_visibility="undocumented")
             # .change: whatever set the checkpoint (a pick, Load, Read parameters, a page load)
             checkpoint.change(self.demo_note, inputs=checkpoint, outputs=demo_note, queue=False,
                               show_progress="hidden", api_visibility="undocumented")
@@ -505,11 +506,23 @@ class WebUI:
                                         color_mode="defaults"))
 
     def on_checkpoint_pick(self, checkpoint: str | None = None, current_tab: str | None = None) -> dict:
-        """The user picked a checkpoint: the tab on screen takes its native size now, the
-        others when they are selected (see `sized_for`)."""
+        """The user picked a checkpoint: it starts loading if the server is idle (the loaded
+        line follows it), the tab on screen takes its native size now, the others when they
+        are selected (see `sized_for`)."""
+        updates = {}
+        preload = getattr(self.engine, "preload_when_idle", None)
+        if checkpoint and preload is not None:
+            try:
+                if preload(checkpoint) is not None:  # said at once: the thread may not have begun
+                    loading = list(dict.fromkeys([*self._loading(), checkpoint]))
+                    updates = {self.components["loaded"]: convert.loaded_line(self.engine.loaded_checkpoints(),
+                                                                              loading),
+                               self.components["loading_timer"]: gr.Timer(active=True)}
+            except Exception:
+                log.exception("preloading %r failed", checkpoint)
         if current_tab not in GENERATION_MODES:
-            return {}
-        return self._resize(current_tab, checkpoint)
+            return updates
+        return {**updates, **self._resize(current_tab, checkpoint)}
 
     def tab_select_handler(self, mode: str) -> Callable[..., dict]:
         def select_tab(checkpoint=None, sized_for=None):
