@@ -132,8 +132,8 @@ class Engine:
         finally:
             if loading:
                 self._loading.remove(file.name)
-            if hashing is not None:
-                hashing.join()
+        if hashing is not None:  # (a failed load does not wait for it: the error comes at once)
+            hashing.join()
         self.registry.ensure_hash(file)  # sets file.sha256 (at once where the thread hashed it)
         return model
 
