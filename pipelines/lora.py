@@ -4,7 +4,8 @@ Files come from the registry's "lora" folder (models/Lora); kohya/A1111 key layo
 (``lora_unet_*``, ``lora_te_*``, ``lora_te1_*``/``lora_te2_*`` for SDXL) and diffusers/peft
 layouts are read by diffusers' own loader (`lora_state_dict` detects and converts them),
 and injected through peft as adapters, never merged (LyCORIS LoHa/LoKr layers through peft's
-LoHa/LoKr layers, see `lycoris`): `applied(...)` loads them, sets each
+LoHa/LoKr layers, see `lycoris`; DoRA layers, kohya names with a ``dora_scale``, through peft's
+DoRA, see `_split_dora`): `applied(...)` loads them, sets each
 adapter's text-encoder and U-Net weights, and on exit removes every peft layer again, so
 the cached modules are the very same objects with the very same weights afterwards.
 
@@ -228,11 +229,12 @@ def applied(components, uses: list[LoraUse], warnings: list[str] | None = None):
     try:
         prepared = [p for k, use in enumerate(uses) if (p := _prepare(use, f"{ADAPTER_PREFIX}{k}", warnings))]
         # module paths as they are before any peft layer goes in
-        index = lycoris.module_index(components.unet, encoders) if any(p.lycoris for p in prepared) else {}
+        index = lycoris.module_index(components.unet, encoders) \
+            if any(p.lycoris or _has_dora(p.plain) for p in prepared) else {}
         # plain LoRA first: peft can wrap a LoRA layer in a LoHa/LoKr layer, not the other way round
         for item in prepared:
             if item.plain:
-                _load(components, item, warnings, lambda: _load_plain(components, encoders, item.plain, item.adapter))
+                _load(components, item, warnings, lambda: _load_plain(components, encoders, item, index, warnings))
         for item in prepared:
             if item.lycoris and not item.failed:
                 _load(components, item, warnings, lambda: lycoris.inject(item.lycoris, index, item.adapter))
@@ -259,7 +261,7 @@ def _load(components, item: _Prepared, warnings, load) -> None:
         names, unmatched = load()
     except Exception as exc:  # noqa: BLE001 - a file that does not fit must not fail the request
         _warn(warnings, f"LoRA {item.use.name}: does not fit this model ({exc}); ignored")
-        for name in (item.adapter, *item.names, f"{item.adapter}_loha", f"{item.adapter}_lokr"):
+        for name in (item.adapter, *item.names, *(f"{item.adapter}_{k}" for k in ("dora", "loha", "lokr"))):
             _remove_adapter(components, name)
         item.failed, item.names = True, []
         return
@@ -267,9 +269,21 @@ def _load(components, item: _Prepared, warnings, load) -> None:
     item.unmatched += unmatched
 
 
-def _load_plain(components, encoders, state: dict, adapter: str) -> tuple[list[str], list[str]]:
-    """Plain LoRA tensors through diffusers' loader (it converts kohya names): ([the adapter's
-    name] if any module took it, []), shaped like `lycoris.inject`'s answer."""
+def _load_plain(components, encoders, item: _Prepared, index, warnings) -> tuple[list[str], list[str]]:
+    """Plain LoRA tensors through diffusers' loader (it converts kohya names): the adapters
+    any module took (`item.adapter`, and `item.adapter` + "_dora" for DoRA layers) and the
+    DoRA layers that match no module, shaped like `lycoris.inject`'s answer."""
+    prefixes = {id(components.unet): "unet", **{id(encoder): prefix for prefix, encoder in encoders}}
+    plain, dora, unmatched = _split_dora(item, index, prefixes, warnings)
+    names = []
+    for state, adapter in ((plain, item.adapter), (dora, f"{item.adapter}_dora")):
+        if state and _load_into(components, encoders, state, adapter):
+            names.append(adapter)
+    return names, unmatched
+
+
+def _load_into(components, encoders, state: dict, adapter: str) -> bool:
+    """`state` (kohya, diffusers or peft layout) as adapter `adapter`; whether any module took it."""
     mixin = _mixin(components)
     unet = components.unet
     try:
@@ -284,7 +298,51 @@ def _load_plain(components, encoders, state: dict, adapter: str) -> tuple[list[s
         if any(key.startswith(prefix + ".") for key in state):
             mixin.load_lora_into_text_encoder(state, alphas, encoder, prefix=prefix, adapter_name=adapter)
             hit = hit or _has_adapter(encoder, adapter)
-    return ([adapter] if hit else []), []
+    return hit
+
+
+def _has_dora(state: dict) -> bool:
+    return any(key.endswith(".dora_scale") for key in state)
+
+
+def _split_dora(item: _Prepared, index, prefixes, warnings) -> tuple[dict, dict, list[str]]:
+    """(the file's plain tensors without its DoRA layers, its DoRA layers in peft's layout, the
+    names of DoRA layers that match no module).
+
+    diffusers' loaders drop kohya's ``dora_scale`` (with only a log message), so layers that
+    have one are renamed here to peft's keys, which diffusers loads with peft's ``use_dora``:
+    peft computes W' = m * (W + s*B@A) / ||W + s*B@A||, the norm per output channel, m the
+    layer's magnitude. LyCORIS stores m as ``dora_scale`` of shape (out, 1[, 1, 1]) with its
+    default ``wd_on_out=True`` (the same norm); with ``wd_on_out=False`` it is (1, in[, 1, 1]),
+    a norm per input channel that peft cannot compute: such layers are left out, with a warning.
+    s = alpha / rank goes into lora_up (peft then scales by 1, times the multiplier)."""
+    plain = dict(item.plain)
+    if not _has_dora(plain):
+        return plain, {}, []
+    dora, unmatched, per_input = {}, [], []
+    for key in [k for k in plain if k.endswith(".dora_scale")]:
+        name = key[:-len(".dora_scale")]
+        down, up = plain.pop(name + ".lora_down.weight"), plain.pop(name + ".lora_up.weight")
+        scale, alpha = plain.pop(key), plain.pop(name + ".alpha", None)
+        root, path = index.get(name, (None, None))
+        if root is None:
+            unmatched.append(name)
+            continue
+        weight = root.get_submodule(path).weight
+        if scale.numel() != weight.shape[0] or scale.shape[0] != weight.shape[0]:
+            per_input.append(name)
+            continue
+        rank = down.shape[0]
+        peft_name = f"{prefixes[id(root)]}.{path}"
+        dora[peft_name + ".lora_A.weight"] = down
+        dora[peft_name + ".lora_B.weight"] = up * (float(alpha) / rank if alpha is not None else 1.0)
+        dora[peft_name + ".lora_magnitude_vector.weight"] = scale.reshape(
+            (-1,) if weight.ndim == 2 else (1, -1, *(1 for _ in weight.shape[2:])))
+    if per_input:
+        _warn(warnings, f"LoRA {item.use.name}: {item.use.path.name} has {len(per_input)} DoRA layer(s) with a "
+                        f"magnitude per input channel (LyCORIS wd_on_out=False; e.g. {per_input[0]}), which this "
+                        f"app cannot apply; those are ignored")
+    return plain, dora, unmatched
 
 
 def _warn(warnings, message: str) -> None:
@@ -294,14 +352,17 @@ def _warn(warnings, message: str) -> None:
 
 
 def _set_weights(components, loaded) -> None:
-    """Each adapter's multiplier: the te weight on text encoders, the unet weight on the U-Net."""
+    """Each adapter's multiplier: the te weight on text encoders, the unet weight on the U-Net.
+    An adapter at 0 is left inactive: a DoRA layer's magnitude would change the module even
+    with its low-rank part scaled to 0 (peft scales only that part)."""
     from diffusers.utils.peft_utils import set_weights_and_activate_adapters
 
     for module in (components.unet, *components.text_encoders):
         pairs = [(name, use.unet if module is components.unet else use.te)
                  for names, use in loaded for name in names if _has_adapter(module, name)]
         if pairs:
-            set_weights_and_activate_adapters(module, [n for n, _ in pairs], [w for _, w in pairs])
+            active = [(n, w) for n, w in pairs if w != 0]
+            set_weights_and_activate_adapters(module, [n for n, _ in active], [w for _, w in active])
 
 
 def _remove_adapter(components, adapter: str) -> None:

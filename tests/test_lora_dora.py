@@ -1,0 +1,136 @@
+"""DoRA LoRA files (kohya/LyCORIS layout: lora_down, lora_up, alpha and ``dora_scale`` per layer) on
+SD 1.x and SDXL: the layers must compute DoRA's weight, and the model must come back untouched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from lora_files import assert_same_state, kohya_targets, lora_file, model_state
+from pipelines import lora
+from pipelines.loading import load_components
+from tiny import write_tiny_checkpoint
+
+RANK, ALPHA = 4, 2.0
+
+
+@pytest.fixture(scope="module", params=["sd1", "sdxl"])
+def components(request, tmp_path_factory):
+    ckpt = write_tiny_checkpoint(tmp_path_factory.mktemp("dora") / "tiny.safetensors", family=request.param, seed=3)
+    return load_components(Path(ckpt))
+
+
+def dora_file(targets, per_input: bool = False) -> dict[str, torch.Tensor]:
+    """A kohya LoRA with alpha != rank and a LyCORIS ``dora_scale`` per layer: (out, 1) as LyCORIS
+    writes it by default (wd_on_out=True), (1, in) with `per_input` (wd_on_out=False)."""
+    state = lora_file(targets, rank=RANK, seed=8, scale=0.3)
+    g = torch.Generator().manual_seed(9)
+    for key, m in targets:
+        state[key + ".alpha"] = torch.tensor(ALPHA)
+        if per_input:  # Linear layers only here
+            norm = m.weight.norm(dim=0, keepdim=True)
+        else:
+            norm = m.weight.flatten(1).norm(dim=1).reshape(-1, *(1 for _ in m.weight.shape[1:]))
+        state[key + ".dora_scale"] = norm * (0.5 + torch.rand(norm.shape, generator=g))
+    return state
+
+
+def dora_weight(weight, state, key, multiplier: float = 1.0):
+    """DoRA: m * (W + s*B@A) / ||W + s*B@A||, the norm per output channel, s = alpha/rank (times
+    the multiplier: peft scales the low-rank part only, the magnitude stays)."""
+    s = float(state[key + ".alpha"]) / RANK * multiplier
+    up, down = state[key + ".lora_up.weight"], state[key + ".lora_down.weight"]
+    merged = weight + s * (up.flatten(1) @ down.flatten(1)).reshape(weight.shape)
+    norm = merged.flatten(1).norm(dim=1).reshape(-1, *(1 for _ in weight.shape[1:]))
+    return state[key + ".dora_scale"] * merged / norm
+
+
+def forward(m, weight, x):
+    """What module `m` computes with `weight` instead of its own."""
+    if isinstance(m, torch.nn.Conv2d):
+        return F.conv2d(x, weight, m.bias, padding=m.padding)
+    return F.linear(x, weight, m.bias)
+
+
+def sample(m):
+    return torch.randn(1, m.in_channels, 8, 8) if isinstance(m, torch.nn.Conv2d) else torch.randn(2, 3, m.in_features)
+
+
+def picked(components, targets):
+    """U-Net attention, feed-forward and resnet conv layers, and two layers of each text encoder."""
+    chosen = [next(t for t in targets if t[0].startswith("lora_unet_") and t[0].endswith("attn2_to_k")),
+              next(t for t in targets if t[0].startswith("lora_unet_") and "_ff_net_2" in t[0]),
+              next(t for t in targets if isinstance(t[1], torch.nn.Conv2d))]
+    for prefix in ("lora_te_", "lora_te1_", "lora_te2_"):
+        chosen += [t for t in targets if t[0].startswith(prefix) and "layers_1_self_attn_q_proj" in t[0]]
+        chosen += [t for t in targets if t[0].startswith(prefix) and "layers_0_mlp_fc1" in t[0]]
+    return chosen
+
+
+def outputs(layers, inputs):
+    with torch.no_grad():
+        return [m(x) for (_, m), x in zip(layers, inputs)]
+
+
+@pytest.mark.parametrize("multiplier", [1.0, 0.5])
+def test_dora_layers_compute_the_dora_weight_and_are_removed(components, tmp_path, multiplier):
+    targets = kohya_targets(components, convs=True)
+    state = dora_file(targets)
+    path = tmp_path / "dora.safetensors"
+    save_file(state, str(path))
+    layers = picked(components, targets)
+    assert len(layers) == (7 if components.spec.family.name == "sdxl" else 5)
+    # the modules as the tests see them: peft wraps them, so look them up by path while applied
+    paths = [(root, name) for key, m in layers for root in (components.unet, *components.text_encoders)
+             for name, sub in root.named_modules() if sub is m]
+    inputs = [sample(m) for _, m in layers]
+    want = [forward(m, dora_weight(m.weight, state, key, multiplier), x) for (key, m), x in zip(layers, inputs)]
+    before = model_state(components)
+    warnings: list[str] = []
+    use = lora.LoraUse("dora", path, te=multiplier, unet=multiplier)
+    with lora.applied(components, [use], warnings) as loaded:
+        assert [u.name for u in loaded] == ["dora"] and warnings == []
+        with torch.no_grad():
+            got = [root.get_submodule(name)(x) for (root, name), x in zip(paths, inputs)]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    assert_same_state(before, model_state(components))
+
+
+def test_dora_magnitude_per_input_channel_is_reported_naming_the_file(components, tmp_path):
+    targets = kohya_targets(components)
+    state = {**dora_file(targets[:3], per_input=True), **lora_file(targets[3:6], seed=2)}
+    path = tmp_path / "dora_in.safetensors"
+    save_file(state, str(path))
+    before = model_state(components)
+    warnings: list[str] = []
+    with lora.applied(components, [lora.LoraUse("dora_in", path, 1, 1)], warnings) as loaded:
+        assert [u.name for u in loaded] == ["dora_in"]  # its plain LoRA layers apply
+    assert len(warnings) == 1 and "dora_in.safetensors" in warnings[0] and "3 DoRA layer(s)" in warnings[0]
+    assert_same_state(before, model_state(components))
+
+
+def test_dora_at_weight_zero_leaves_that_part_unchanged(components, tmp_path):
+    # peft keeps a DoRA layer's magnitude at any multiplier; at 0 the adapter must not be active
+    targets = kohya_targets(components, convs=True)
+    path = tmp_path / "dora.safetensors"
+    state = dora_file(targets)
+    save_file(state, str(path))
+    layers = picked(components, targets)
+    inputs = [sample(m) for _, m in layers]
+    base = outputs(layers, inputs)
+    paths = [(root, name) for key, m in layers for root in (components.unet, *components.text_encoders)
+             for name, sub in root.named_modules() if sub is m]
+    with lora.applied(components, [lora.LoraUse("dora", path, te=0.0, unet=1.0)]):
+        with torch.no_grad():
+            got = [root.get_submodule(name)(x) for (root, name), x in zip(paths, inputs)]
+    for (key, m), x, b, g in zip(layers, inputs, base, got):
+        if key.startswith("lora_te"):
+            assert torch.equal(g, b), key
+        else:
+            torch.testing.assert_close(g, forward(m, dora_weight(m.weight, state, key), x),
+                                       rtol=1e-4, atol=1e-5)
