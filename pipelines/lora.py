@@ -261,7 +261,8 @@ def _load(components, item: _Prepared, warnings, load) -> None:
         names, unmatched = load()
     except Exception as exc:  # noqa: BLE001 - a file that does not fit must not fail the request
         _warn(warnings, f"LoRA {item.use.name}: does not fit this model ({exc}); ignored")
-        for name in (item.adapter, *item.names, *(f"{item.adapter}_{k}" for k in ("dora", "loha", "lokr"))):
+        for name in (item.adapter, *item.names,
+                     *(f"{item.adapter}_{kind}" for kind in ("dora", "dora_in", "loha", "lokr"))):
             _remove_adapter(components, name)
         item.failed, item.names = True, []
         return
@@ -271,14 +272,20 @@ def _load(components, item: _Prepared, warnings, load) -> None:
 
 def _load_plain(components, encoders, item: _Prepared, index, warnings) -> tuple[list[str], list[str]]:
     """Plain LoRA tensors through diffusers' loader (it converts kohya names): the adapters
-    any module took (`item.adapter`, and `item.adapter` + "_dora" for DoRA layers) and the
-    DoRA layers that match no module, shaped like `lycoris.inject`'s answer."""
+    any module took (`item.adapter`; `item.adapter` + "_dora" and "_dora_in" for DoRA layers,
+    see `_split_dora`) and the DoRA layers that match no module, shaped like `lycoris.inject`'s answer."""
     prefixes = {id(components.unet): "unet", **{id(encoder): prefix for prefix, encoder in encoders}}
-    plain, dora, unmatched = _split_dora(item, index, prefixes, warnings)
+    plain, dora, dora_in, magnitudes, unmatched = _split_dora(item.plain, index, prefixes)
     names = []
-    for state, adapter in ((plain, item.adapter), (dora, f"{item.adapter}_dora")):
+    for state, adapter in ((plain, item.adapter), (dora, f"{item.adapter}_dora"),
+                           (dora_in, f"{item.adapter}_dora_in")):
         if state and _load_into(components, encoders, state, adapter):
             names.append(adapter)
+    for (root, path), magnitude in magnitudes.items():  # the peft layers are in place now
+        layer = root.get_submodule(path)
+        if _has_adapter(layer, f"{item.adapter}_dora_in"):
+            magnitude = magnitude.to(layer.get_base_layer().weight)
+            layer.register_forward_pre_hook(_input_magnitude(f"{item.adapter}_dora_in", magnitude))
     return names, unmatched
 
 
@@ -305,21 +312,23 @@ def _has_dora(state: dict) -> bool:
     return any(key.endswith(".dora_scale") for key in state)
 
 
-def _split_dora(item: _Prepared, index, prefixes, warnings) -> tuple[dict, dict, list[str]]:
-    """(the file's plain tensors without its DoRA layers, its DoRA layers in peft's layout, the
-    names of DoRA layers that match no module).
+def _split_dora(state: dict, index, prefixes) -> tuple[dict, dict, dict, dict, list[str]]:
+    """(the file's plain tensors without its DoRA layers, its DoRA layers with a magnitude per
+    output channel and those with one per input channel, both in peft's layout, the latter's
+    magnitudes by (root module, path), the names of DoRA layers that match no module).
 
-    diffusers' loaders drop kohya's ``dora_scale`` (with only a log message), so layers that
-    have one are renamed here to peft's keys, which diffusers loads with peft's ``use_dora``:
-    peft computes W' = m * (W + s*B@A) / ||W + s*B@A||, the norm per output channel, m the
-    layer's magnitude. LyCORIS stores m as ``dora_scale`` of shape (out, 1[, 1, 1]) with its
-    default ``wd_on_out=True`` (the same norm); with ``wd_on_out=False`` it is (1, in[, 1, 1]),
-    a norm per input channel that peft cannot compute: such layers are left out, with a warning.
-    s = alpha / rank goes into lora_up (peft then scales by 1, times the multiplier)."""
-    plain = dict(item.plain)
-    if not _has_dora(plain):
-        return plain, {}, []
-    dora, unmatched, per_input = {}, [], []
+    diffusers' loaders drop kohya's ``dora_scale`` (with only a log message), so DoRA layers are
+    renamed here to peft keys, s = alpha / rank folded into lora_up (peft then scales by 1,
+    times the multiplier). DoRA's weight is W' = m * (W + s*B@A) / ||W + s*B@A||; LyCORIS
+    stores m as ``dora_scale``, and its ``wd_on_out`` says which norm:
+    - True, shape (out, 1[, 1, 1]): the norm per output channel, peft's DoRA (loaded with
+      peft's ``lora_magnitude_vector``, which makes diffusers create the layers with ``use_dora``);
+    - False (the default of LyCORIS' kohya network, so of most SD/SDXL files), shape
+      (1, in[, 1, 1]): the norm per input channel, which peft does not have; then
+      W' = (W + s*B@A) * c with c = m / norm per input channel, i.e. a plain LoRA layer applied
+      to the input scaled by c (`_input_magnitude`)."""
+    plain = dict(state)
+    dora, dora_in, magnitudes, unmatched = {}, {}, {}, []
     for key in [k for k in plain if k.endswith(".dora_scale")]:
         name = key[:-len(".dora_scale")]
         down, up = plain.pop(name + ".lora_down.weight"), plain.pop(name + ".lora_up.weight")
@@ -329,20 +338,40 @@ def _split_dora(item: _Prepared, index, prefixes, warnings) -> tuple[dict, dict,
             unmatched.append(name)
             continue
         weight = root.get_submodule(path).weight
-        if scale.numel() != weight.shape[0] or scale.shape[0] != weight.shape[0]:
-            per_input.append(name)
-            continue
-        rank = down.shape[0]
         peft_name = f"{prefixes[id(root)]}.{path}"
-        dora[peft_name + ".lora_A.weight"] = down
-        dora[peft_name + ".lora_B.weight"] = up * (float(alpha) / rank if alpha is not None else 1.0)
-        dora[peft_name + ".lora_magnitude_vector.weight"] = scale.reshape(
-            (-1,) if weight.ndim == 2 else (1, -1, *(1 for _ in weight.shape[2:])))
-    if per_input:
-        _warn(warnings, f"LoRA {item.use.name}: {item.use.path.name} has {len(per_input)} DoRA layer(s) with a "
-                        f"magnitude per input channel (LyCORIS wd_on_out=False; e.g. {per_input[0]}), which this "
-                        f"app cannot apply; those are ignored")
-    return plain, dora, unmatched
+        # diffusers' text-encoder loader reads peft names of attention layers only, so those get its
+        # own naming (which it converts to peft's for every layer)
+        a, b = ("lora_A", "lora_B") if prefixes[id(root)] == "unet" else \
+            ("lora_linear_layer.down", "lora_linear_layer.up")
+        per_output = scale.shape[0] == weight.shape[0] and scale.numel() == weight.shape[0]
+        if not per_output and scale.numel() != weight.shape[1]:
+            unmatched.append(name)  # a magnitude of no shape this module has
+            continue
+        target = dora if per_output else dora_in
+        target[f"{peft_name}.{a}.weight"] = down
+        target[f"{peft_name}.{b}.weight"] = up * (float(alpha) / down.shape[0] if alpha is not None else 1.0)
+        if per_output:
+            dora[peft_name + ".lora_magnitude_vector.weight"] = scale.reshape(
+                (-1,) if weight.ndim == 2 else (1, -1, *(1 for _ in weight.shape[2:])))
+        else:
+            magnitudes[(root, path)] = scale.flatten()
+    return plain, dora, dora_in, magnitudes, unmatched
+
+
+def _input_magnitude(adapter: str, magnitude):
+    """A forward pre-hook for a peft LoRA layer of `adapter` that scales the input per channel by
+    magnitude / the norm of (W + delta) per input channel (DoRA with LyCORIS' wd_on_out=False).
+    Other adapters on the same layer see the scaled input too (DoRA does not add up)."""
+    def hook(layer, args):
+        if adapter not in layer.active_adapters:
+            return None
+        weight = layer.get_base_layer().weight
+        merged = weight + layer.get_delta_weight(adapter).to(weight.dtype)
+        c = magnitude / merged.transpose(0, 1).flatten(1).norm(dim=1)
+        x = args[0]
+        c = c.reshape((-1,) if weight.ndim == 2 else (-1, *(1 for _ in weight.shape[2:])))  # channels last / first
+        return (x * c.to(x.dtype), *args[1:])
+    return hook
 
 
 def _warn(warnings, message: str) -> None:

@@ -31,8 +31,8 @@ def dora_file(targets, per_input: bool = False) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(9)
     for key, m in targets:
         state[key + ".alpha"] = torch.tensor(ALPHA)
-        if per_input:  # Linear layers only here
-            norm = m.weight.norm(dim=0, keepdim=True)
+        if per_input:
+            norm = m.weight.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, -1, *(1 for _ in m.weight.shape[2:]))
         else:
             norm = m.weight.flatten(1).norm(dim=1).reshape(-1, *(1 for _ in m.weight.shape[1:]))
         state[key + ".dora_scale"] = norm * (0.5 + torch.rand(norm.shape, generator=g))
@@ -40,13 +40,18 @@ def dora_file(targets, per_input: bool = False) -> dict[str, torch.Tensor]:
 
 
 def dora_weight(weight, state, key, multiplier: float = 1.0):
-    """DoRA: m * (W + s*B@A) / ||W + s*B@A||, the norm per output channel, s = alpha/rank (times
-    the multiplier: peft scales the low-rank part only, the magnitude stays)."""
+    """DoRA: m * (W + s*B@A) / ||W + s*B@A||, s = alpha/rank (times the multiplier: peft scales
+    the low-rank part only, the magnitude stays); the norm per output channel where m is
+    (out, 1[, 1, 1]), per input channel where m is (1, in[, 1, 1])."""
     s = float(state[key + ".alpha"]) / RANK * multiplier
     up, down = state[key + ".lora_up.weight"], state[key + ".lora_down.weight"]
     merged = weight + s * (up.flatten(1) @ down.flatten(1)).reshape(weight.shape)
-    norm = merged.flatten(1).norm(dim=1).reshape(-1, *(1 for _ in weight.shape[1:]))
-    return state[key + ".dora_scale"] * merged / norm
+    m = state[key + ".dora_scale"]
+    if m.shape[0] == weight.shape[0]:
+        norm = merged.flatten(1).norm(dim=1).reshape(m.shape)
+    else:
+        norm = merged.transpose(0, 1).flatten(1).norm(dim=1).reshape(m.shape)
+    return m * merged / norm
 
 
 def forward(m, weight, x):
@@ -76,10 +81,11 @@ def outputs(layers, inputs):
         return [m(x) for (_, m), x in zip(layers, inputs)]
 
 
+@pytest.mark.parametrize("per_input", [False, True])
 @pytest.mark.parametrize("multiplier", [1.0, 0.5])
-def test_dora_layers_compute_the_dora_weight_and_are_removed(components, tmp_path, multiplier):
+def test_dora_layers_compute_the_dora_weight_and_are_removed(components, tmp_path, multiplier, per_input):
     targets = kohya_targets(components, convs=True)
-    state = dora_file(targets)
+    state = dora_file(targets, per_input)
     path = tmp_path / "dora.safetensors"
     save_file(state, str(path))
     layers = picked(components, targets)
@@ -101,16 +107,31 @@ def test_dora_layers_compute_the_dora_weight_and_are_removed(components, tmp_pat
     assert_same_state(before, model_state(components))
 
 
-def test_dora_magnitude_per_input_channel_is_reported_naming_the_file(components, tmp_path):
-    targets = kohya_targets(components)
-    state = {**dora_file(targets[:3], per_input=True), **lora_file(targets[3:6], seed=2)}
-    path = tmp_path / "dora_in.safetensors"
+def test_file_with_both_magnitude_kinds_and_plain_layers(components, tmp_path):
+    targets = kohya_targets(components, convs=True)
+    layers = picked(components, targets)
+    out_layers, in_layers, plain_layers = layers[0::3], layers[1::3], layers[2::3]
+    state = {**lora_file(targets, seed=2), **dora_file(out_layers), **dora_file(in_layers, per_input=True)}
+    path = tmp_path / "mixed.safetensors"
     save_file(state, str(path))
+    inputs = [sample(m) for _, m in layers]
+    paths = [(root, name) for key, m in layers for root in (components.unet, *components.text_encoders)
+             for name, sub in root.named_modules() if sub is m]
+    want = []
+    for (key, m), x in zip(layers, inputs):
+        if (key, m) in plain_layers:
+            delta = (state[key + ".lora_up.weight"].flatten(1) @ state[key + ".lora_down.weight"].flatten(1))
+            want.append(forward(m, m.weight + delta.reshape(m.weight.shape) * float(state[key + ".alpha"]) / RANK, x))
+        else:
+            want.append(forward(m, dora_weight(m.weight, state, key), x))
     before = model_state(components)
     warnings: list[str] = []
-    with lora.applied(components, [lora.LoraUse("dora_in", path, 1, 1)], warnings) as loaded:
-        assert [u.name for u in loaded] == ["dora_in"]  # its plain LoRA layers apply
-    assert len(warnings) == 1 and "dora_in.safetensors" in warnings[0] and "3 DoRA layer(s)" in warnings[0]
+    with lora.applied(components, [lora.LoraUse("mixed", path, 1, 1)], warnings) as loaded:
+        assert [u.name for u in loaded] == ["mixed"] and warnings == []
+        with torch.no_grad():
+            got = [root.get_submodule(name)(x) for (root, name), x in zip(paths, inputs)]
+    for (key, _), g, w in zip(layers, got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=key)
     assert_same_state(before, model_state(components))
 
 
@@ -134,3 +155,17 @@ def test_dora_at_weight_zero_leaves_that_part_unchanged(components, tmp_path):
         else:
             torch.testing.assert_close(g, forward(m, dora_weight(m.weight, state, key), x),
                                        rtol=1e-4, atol=1e-5)
+
+
+def test_dora_magnitude_of_no_shape_of_the_layer_is_reported(components, tmp_path):
+    targets = kohya_targets(components)
+    state = dora_file(targets[:4])
+    state[targets[0][0] + ".dora_scale"] = torch.ones(3)
+    path = tmp_path / "bad_dora.safetensors"
+    save_file(state, str(path))
+    before = model_state(components)
+    warnings: list[str] = []
+    with lora.applied(components, [lora.LoraUse("bad_dora", path, 1, 1)], warnings) as loaded:
+        assert [u.name for u in loaded] == ["bad_dora"]  # its other layers apply
+    assert len(warnings) == 1 and "bad_dora" in warnings[0] and targets[0][0] in warnings[0]
+    assert_same_state(before, model_state(components))
