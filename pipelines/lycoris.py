@@ -24,7 +24,8 @@ from math import prod
 import torch
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
-# what diffusers' kohya converter reads (anything else under a kohya name makes it fail)
+# plain LoRA layers, for diffusers' kohya converter (anything else under a kohya name makes it fail);
+# a dora_scale makes a DoRA layer, which lora._split_dora renames to peft keys first
 LORA_SUFFIXES = {"lora_down.weight", "lora_up.weight", "alpha", "dora_scale"}
 LOHA_FACTORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_FACTORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
