@@ -25,8 +25,8 @@ def components(request, tmp_path_factory):
 
 
 def dora_file(targets, per_input: bool = False) -> dict[str, torch.Tensor]:
-    """A kohya LoRA with alpha != rank and a LyCORIS ``dora_scale`` per layer: (out, 1) as LyCORIS
-    writes it by default (wd_on_out=True), (1, in) with `per_input` (wd_on_out=False)."""
+    """A kohya LoRA with alpha != rank and a LyCORIS ``dora_scale`` per layer: (out, 1), as LyCORIS
+    writes it with wd_on_out=True, or with `per_input` (1, in), as with wd_on_out=False."""
     state = lora_file(targets, rank=RANK, seed=8, scale=0.3)
     g = torch.Generator().manual_seed(9)
     for key, m in targets:
