@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,6 +38,22 @@ def launched(args: Sequence[str], log: Path, timeout: float = 90) -> Iterator[st
         yield f"http://127.0.0.1:{port}"
     finally:
         stop(proc)
+
+
+@contextmanager
+def one_slot_server(tmp_path: Path) -> Iterator[str]:
+    """launch.py on a tiny SD 1.x checkpoint with the REST API and room for one waiting job
+    (`--max-queue-size 1`); yields its URL once /sdapi/v1 answers (it is mounted after the
+    URL line is printed)."""
+    from tiny import write_tiny_sd1_checkpoint
+
+    write_tiny_sd1_checkpoint(tmp_path / "models" / "Stable-diffusion" / "tiny.safetensors")
+    args = ["--models-dir", str(tmp_path / "models"), "--outdir", str(tmp_path / "outputs"),
+            "--data-dir", str(tmp_path / "data"), "--api", "--max-queue-size", "1"]
+    with launched(args, tmp_path / "server.log") as url:
+        while httpx.get(f"{url}/sdapi/v1/progress", timeout=30).status_code != 200:
+            time.sleep(0.2)
+        yield url
 
 
 def wait_for_url(proc: subprocess.Popen, log: Path, timeout: float) -> str:

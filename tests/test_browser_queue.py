@@ -10,22 +10,15 @@ import httpx
 import pytest
 
 from browsing import chromium, needs_chromium, open_ui, set_number
-from serving import launched
+from serving import one_slot_server
 
 pytestmark = pytest.mark.browser
 
 
 @needs_chromium
 def test_waiting_position_and_full_queue_in_the_browser(tmp_path):
-    from tiny import write_tiny_sd1_checkpoint
-
-    write_tiny_sd1_checkpoint(tmp_path / "models" / "Stable-diffusion" / "tiny.safetensors")
-    args = ["--models-dir", str(tmp_path / "models"), "--outdir", str(tmp_path / "outputs"),
-            "--data-dir", str(tmp_path / "data"), "--api", "--max-queue-size", "1"]
-    with launched(args, tmp_path / "server.log") as url:
+    with one_slot_server(tmp_path) as url:
         api = f"{url}/sdapi/v1"
-        while httpx.get(f"{api}/progress", timeout=30).status_code != 200:
-            time.sleep(0.2)
         holder = threading.Thread(target=lambda: httpx.post(
             f"{api}/txt2img", json={"prompt": "hold", "steps": 150, "width": 64, "height": 64}, timeout=600))
         holder.start()

@@ -12,7 +12,7 @@ import uuid
 import httpx
 import pytest
 
-from serving import launched
+from serving import one_slot_server
 
 
 class PageSession:
@@ -68,15 +68,8 @@ def progress_text(message: dict) -> str:
 
 
 def test_ui_and_api_share_one_bounded_queue(tmp_path):
-    from tiny import write_tiny_sd1_checkpoint
-
-    write_tiny_sd1_checkpoint(tmp_path / "models" / "Stable-diffusion" / "tiny.safetensors")
-    args = ["--models-dir", str(tmp_path / "models"), "--outdir", str(tmp_path / "outputs"),
-            "--data-dir", str(tmp_path / "data"), "--api", "--max-queue-size", "1"]
-    with launched(args, tmp_path / "server.log") as url:
+    with one_slot_server(tmp_path) as url:
         api = f"{url}/sdapi/v1"
-        while httpx.get(f"{api}/progress", timeout=30).status_code != 200:  # --api is mounted after the URL line
-            time.sleep(0.2)
         config = httpx.get(f"{url}/config", timeout=30).json()
         # an API job holds the slot for a while (interrupted below)
         long_job: dict = {}
