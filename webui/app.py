@@ -379,9 +379,11 @@ class WebUI:
             log.exception("loading checkpoints failed")
             return []
 
-    def _loaded_text(self) -> str:
+    def _loaded_text(self, starting: str | None = None) -> str:
+        """The loaded line; `starting`: a load just begun (its thread may not have said so yet)."""
         try:
-            return convert.loaded_line(self.engine.loaded_checkpoints(), self._loading())
+            loading = list(dict.fromkeys([*self._loading(), *([starting] if starting else [])]))
+            return convert.loaded_line(self.engine.loaded_checkpoints(), loading)
         except Exception:
             log.exception("loaded checkpoints failed")
             return ""
@@ -513,10 +515,8 @@ class WebUI:
         preload = getattr(self.engine, "preload_when_idle", None)
         if checkpoint and preload is not None:
             try:
-                if preload(checkpoint) is not None:  # said at once: the thread may not have begun
-                    loading = list(dict.fromkeys([*self._loading(), checkpoint]))
-                    updates = {self.components["loaded"]: convert.loaded_line(self.engine.loaded_checkpoints(),
-                                                                              loading),
+                if preload(checkpoint) is not None:
+                    updates = {self.components["loaded"]: self._loaded_text(starting=checkpoint),
                                self.components["loading_timer"]: gr.Timer(active=True)}
             except Exception:
                 log.exception("preloading %r failed", checkpoint)
