@@ -369,7 +369,7 @@ def _input_magnitude(adapter: str, magnitude):
         merged = weight + layer.get_delta_weight(adapter).to(weight.dtype)
         c = magnitude / merged.transpose(0, 1).flatten(1).norm(dim=1)
         x = args[0]
-        c = c.reshape((-1,) if weight.ndim == 2 else (-1, *(1 for _ in weight.shape[2:])))  # channels last / first
+        c = c.reshape((-1,) if weight.ndim == 2 else (-1, *(1 for _ in weight.shape[2:])))  # Linear: last dim; conv: dim 1
         return (x * c.to(x.dtype), *args[1:])
     return hook
 
