@@ -54,9 +54,9 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from pipelines.core.request import GenerationRequest
+    from pipelines.core.settings import EngineSettings, Paths
     from pipelines.engine import Engine
-    from pipelines.request import GenerationRequest
-    from pipelines.settings import EngineSettings, Paths
     from pipelines.training import data
 
     ckpt = args.checkpoint.resolve()

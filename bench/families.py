@@ -65,9 +65,9 @@ def child(case: str, size: int, steps: int) -> None:
     import numpy as np
     from PIL import Image
 
+    from pipelines.core.request import GenerationRequest
+    from pipelines.core.settings import EngineSettings, Paths
     from pipelines.engine import Engine
-    from pipelines.request import GenerationRequest
-    from pipelines.settings import EngineSettings, Paths
 
     model, name, yaml_text = CASES[case]
     with tempfile.TemporaryDirectory() as tmp:

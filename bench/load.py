@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "bench" / ".cache"
 sys.path.insert(0, str(ROOT))
 
-from pipelines import export  # noqa: E402  (light: no torch model code at import)
+from pipelines.models import export  # noqa: E402  (light: no torch model code at import)
 
 GB = 1 << 30
 
@@ -127,8 +127,8 @@ def write_config_folder(name: str) -> Path:
     from diffusers import EulerDiscreteScheduler
     from transformers import CLIPTokenizer
 
-    from pipelines.families import SD_SCHEDULE
-    from pipelines.loading import TOKENIZER_DIR
+    from pipelines.models.families import SD_SCHEDULE
+    from pipelines.models.loading import TOKENIZER_DIR
 
     folder = CACHE / f"{name}-config"
     if (folder / "model_index.json").is_file():
@@ -220,7 +220,7 @@ def child(which: str, name: str, dtype_name: str) -> None:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: F401
 
     if which == "ours":
-        from pipelines.loading import load_components
+        from pipelines.models.loading import load_components
     else:
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline  # noqa: F401
 
@@ -306,9 +306,9 @@ def generate_smoke(name: str) -> str:
 
     import numpy as np
 
+    from pipelines.core.request import GenerationRequest
+    from pipelines.core.settings import EngineSettings, Paths
     from pipelines.engine import Engine
-    from pipelines.request import GenerationRequest
-    from pipelines.settings import EngineSettings, Paths
 
     with tempfile.TemporaryDirectory() as tmp:
         models = Path(tmp) / "models" / "Stable-diffusion"

@@ -56,7 +56,7 @@ def run_diffusers(args, path: Path) -> tuple[object, list[float]]:
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from pipelines import samplers
+    from pipelines.core import samplers
 
     pipe = StableDiffusionPipeline.from_single_file(
         str(path), config=str(CACHE / "sd15-config"), local_files_only=True, torch_dtype=torch.float32)
@@ -79,9 +79,9 @@ def run_diffusers(args, path: Path) -> tuple[object, list[float]]:
 
 
 def run_ours(args, path: Path, precision: str) -> tuple[object, list[float]]:
+    from pipelines.core.request import GenerationRequest
+    from pipelines.core.settings import EngineSettings, Paths
     from pipelines.engine import Engine
-    from pipelines.request import GenerationRequest
-    from pipelines.settings import EngineSettings, Paths
 
     tmp = Path(tempfile.mkdtemp(prefix="sdui-speed-"))
     models = tmp / "models" / "Stable-diffusion"

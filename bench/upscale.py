@@ -5,7 +5,7 @@
 
 The model is the RealESRGAN_x4plus architecture (spandrel's RRDBNet: 64 filters, 23 blocks,
 4x) with random weights, saved to a temporary .pth and loaded through the app's own loader
-(`pipelines.upscalers`, weights_only). Each configuration runs in a fresh subprocess so its
+(`pipelines.generate.upscalers`, weights_only). Each configuration runs in a fresh subprocess so its
 peak RSS is its own. The baseline is plain spandrel (`descriptor(tensor)` on the whole image);
 the "ratio" column is time / baseline time. Timings are printed, never asserted.
 """
@@ -39,7 +39,7 @@ def child(args) -> None:
     import torch
     from PIL import Image
 
-    from pipelines import upscalers
+    from pipelines.generate import upscalers
 
     torch.set_num_threads(args.threads)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (args.size, args.size, 3), dtype=np.uint8))

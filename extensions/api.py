@@ -62,7 +62,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from pipelines.request import GenerationRequest, GenerationResult, RequestError
+from pipelines.core.request import GenerationRequest, GenerationResult, RequestError
 
 __all__ = [
     "API_VERSION", "APIContext", "GenerationRequest", "GenerationResult", "ImageChange", "ImageContext",

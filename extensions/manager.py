@@ -426,7 +426,7 @@ class JobHooks:
 
         def report(done: int, total: int) -> None:
             if on_progress is not None:
-                from pipelines.progress import Progress
+                from pipelines.core.progress import Progress
 
                 on_progress(Progress(step=done, steps=max(total, 1), batch_index=0, batch_count=1,
                                      elapsed=0.0, eta=None))

@@ -14,17 +14,20 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from . import embeddings, hires, infotext, lora, memory, outputs, runner, samplers, tiling, upscalers, zerogpu
-from .device import choose_placement
-from .families import SDXL_REFINER
-from .loading import CheckpointError, inspect_checkpoint, read_header, sniff_format
-from .jobs import Job, JobQueue, WaitCallback
-from .manager import ModelManager
-from .progress import JobControl, Progress, ProgressCallback
-from .registry import HashCache, ModelFile, ModelRegistry, MODEL_KINDS
-from .request import GenerationRequest, GenerationResult, RequestError, UpscaleRequest
-from .settings import EngineSettings, Paths
 from extensions.manager import ExtensionManager
+from pipelines.core import infotext, outputs, samplers
+from pipelines.core.jobs import Job, JobQueue, WaitCallback
+from pipelines.core.progress import JobControl, Progress, ProgressCallback
+from pipelines.core.request import GenerationRequest, GenerationResult, RequestError, UpscaleRequest
+from pipelines.core.settings import EngineSettings, Paths
+from pipelines.generate import embeddings, hires, lora, runner, tiling, upscalers
+from pipelines.hosting import zerogpu
+from pipelines.models import memory
+from pipelines.models.device import choose_placement
+from pipelines.models.families import SDXL_REFINER
+from pipelines.models.loading import CheckpointError, inspect_checkpoint, read_header, sniff_format
+from pipelines.models.manager import ModelManager
+from pipelines.models.registry import MODEL_KINDS, HashCache, ModelFile, ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +70,7 @@ class Engine:
         # extensions' hooks; none until the launcher calls extensions.discover(...)
         self.extensions = ExtensionManager(Path(self.paths.data_dir) / "extensions.json")
         # each job's device work as a request-only function: on ZeroGPU it borrows the GPU for
-        # the estimated time and runs in a worker process (see pipelines/zerogpu.py)
+        # the estimated time and runs in a worker process (see pipelines/hosting/zerogpu.py)
         self._lent_generation = self.gpu.lend(self._generate_request, self._generation_seconds)
         self._lent_upscale = self.gpu.lend(self._upscale_request, zerogpu.upscale_seconds)
         self._lent_sd_upscale = self.gpu.lend(self._sd_upscale_request, self._sd_upscale_seconds)

@@ -24,8 +24,8 @@ def models_dir(tmp_path_factory) -> Path:
 
 
 def make_engine(models_dir: Path, tmp: Path):
+    from pipelines.core.settings import EngineSettings, Paths
     from pipelines.engine import Engine
-    from pipelines.settings import EngineSettings, Paths
 
     # fp32: tests compare pixels with diffusers and across code paths exactly; the `auto`
     # precision (bf16 on CPUs with AVX512-BF16/AMX) is tested in test_precision_memory.py

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from pipelines import export
+from pipelines.models import export
 
 
 def kohya_targets(components, convs: bool = False, encoders: bool = True, unet: bool = True):

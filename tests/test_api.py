@@ -17,19 +17,18 @@ import pytest
 import requests
 import uvicorn
 import webuiapi
+from conftest import make_engine
 from fastapi import FastAPI
 from PIL import Image, ImageDraw
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount
 
-from pipelines.images import prepare_mask
-from pipelines.jobs import JobQueue
-from pipelines.progress import JobControl
-from pipelines.request import GenerationRequest
-from pipelines.styles import style_database
+from pipelines.core.jobs import JobQueue
+from pipelines.core.progress import JobControl
+from pipelines.core.request import GenerationRequest
+from pipelines.core.styles import style_database
+from pipelines.generate.images import prepare_mask
 from webui.api import ApiOptions, create_app, mount_api
-
-from conftest import make_engine
 
 INPAINT_CKPT = "inpaint/tiny-inpainting.safetensors"
 SMALL = dict(width=64, height=64, steps=3)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime
 
 import pytest
-
 from browsing import chromium, needs_chromium, open_ui, set_number
 from serving import launched
 

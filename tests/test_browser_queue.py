@@ -8,7 +8,6 @@ import time
 
 import httpx
 import pytest
-
 from browsing import chromium, needs_chromium, open_ui, set_number
 from serving import one_slot_server
 

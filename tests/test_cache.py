@@ -10,13 +10,12 @@ import sys
 import psutil
 import pytest
 import torch
-
-from pipelines.device import choose_placement
-from pipelines.loading import CheckpointError, load_components
-from pipelines.manager import ModelManager
-from pipelines.settings import EngineSettings
-
 from tiny import write_tiny_checkpoint
+
+from pipelines.core.settings import EngineSettings
+from pipelines.models.device import choose_placement
+from pipelines.models.loading import CheckpointError, load_components
+from pipelines.models.manager import ModelManager
 
 
 def mapped_ranges(path) -> list[tuple[int, int]]:

@@ -20,15 +20,15 @@ def demo_dir(tmp_path_factory) -> Path:
 
 
 def _engine(tmp: Path, demo_dir: Path):
+    from pipelines.core.settings import EngineSettings, Paths
     from pipelines.engine import Engine
-    from pipelines.settings import EngineSettings, Paths
 
     return Engine(Paths(models_dir=tmp / "models", data_dir=tmp / "data", outdir=tmp / "outputs", demo_dir=demo_dir),
                   EngineSettings(device="cpu"))
 
 
 def test_without_checkpoints_the_demo_is_the_default_and_generates_at_its_size(tmp_path, demo_dir):
-    from pipelines.request import GenerationRequest
+    from pipelines.core.request import GenerationRequest
 
     engine = _engine(tmp_path, demo_dir)
     assert engine.default_checkpoint() == "demo-shapes.safetensors"

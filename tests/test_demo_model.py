@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from pipelines.settings import DEMO_CHECKPOINT_DIR
+from pipelines.core.settings import DEMO_CHECKPOINT_DIR
 
 DEMO = DEMO_CHECKPOINT_DIR / "demo-shapes.safetensors"
 pytestmark = pytest.mark.skipif(not DEMO.is_file(), reason="the demo checkpoint is not trained yet")
@@ -17,8 +17,8 @@ pytestmark = pytest.mark.skipif(not DEMO.is_file(), reason="the demo checkpoint 
 
 @pytest.fixture(scope="module")
 def demo_engine(tmp_path_factory):
+    from pipelines.core.settings import EngineSettings, Paths
     from pipelines.engine import Engine
-    from pipelines.settings import EngineSettings, Paths
 
     tmp = tmp_path_factory.mktemp("demo-model")
     return Engine(Paths(models_dir=tmp / "models", data_dir=tmp / "data", outdir=tmp / "out"),
@@ -26,7 +26,7 @@ def demo_engine(tmp_path_factory):
 
 
 def generate(engine, prompt: str, **fields) -> list[Image.Image]:
-    from pipelines.request import GenerationRequest
+    from pipelines.core.request import GenerationRequest
 
     fields = {"steps": 20, "cfg_scale": 6.0, "sampler": "DPM++ 2M", "seed": 100, "save_images": False, **fields}
     return engine.generate(GenerationRequest(prompt=prompt, negative_prompt="", **fields)).images

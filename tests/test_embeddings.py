@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from conftest import make_engine
-from pipelines import embeddings, prompts
-from pipelines.infotext import parse_infotext
-from pipelines.loading import load_components
-from pipelines.request import GenerationRequest
+from safetensors.torch import save_file
 from tiny import write_tiny_checkpoint, write_tiny_sd1_checkpoint
+
+from pipelines.core.infotext import parse_infotext
+from pipelines.core.request import GenerationRequest
+from pipelines.generate import embeddings, prompts
+from pipelines.models.loading import load_components
 
 WIDTH = 64  # the tiny CLIP's width
 

@@ -1,4 +1,4 @@
-"""pipelines.export writes the original (LDM / A1111) SD 1.x layout.
+"""pipelines.models.export writes the original (LDM / A1111) SD 1.x layout.
 
 The reference for "original layout" is diffusers' own single-file converter: whatever we
 export must convert back to the exact tensors we started from.
@@ -23,7 +23,7 @@ except ImportError:  # plain `pytest` puts tests/ itself on sys.path (no __init_
     from tiny import TINY_CLIP_CONFIG, make_tiny_sd1, write_tiny_sd1_checkpoint
 
 # after tests.tiny, which makes a source checkout importable without `pip install -e .`
-from pipelines.export import (  # noqa: E402
+from pipelines.models.export import (  # noqa: E402
     CLIP_PREFIX,
     UNET_PREFIX,
     VAE_PREFIX,

@@ -12,7 +12,7 @@ from PIL import Image
 
 from extensions import api
 from extensions.manager import ENABLED, FAILED, INCOMPATIBLE, ExtensionManager
-from pipelines.request import GenerationRequest
+from pipelines.core.request import GenerationRequest
 
 SHIPPED = Path(__file__).resolve().parent.parent / "extensions"
 

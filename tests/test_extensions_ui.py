@@ -8,12 +8,11 @@ from pathlib import Path
 
 import gradio as gr
 import pytest
+from test_extensions import SHIPPED, write_extension
 
 from extensions.manager import ExtensionManager
 from webui import extensions_tab
 from webui.app import build_ui
-
-from test_extensions import SHIPPED, write_extension
 
 
 @pytest.fixture

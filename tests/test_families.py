@@ -8,19 +8,18 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import make_engine
+from tiny import TINY_FAMILIES, make_tiny, tiny_single_file_state_dict, write_tiny_checkpoint
 
-from pipelines.families import V_PREDICTION
-from pipelines.loading import (
+from pipelines.core.request import GenerationRequest
+from pipelines.models.families import V_PREDICTION
+from pipelines.models.loading import (
     CheckpointError,
     inspect_checkpoint,
     load_components,
     open_clip_to_hf,
     read_header,
 )
-from pipelines.request import GenerationRequest
-
-from conftest import make_engine
-from tiny import TINY_FAMILIES, make_tiny, tiny_single_file_state_dict, write_tiny_checkpoint
 
 # name in models/Stable-diffusion -> (family, inpainting, expected description, resolution)
 CASES = {
@@ -146,7 +145,7 @@ def test_user_override_persists_and_reaches_the_listing(family_models, tmp_path)
 
 def test_ema_weights_are_loaded_from_full_checkpoints(tmp_path):
     ema_unet, _, _ = make_tiny("sd1", seed=99)
-    from pipelines.export import UNET_PREFIX, unet_to_ldm
+    from pipelines.models.export import UNET_PREFIX, unet_to_ldm
 
     ema = {"model_ema." + ("diffusion_model." + k).replace(".", ""): v
            for k, v in unet_to_ldm(ema_unet.state_dict(), ema_unet.config).items()}
@@ -167,7 +166,7 @@ def test_open_clip_layout_matches_open_clip_itself():
     """Our open_clip -> transformers conversion computes what open_clip computes."""
     open_clip_transformer = pytest.importorskip("open_clip.transformer")
     _, _, (bigg,) = make_tiny("sdxl_refiner", seed=5)
-    from pipelines.export import clip_to_open_clip
+    from pipelines.models.export import clip_to_open_clip
 
     state = clip_to_open_clip(bigg.state_dict())
     state.pop("logit_scale")
@@ -207,8 +206,8 @@ def test_every_family_generates_finite_images(family_engine, name):
 
 
 def test_sdxl_conditioning(family_engine):
-    from pipelines.prompts import encode_prompts
-    from pipelines.runner import added_conditioning
+    from pipelines.generate.prompts import encode_prompts
+    from pipelines.generate.runner import added_conditioning
 
     model = family_engine.manager.get("sdxl.safetensors", path_of(family_engine.paths.models_dir, "sdxl.safetensors"))
     components = model.components
@@ -241,7 +240,7 @@ def test_sd2_uses_the_penultimate_layer_whatever_the_clip_skip(family_engine):
     a = family_engine.generate(req("sd2-512-base.safetensors", clip_skip=1)).images[0]
     b = family_engine.generate(req("sd2-512-base.safetensors", clip_skip=3)).images[0]
     assert np.array_equal(np.asarray(a), np.asarray(b))
-    from pipelines.prompts import encode_prompts
+    from pipelines.generate.prompts import encode_prompts
 
     model = family_engine.manager.get("sd2-512-base.safetensors",
                                       path_of(family_engine.paths.models_dir, "sd2-512-base.safetensors"))
@@ -261,7 +260,7 @@ def test_v_prediction_reaches_the_scheduler(family_engine):
                                       path_of(family_engine.paths.models_dir, "sd2-768-v.safetensors"))
     assert model.components.scheduler_config["prediction_type"] == V_PREDICTION
     assert family_engine.native_resolution("sd2-768-v.safetensors") == 768
-    from pipelines import samplers
+    from pipelines.core import samplers
 
     for sampler in ("Euler", "DPM++ 2M", "DDIM"):
         scheduler = samplers.make_scheduler(sampler, "Automatic", model.components.scheduler_config)
@@ -270,10 +269,10 @@ def test_v_prediction_reaches_the_scheduler(family_engine):
 
 def test_diffusers_folders_are_listed_and_loaded(family_models, tmp_path):
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    from pipelines.families import SD_SCHEDULE
-    from pipelines.loading import TOKENIZER_DIR
     from transformers import CLIPTokenizer
+
+    from pipelines.models.families import SD_SCHEDULE
+    from pipelines.models.loading import TOKENIZER_DIR
 
     root = tmp_path / "models"
     shutil.copytree(family_models, root)

@@ -5,19 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
-
-from pipelines.export import vae_to_ldm
-from pipelines.loading import load_vae
-from pipelines.request import GenerationRequest, RequestError
-
 from conftest import make_engine
+from safetensors.torch import save_file
 from tiny import make_tiny, write_tiny_checkpoint
+
+from pipelines.core.request import GenerationRequest, RequestError
+from pipelines.models.export import vae_to_ldm
+from pipelines.models.loading import load_vae
 
 
 def tiny_vae(seed: int, scaling: float = 0.18215):
     from diffusers import AutoencoderKL
-
     from tiny import TINY_VAE_CONFIG
 
     with torch.random.fork_rng(devices=[]):

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from pipelines.fileio import atomic_path, write_bytes_atomic, write_json_atomic
+from pipelines.core.fileio import atomic_path, write_bytes_atomic, write_json_atomic
 
 
 def test_replaces_whole_and_keeps_nothing_else(tmp_path):

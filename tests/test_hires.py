@@ -5,14 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
-
-from pipelines import hires
-from pipelines.engine import Engine
-from pipelines.infotext import parse_infotext
-from pipelines.request import GenerationRequest, RequestError
-from pipelines.settings import EngineSettings, Paths
-
 from test_upscale_models import write_tiny_esrgan
+
+from pipelines.core.infotext import parse_infotext
+from pipelines.core.request import GenerationRequest, RequestError
+from pipelines.core.settings import EngineSettings, Paths
+from pipelines.engine import Engine
+from pipelines.generate import hires
 
 
 def req(**fields) -> GenerationRequest:
@@ -131,7 +130,7 @@ def test_sd_upscale_tiles_and_blends(hr_engine):
 
 
 def test_hires_fields_from_a_pasted_a1111_text_never_fail():
-    from pipelines.hires_info import fields_from_infotext
+    from pipelines.core.hires_info import fields_from_infotext
 
     text = ("a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, Denoising strength: 0.45, "
             "Hires resize: 1024x768, Hires steps: 15, Hires upscaler: 4x-UltraSharp, Hires sampler: Nope, "

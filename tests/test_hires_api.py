@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
+from test_api import serve
+from test_hires import hr_engine  # noqa: F401 - the engine with a tiny ESRGAN, a fixture
 
-from pipelines.request import GenerationRequest
+from pipelines.core.request import GenerationRequest
 from webui import convert
 from webui.api import ApiOptions, create_app
 from webui.app import build_ui
-
-from test_api import serve
-from test_hires import hr_engine  # noqa: F401 - the engine with a tiny ESRGAN, a fixture
 
 
 @pytest.fixture(scope="module")

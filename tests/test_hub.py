@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pipelines.hub import HubError, HubFile, fetch_checkpoint
+from pipelines.hosting.hub import HubError, HubFile, fetch_checkpoint
 from webui import cli
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import images
-from pipelines.request import RequestError
+from pipelines.core.request import RequestError
+from pipelines.generate import images
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 

@@ -7,14 +7,14 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipelines.infotext import (
+from pipelines.core.infotext import (
     build_infotext,
     generation_params,
     parse_infotext,
     request_fields_from_infotext,
     split_sampler_name,
 )
-from pipelines.request import GenerationRequest
+from pipelines.core.request import GenerationRequest
 
 # A real-looking A1111 1.6 text: quoted values with commas and colons, a pre-1.9 sampler name
 # carrying the schedule, a LoRA tag whose colons must stay in the prompt.
@@ -200,7 +200,7 @@ def test_split_sampler_name():
 def test_module_does_not_import_torch():
     import subprocess
 
-    code = "import sys, pipelines.infotext, pipelines.images, pipelines.outputs, pipelines.upscalers; " \
+    code = "import sys, pipelines.core.infotext, pipelines.generate.images, pipelines.core.outputs, pipelines.generate.upscalers; " \
            "print('torch' in sys.modules)"
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)

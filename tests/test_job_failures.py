@@ -9,9 +9,8 @@ import psutil
 import pytest
 import torch
 
-from pipelines import samplers
-from pipelines.request import GenerationRequest
-
+from pipelines.core import samplers
+from pipelines.core.request import GenerationRequest
 
 BALLAST_BYTES = 256 << 20
 

@@ -6,7 +6,6 @@ import time
 
 import httpx
 import pytest
-
 from serving import launched
 
 
@@ -57,24 +56,25 @@ def test_ui_answers_while_the_model_loads_and_a_job_waits_for_the_load(tmp_path,
     (the header says so), and a job submitted meanwhile completes after that one load."""
     import threading
 
-    import pipelines.manager
     from conftest import make_engine
     from serving import free_port
     from tiny import write_tiny_sd1_checkpoint
+
+    import pipelines.models.manager
     from webui.api import mount_api
     from webui.app import UIOptions, build_ui
     from webui.cli import preload
 
     write_tiny_sd1_checkpoint(tmp_path / "models" / "Stable-diffusion" / "tiny.safetensors")
     release, loads = threading.Event(), []
-    real_load = pipelines.manager.load_components
+    real_load = pipelines.models.manager.load_components
 
     def slow_load(*args, **kwargs):
         loads.append(args[0])
         assert release.wait(60), "the test never released the load"
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(pipelines.manager, "load_components", slow_load)
+    monkeypatch.setattr(pipelines.models.manager, "load_components", slow_load)
     engine = make_engine(tmp_path / "models", tmp_path)
     blocks = build_ui(engine, UIOptions())
     blocks.queue(default_concurrency_limit=1)
@@ -112,7 +112,7 @@ def test_ui_answers_while_the_model_loads_and_a_job_waits_for_the_load(tmp_path,
 
 
 def test_queue_and_upload_flags_reach_the_engine_and_gradio(tmp_path):
-    from pipelines.uploads import UploadLimits
+    from pipelines.core.uploads import UploadLimits
     from webui.cli import launch_kwargs, parse_args, paths_from_args, settings_from_args
 
     args = parse_args(["--max-queue-size", "5", "--max-upload-mb", "2", "--max-upload-megapixels", "16",
@@ -142,6 +142,7 @@ def test_a_picked_checkpoint_loads_at_once_when_the_server_is_idle_but_not_besid
 
     from conftest import make_engine
     from tiny import write_tiny_sd1_checkpoint
+
     from webui.app import UIOptions, build_ui
 
     folder = tmp_path / "models" / "Stable-diffusion"

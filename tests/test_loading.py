@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import shutil
-import gc
 import threading
 import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
-from pipelines.loading import CheckpointError, inspect_checkpoint, load_components, read_header
-from pipelines.request import GenerationRequest
-
 from conftest import make_engine
+from safetensors.torch import load_file
 from tiny import make_tiny_sd1, write_tiny_sd1_checkpoint
+
+from pipelines.core.request import GenerationRequest
+from pipelines.models.loading import CheckpointError, inspect_checkpoint, load_components, read_header
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +40,7 @@ def test_loading_leaves_other_threads_weight_init_and_the_collector_as_they_were
     """The loader skips random init for its meta modules only: a model (an upscaler, a LoRA
     layer) initialised in another thread meanwhile still gets real random weights, and the
     cyclic garbage collector paused for the load runs again afterwards, even after a failure."""
-    from pipelines import loading
+    from pipelines.models import loading
 
     original_normal = torch.nn.init.normal_
     initialised = torch.zeros(1000)

@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from conftest import make_engine
 from lora_files import assert_same_state, kohya_targets, lora_file, model_state
-from pipelines import lora
-from pipelines.infotext import parse_infotext
-from pipelines.loading import load_components
-from pipelines.request import GenerationRequest
+from safetensors.torch import save_file
 from tiny import write_tiny_sd1_checkpoint
+
+from pipelines.core.infotext import parse_infotext
+from pipelines.core.request import GenerationRequest
+from pipelines.generate import lora
+from pipelines.models.loading import load_components
 
 
 def kohya_lora(components, seed: int = 0) -> dict[str, torch.Tensor]:

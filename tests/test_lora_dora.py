@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
-
 from lora_files import assert_same_state, kohya_targets, lora_file, model_state
-from pipelines import lora
-from pipelines.loading import load_components
+from safetensors.torch import save_file
 from tiny import write_tiny_checkpoint
+
+from pipelines.generate import lora
+from pipelines.models.loading import load_components
 
 RANK, ALPHA = 4, 2.0
 

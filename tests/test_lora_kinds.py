@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
-
 from conftest import make_engine
 from lora_files import assert_same_state, kohya_targets, loha_file, lokr_file, lora_file, model_state
-from pipelines import lora, lycoris
-from pipelines.infotext import parse_infotext
-from pipelines.loading import load_components
-from pipelines.request import GenerationRequest
+from safetensors.torch import save_file
 from tiny import make_tiny, write_tiny_checkpoint
+
+from pipelines.core.infotext import parse_infotext
+from pipelines.core.request import GenerationRequest
+from pipelines.generate import lora, lycoris
+from pipelines.models.loading import load_components
 
 CHECKPOINTS = {"sd2": "tiny-sd2.safetensors", "sdxl": "tiny-sdxl.safetensors"}
 

@@ -12,8 +12,8 @@ import json
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from pipelines.infotext import request_fields_from_infotext
-from pipelines.metadata_read import (A1111, COMFYUI, FOOOCUS, INVOKEAI, INVOKEAI_LEGACY, read_image_metadata)
+from pipelines.core.infotext import request_fields_from_infotext
+from pipelines.core.metadata_read import A1111, COMFYUI, FOOOCUS, INVOKEAI, INVOKEAI_LEGACY, read_image_metadata
 
 
 def png_with(**chunks: str) -> io.BytesIO:

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipelines import outputs
-from pipelines.outputs import OutputError, read_infotext, save_image
+from pipelines.core import outputs
+from pipelines.core.outputs import OutputError, read_infotext, save_image
 
 NOW = datetime(2024, 5, 17, 12, 0, 0)
 INFO = "a cat, (ears:1.2)\nNegative prompt: blurry\nSteps: 20, Sampler: Euler a, Seed: 1234, Size: 8x8"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from browsing import chromium, needs_chromium, open_ui, set_number
 from test_browser import server  # noqa: F401 - a fixture
 

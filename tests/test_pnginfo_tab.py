@@ -8,9 +8,9 @@ import gradio as gr
 import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
-
 from test_metadata_read import A1111_TEXT, COMFY_PROMPT
 from test_webui import FakeEngine
+
 from webui import pnginfo_tab
 from webui.app import build_ui
 

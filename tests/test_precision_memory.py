@@ -10,13 +10,12 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
-
-from pipelines import device, memory
-from pipelines.engine import Engine
-from pipelines.request import GenerationRequest, RequestError
-from pipelines.settings import EngineSettings, Paths
-
 from test_api import serve
+
+from pipelines.core.request import GenerationRequest, RequestError
+from pipelines.core.settings import EngineSettings, Paths
+from pipelines.engine import Engine
+from pipelines.models import device, memory
 
 
 def req(**fields) -> GenerationRequest:
@@ -332,10 +331,10 @@ def test_lora_under_lowvram_is_skipped_with_a_warning_not_a_crash(tmp_path):
     from pathlib import Path
 
     from safetensors.torch import save_file
-
-    from pipelines.loading import load_components
     from test_lora import kohya_lora
     from tiny import write_tiny_sd1_checkpoint
+
+    from pipelines.models.loading import load_components
 
     ckpt = write_tiny_sd1_checkpoint(tmp_path / "models" / "Stable-diffusion" / "tiny.safetensors", seed=0)
     (tmp_path / "models" / "Lora").mkdir()

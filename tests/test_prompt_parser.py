@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from pipelines.prompt_parser import (
+from pipelines.core.prompt_parser import (
     BREAK,
     ExtraNetwork,
     extract_extra_networks,
@@ -444,6 +444,6 @@ def test_extra_network_is_a_plain_value():
 
 
 def test_no_torch_import():
-    code = ("import sys, pipelines.prompt_parser, pipelines.styles; "
+    code = ("import sys, pipelines.core.prompt_parser, pipelines.core.styles; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -1,4 +1,4 @@
-"""pipelines.samplers: A1111 sampler/schedule names -> diffusers schedulers.
+"""pipelines.core.samplers: A1111 sampler/schedule names -> diffusers schedulers.
 
 Fast CPU tests with a toy denoiser (no model files).
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines import samplers as S
+from pipelines.core import samplers as S
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,7 +75,7 @@ def test_names():
 
 def test_import_does_not_pull_torch():
     code = (
-        "import sys, pipelines.samplers as s; "
+        "import sys, pipelines.core.samplers as s; "
         "assert s.allowed_schedule_types('Euler a'); "
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'torchsde')); "
         "print(bad); sys.exit(1 if bad else 0)"

@@ -19,7 +19,7 @@ import pytest
 import requests
 from PIL import Image
 
-from pipelines import outputs
+from pipelines.core import outputs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,7 +29,7 @@ SAVER = r"""
 import os, sys
 from pathlib import Path
 from PIL import Image
-from pipelines import outputs
+from pipelines.core import outputs
 
 real_write = outputs._write_png
 def announced(image, handle, infotext):
@@ -89,6 +89,7 @@ def disk_full(image, handle, infotext):
 
 def test_full_disk_still_returns_the_image_over_the_api(engine, monkeypatch):
     from test_api import SMALL, post, serve
+
     from webui.api import ApiOptions, create_app
 
     body = {**SMALL, "prompt": "disk", "seed": 5, "save_images": True}

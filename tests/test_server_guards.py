@@ -9,7 +9,6 @@ import urllib.parse
 
 import httpx
 import pytest
-
 from serving import launched
 
 SECRET = "top-secret-marker-5d41402a"

@@ -11,7 +11,6 @@ import uuid
 
 import httpx
 import pytest
-
 from serving import one_slot_server
 
 

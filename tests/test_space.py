@@ -14,9 +14,16 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 from PIL import Image
 
-from pipelines.request import GenerationRequest, RequestError, UpscaleRequest
-from pipelines.space import (CPU_LIMITS, GPU_LIMITS, LimitedEngine, check_generation, check_upscale, limits_for,
-                             running_on_space)
+from pipelines.core.request import GenerationRequest, RequestError, UpscaleRequest
+from pipelines.hosting.space import (
+    CPU_LIMITS,
+    GPU_LIMITS,
+    LimitedEngine,
+    check_generation,
+    check_upscale,
+    limits_for,
+    running_on_space,
+)
 from webui import cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -110,7 +117,7 @@ def test_space_flags_pick_safe_launch_options(tmp_path):
 
 
 def test_space_outputs_go_to_persistent_storage_when_mounted(tmp_path):
-    from pipelines.space import space_paths
+    from pipelines.hosting.space import space_paths
 
     args = cli.parse_args(["--space"])
     storage = tmp_path / "data"
@@ -131,7 +138,7 @@ def test_space_auth_guards_the_api_too():
 
 
 def test_the_demo_folder_stands_in_until_the_user_has_a_checkpoint(tmp_path):
-    from pipelines.registry import FolderListing
+    from pipelines.models.registry import FolderListing
 
     user, demo = tmp_path / "models" / "Stable-diffusion", tmp_path / "demo"
     demo.mkdir()
@@ -225,7 +232,7 @@ def test_limited_engine_checks_before_the_engine_sees_the_request():
 
 
 def test_a_hosted_demo_keeps_its_own_smaller_queue_bound():
-    from pipelines.jobs import DEFAULT_MAX_WAITING, JobQueue
+    from pipelines.core.jobs import DEFAULT_MAX_WAITING, JobQueue
 
     inner = _RecordingEngine()
     inner.queue = JobQueue(DEFAULT_MAX_WAITING)  # --max-queue-size left at its default
@@ -247,8 +254,8 @@ def test_api_options_are_read_only_on_a_space():
 # --- the UI -----------------------------------------------------------------------------------
 
 def _empty_engine(tmp_path):
+    from pipelines.core.settings import EngineSettings, Paths
     from pipelines.engine import Engine
-    from pipelines.settings import EngineSettings, Paths
 
     # demo_dir=None: truly no checkpoint (the shipped demo would otherwise stand in)
     return Engine(Paths(models_dir=tmp_path / "models", data_dir=tmp_path / "data", outdir=tmp_path / "out",

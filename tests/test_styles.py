@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from pipelines.styles import (
+from pipelines.core.styles import (
     PromptStyle,
     StyleDatabase,
     apply_styles,
@@ -257,7 +257,7 @@ def test_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("pipelines.styles.os.replace", boom)
+    monkeypatch.setattr("pipelines.core.styles.os.replace", boom)
     with pytest.raises(OSError):
         db.save_style("b", "2", "")
     assert path.read_bytes() == before

@@ -12,7 +12,6 @@ import torch
 from pipelines.training import data, models, train
 from pipelines.training.state import Log
 
-
 # --- data ---------------------------------------------------------------------------------------
 
 def test_scenes_are_a_pure_function_of_seed_split_and_index():
@@ -72,7 +71,7 @@ def test_judge_scores_flat_and_wrong_images():
 
 
 def test_token_ids_match_the_engines_prompt_encoding():
-    from pipelines.prompts import _chunk_ids, tokenize_chunks
+    from pipelines.generate.prompts import _chunk_ids, tokenize_chunks
 
     tok = train.tokenizer()
     text = "a small red circle in the top left on a blue background"
@@ -183,8 +182,9 @@ def test_state_folder_refuses_other_settings(tiny_run, tmp_path):
 
 def test_export_loads_through_the_project_loader_and_generates_at_64(tiny_run, tmp_path):
     from conftest import make_engine
-    from pipelines.loading import load_components, read_header
-    from pipelines.request import GenerationRequest
+
+    from pipelines.core.request import GenerationRequest
+    from pipelines.models.loading import load_components, read_header
 
     state, out = tiny_run
     header = read_header(out)

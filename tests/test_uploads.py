@@ -12,9 +12,9 @@ import requests
 from gradio.data_classes import FileData
 from PIL import Image
 
-from pipelines.request import RequestError
-from pipelines.settings import EngineSettings
-from pipelines.uploads import UploadLimits
+from pipelines.core.request import RequestError
+from pipelines.core.settings import EngineSettings
+from pipelines.core.uploads import UploadLimits
 from webui.api import create_app
 from webui.api.errors import ApiError
 from webui.api.images import decode_image

@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from pipelines import tiling, upscalers
+from pipelines.core.progress import JobControl
+from pipelines.core.request import RequestError, UpscaleRequest
+from pipelines.core.settings import EngineSettings, Paths
 from pipelines.engine import Engine
-from pipelines.progress import JobControl
-from pipelines.request import RequestError, UpscaleRequest
-from pipelines.settings import EngineSettings, Paths
+from pipelines.generate import tiling, upscalers
 
 
 def write_tiny_esrgan(path: Path, scale: int = 4, seed: int = 0) -> Path:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.request import RequestError
-from pipelines.upscalers import Upscaler, get_upscaler, upscale_image, upscaler_names
+from pipelines.core.request import RequestError
+from pipelines.generate.upscalers import Upscaler, get_upscaler, upscale_image, upscaler_names
 
 
 def _image(w=40, h=30) -> Image.Image:

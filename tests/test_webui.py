@@ -12,8 +12,8 @@ import gradio as gr
 import pytest
 from PIL import Image
 
-from pipelines.progress import JobControl, Progress
-from pipelines.request import GenerationRequest, GenerationResult, RequestError, UpscaleRequest
+from pipelines.core.progress import JobControl, Progress
+from pipelines.core.request import GenerationRequest, GenerationResult, RequestError, UpscaleRequest
 from webui import convert
 from webui.app import build_ui
 from webui.jobs import JobRegistry
@@ -479,7 +479,7 @@ class QueuedFakeEngine(FakeEngine):
 
     def __init__(self, max_waiting=4):
         super().__init__()
-        from pipelines.jobs import JobQueue
+        from pipelines.core.jobs import JobQueue
 
         self.queue = JobQueue(max_waiting)
 

@@ -23,16 +23,15 @@ import spaces
 from fastapi.testclient import TestClient
 from PIL import Image
 from spaces.zero.gradio import error as spaces_error
+from test_upscale_models import write_tiny_compact
 
-from pipelines import zerogpu
-from pipelines.request import GenerationRequest, RequestError, UpscaleRequest
-from pipelines.zerogpu import GpuLease, ZeroGPUError, clamp_seconds, generation_seconds
+from pipelines.core.request import GenerationRequest, RequestError, UpscaleRequest
+from pipelines.core.settings import EngineSettings, Paths
+from pipelines.engine import Engine
+from pipelines.hosting import zerogpu
+from pipelines.hosting.zerogpu import GpuLease, ZeroGPUError, clamp_seconds, generation_seconds
 from webui.api import ApiOptions, create_app
 from webui.app import call_engine
-
-from pipelines.engine import Engine
-from pipelines.settings import EngineSettings, Paths
-from test_upscale_models import write_tiny_compact
 
 CKPT = "tiny.safetensors"
 SMALL = dict(checkpoint=CKPT, width=64, height=64, steps=2, sampler="Euler", save_images=False)
@@ -276,7 +275,7 @@ def test_model_upscale_and_sd_upscale_borrow_the_gpu(zero_engine, zero_gpu):
 
 
 def test_the_hosted_page_tells_visitors_about_zero_gpu(zero_engine, engine):
-    from pipelines.space import GPU_LIMITS, LimitedEngine
+    from pipelines.hosting.space import GPU_LIMITS, LimitedEngine
     from webui.space import notice_text
 
     hosted = notice_text(LimitedEngine(zero_engine, GPU_LIMITS), True, GPU_LIMITS, "someone/sdui")
@@ -285,7 +284,7 @@ def test_the_hosted_page_tells_visitors_about_zero_gpu(zero_engine, engine):
 
 
 def test_a_job_interrupted_while_waiting_borrows_no_gpu(zero_engine, zero_gpu):
-    from pipelines.progress import JobControl
+    from pipelines.core.progress import JobControl
 
     control = JobControl()
     control.interrupt()

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 try:
-    from pipelines import export
+    from pipelines.models import export
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from pipelines import export
+    from pipelines.models import export
 
 save_sd1_checkpoint = export.save_sd1_checkpoint
 

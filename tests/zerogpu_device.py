@@ -56,15 +56,15 @@ def main(models_dir: str) -> dict:
                       SPACES_ZERO_DEVICE_API_URL=f"http://127.0.0.1:{server.server_address[1]}")
     sys.path.insert(0, str(REPO))
 
-    from pipelines.zerogpu import import_spaces
+    from pipelines.hosting.zerogpu import import_spaces
 
     import_spaces()  # before torch is imported, as webui.cli does
     from PIL import Image
 
+    from pipelines.core.request import GenerationRequest, UpscaleRequest
+    from pipelines.core.settings import EngineSettings, Paths
     from pipelines.engine import Engine
-    from pipelines.request import GenerationRequest, UpscaleRequest
-    from pipelines.settings import EngineSettings, Paths
-    from pipelines.zerogpu import ZeroGPUError, clamp_seconds, generation_seconds
+    from pipelines.hosting.zerogpu import ZeroGPUError, clamp_seconds, generation_seconds
 
     engine = Engine(Paths(models_dir=Path(models_dir), data_dir=work / "data", outdir=work / "outputs"),
                     EngineSettings())

@@ -16,7 +16,7 @@ is a `gr.State`. Interrupt/Skip use `WebUI.jobs`, a `JobRegistry` keyed by
 `gr.Request.session_hash` (see `webui.jobs`).
 
 Concurrency: generate, upscale and SD upscale wait in the engine's one fair queue, shared
-with the REST API (pipelines.jobs): their Gradio group ("queued") lets as many handlers in as
+with the REST API (pipelines.core.jobs): their Gradio group ("queued") lets as many handlers in as
 that queue holds, each shows "Waiting: N jobs ahead of you" until its turn, and a full queue
 is a warning toast ("Queue full (N waiting), try again in a moment"), not an error. Loading a
 checkpoint by hand keeps the group "generate" with limit 1. Interrupt/Skip are queued in their
@@ -33,10 +33,10 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from pipelines.jobs import JobCancelled, QueueFull
-from pipelines.request import INPAINT_FILLS, LIMITS, MAX_SEED, RESIZE_MODES, RequestError
-from pipelines.uploads import UploadLimits
-from pipelines.zerogpu import ZeroGPUError
+from pipelines.core.jobs import JobCancelled, QueueFull
+from pipelines.core.request import INPAINT_FILLS, LIMITS, MAX_SEED, RESIZE_MODES, RequestError
+from pipelines.core.uploads import UploadLimits
+from pipelines.hosting.zerogpu import ZeroGPUError
 
 from . import checkpoints_tab, convert, extensions_tab, networks_tab, pnginfo_tab, upscale_tab
 from .jobs import JobRegistry

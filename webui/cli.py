@@ -20,10 +20,10 @@ from typing import Any, Sequence
 
 from starlette.middleware import Middleware
 
-from pipelines.jobs import DEFAULT_MAX_WAITING
-from pipelines.settings import REPO_ROOT, EngineSettings, Paths
-from pipelines.space import limits_for, running_on_space, space_id
-from pipelines.uploads import DEFAULT_MAX_UPLOAD_MB, DEFAULT_MAX_UPLOAD_MEGAPIXELS
+from pipelines.core.jobs import DEFAULT_MAX_WAITING
+from pipelines.core.settings import REPO_ROOT, EngineSettings, Paths
+from pipelines.core.uploads import DEFAULT_MAX_UPLOAD_MB, DEFAULT_MAX_UPLOAD_MEGAPIXELS
+from pipelines.hosting.space import limits_for, running_on_space, space_id
 
 from .guards import NoUrlFetch
 
@@ -148,7 +148,7 @@ def paths_from_args(args: argparse.Namespace, space: bool = False) -> Paths:
     models_dir = args.models_dir or REPO_ROOT / "models"
     data_dir, outdir = args.data_dir or REPO_ROOT / "data", args.outdir or REPO_ROOT / "outputs"
     if space:
-        from pipelines.space import space_paths
+        from pipelines.hosting.space import space_paths
 
         outdir, data_dir = space_paths(args)  # /data (persistent storage) when mounted
     return Paths(
@@ -252,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     paths = paths_from_args(args, space)
     settings = settings_from_args(args, space)
 
-    from pipelines.zerogpu import import_spaces
+    from pipelines.hosting.zerogpu import import_spaces
 
     import_spaces()  # on ZeroGPU `spaces` must patch torch before diffusers & co. look at CUDA
     engine_future = start_engine(paths, settings)
@@ -264,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(line, file=sys.stderr)
     limits = None
     if space:
-        from pipelines.space import ZERO_GPU_NOTE, LimitedEngine, on_zero_gpu
+        from pipelines.hosting.space import ZERO_GPU_NOTE, LimitedEngine, on_zero_gpu
 
         if on_zero_gpu():
             print(ZERO_GPU_NOTE, file=sys.stderr)
@@ -370,7 +370,7 @@ def discover_extensions(engine, args: argparse.Namespace, space: bool = False) -
 def fetch_hf_checkpoint(args: argparse.Namespace) -> Path | None:
     """--hf-checkpoint: download into the user's checkpoint folder and make it the default
     (unless --ckpt names another). A failure is said and the app starts without it."""
-    from pipelines.hub import HubError, fetch_checkpoint
+    from pipelines.hosting.hub import HubError, fetch_checkpoint
 
     folder = Path(args.ckpt_dir or Path(args.models_dir or REPO_ROOT / "models") / "Stable-diffusion")
     print(f"Fetching {args.hf_checkpoint} into {folder} ...", file=sys.stderr, flush=True)
@@ -396,11 +396,11 @@ def api_options(space: bool):
 
 def serve_api_only(engine, args: argparse.Namespace, space: bool = False, on_serving=None) -> int:
     """--nowebui: the REST API alone, on the same port and with the same URL line."""
+    import socket
+
     import uvicorn
 
     from .api import create_app
-
-    import socket
 
     host = "0.0.0.0" if (args.listen or space) else "127.0.0.1"
     app = create_app(engine, auth=api_credentials(args, space), options=api_options(space), cmd_flags=vars(args))

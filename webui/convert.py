@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping
 
 from PIL import Image
 
-from pipelines.request import GenerationRequest, RequestError, UpscaleRequest
+from pipelines.core.request import GenerationRequest, RequestError, UpscaleRequest
 
 REQUEST_FIELDS = frozenset(f.name for f in dataclasses.fields(GenerationRequest))
 
@@ -256,7 +256,7 @@ def ui_values_from_infotext(text: str, names: Iterable[Any] = ()) -> dict[str, A
     pick one of them as "checkpoint". "_model_hint" carries the model the text named, so the
     caller can say when it is not there.
     """
-    from pipelines import infotext
+    from pipelines.core import infotext
 
     fields = infotext.request_fields_from_infotext(text or "")
     hints = {key: fields.pop(key) for key in ("model_name", "model_hash", "vae_name", "vae_hash") if key in fields}

@@ -4,7 +4,7 @@ One `JobRegistry` is created per built UI (inside `build_ui`, never at import ti
 Gradio's `session_hash`, which is unique per open page. A job is registered when its handler
 starts, before it waits in the engine's queue, and removed when it ends; Interrupt/Skip look
 the caller's session up and flip that job's `JobControl` only. A job interrupted while it still
-waits leaves the queue at once (pipelines.jobs.JobCancelled) without running.
+waits leaves the queue at once (pipelines.core.jobs.JobCancelled) without running.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
-from pipelines.progress import JobControl
+from pipelines.core.progress import JobControl
 
 
 class JobRegistry:

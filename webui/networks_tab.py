@@ -21,7 +21,7 @@ from typing import Any
 
 import gradio as gr
 
-from pipelines.styles import style_database  # noqa: F401 - also used by tests through this module
+from pipelines.core.styles import style_database  # noqa: F401 - also used by tests through this module
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The PNG Info tab: drop an image, see how it was made, send its settings to a tab.
 
 `build(webui, tabs)` lays out the tab inside the `gr.Tab` the app opened; `tabs` is the
-`gr.Tabs` the "Send to" buttons switch. Reading is `pipelines.metadata_read` (this app's,
+`gr.Tabs` the "Send to" buttons switch. Reading is `pipelines.core.metadata_read` (this app's,
 A1111's, ComfyUI's, InvokeAI's and Fooocus' metadata, all in A1111 terms); sending reuses the
 "Read parameters" path (`WebUI.read_parameters`) on the A1111 text shown in the tab, so
 whatever the user edits there is what gets sent.
@@ -18,7 +18,7 @@ from typing import Any
 import gradio as gr
 from PIL import Image, UnidentifiedImageError
 
-from pipelines.metadata_read import ImageMetadata, read_image_metadata
+from pipelines.core.metadata_read import ImageMetadata, read_image_metadata
 
 from . import convert
 

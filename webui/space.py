@@ -1,11 +1,11 @@
 """The web UI as a hosted demo (Hugging Face Space): paths, launch options, the header note.
 
 `webui.cli` decides whether this is a Space (`--space`, or `SPACE_ID` / `SYSTEM=spaces` in the
-environment, see `pipelines.space`) and then uses the helpers here:
+environment, see `pipelines.hosting.space`) and then uses the helpers here:
 
-- `pipelines.space.space_paths(args)`: outputs and caches under the Space's persistent
+- `pipelines.hosting.space.space_paths(args)`: outputs and caches under the Space's persistent
   storage (`/data`) when it is mounted, else in the repository as usual; models stay in `models/`;
-- the engine is wrapped in `pipelines.space.LimitedEngine` (limits for the UI and the API);
+- the engine is wrapped in `pipelines.hosting.space.LimitedEngine` (limits for the UI and the API);
 - `apply_space_ui(blocks, limits)`: slider maxima and defaults from the limits;
 - `add_notice(blocks, text_fn)`: a note at the top of the page (hosted demo, limits, and where
   to put a checkpoint when there is none), refreshed on every page load;
@@ -21,11 +21,12 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from pipelines.settings import REPO_ROOT, Paths
-from pipelines.space import ZERO_GPU_NOTE, SpaceLimits
+from pipelines.core.settings import REPO_ROOT, Paths
+from pipelines.hosting.space import ZERO_GPU_NOTE, SpaceLimits
 
 from .api.errors import bad_field
 from .api.options import ApiOptions
+
 
 def no_checkpoint_text(paths: Paths, hosted: bool) -> str:
     folder = paths.folder("checkpoints")

@@ -13,8 +13,8 @@ from typing import Any, Iterator
 import gradio as gr
 from pydantic import BaseModel
 
-from pipelines.request import RequestError
-from pipelines.uploads import UploadLimits
+from pipelines.core.request import RequestError
+from pipelines.core.uploads import UploadLimits
 
 from . import convert
 

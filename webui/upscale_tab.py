@@ -20,7 +20,7 @@ from typing import Any, Callable
 import gradio as gr
 from PIL import Image
 
-from pipelines.request import HR_SAME_SAMPLER, LIMITS, RequestError, UpscaleRequest
+from pipelines.core.request import HR_SAME_SAMPLER, LIMITS, RequestError, UpscaleRequest
 
 from . import convert
 
@@ -225,7 +225,7 @@ def _sd_upscale_options(webui: Any, names: list[str]) -> dict:
 def make_sd_upscale_handler(webui: Any) -> Callable[..., tuple]:
     def sd_upscale(request: gr.Request = None, progress=gr.Progress(), image=None, checkpoint=None,
                    sd_upscaler="Lanczos", sd_scale=2.0, sd_overlap=64, **fields):
-        from pipelines.request import GenerationRequest
+        from pipelines.core.request import GenerationRequest
 
         from .app import _gallery_items, show_notices, unchanged
 

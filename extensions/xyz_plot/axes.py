@@ -26,13 +26,13 @@ class AxisType:
 
 
 def _samplers() -> list[str]:
-    from pipelines import samplers
+    from pipelines.core import samplers
 
     return list(samplers.SAMPLER_NAMES)
 
 
 def _schedules() -> list[str]:
-    from pipelines import samplers
+    from pipelines.core import samplers
 
     return list(samplers.SCHEDULE_TYPES)
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from . import export, train
-from .state import Log, fmt_duration, write_json
+from pipelines.training import export, train
+from pipelines.training.state import Log, fmt_duration, write_json
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

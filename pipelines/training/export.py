@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from .. import export as sd_export
-from . import models
-from .state import load
+from pipelines.models import export as sd_export
+from pipelines.training import models
+from pipelines.training.state import load
 
 TITLE = "Demo: coloured shapes (64 px)"
 DESCRIPTION = (

@@ -1,7 +1,7 @@
 """Model configurations of the demo model (and of the tiny preset the tests use).
 
 All of them follow the SD 1.x conventions the project's loader infers from tensor shapes
-(``pipelines/loading.py``): 32 norm groups, 8 heads per U-Net attention, conv ``proj_in``,
+(``pipelines/models/loading.py``): 32 norm groups, 8 heads per U-Net attention, conv ``proj_in``,
 a CLIP text encoder with head width 64, quick-GELU, the real 49408-token vocabulary and
 77 positions, a factor-8 KL autoencoder with 4 latent channels and a mid-block attention,
 latent scaling factor 0.18215 (the VAE is normalised so that this holds, see

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..fileio import atomic_path, write_bytes_atomic
+from pipelines.core.fileio import atomic_path, write_bytes_atomic
 
 
 def atomic_save(obj, path: Path) -> None:

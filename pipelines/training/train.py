@@ -20,10 +20,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import data, models
+from pipelines.core import samplers
+from pipelines.generate import prompts
+
 # the engine modules sampling and tokenising use, imported now rather than halfway through a run
-from .. import families, loading, prompts, samplers  # noqa: F401
-from .state import Log, Meter, atomic_save, load
+from pipelines.models import families, loading  # noqa: F401
+from pipelines.training import data, models
+from pipelines.training.state import Log, Meter, atomic_save, load
 
 
 @dataclass
@@ -234,15 +237,15 @@ def train_vae(state_dir: Path, settings: Settings, log: Log, stop_at: int | None
 # --- latents ------------------------------------------------------------------------------------
 
 def tokenizer():
-    from ..families import SD1
-    from ..loading import load_tokenizer
+    from pipelines.models.families import SD1
+    from pipelines.models.loading import load_tokenizer
 
     return load_tokenizer(SD1.text_encoders[0])
 
 
 def token_ids(tok, texts: list[str]) -> torch.Tensor:
     """[n, 77] ids exactly as the engine builds them (BOS, tokens, EOS, EOS padding)."""
-    from ..prompts import _chunk_ids
+    from pipelines.generate.prompts import _chunk_ids
 
     rows = []
     for text in texts:
@@ -328,8 +331,8 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 def sample_images(unet, text_encoder, vae, prompts: list[str], seeds: list[int], steps: int = 20,
                   cfg: float = 6.0, sampler: str = "DPM++ 2M") -> np.ndarray:
     """txt2img at 64x64 the way the engine does it (same noise, schedule and sampler table)."""
-    from .. import samplers
-    from ..families import SD1
+    from pipelines.core import samplers
+    from pipelines.models.families import SD1
 
     tok = tokenizer()
     cond = encode_text(text_encoder, token_ids(tok, prompts))

@@ -29,9 +29,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
-from pipelines.jobs import QueueFull
-from pipelines.request import RequestError
-from pipelines.zerogpu import ZeroGPUError
+from pipelines.core.jobs import QueueFull
+from pipelines.core.request import RequestError
+from pipelines.hosting.zerogpu import ZeroGPUError
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def validation_error(exc: RequestValidationError) -> JSONResponse:
 
 
 def _named(exc: BaseException, *names: str) -> bool:
-    # pipelines.loading imports torch, which webui/ must not: recognise its errors by name
+    # pipelines.models.loading imports torch, which webui/ must not: recognise its errors by name
     return any(cls.__name__ in names for cls in type(exc).__mro__)
 
 

@@ -12,8 +12,8 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
-from pipelines.request import RequestError
-from pipelines.uploads import UploadLimits
+from pipelines.core.request import RequestError
+from pipelines.core.uploads import UploadLimits
 
 from .errors import bad_field
 

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines import samplers
-from pipelines.request import LIMITS
+from pipelines.core import samplers
+from pipelines.core.request import LIMITS
 
 from .errors import bad_field
 from .models import GenerationFields
+
 
 @dataclass(frozen=True)
 class SchedulerInfo:

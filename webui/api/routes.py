@@ -18,17 +18,26 @@ import anyio
 from fastapi import APIRouter, Body, Request
 from PIL import Image
 
-from pipelines import samplers
-from pipelines.infotext import parse_infotext
-from pipelines.jobs import DEFAULT_MAX_WAITING
-from pipelines.outputs import read_infotext
-from pipelines.request import RequestError
+from pipelines.core import samplers
+from pipelines.core.infotext import parse_infotext
+from pipelines.core.jobs import DEFAULT_MAX_WAITING
+from pipelines.core.outputs import read_infotext
+from pipelines.core.request import RequestError
 
 from . import images, names
 from . import translate as tr
 from .errors import API_OWNER, bad_field, is_checkpoint_error, owner_of, route_class
-from .models import (ExtrasSingleImageRequest, ExtrasSingleImageResponse, GenerationFields, GenerationResponse,
-                     Img2ImgRequest, PNGInfoRequest, PNGInfoResponse, ProgressResponse, Txt2ImgRequest)
+from .models import (
+    ExtrasSingleImageRequest,
+    ExtrasSingleImageResponse,
+    GenerationFields,
+    GenerationResponse,
+    Img2ImgRequest,
+    PNGInfoRequest,
+    PNGInfoResponse,
+    ProgressResponse,
+    Txt2ImgRequest,
+)
 from .options import ApiOptions
 
 PREFIX = "/sdapi/v1"

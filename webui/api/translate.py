@@ -13,11 +13,11 @@ from typing import Any, Iterable, Mapping
 
 from PIL import Image
 
-from pipelines import infotext as infotexts
-from pipelines import samplers
-from pipelines.styles import apply_styles, style_database
-from pipelines.request import INPAINT_FILLS, RESIZE_MODES, GenerationRequest, RequestError, UpscaleRequest
-from pipelines.uploads import UploadLimits
+from pipelines.core import infotext as infotexts
+from pipelines.core import samplers
+from pipelines.core.request import INPAINT_FILLS, RESIZE_MODES, GenerationRequest, RequestError, UpscaleRequest
+from pipelines.core.styles import apply_styles, style_database
+from pipelines.core.uploads import UploadLimits
 
 from .errors import ApiError, bad_field
 from .extensions import extension_args

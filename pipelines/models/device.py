@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .settings import EngineSettings
+from pipelines.core.settings import EngineSettings
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,8 @@ import pickle
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from .request import GenerationRequest, UpscaleRequest
-from .space import on_zero_gpu
+from pipelines.core.request import GenerationRequest, UpscaleRequest
+from pipelines.hosting.space import on_zero_gpu
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ crashes on an input, this module does something harmless instead; each such plac
 
 Order in which A1111 applies the pieces to a positive prompt (the encoder should do the same):
 
-1. styles (``pipelines.styles``);
+1. styles (``pipelines.core.styles``);
 2. ``extract_extra_networks``: every ``<word:...>`` tag is cut out of the text;
 3. ``split_and``: composable-diffusion sub-prompts ``a AND b:0.5`` (positive prompt only);
 4. ``prompt_schedule`` on each sub-prompt: ``[from:to:when]``, ``[a|b]`` → text per step;

@@ -122,7 +122,7 @@ def module_index(unet, encoders: list[tuple[str, torch.nn.Module]]) -> dict[str,
     `encoders` pairs each text encoder with its diffusers prefix ("text_encoder" answers to
     kohya's ``lora_te_`` and ``lora_te1_``, "text_encoder_2" to ``lora_te2_``). Call it on
     modules without peft layers (their paths change while adapters are in)."""
-    from .export import unet_to_ldm
+    from pipelines.models.export import unet_to_ldm
 
     index: dict[str, tuple[torch.nn.Module, str]] = {}
     layers = {name for name, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}

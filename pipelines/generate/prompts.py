@@ -1,9 +1,9 @@
 """Prompt text -> text-encoder conditioning, in A1111's prompt language.
 
-What a prompt goes through (the order of `pipelines.prompt_parser`):
+What a prompt goes through (the order of `pipelines.core.prompt_parser`):
 
 1. ``<lora:...>``-style tags are cut out of the positive prompt (the engine applies the
-   networks; see `pipelines.lora`). ``AND`` sub-prompts are joined into one text
+   networks; see `pipelines.generate.lora`). ``AND`` sub-prompts are joined into one text
    (composable diffusion is not implemented; their weights are ignored).
 2. ``prompt_schedule`` gives the texts over the run (``[from:to:when]``, ``[a|b]``).
    `PromptConditioning.at(step, steps)` picks the text of a step; each distinct text is
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import prompt_parser
+from pipelines.core import prompt_parser
 
 CHUNK = 75  # tokens per chunk, plus BOS and EOS
 COMMA_BACKTRACK = 20  # A1111's "comma padding backtrack" default

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .jobs import DEFAULT_MAX_WAITING
-from .uploads import DEFAULT_MAX_UPLOAD_MB, DEFAULT_MAX_UPLOAD_MEGAPIXELS
+from pipelines.core.jobs import DEFAULT_MAX_WAITING
+from pipelines.core.uploads import DEFAULT_MAX_UPLOAD_MB, DEFAULT_MAX_UPLOAD_MEGAPIXELS
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # Checkpoints shipped inside the package (a demo model), searched after the user's folder.
-DEMO_CHECKPOINT_DIR = Path(__file__).resolve().parent / "demo"
+DEMO_CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "demo"
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class Paths:
         }.get(kind)
         if override is not None:
             return Path(override)
-        from .registry import MODEL_KINDS
+        from pipelines.models.registry import MODEL_KINDS
 
         return Path(self.models_dir) / MODEL_KINDS[kind].folder
 
@@ -57,7 +57,7 @@ class EngineSettings:
     default_checkpoint: str | None = None  # --ckpt
     ram_budget_gb: float | None = None  # model cache budget; None = derived from the machine
     # A public hosted demo (Hugging Face Space, `--space`): limits on requests, no extension
-    # installs, no server-default changes from the UI or the API. See pipelines/space.py.
+    # installs, no server-default changes from the UI or the API. See pipelines/hosting/space.py.
     hosted: bool = False
     max_queue_size: int | None = DEFAULT_MAX_WAITING  # jobs waiting (UI and API together); None = no bound
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB  # one uploaded image file (API: the decoded base64)

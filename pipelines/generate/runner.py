@@ -15,11 +15,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import images, samplers
-from .families import AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE
-from .progress import JobControl, Progress, ProgressCallback
-from .prompts import encode_prompts
-from .request import GenerationRequest
+from pipelines.core import samplers
+from pipelines.core.progress import JobControl, Progress, ProgressCallback
+from pipelines.core.request import GenerationRequest
+from pipelines.generate import images
+from pipelines.generate.prompts import encode_prompts
+from pipelines.models.families import AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE
 
 
 @dataclass
@@ -337,7 +338,7 @@ def run(components, device, request: GenerationRequest, on_progress: ProgressCal
         control: JobControl | None = None, embeddings=(), on_step=None, first_batch: int = 0):
     """Generate every batch of a request whose seeds are resolved; yields BatchOutput per batch.
 
-    `embeddings`: textual inversions the prompts may name (`pipelines.embeddings`).
+    `embeddings`: textual inversions the prompts may name (`pipelines.generate.embeddings`).
     `first_batch`: start there (a retry after running out of memory); seeds stay those of the batch."""
     control = control or JobControl()
     width = request.width or components.spec.native_resolution

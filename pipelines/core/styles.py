@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .fileio import write_bytes_atomic
+from pipelines.core.fileio import write_bytes_atomic
 
 __all__ = [
     "PromptStyle",

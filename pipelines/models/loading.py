@@ -35,8 +35,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .registry import metadata_card
-from .families import (
+from pipelines.models.families import (
     EPSILON,
     FAMILIES,
     SD1,
@@ -51,8 +50,9 @@ from .families import (
     UnsupportedCheckpoint,
     detect_family,
 )
+from pipelines.models.registry import metadata_card
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 TOKENIZER_DIR = CONFIG_DIR / "clip_tokenizer"
 EMA_PREFIX = "model_ema."
 

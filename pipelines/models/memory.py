@@ -34,8 +34,8 @@ from typing import Iterator
 import psutil
 import torch
 
-from .device import Placement
-from .request import RequestError
+from pipelines.core.request import RequestError
+from pipelines.models.device import Placement
 
 U_WORK = 56  # resnet/attention/feed-forward buffers, in units of C_0 * h * w (measured 49-61)
 V_WORK = 7  # decoder buffers at full resolution, in units of C_up * H * W (measured 5.0-8.5)

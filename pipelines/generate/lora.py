@@ -25,7 +25,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .prompt_parser import ExtraNetwork, extract_extra_networks
+from pipelines.core.prompt_parser import ExtraNetwork, extract_extra_networks
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def read_state_dict(path: Path) -> dict:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    from .loading import _torch_state_dict
+    from pipelines.models.loading import _torch_state_dict
 
     return _torch_state_dict(path)
 
@@ -200,7 +200,7 @@ class _Prepared:
 
 
 def _prepare(use: LoraUse, adapter: str, warnings) -> _Prepared | None:
-    from . import lycoris
+    from pipelines.generate import lycoris
 
     try:
         plain, layers, unknown = lycoris.split(read_state_dict(use.path))
@@ -223,7 +223,7 @@ def applied(components, uses: list[LoraUse], warnings: list[str] | None = None):
     if not uses:
         yield []
         return
-    from . import lycoris
+    from pipelines.generate import lycoris
 
     encoders = _text_encoder_prefixes(components)
     try:

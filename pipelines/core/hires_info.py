@@ -36,8 +36,8 @@ def fields_from_infotext(info: dict[str, str]) -> dict[str, object]:
 
     Never raises; values out of range or unknown samplers are left out, so
     `request.replace(**fields)` cannot fail on them. Empty when the text has no hires keys."""
-    from . import samplers
-    from .request import LIMITS
+    from pipelines.core import samplers
+    from pipelines.core.request import LIMITS
 
     def number(key: str, field: str, kind=float):
         try:

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .fileio import atomic_path
+from pipelines.core.fileio import atomic_path
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

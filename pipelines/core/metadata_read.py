@@ -27,9 +27,9 @@ from typing import IO, Any, Mapping
 
 from PIL import Image
 
-from . import samplers
-from .infotext import build_infotext, parse_infotext
-from .outputs import read_infotext
+from pipelines.core import samplers
+from pipelines.core.infotext import build_infotext, parse_infotext
+from pipelines.core.outputs import read_infotext
 
 # Formats, as shown to the user.
 A1111 = "A1111 parameters"

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .fileio import write_json_atomic
+from pipelines.core.fileio import write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -442,7 +442,7 @@ def metadata_card(metadata: dict) -> dict[str, str]:
 
 def _describe_lazily(path: Path) -> dict:
     try:
-        from .loading import describe, read_header
+        from pipelines.models.loading import describe, read_header
 
         return describe(read_header(path))
     except Exception as exc:  # a broken folder is listed with its error

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from .request import GenerationRequest, RequestError, UpscaleRequest
+from pipelines.core.request import GenerationRequest, RequestError, UpscaleRequest
 
 # Set by Hugging Face on every Space (https://huggingface.co/docs/hub/spaces-overview#helper-environment-variables)
 SPACE_ENV = ("SPACE_ID", "SYSTEM")
@@ -45,7 +45,7 @@ def persistent_root(root: Path | None = None) -> Path | None:
 def space_paths(args: Any, root: Path | None = None) -> tuple[Path, Path]:
     """(outdir, data_dir) for a Space: --outdir/--data-dir first, then the persistent storage
     (/data) when mounted, then the repository's outputs/ and data/ as without a Space."""
-    from .settings import REPO_ROOT
+    from pipelines.core.settings import REPO_ROOT
 
     storage = persistent_root(root)
     outdir = args.outdir or (storage / "outputs" if storage else REPO_ROOT / "outputs")

@@ -21,9 +21,16 @@ from pathlib import Path
 import psutil
 import torch
 
-from . import memory
-from .device import Placement, apply_attention
-from .loading import Components, inspect_checkpoint, load_components, load_vae, modules_nbytes, read_header
+from pipelines.models import memory
+from pipelines.models.device import Placement, apply_attention
+from pipelines.models.loading import (
+    Components,
+    inspect_checkpoint,
+    load_components,
+    load_vae,
+    modules_nbytes,
+    read_header,
+)
 
 UNET_VAE_TEXT = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
 

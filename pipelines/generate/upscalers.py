@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 
 from PIL import Image
 
-from .request import RequestError
+from pipelines.core.request import RequestError
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +305,7 @@ class ModelUpscaler:
         import numpy as np
         import torch
 
-        from . import tiling
+        from pipelines.generate import tiling
 
         array = np.asarray(image, dtype=np.float32) / 255.0
         if array.ndim == 2:

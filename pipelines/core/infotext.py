@@ -19,8 +19,8 @@ import json
 import re
 from typing import Any, Mapping
 
-from . import hires_info, samplers
-from .request import INPAINT_FILLS, LIMITS, MAX_SEED
+from pipelines.core import hires_info, samplers
+from pipelines.core.request import INPAINT_FILLS, LIMITS, MAX_SEED
 
 NEGATIVE_PREFIX = "Negative prompt:"
 

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 from PIL import Image
 
-from . import samplers
+from pipelines.core import samplers
 
 MODES = ("txt2img", "img2img", "inpaint")
 RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")

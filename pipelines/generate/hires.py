@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import runner, tiling
-from .progress import JobControl, Progress, ProgressCallback
-from .prompts import encode_prompts
-from .request import GenerationRequest
-from .hires_info import fields_from_infotext, infotext_params  # noqa: F401 (re-exported)
-from .upscalers import LATENT_MODES
+from pipelines.core.hires_info import fields_from_infotext, infotext_params  # noqa: F401 (re-exported)
+from pipelines.core.progress import JobControl, Progress, ProgressCallback
+from pipelines.core.request import GenerationRequest
+from pipelines.generate import runner, tiling
+from pipelines.generate.prompts import encode_prompts
+from pipelines.generate.upscalers import LATENT_MODES
 
 PixelUpscale = Callable[[Image.Image, tuple[int, int]], Image.Image]
 
@@ -136,7 +136,7 @@ def run(components, device, request: GenerationRequest, upscale_pixels: PixelUps
 
 
 def _timesteps(components, request: GenerationRequest, device):
-    from . import samplers
+    from pipelines.core import samplers
 
     scheduler = samplers.make_scheduler(request.sampler, request.schedule_type, components.scheduler_config)
     scheduler.set_timesteps(request.steps, device=device)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from .request import RequestError
+from pipelines.core.request import RequestError
 
 DEFAULT_MAX_UPLOAD_MB = 50.0
 DEFAULT_MAX_UPLOAD_MEGAPIXELS = 64.0

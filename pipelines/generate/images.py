@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageFilter
 
-from .request import RESIZE_MODES, RequestError
+from pipelines.core.request import RESIZE_MODES, RequestError
 
 LANCZOS = Image.Resampling.LANCZOS
 # Flattening colour for transparent init images (A1111's img2img background default).
