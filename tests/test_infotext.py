@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,9 +13,9 @@ from pipelines.core.infotext import (
     generation_params,
     parse_infotext,
     request_fields_from_infotext,
-    split_sampler_name,
 )
 from pipelines.core.request import GenerationRequest
+from pipelines.core.samplers import split_sampler_name
 
 # A real-looking A1111 1.6 text: quoted values with commas and colons, a pre-1.9 sampler name
 # carrying the schedule, a LoRA tag whose colons must stay in the prompt.
@@ -198,10 +199,8 @@ def test_split_sampler_name():
 
 
 def test_module_does_not_import_torch():
-    import subprocess
-
-    code = "import sys, pipelines.core.infotext, pipelines.generate.images, pipelines.core.outputs, pipelines.generate.upscalers; " \
-           "print('torch' in sys.modules)"
+    code = ("import sys, pipelines.core.infotext, pipelines.generate.images, pipelines.core.outputs, "
+            "pipelines.generate.upscalers; print('torch' in sys.modules)")
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
     assert out.stdout.strip() == "False"

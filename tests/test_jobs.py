@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from pipelines.core.jobs import JobQueue, QueueFull
+from pipelines.core.jobs import JobCancelled, JobQueue, QueueFull
 
 
 def test_jobs_run_one_at_a_time_in_arrival_order():
@@ -116,8 +116,6 @@ def test_a_job_that_starts_at_once_hears_nothing_and_check_room_refuses_early():
 
 
 def test_a_job_interrupted_while_it_waits_leaves_the_queue_without_running():
-    from pipelines.core.jobs import JobCancelled
-
     queue = JobQueue()
     release, entered = threading.Event(), threading.Event()
     first = threading.Thread(target=hold_slot, args=(queue, "a", entered, release))

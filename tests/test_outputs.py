@@ -108,19 +108,19 @@ def test_failure_at_rename_leaves_nothing_and_raises_output_error(tmp_path, monk
 
 
 def test_failure_while_writing_leaves_nothing_and_raises_output_error(tmp_path, monkeypatch):
-    real_write = outputs._write_png
+    real_write = outputs.write_png
 
     def half_written(image, handle, infotext):
         real_write(image, handle, infotext)  # some bytes reach the temp file...
         raise OSError(errno.EIO, "Input/output error")  # ...then the device fails
 
-    monkeypatch.setattr(outputs, "_write_png", half_written)
+    monkeypatch.setattr(outputs, "write_png", half_written)
     with pytest.raises(OutputError):
         save_image(_image(), tmp_path, "txt2img-images", seed=1, infotext=INFO, now=NOW)
     assert _all_files(tmp_path) == []
 
     # the next save works and reuses the number (nothing was left behind)
-    monkeypatch.setattr(outputs, "_write_png", real_write)
+    monkeypatch.setattr(outputs, "write_png", real_write)
     path = save_image(_image(), tmp_path, "txt2img-images", seed=1, infotext=INFO, now=NOW)
     assert path.name == "00000-1.png"
 

@@ -12,10 +12,9 @@ import time
 
 import pytest
 
+from pipelines.core.extra_networks import ExtraNetwork, extract_extra_networks
 from pipelines.core.prompt_parser import (
     BREAK,
-    ExtraNetwork,
-    extract_extra_networks,
     is_break,
     parse_attention,
     prompt_schedule,

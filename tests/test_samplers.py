@@ -1,4 +1,4 @@
-"""pipelines.core.samplers: A1111 sampler/schedule names -> diffusers schedulers.
+"""pipelines.core.samplers (A1111 sampler/schedule names) and pipelines.generate.schedulers (-> diffusers schedulers).
 
 Fast CPU tests with a toy denoiser (no model files).
 """
@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from pipelines.core import samplers as S
+from pipelines.generate import schedulers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +49,7 @@ def toy_model(x: torch.Tensor, t) -> torch.Tensor:
 
 def sample(sampler, schedule_type, seeds, steps=6, base=SD15, latents=None):
     """Full sampling loop; the generators draw the initial noise and then the step noise."""
-    sch = S.make_scheduler(sampler, schedule_type, base)
+    sch = schedulers.make_scheduler(sampler, schedule_type, base)
     sch.set_timesteps(steps)
     gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     if latents is None:
@@ -56,7 +57,7 @@ def sample(sampler, schedule_type, seeds, steps=6, base=SD15, latents=None):
     x = latents * sch.init_noise_sigma
     for t in sch.timesteps:
         eps = toy_model(sch.scale_model_input(x, t), t)
-        x = S.step(sch, eps, t, x, gens)
+        x = schedulers.step(sch, eps, t, x, gens)
     return x
 
 
@@ -106,7 +107,7 @@ def test_same_seed_repeats_and_stochastic_flag_matches_behaviour(sampler):
 
 def test_v_prediction_passes_through():
     for sampler in S.SAMPLER_NAMES:
-        sch = S.make_scheduler(sampler, "Automatic", dict(SD15, prediction_type="v_prediction"))
+        sch = schedulers.make_scheduler(sampler, "Automatic", dict(SD15, prediction_type="v_prediction"))
         assert sch.config.prediction_type == "v_prediction", sampler
     x = sample("Euler a", "Automatic", [3], base=dict(SD15, prediction_type="v_prediction"))
     assert torch.isfinite(x).all()
@@ -117,14 +118,14 @@ def test_disallowed_schedule_types_raise(sampler):
     allowed = S.allowed_schedule_types(sampler)
     for bad in [t for t in S.SCHEDULE_TYPES if t not in allowed] + ["Polyexponential"]:
         with pytest.raises(ValueError, match="schedule_type") as exc:
-            S.make_scheduler(sampler, bad, SD15)
+            schedulers.make_scheduler(sampler, bad, SD15)
         for name in allowed:
             assert name in str(exc.value)
 
 
 def test_unknown_sampler_raises():
     with pytest.raises(ValueError, match="sampler"):
-        S.make_scheduler("Euler b", "Automatic", SD15)
+        schedulers.make_scheduler("Euler b", "Automatic", SD15)
     with pytest.raises(ValueError, match="sampler"):
         S.allowed_schedule_types("nope")
 
@@ -138,26 +139,27 @@ def test_automatic_defaults_follow_a1111():
     }
     for sampler, want in expected.items():
         assert S.resolve_schedule_type(sampler, "Automatic") == want
-        cfg = S.make_scheduler(sampler, "Automatic", SD15).config
+        cfg = schedulers.make_scheduler(sampler, "Automatic", SD15).config
         assert cfg.get("use_karras_sigmas", False) == (want == "Karras"), sampler
         assert cfg.get("use_exponential_sigmas", False) == (want == "Exponential"), sampler
 
 
 def test_class_and_fixed_kwargs():
-    sde = S.make_scheduler("DPM++ 2M SDE", "Automatic", SD15)
+    sde = schedulers.make_scheduler("DPM++ 2M SDE", "Automatic", SD15)
     assert type(sde).__name__ == "DPMSolverMultistepScheduler"
     assert sde.config.algorithm_type == "sde-dpmsolver++"
-    assert S.make_scheduler("DPM++ 2M", "Automatic", SD15).config.algorithm_type == "dpmsolver++"
-    assert type(S.make_scheduler("DPM++ SDE", "Automatic", SD15)).__name__ == "DPMSolverSDEScheduler"
+    assert schedulers.make_scheduler("DPM++ 2M", "Automatic", SD15).config.algorithm_type == "dpmsolver++"
+    assert type(schedulers.make_scheduler("DPM++ SDE", "Automatic", SD15)).__name__ == "DPMSolverSDEScheduler"
     assert S.needs_torchsde("DPM++ SDE") and not S.needs_torchsde("DPM++ 2M SDE")
-    assert S.make_scheduler("PLMS", "Automatic", SD15).config.skip_prk_steps is True
+    assert schedulers.make_scheduler("PLMS", "Automatic", SD15).config.skip_prk_steps is True
     # each call is a fresh instance
-    assert S.make_scheduler("Euler", "Automatic", SD15) is not S.make_scheduler("Euler", "Automatic", SD15)
+    euler = schedulers.make_scheduler("Euler", "Automatic", SD15)
+    assert euler is not schedulers.make_scheduler("Euler", "Automatic", SD15)
 
 
 def test_unaccepted_base_keys_dropped_and_flags_not_leaked():
     base = dict(SD15, use_karras_sigmas=True, not_a_scheduler_key=1)
-    euler = S.make_scheduler("Euler", "Automatic", base)
+    euler = schedulers.make_scheduler("Euler", "Automatic", base)
     assert euler.config.use_karras_sigmas is False
     assert "clip_sample" not in euler.config and "not_a_scheduler_key" not in euler.config
     assert "skip_prk_steps" not in euler.config
@@ -166,12 +168,12 @@ def test_unaccepted_base_keys_dropped_and_flags_not_leaked():
 
 def test_spacing():
     # k-diffusion samplers: A1111's plain schedule spans t = 999 .. 0 ("linspace").
-    euler = S.make_scheduler("Euler", "Automatic", SD15)
+    euler = schedulers.make_scheduler("Euler", "Automatic", SD15)
     assert euler.config.timestep_spacing == "linspace"
     euler.set_timesteps(6)
     assert euler.timesteps[0] == 999 and euler.timesteps[-1] == 0
     # SGM Uniform -> trailing
-    sgm = S.make_scheduler("Euler", "SGM Uniform", SD15)
+    sgm = schedulers.make_scheduler("Euler", "SGM Uniform", SD15)
     assert sgm.config.timestep_spacing == "trailing"
     sgm.set_timesteps(6)
     assert sgm.timesteps.tolist() == [999, 832, 666, 499, 332, 166]
@@ -180,10 +182,10 @@ def test_spacing():
 def test_ddim_timesteps_match_a1111():
     a1111 = [t + 1 for t in range(0, 1000, 1000 // 20)][::-1]  # 951 .. 1
     for base in (SD15, dict(SD15, steps_offset=0, timestep_spacing="trailing")):
-        ddim = S.make_scheduler("DDIM", "Automatic", base)
+        ddim = schedulers.make_scheduler("DDIM", "Automatic", base)
         ddim.set_timesteps(20)
         assert ddim.timesteps.tolist() == a1111
-    plms = S.make_scheduler("PLMS", "Automatic", SD15)
+    plms = schedulers.make_scheduler("PLMS", "Automatic", SD15)
     plms.set_timesteps(20)
     assert sorted(set(plms.timesteps.tolist()), reverse=True) == a1111
 
@@ -191,7 +193,7 @@ def test_ddim_timesteps_match_a1111():
 @pytest.mark.parametrize("sampler", [s for s in S.SAMPLER_NAMES if "Karras" in S.allowed_schedule_types(s)])
 def test_karras_changes_the_schedule(sampler):
     def sigmas(schedule_type):
-        sch = S.make_scheduler(sampler, schedule_type, SD15)
+        sch = schedulers.make_scheduler(sampler, schedule_type, SD15)
         sch.set_timesteps(10)
         return sch.sigmas.clone(), sch.timesteps.clone()
 
@@ -207,24 +209,24 @@ def test_karras_changes_the_schedule(sampler):
 
 
 def test_generators_must_match_batch():
-    sch = S.make_scheduler("Euler a", "Automatic", SD15)
+    sch = schedulers.make_scheduler("Euler a", "Automatic", SD15)
     sch.set_timesteps(4)
     x = torch.randn(2, *SHAPE)
     t = sch.timesteps[0]
     with pytest.raises(ValueError, match="generators"):
-        S.step(sch, x, t, sch.scale_model_input(x, t), [torch.Generator()])
+        schedulers.step(sch, x, t, sch.scale_model_input(x, t), [torch.Generator()])
 
 
 def test_sde_scheduler_can_be_reused():
     """set_timesteps resets the Brownian trees; a second run with the same seeds repeats."""
-    sch = S.make_scheduler("DPM++ SDE", "Automatic", SD15)
+    sch = schedulers.make_scheduler("DPM++ SDE", "Automatic", SD15)
 
     def run(seeds):
         sch.set_timesteps(4)
         gens = [torch.Generator().manual_seed(s) for s in seeds]
         x = torch.cat([torch.randn((1, *SHAPE), generator=g) for g in gens]) * sch.init_noise_sigma
         for t in sch.timesteps:
-            x = S.step(sch, toy_model(sch.scale_model_input(x, t), t), t, x, gens)
+            x = schedulers.step(sch, toy_model(sch.scale_model_input(x, t), t), t, x, gens)
         return x
 
     first = run([5, 6])

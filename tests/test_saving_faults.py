@@ -16,7 +16,6 @@ import warnings
 from pathlib import Path
 
 import pytest
-import requests
 from PIL import Image
 
 from pipelines.core import outputs
@@ -31,11 +30,11 @@ from pathlib import Path
 from PIL import Image
 from pipelines.core import outputs
 
-real_write = outputs._write_png
+real_write = outputs.write_png
 def announced(image, handle, infotext):
     print("writing", flush=True)
     real_write(image, handle, infotext)
-outputs._write_png = announced
+outputs.write_png = announced
 
 outdir = Path(sys.argv[1])
 seed = 0
@@ -100,7 +99,7 @@ def test_full_disk_still_returns_the_image_over_the_api(engine, monkeypatch):
         assert saved
         before = {p: p.read_bytes() for p in saved}
 
-        monkeypatch.setattr(outputs, "_write_png", disk_full)
+        monkeypatch.setattr(outputs, "write_png", disk_full)
         full = post(url, "txt2img", {**body, "seed": 6})
         assert full.status_code == 200, full.text
         assert len(full.json()["images"]) == 1  # the user still gets the picture
@@ -122,7 +121,7 @@ def test_full_disk_is_a_notice_on_the_page_with_the_image_shown(engine, monkeypa
 
     ui = build_ui(engine).webui
     fields = {"prompt": "disk", "steps": 2, "width": 64, "height": 64, "seed": 3, "checkpoint": "tiny.safetensors"}
-    monkeypatch.setattr(outputs, "_write_png", disk_full)
+    monkeypatch.setattr(outputs, "write_png", disk_full)
     with warnings.catch_warnings(record=True) as shown:  # gr.Warning outside a live page
         warnings.simplefilter("always")
         images, infotext, last, _ = ui.generate("txt2img", fields)

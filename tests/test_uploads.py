@@ -4,13 +4,17 @@ the field, for the API's images and every image input of the web UI."""
 from __future__ import annotations
 
 import base64
+import http.client
 import io
+import json
 
 import gradio as gr
 import pytest
 import requests
 from gradio.data_classes import FileData
 from PIL import Image
+from test_api import serve
+from test_webui import FakeEngine
 
 from pipelines.core.request import RequestError
 from pipelines.core.settings import EngineSettings
@@ -89,8 +93,6 @@ class LimitedSettingsEngine:
 
 
 def test_api_routes_name_the_field_over_the_limits(engine):
-    from test_api import serve
-
     small = LimitedSettingsEngine(engine, EngineSettings(max_upload_mb=0.1, max_upload_megapixels=0.5))
     big = b64(png_bytes(1000, 1000))  # 1 MP
     with serve(create_app(small)) as url:
@@ -112,8 +114,6 @@ def test_api_routes_name_the_field_over_the_limits(engine):
 
 @pytest.fixture(scope="module")
 def page():
-    from test_webui import FakeEngine
-
     engine = FakeEngine()
     engine.settings = EngineSettings(max_upload_mb=1, max_upload_megapixels=1)
     return build_ui(engine)
@@ -143,11 +143,6 @@ def test_every_image_input_of_the_page_checks_pixels_before_decoding(page, tmp_p
 
 
 def test_api_refuses_a_body_too_big_to_hold_allowed_images_before_reading_it(engine):
-    import http.client
-    import json
-
-    from test_api import serve
-
     small = LimitedSettingsEngine(engine, EngineSettings(max_upload_mb=0.1))
     with serve(create_app(small)) as url:
         host, port = url.rsplit("//", 1)[1].split(":")

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipelines.core import samplers
+from pipelines.core.request import in_limits
+
 
 def infotext_params(request: Any, width: int, height: int) -> dict[str, object]:
     """The hires keys A1111 writes (Size stays the first pass's size)."""
@@ -36,16 +39,12 @@ def fields_from_infotext(info: dict[str, str]) -> dict[str, object]:
 
     Never raises; values out of range or unknown samplers are left out, so
     `request.replace(**fields)` cannot fail on them. Empty when the text has no hires keys."""
-    from pipelines.core import samplers
-    from pipelines.core.request import LIMITS
-
     def number(key: str, field: str, kind=float):
         try:
             value = kind(info[key])
         except (KeyError, TypeError, ValueError):
             return
-        low, high = LIMITS[field]
-        if low <= value <= high:
+        if in_limits(field, value):
             fields[field] = value
 
     fields: dict[str, object] = {}

@@ -20,7 +20,7 @@ import re
 from typing import Any, Mapping
 
 from pipelines.core import hires_info, samplers
-from pipelines.core.request import INPAINT_FILLS, LIMITS, MAX_SEED
+from pipelines.core.request import INPAINT_FILLS, MAX_SEED, in_limits
 
 NEGATIVE_PREFIX = "Negative prompt:"
 
@@ -230,13 +230,8 @@ def parse_infotext(text: str) -> dict[str, str]:
 # --- pasting into a request ---------------------------------------------------------------
 
 def _to_int(value: str | None) -> int | None:
-    if value is None:
-        return None
-    try:
-        number = float(value.strip())
-    except ValueError:
-        return None
-    return int(number) if number.is_integer() else None
+    number = _to_float(value)
+    return int(number) if number is not None and number.is_integer() else None
 
 
 def _to_float(value: str | None) -> float | None:
@@ -249,35 +244,12 @@ def _to_float(value: str | None) -> float | None:
     return number if number == number and abs(number) != float("inf") else None
 
 
-def _in_limits(field: str, value: float | None) -> bool:
-    low, high = LIMITS[field]
-    return value is not None and low <= value <= high
-
-
 def _canonical(value: str, choices: tuple[str, ...]) -> str | None:
     folded = value.strip().casefold()
     for choice in choices:
         if choice.casefold() == folded:
             return choice
     return None
-
-
-# Schedule names older texts put at the end of the sampler name ("DPM++ 2M Karras"),
-# including A1111's internal names.
-_SCHEDULE_ALIASES = {"karras": "Karras", "exponential": "Exponential",
-                     "sgm uniform": "SGM Uniform", "sgm_uniform": "SGM Uniform"}
-
-
-def split_sampler_name(name: str) -> tuple[str, str | None]:
-    """"DPM++ 2M Karras" -> ("DPM++ 2M", "Karras"); a name without a schedule -> (name, None)."""
-    name = name.strip()
-    aliases = dict(_SCHEDULE_ALIASES)
-    aliases.update({s.casefold(): s for s in samplers.SCHEDULE_TYPES if s != "Automatic"})
-    folded = name.casefold()
-    for alias in sorted(aliases, key=len, reverse=True):
-        if folded.endswith(" " + alias):
-            return name[: -len(alias) - 1].strip(), aliases[alias]
-    return name, None
 
 
 def request_fields_from_infotext(text: str) -> dict[str, Any]:
@@ -295,11 +267,11 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
     has_params = len(info) > 2
 
     steps = _to_int(info.get("Steps"))
-    if _in_limits("steps", steps):
+    if in_limits("steps", steps):
         fields["steps"] = steps
 
     if "Sampler" in info:
-        sampler_name, schedule = split_sampler_name(info["Sampler"])
+        sampler_name, schedule = samplers.split_sampler_name(info["Sampler"])
         sampler = _canonical(sampler_name, samplers.SAMPLER_NAMES)
         if sampler is not None:
             fields["sampler"] = sampler
@@ -307,14 +279,12 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
                 # Pre-1.9 texts: the schedule lives in the sampler name, or is the default.
                 fields["schedule_type"] = schedule or "Automatic"
     if "Schedule type" in info:
-        schedule = _canonical(info["Schedule type"], samplers.SCHEDULE_TYPES)
-        if schedule is None:
-            schedule = _SCHEDULE_ALIASES.get(info["Schedule type"].strip().casefold())
+        schedule = samplers.schedule_type_named(info["Schedule type"])
         if schedule is not None:
             fields["schedule_type"] = schedule
 
     cfg = _to_float(info.get("CFG scale"))
-    if _in_limits("cfg_scale", cfg):
+    if in_limits("cfg_scale", cfg):
         fields["cfg_scale"] = cfg
 
     for key, field in (("Seed", "seed"), ("Variation seed", "subseed")):
@@ -323,36 +293,36 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
             fields[field] = seed
 
     strength = _to_float(info.get("Variation seed strength"))
-    if _in_limits("subseed_strength", strength):
+    if in_limits("subseed_strength", strength):
         fields["subseed_strength"] = strength
     elif has_params and "Variation seed strength" not in info:
         fields["subseed_strength"] = 0.0
 
     width, height = _to_int(info.get("Size-1")), _to_int(info.get("Size-2"))
-    if (_in_limits("width", width) and _in_limits("height", height)
+    if (in_limits("width", width) and in_limits("height", height)
             and width % 8 == 0 and height % 8 == 0):
         fields["width"], fields["height"] = width, height
 
     denoise = _to_float(info.get("Denoising strength"))
-    if _in_limits("denoising_strength", denoise):
+    if in_limits("denoising_strength", denoise):
         fields["denoising_strength"] = denoise
 
     clip_skip = _to_int(info.get("Clip skip"))
-    if _in_limits("clip_skip", clip_skip):
+    if in_limits("clip_skip", clip_skip):
         fields["clip_skip"] = clip_skip
     elif has_params and "Clip skip" not in info:
         fields["clip_skip"] = 1
 
     # Inpainting settings, only when the text has them.
     blur = _to_int(info.get("Mask blur"))
-    if _in_limits("mask_blur", blur):
+    if in_limits("mask_blur", blur):
         fields["mask_blur"] = blur
     if "Mask mode" in info:
         fields["inpainting_mask_invert"] = info["Mask mode"].strip().casefold() == "inpaint not masked"
     if "Inpaint area" in info:
         fields["inpaint_full_res"] = info["Inpaint area"].strip().casefold() == "only masked"
     padding = _to_int(info.get("Masked area padding"))
-    if _in_limits("inpaint_full_res_padding", padding):
+    if in_limits("inpaint_full_res_padding", padding):
         fields["inpaint_full_res_padding"] = padding
     if "Masked content" in info:
         fill = _canonical(info["Masked content"], INPAINT_FILLS)

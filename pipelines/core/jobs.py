@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 from pipelines.core.progress import JobControl, Progress
 
 CANCEL_POLL_SECONDS = 0.25  # how soon a waiting job notices it was interrupted
-DEFAULT_MAX_WAITING = 64  # `--max-queue-size`; a hosted demo uses its own, smaller bound (pipelines.hosting.space)
+DEFAULT_MAX_WAITING = 64  # `--max-queue-size`; a hosted demo uses its own, smaller bound (pipelines.core.hosted_limits)
 
 # Called with the number of jobs ahead (the running one included) whenever it changes while
 # a job waits, from the waiting thread, under the queue's lock: it must be quick and must not

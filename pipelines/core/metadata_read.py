@@ -29,6 +29,16 @@ from PIL import Image
 
 from pipelines.core import samplers
 from pipelines.core.infotext import build_infotext, parse_infotext
+from pipelines.core.metadata_values import (
+    invoke_sampler,
+    lora_tag,
+    model_name,
+    number,
+    sampler_params,
+    short_hash,
+    size_text,
+    with_loras,
+)
 from pipelines.core.outputs import read_infotext
 
 # Formats, as shown to the user.
@@ -37,28 +47,6 @@ FOOOCUS = "Fooocus"
 COMFYUI = "ComfyUI"
 INVOKEAI = "InvokeAI"
 INVOKEAI_LEGACY = "InvokeAI 2.x (sd-metadata)"
-
-# ComfyUI's KSampler sampler_name -> A1111 sampler (Fooocus uses the same names).
-COMFY_SAMPLERS = {
-    "euler": "Euler", "euler_ancestral": "Euler a", "heun": "Heun", "dpm_2": "DPM2",
-    "dpm_2_ancestral": "DPM2 a", "lms": "LMS", "dpm_fast": "DPM fast", "dpm_adaptive": "DPM adaptive",
-    "dpmpp_2s_ancestral": "DPM++ 2S a", "dpmpp_sde": "DPM++ SDE", "dpmpp_sde_gpu": "DPM++ SDE",
-    "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_2m_sde_gpu": "DPM++ 2M SDE",
-    "dpmpp_3m_sde": "DPM++ 3M SDE", "dpmpp_3m_sde_gpu": "DPM++ 3M SDE", "ddim": "DDIM",
-    "uni_pc": "UniPC", "uni_pc_bh2": "UniPC", "lcm": "LCM", "restart": "Restart",
-}
-# ComfyUI's scheduler -> A1111 schedule type ("normal" is the model's own sigma schedule,
-# which this app calls "Uniform").
-COMFY_SCHEDULERS = {
-    "normal": "Uniform", "karras": "Karras", "exponential": "Exponential", "sgm_uniform": "SGM Uniform",
-    "simple": "Simple", "ddim_uniform": "DDIM", "beta": "Beta", "kl_optimal": "KL Optimal",
-}
-# InvokeAI's scheduler names -> A1111 sampler; a "_k" suffix means Karras sigmas.
-INVOKE_SAMPLERS = {
-    "ddim": "DDIM", "lms": "LMS", "pndm": "PLMS", "heun": "Heun", "euler": "Euler", "euler_a": "Euler a",
-    "kdpm_2": "DPM2", "kdpm_2_a": "DPM2 a", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE",
-    "dpmpp_sde": "DPM++ SDE", "unipc": "UniPC", "lcm": "LCM",
-}
 
 # ComfyUI node types this reader understands (anything else is followed through its inputs).
 _SAMPLER_NODES = ("KSampler", "KSamplerAdvanced")
@@ -182,20 +170,6 @@ def _raw_chunks(chunks: Mapping[str, str]) -> str:
     return "\n\n".join(f"{name}:\n{value}" for name, value in chunks.items() if len(value) < 20000)
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return value
-    if isinstance(value, str):
-        try:
-            number = float(value.strip())
-        except ValueError:
-            return None
-        return int(number) if number.is_integer() else number
-    return None
-
-
 def _result(label: str, raw: str, prompt: str, negative: str, params: Mapping[str, Any]) -> ImageMetadata:
     """A1111 fields and parameters text from one reader's findings (None values dropped)."""
     params = {key: value for key, value in params.items() if value not in (None, "")}
@@ -209,46 +183,6 @@ def _result(label: str, raw: str, prompt: str, negative: str, params: Mapping[st
     return ImageMetadata(label, raw, fields, text)
 
 
-def _sampler_params(sampler: str | None, scheduler: str | None) -> dict[str, Any]:
-    """ComfyUI/Fooocus sampler_name + scheduler -> A1111's Sampler and Schedule type."""
-    params: dict[str, Any] = {}
-    if sampler:
-        params["Sampler"] = COMFY_SAMPLERS.get(str(sampler), str(sampler))
-    if scheduler:
-        params["Schedule type"] = COMFY_SCHEDULERS.get(str(scheduler), str(scheduler))
-    return params
-
-
-def _size(width: Any, height: Any) -> str | None:
-    width, height = _number(width), _number(height)
-    if isinstance(width, int) and isinstance(height, int):
-        return f"{width}x{height}"
-    return None
-
-
-def _model_name(value: Any) -> str | None:
-    """A checkpoint file name as A1111 writes "Model": the stem, without folders."""
-    if not isinstance(value, str) or not value.strip():
-        return None
-    name = re.split(r"[\\/]", value.strip())[-1]
-    return re.sub(r"\.(safetensors|ckpt|pt|pth|bin|gguf)$", "", name, flags=re.IGNORECASE)
-
-
-def _lora_tag(name: Any, unet: Any, text_encoder: Any = None) -> str | None:
-    stem = _model_name(name)
-    unet = _number(unet)
-    if not stem or unet is None or unet == 0:
-        return None
-    te = _number(text_encoder)
-    weights = f"{unet:g}" if te is None or te == unet else f"{unet:g}:{te:g}"
-    return f"<lora:{stem}:{weights}>"
-
-
-def _with_loras(prompt: str, tags: list[str]) -> str:
-    """LoRAs as A1111 prompts carry them, so pasting loads them too."""
-    return ", ".join(part for part in (prompt.strip(), " ".join(tags)) if part)
-
-
 # --- Fooocus --------------------------------------------------------------------------------
 
 _FOOOCUS_EXTRAS = (("styles", "Styles"), ("performance", "Performance"), ("sharpness", "Sharpness"),
@@ -258,20 +192,20 @@ _FOOOCUS_EXTRAS = (("styles", "Styles"), ("performance", "Performance"), ("sharp
 
 def _fooocus(data: dict, text: str) -> ImageMetadata:
     prompt, negative = str(data.get("prompt") or ""), str(data.get("negative_prompt") or "")
-    params: dict[str, Any] = {"Steps": _number(data.get("steps")),
-                              **_sampler_params(data.get("sampler"), data.get("scheduler")),
-                              "CFG scale": _number(data.get("guidance_scale")), "Seed": _number(data.get("seed"))}
+    params: dict[str, Any] = {"Steps": number(data.get("steps")),
+                              **sampler_params(data.get("sampler"), data.get("scheduler")),
+                              "CFG scale": number(data.get("guidance_scale")), "Seed": number(data.get("seed"))}
     resolution = data.get("resolution")  # "(1152, 896)" or [1152, 896]
     numbers = re.findall(r"\d+", resolution if isinstance(resolution, str) else json.dumps(resolution))
     if len(numbers) == 2:
-        params["Size"] = _size(numbers[0], numbers[1])
+        params["Size"] = size_text(numbers[0], numbers[1])
     params["Model hash"] = data.get("base_model_hash")
-    params["Model"] = _model_name(data.get("base_model"))
-    clip_skip = _number(data.get("clip_skip"))
+    params["Model"] = model_name(data.get("base_model"))
+    clip_skip = number(data.get("clip_skip"))
     if isinstance(clip_skip, int) and clip_skip > 1:
         params["Clip skip"] = clip_skip
-    loras = [_lora_tag(name, weight) for name, weight in _fooocus_loras(data)]
-    prompt = _with_loras(prompt, [tag for tag in loras if tag])
+    loras = [lora_tag(name, weight) for name, weight in _fooocus_loras(data)]
+    prompt = with_loras(prompt, [tag for tag in loras if tag])
     for key, label in _FOOOCUS_EXTRAS:
         value = data.get(key)
         if isinstance(value, list):
@@ -380,71 +314,62 @@ def _conditioning_text(graph: dict, link: Any) -> str:
 
 
 def _read_comfy_graph(graph: dict[str, dict]) -> tuple[str, str, dict[str, Any]]:
-    nodes = sorted(graph.items(), key=lambda item: _number(item[0]) if _number(item[0]) is not None else 1e18)
+    nodes = sorted(graph.items(), key=lambda item: number(item[0]) if number(item[0]) is not None else 1e18)
     sampler = next((node for _, node in nodes if node["class_type"] in _SAMPLER_NODES), None)
     if sampler is None:  # no sampler: at least the first prompt and checkpoint
         text = next((node for _, node in nodes if node["class_type"] in _TEXT_NODES), None)
         prompt = _resolved(graph, text["inputs"].get("text")) if text else ""
         checkpoint = next((node for _, node in nodes if node["class_type"] in _CHECKPOINT_NODES), None)
         return (prompt if isinstance(prompt, str) else "", "",
-                {"Model": _model_name(checkpoint["inputs"].get("ckpt_name")) if checkpoint else None})
+                {"Model": model_name(checkpoint["inputs"].get("ckpt_name")) if checkpoint else None})
     inputs = sampler["inputs"]
     prompt = _conditioning_text(graph, inputs.get("positive"))
     negative = _conditioning_text(graph, inputs.get("negative"))
     seed = _resolved(graph, inputs.get("seed", inputs.get("noise_seed")))
-    params: dict[str, Any] = {"Steps": _number(_resolved(graph, inputs.get("steps"))),
-                              **_sampler_params(_resolved(graph, inputs.get("sampler_name")),
+    params: dict[str, Any] = {"Steps": number(_resolved(graph, inputs.get("steps"))),
+                              **sampler_params(_resolved(graph, inputs.get("sampler_name")),
                                                 _resolved(graph, inputs.get("scheduler"))),
-                              "CFG scale": _number(_resolved(graph, inputs.get("cfg"))), "Seed": _number(seed)}
+                              "CFG scale": number(_resolved(graph, inputs.get("cfg"))), "Seed": number(seed)}
     latent = _upstream(graph, inputs.get("latent_image"), ("EmptyLatentImage", "EmptySD3LatentImage"))
     if latent is not None:
-        params["Size"] = _size(_resolved(graph, latent["inputs"].get("width")),
+        params["Size"] = size_text(_resolved(graph, latent["inputs"].get("width")),
                                _resolved(graph, latent["inputs"].get("height")))
     checkpoint = _upstream(graph, inputs.get("model"), _CHECKPOINT_NODES)
     if checkpoint is not None:
-        params["Model"] = _model_name(checkpoint["inputs"].get("ckpt_name"))
-    denoise = _number(_resolved(graph, inputs.get("denoise")))
+        params["Model"] = model_name(checkpoint["inputs"].get("ckpt_name"))
+    denoise = number(_resolved(graph, inputs.get("denoise")))
     if denoise is not None and denoise < 1:
         params["Denoising strength"] = denoise
-    clip_layer = next((_number(node["inputs"].get("stop_at_clip_layer")) for _, node in nodes
+    clip_layer = next((number(node["inputs"].get("stop_at_clip_layer")) for _, node in nodes
                        if node["class_type"] == "CLIPSetLastLayer"), None)
     if isinstance(clip_layer, int) and clip_layer < -1:
         params["Clip skip"] = -clip_layer
-    loras = [_lora_tag(node["inputs"].get("lora_name"), node["inputs"].get("strength_model"),
+    loras = [lora_tag(node["inputs"].get("lora_name"), node["inputs"].get("strength_model"),
                        node["inputs"].get("strength_clip"))
              for _, node in nodes if node["class_type"] == "LoraLoader"]
-    return _with_loras(prompt, [tag for tag in loras if tag]), negative, params
+    return with_loras(prompt, [tag for tag in loras if tag]), negative, params
 
 
 # --- InvokeAI -------------------------------------------------------------------------------
 
-def _invoke_sampler(name: Any) -> dict[str, Any]:
-    if not isinstance(name, str) or not name:
-        return {}
-    base, karras = (name[:-2], True) if name.endswith("_k") else (name, False)
-    if base not in INVOKE_SAMPLERS:
-        return {"Sampler": name}
-    return {"Sampler": INVOKE_SAMPLERS[base], "Schedule type": "Karras" if karras else "Uniform"}
-
-
 def _invokeai(data: dict) -> tuple[str, str, dict[str, Any]]:
     model = data.get("model")
     if isinstance(model, dict):
-        model_name, model_hash = model.get("name") or model.get("model_name"), model.get("hash")
+        checkpoint, model_hash = model.get("name") or model.get("model_name"), model.get("hash")
     else:
-        model_name, model_hash = model, None
+        checkpoint, model_hash = model, None
     if isinstance(model_hash, str) and ":" in model_hash:  # "blake3:..." is no A1111 hash
         model_hash = None
     params: dict[str, Any] = {
-        "Steps": _number(data.get("steps")), **_invoke_sampler(data.get("scheduler")),
-        "CFG scale": _number(data.get("cfg_scale")), "Seed": _number(data.get("seed")),
-        "Size": _size(data.get("width"), data.get("height")), "Model hash": model_hash,
-        "Model": _model_name(model_name),
+        "Steps": number(data.get("steps")), **invoke_sampler(data.get("scheduler")),
+        "CFG scale": number(data.get("cfg_scale")), "Seed": number(data.get("seed")),
+        "Size": size_text(data.get("width"), data.get("height")), "Model hash": model_hash,
+        "Model": model_name(checkpoint),
     }
-    strength = _number(data.get("strength"))
+    strength = number(data.get("strength"))
     if data.get("generation_mode") not in (None, "txt2img", "sdxl_txt2img") and strength is not None:
         params["Denoising strength"] = strength
-    clip_skip = _number(data.get("clip_skip"))
+    clip_skip = number(data.get("clip_skip"))
     if isinstance(clip_skip, int) and clip_skip > 0:
         params["Clip skip"] = clip_skip + 1  # InvokeAI counts the layers skipped, A1111 the last layer used
     tags = []
@@ -452,8 +377,8 @@ def _invokeai(data: dict) -> tuple[str, str, dict[str, Any]]:
         if isinstance(entry, dict):
             lora = entry.get("model") or entry.get("lora") or {}
             name = lora.get("name") or lora.get("model_name") if isinstance(lora, dict) else None
-            tags.append(_lora_tag(name, entry.get("weight")))
-    prompt = _with_loras(str(data.get("positive_prompt") or ""), [tag for tag in tags if tag])
+            tags.append(lora_tag(name, entry.get("weight")))
+    prompt = with_loras(str(data.get("positive_prompt") or ""), [tag for tag in tags if tag])
     return prompt, str(data.get("negative_prompt") or ""), params
 
 
@@ -462,11 +387,6 @@ def _split_invoke_negative(prompt: str) -> tuple[str, str]:
     negative = re.findall(r"\[([^\[\]]*)\]", prompt)
     positive = re.sub(r"\s*\[[^\[\]]*\]", "", prompt).strip()
     return positive, ", ".join(part.strip() for part in negative if part.strip())
-
-
-def _short_hash(sha256: Any) -> str | None:
-    """A file's sha256 as A1111's "Model hash" (its first 10 hex digits)."""
-    return sha256[:10] if isinstance(sha256, str) and re.fullmatch(r"[0-9a-fA-F]{64}", sha256) else None
 
 
 def _invokeai_legacy(data: dict) -> tuple[str, str, dict[str, Any]]:
@@ -482,11 +402,11 @@ def _invokeai_legacy(data: dict) -> tuple[str, str, dict[str, Any]]:
     except (ValueError, TypeError):
         found = {"Sampler": sampler} if isinstance(sampler, str) else {}
     params: dict[str, Any] = {
-        "Steps": _number(image.get("steps")), **found, "CFG scale": _number(image.get("cfg_scale")),
-        "Seed": _number(image.get("seed")), "Size": _size(image.get("width"), image.get("height")),
-        "Model hash": _short_hash(data.get("model_hash")),
-        "Model": _model_name(data.get("model_weights") or data.get("model_id")),
+        "Steps": number(image.get("steps")), **found, "CFG scale": number(image.get("cfg_scale")),
+        "Seed": number(image.get("seed")), "Size": size_text(image.get("width"), image.get("height")),
+        "Model hash": short_hash(data.get("model_hash")),
+        "Model": model_name(data.get("model_weights") or data.get("model_id")),
     }
     if image.get("type") == "img2img":
-        params["Denoising strength"] = _number(image.get("strength"))
+        params["Denoising strength"] = number(image.get("strength"))
     return prompt, negative, params

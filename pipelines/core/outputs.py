@@ -118,7 +118,8 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _write_png(image: Image.Image, handle: IO[bytes], infotext: str | None) -> None:
+def write_png(image: Image.Image, handle: IO[bytes], infotext: str | None) -> None:
+    """`image` as PNG into `handle`, with `infotext` in its ``parameters`` chunk (A1111's)."""
     if image.mode not in _PNG_MODES:
         image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
     pnginfo = PngInfo()
@@ -148,7 +149,7 @@ def save_image(image: Image.Image, outdir: Path, folder: str, *, seed: int | Non
     final = date_dir / name
     try:
         with os.fdopen(fd, "wb") as handle:
-            _write_png(image, handle, infotext)
+            write_png(image, handle, infotext)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, final)

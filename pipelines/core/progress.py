@@ -1,5 +1,5 @@
-"""Progress reports and the interrupt/skip handle of one running job (which also collects
-the job's notes for the user)."""
+"""Progress reports (and the clock that times them) and the interrupt/skip handle of one
+running job (which also collects the job's notes for the user)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,43 @@ class Progress:
 
 
 ProgressCallback = Callable[[Progress], None]
+
+
+class ProgressClock:
+    """Counts the finished steps of a whole job and reports each as a `Progress` with the
+    time elapsed and an ETA: the mean time per step so far times the steps left.
+
+    steps_per_batch: steps one batch takes (every pass of it: hires fix counts both);
+    `step_done(..., steps=n)` changes it once a batch knows its own count (img2img runs
+    the tail of the schedule). first_batch: batches already done before this run (a retry
+    resumes there), counted as finished so the ETA covers only what is left."""
+
+    def __init__(self, steps_per_batch: int, batch_count: int, on_progress: ProgressCallback | None,
+                 *, first_batch: int = 0):
+        self.steps_per_batch = max(int(steps_per_batch), 1)
+        self.batch_count = batch_count
+        self.on_progress = on_progress
+        self.done = first_batch * self.steps_per_batch
+        self.started = time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def step_done(self, batch_index: int, step: int, *, steps: int | None = None,
+                  preview: Callable[[], Any] | None = None) -> Progress:
+        """Count one finished step: `step` of the batch's `steps_per_batch` (capped there),
+        in batch `batch_index`. Reports and returns the Progress."""
+        self.done += 1
+        if steps is not None:
+            self.steps_per_batch = max(int(steps), 1)
+        elapsed = self.elapsed()
+        remaining = max(self.steps_per_batch * self.batch_count - self.done, 0)
+        progress = Progress(step=min(step, self.steps_per_batch), steps=self.steps_per_batch,
+                            batch_index=batch_index, batch_count=self.batch_count, elapsed=elapsed,
+                            eta=elapsed / self.done * remaining, preview=preview)
+        if self.on_progress:
+            self.on_progress(progress)
+        return progress
 
 
 class JobControl:

@@ -47,7 +47,21 @@ LIMITS: dict[str, tuple[float, float]] = {
     "tile_overlap": (0, 256),
     "upscaler_2_visibility": (0.0, 1.0),
 }
+# The first choice of the hires fix's sampler, schedule type and checkpoint lists, in A1111's
+# words: "the first pass's". A request's hr_sampler / hr_schedule_type set to one means None.
 HR_SAME_SAMPLER = "Use same sampler"
+HR_SAME_SCHEDULER = "Use same scheduler"
+HR_SAME_CHECKPOINT = "Use same checkpoint"
+# A1111's latent upscale modes for hires fix: name -> (torch interpolate mode, antialias).
+# The first pass's latents are interpolated; any other hires upscaler name is a pixel upscaler.
+LATENT_UPSCALE_MODES: Mapping[str, tuple[str, bool]] = MappingProxyType({
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+})
 HR_DEFAULT_UPSCALER = "Latent"
 
 
@@ -176,7 +190,7 @@ class GenerationRequest:
         elif sampler is not None:
             _check_choice("hr_sampler", sampler, samplers.SAMPLER_NAMES)
         schedule = self.hr_schedule_type
-        if schedule in ("", "Use same scheduler"):
+        if schedule in ("", HR_SAME_SCHEDULER):
             schedule = None
             object.__setattr__(self, "hr_schedule_type", None)
         if schedule is not None:
@@ -206,6 +220,11 @@ class GenerationRequest:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state, extension_args=MappingProxyType(dict(state["extension_args"])))
 
+    def size_for(self, native_resolution: int) -> tuple[int, int]:
+        """(width, height) of the first pass: the request's, or the checkpoint's native
+        resolution for a side it leaves None."""
+        return self.width or native_resolution, self.height or native_resolution
+
     def hires_size(self, width: int, height: int) -> tuple[int, int]:
         """The second pass's size for a first pass of width x height (multiples of 8).
 
@@ -234,6 +253,12 @@ class GenerationRequest:
         seed = self.seed if self.seed != -1 else random.randrange(MAX_SEED)
         subseed = self.subseed if self.subseed != -1 else random.randrange(MAX_SEED)
         return self.replace(seed=seed, subseed=subseed)
+
+
+def img2img_steps(steps: int, strength: float) -> int:
+    """How many of `steps` an img2img pass runs: the tail of the schedule that denoising
+    strength selects (diffusers' convention, as A1111's)."""
+    return min(int(steps * strength), steps)
 
 
 @dataclass
@@ -315,12 +340,22 @@ def _check_number(name: str, value: Any) -> float:
     return float(value)
 
 
-def _check_range(name: str, value: float) -> None:
+def in_limits(name: str, value: float | None) -> bool:
+    """True when `value` lies within ``LIMITS[name]`` (None never does)."""
     low, high = LIMITS[name]
-    if not low <= value <= high:
+    return value is not None and low <= value <= high
+
+
+def _check_range(name: str, value: float) -> None:
+    if not in_limits(name, value):
+        low, high = LIMITS[name]
         raise RequestError(name, f"must be between {low:g} and {high:g}, got {value:g}")
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...] | list[str]) -> None:
     if value not in choices:
         raise RequestError(name, f"unknown value {value!r}; choose one of: {', '.join(choices)}")
+
+def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
+    """(width, height) of an image of `size` upscaled by `scale`, as the upscalers size it."""
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))

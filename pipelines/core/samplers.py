@@ -1,25 +1,24 @@
-"""A1111 sampler and schedule-type names -> diffusers schedulers.
+"""A1111 sampler and schedule-type names, and what each means for a diffusers scheduler.
 
-This module is imported by the UI, which must never import torch, so the table is
-plain data (diffusers class names as strings) and torch/diffusers are imported
-lazily inside the functions that build or step a scheduler.
+Plain data and pure functions: the UI imports this and must never import torch, so the
+table names diffusers classes as strings. `pipelines.generate.schedulers` turns a row into
+a scheduler and steps it.
 
 Public API:
 - ``SAMPLER_NAMES``, ``SCHEDULE_TYPES``: the names, in A1111's display order.
-- ``SAMPLERS``: sampler name -> ``SamplerSpec`` (the table row).
+- ``SAMPLERS``: sampler name -> ``SamplerSpec`` (the table row); ``sampler_spec(sampler)``.
 - ``allowed_schedule_types(sampler)``, ``resolve_schedule_type(sampler, schedule_type)``.
-- ``make_scheduler(sampler, schedule_type, base_config)``: a fresh diffusers scheduler.
-- ``step(scheduler, model_output, timestep, sample, generators)``: one step with
-  per-image RNG, so a batch gives the same images as the same seeds one by one.
-- ``is_stochastic(sampler)``, ``needs_torchsde(sampler)``, ``parse_sampler_name(name)``.
+- ``scheduler_overrides(sampler, schedule_type)``: the scheduler settings they fix.
+- ``is_stochastic(sampler)``, ``needs_torchsde(sampler)``.
+- Names as texts and API clients write them: ``parse_sampler_name(name)``,
+  ``split_sampler_name(name)``, ``schedule_type_named(text)``, ``sampler_aliases(sampler)``.
 """
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 SAMPLER_NAMES: tuple[str, ...] = (
     "DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2S a", "Euler a", "Euler", "LMS", "Heun",
@@ -49,7 +48,7 @@ _SCHEDULE_OVERRIDES: Mapping[str, Mapping[str, Any]] = MappingProxyType({
 
 # Sigma-reshaping flags reset to False unless the schedule type asks for one, so a
 # base_config that happens to carry e.g. use_karras_sigmas=True cannot leak through.
-_SIGMA_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+SIGMA_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
 
 _KDIFF = ("Karras", "Exponential", "SGM Uniform")
 
@@ -163,7 +162,7 @@ assert tuple(SAMPLERS) == SAMPLER_NAMES
 
 # Older A1111 names (before 1.9 folded the schedule into the sampler name) and the
 # k-diffusion style aliases A1111's API accepts, -> (sampler, schedule type or None).
-_ALIASES: Mapping[str, tuple[str, str | None]] = MappingProxyType({
+SAMPLER_ALIASES: Mapping[str, tuple[str, str | None]] = MappingProxyType({
     "k_dpmpp_2m": ("DPM++ 2M", None),
     "k_dpmpp_sde": ("DPM++ SDE", None),
     "k_dpmpp_2m_sde": ("DPM++ 2M SDE", None),
@@ -190,7 +189,16 @@ _ALIASES: Mapping[str, tuple[str, str | None]] = MappingProxyType({
 })
 
 
-def _spec(sampler: str) -> SamplerSpec:
+# Schedule names older texts fold into the end of a sampler name ("DPM++ 2M Karras"), in
+# lower case, A1111's internal names included -> schedule type.
+_FOLDED_SCHEDULES: Mapping[str, str] = MappingProxyType({
+    **{s.casefold(): s for s in SCHEDULE_TYPES if s != "Automatic"},
+    "sgm_uniform": "SGM Uniform",
+})
+
+
+def sampler_spec(sampler: str) -> SamplerSpec:
+    """The table row of ``sampler``; ValueError naming the field for an unknown one."""
     try:
         return SAMPLERS[sampler]
     except KeyError:
@@ -201,7 +209,7 @@ def _spec(sampler: str) -> SamplerSpec:
 
 def allowed_schedule_types(sampler: str) -> tuple[str, ...]:
     """Schedule types offered for ``sampler``, in SCHEDULE_TYPES order ("Automatic" first)."""
-    spec = _spec(sampler)
+    spec = sampler_spec(sampler)
     return tuple(s for s in SCHEDULE_TYPES if s in ("Automatic", UNIFORM) or s in spec.schedules)
 
 
@@ -214,16 +222,40 @@ def resolve_schedule_type(sampler: str, schedule_type: str) -> str:
             f"schedule_type: {schedule_type!r} is not available for sampler {sampler!r}; "
             f"allowed: {', '.join(allowed)}"
         )
-    return _spec(sampler).automatic if schedule_type == "Automatic" else schedule_type
+    return sampler_spec(sampler).automatic if schedule_type == "Automatic" else schedule_type
 
 
 def is_stochastic(sampler: str) -> bool:
     """True if the sampler injects fresh noise while sampling (needs per-image generators)."""
-    return _spec(sampler).stochastic
+    return sampler_spec(sampler).stochastic
 
 
 def needs_torchsde(sampler: str) -> bool:
-    return _spec(sampler).torchsde
+    return sampler_spec(sampler).torchsde
+
+
+def sampler_aliases(sampler: str) -> list[str]:
+    """The k-diffusion style names A1111 lists as aliases of ``sampler`` ("k_euler_a" for
+    "Euler a"); those that also fix a schedule ("k_lms_ka") are not the sampler's own."""
+    return [alias for alias, (name, schedule) in SAMPLER_ALIASES.items() if name == sampler and schedule is None]
+
+
+def schedule_type_named(text: str) -> str | None:
+    """The schedule type a text names, in any case and by A1111's internal names too
+    ("karras", "sgm_uniform"); None for a name this app does not have."""
+    folded = str(text).strip().casefold()
+    return "Automatic" if folded == "automatic" else _FOLDED_SCHEDULES.get(folded)
+
+
+def split_sampler_name(name: str) -> tuple[str, str | None]:
+    """"DPM++ 2M Karras" -> ("DPM++ 2M", "Karras"): a schedule folded into the end of a sampler
+    name (pre-1.9 A1111 names); a name without one -> (name, None). The name is not checked."""
+    name = name.strip()
+    folded = name.casefold()
+    for alias in sorted(_FOLDED_SCHEDULES, key=len, reverse=True):
+        if folded.endswith(" " + alias):
+            return name[: -len(alias) - 1].strip(), _FOLDED_SCHEDULES[alias]
+    return name, None
 
 
 def parse_sampler_name(name: str, schedule_type: str | None = None) -> tuple[str, str]:
@@ -236,15 +268,11 @@ def parse_sampler_name(name: str, schedule_type: str | None = None) -> tuple[str
     text = " ".join(str(name).split())
     by_lower = {s.lower(): s for s in SAMPLER_NAMES}
     sampler, folded = by_lower.get(text.lower()), None
-    if sampler is None and text.lower() in _ALIASES:
-        sampler, folded = _ALIASES[text.lower()]
+    if sampler is None and text.lower() in SAMPLER_ALIASES:
+        sampler, folded = SAMPLER_ALIASES[text.lower()]
     if sampler is None:
-        for suffix in ("Karras", "Exponential"):
-            if text.lower().endswith(" " + suffix.lower()):
-                base = by_lower.get(text[: -len(suffix) - 1].lower())
-                if base is not None:
-                    sampler, folded = base, suffix
-                    break
+        base, folded = split_sampler_name(text)
+        sampler = by_lower.get(base.lower()) if folded is not None else None
     if sampler is None:
         raise ValueError(
             f"sampler: unknown sampler {name!r}; expected one of {', '.join(SAMPLER_NAMES)}"
@@ -255,107 +283,19 @@ def parse_sampler_name(name: str, schedule_type: str | None = None) -> tuple[str
     return sampler, chosen
 
 
-def _init_params(cls: type) -> frozenset[str]:
-    params = inspect.signature(cls.__init__).parameters
-    return frozenset(
-        n for n, p in params.items()
-        if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-    )
+def scheduler_overrides(sampler: str, schedule_type: str) -> dict[str, Any]:
+    """The scheduler settings ``sampler`` and ``schedule_type`` fix over the model's own noise
+    schedule: the row's arguments, its timestep spacing and offset, and the schedule type's
+    sigma flags. Raises ValueError naming ``schedule_type`` if the sampler does not offer it.
 
-
-def scheduler_config(sampler: str, schedule_type: str, base_config: Mapping[str, Any]) -> dict:
-    """The constructor kwargs ``make_scheduler`` uses (imports diffusers to read the
-    class signature). Raises ValueError naming ``schedule_type`` if not allowed."""
-    spec = _spec(sampler)
+    `generate.schedulers.scheduler_config` lays these over the model's config after turning
+    off every sigma flag (``SIGMA_FLAGS``) the class knows, so none leaks from the model."""
+    spec = sampler_spec(sampler)
     resolved = resolve_schedule_type(sampler, schedule_type)
-    cls = _scheduler_class(spec.cls)
-    accepted = _init_params(cls)
-
-    config: dict[str, Any] = {
-        k: v for k, v in dict(base_config).items() if not k.startswith("_") and k in accepted
-    }
-    config.update(spec.kwargs)
-    for flag in _SIGMA_FLAGS:
-        if flag in accepted:
-            config[flag] = False
+    overrides: dict[str, Any] = dict(spec.kwargs)
     if spec.spacing is not None:
-        config["timestep_spacing"] = spec.spacing
+        overrides["timestep_spacing"] = spec.spacing
     if spec.steps_offset is not None:
-        config["steps_offset"] = spec.steps_offset
-    config.update(_SCHEDULE_OVERRIDES[resolved])
-    unknown = sorted(set(config) - accepted)
-    if unknown:  # a table bug, not a user error
-        raise TypeError(f"{spec.cls} does not accept {unknown}")
-    return config
-
-
-def _scheduler_class(name: str) -> type:
-    import diffusers
-
-    return getattr(diffusers, name)
-
-
-def make_scheduler(sampler: str, schedule_type: str, base_config: Mapping[str, Any]):
-    """A fresh diffusers scheduler for ``sampler`` / ``schedule_type``.
-
-    ``base_config`` is the model's training noise schedule (a diffusers scheduler
-    config); keys the chosen class does not take are dropped, and the sampler's own
-    settings (spacing, algorithm, sigma schedule) override it.
-    """
-    config = scheduler_config(sampler, schedule_type, base_config)
-    return _scheduler_class(_spec(sampler).cls)(**config)
-
-
-_STEP_TAKES_GENERATOR: dict[type, bool] = {}
-
-
-def _step_takes_generator(cls: type) -> bool:
-    if cls not in _STEP_TAKES_GENERATOR:
-        _STEP_TAKES_GENERATOR[cls] = "generator" in inspect.signature(cls.step).parameters
-    return _STEP_TAKES_GENERATOR[cls]
-
-
-def _quiet_torchsde() -> None:
-    # diffusers queries its Brownian tree at sigma_fn(t_fn(sigma)), which can fall a
-    # rounding error outside the tree's [sigma_min, sigma_max]; torchsde then warns
-    # "Should have ta>=t0 ..." on every image. Harmless, so silence just that message
-    # (idempotent: filterwarnings replaces an identical filter).
-    import warnings
-
-    warnings.filterwarnings("ignore", message=r"Should have (ta>=t0|tb<=t1)", category=UserWarning)
-
-
-def step(scheduler, model_output, timestep, sample, generators: Sequence | None):
-    """One denoising step; returns the new sample (``prev_sample``).
-
-    ``generators[i]`` is the (CPU) ``torch.Generator`` of batch element i. Noise for
-    element i comes only from generators[i], so a batch of N seeded s, s+1, ... gives
-    the same per-element results as N batch-1 runs seeded s+i.
-
-    - Most schedulers take ``generator=`` as a list and draw each element's noise
-      with shape (1, ...) from its own generator (diffusers' randn_tensor).
-    - DPMSolverSDEScheduler draws from a torchsde Brownian tree seeded by an integer;
-      it gets one tree per element, seeded with that element's generator seed
-      (``initial_seed()``, i.e. the image seed, as A1111 seeds its trees), which
-      leaves the generator's state untouched.
-    """
-    if generators is not None:
-        generators = list(generators)
-        if len(generators) != sample.shape[0]:
-            raise ValueError(
-                f"generators: got {len(generators)} for a batch of {sample.shape[0]}"
-            )
-    cls = type(scheduler)
-    kwargs: dict[str, Any] = {}
-    if cls.__name__ == "DPMSolverSDEScheduler":
-        if getattr(scheduler, "noise_sampler", None) is None:  # first step after set_timesteps
-            _quiet_torchsde()
-            # A list (even of one) selects diffusers' per-element Brownian trees, so a
-            # batch-1 run builds exactly the tree element i gets in a batch.
-            scheduler.noise_sampler_seed = (
-                None if generators is None else [int(g.initial_seed()) for g in generators]
-            )
-    elif generators is not None and _step_takes_generator(cls):
-        kwargs["generator"] = generators
-    out = scheduler.step(model_output, timestep, sample, return_dict=False, **kwargs)
-    return out[0]
+        overrides["steps_offset"] = spec.steps_offset
+    overrides.update(_SCHEDULE_OVERRIDES[resolved])
+    return overrides

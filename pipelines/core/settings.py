@@ -1,4 +1,7 @@
-"""Where things live and how the engine runs: built once from the command line."""
+"""Where things live and how the engine runs: built once from the command line.
+
+Also the model kinds (which folder and which file extensions each has): `Paths.folder` needs
+the folder names, and core may not import `pipelines.models`, so the table lives here."""
 
 from __future__ import annotations
 
@@ -11,6 +14,21 @@ from pipelines.core.uploads import DEFAULT_MAX_UPLOAD_MB, DEFAULT_MAX_UPLOAD_MEG
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Checkpoints shipped inside the package (a demo model), searched after the user's folder.
 DEMO_CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "demo"
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    folder: str  # under --models-dir, A1111's names
+    extensions: tuple[str, ...]
+
+
+MODEL_KINDS: dict[str, ModelKind] = {
+    "checkpoints": ModelKind("Stable-diffusion", (".safetensors", ".ckpt")),
+    "vae": ModelKind("VAE", (".safetensors", ".pt", ".ckpt")),
+    "lora": ModelKind("Lora", (".safetensors", ".pt")),
+    "esrgan": ModelKind("ESRGAN", (".pth", ".pt", ".safetensors")),
+    "embeddings": ModelKind("embeddings", (".safetensors", ".pt", ".bin")),
+}
 
 
 @dataclass(frozen=True)
@@ -36,8 +54,6 @@ class Paths:
         }.get(kind)
         if override is not None:
             return Path(override)
-        from pipelines.models.registry import MODEL_KINDS
-
         return Path(self.models_dir) / MODEL_KINDS[kind].folder
 
     def fallback(self, kind: str) -> Path | None:
@@ -57,7 +73,7 @@ class EngineSettings:
     default_checkpoint: str | None = None  # --ckpt
     ram_budget_gb: float | None = None  # model cache budget; None = derived from the machine
     # A public hosted demo (Hugging Face Space, `--space`): limits on requests, no extension
-    # installs, no server-default changes from the UI or the API. See pipelines/hosting/space.py.
+    # installs, no server-default changes from the UI or the API. See pipelines/core/hosted_limits.py.
     hosted: bool = False
     max_queue_size: int | None = DEFAULT_MAX_WAITING  # jobs waiting (UI and API together); None = no bound
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB  # one uploaded image file (API: the decoded base64)

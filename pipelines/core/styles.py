@@ -15,6 +15,7 @@ text is appended after ", " (both sides stripped, empty sides dropped).
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import os
 import threading
@@ -319,17 +320,17 @@ class StyleDatabase:
         self._stamp = self._file_stamp()
 
 
+@functools.lru_cache(maxsize=16)  # one per data dir in use: a server has one, a test run a few
+def styles_file(path: Path) -> StyleDatabase:
+    """The one shared `StyleDatabase` of the styles file at `path` (its lock guards every
+    reader and writer of that file in this process)."""
+    return StyleDatabase(path)
+
+
 def style_database(engine: Any) -> StyleDatabase | None:
-    """The engine's styles.csv (A1111 keeps it beside its data; we use --data-dir), one
-    database per engine, shared by the UI and the API; None for an engine without a data dir."""
-    db = getattr(engine, "_style_database", None)
-    if db is None:
-        data_dir = getattr(getattr(engine, "paths", None), "data_dir", None)
-        if data_dir is None:
-            return None
-        db = StyleDatabase(Path(data_dir) / "styles.csv")
-        try:
-            engine._style_database = db
-        except AttributeError:
-            pass
-    return db
+    """The engine's styles.csv (A1111 keeps it beside its data; we use --data-dir), shared by
+    the UI and the API; None for an engine without a data dir."""
+    data_dir = engine.paths.data_dir
+    if data_dir is None:
+        return None
+    return styles_file(Path(data_dir).resolve() / "styles.csv")
