@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "bench" / ".cache"
 sys.path.insert(0, str(ROOT))
 
-from pipelines.models import export  # noqa: E402  (light: no torch model code at import)
+from pipelines.models import export, families  # noqa: E402  (light: no torch model code at import)
 
 GB = 1 << 30
 
@@ -81,11 +81,11 @@ SD_VAE = dict(VAE, sample_size=512, scaling_factor=0.18215)
 SDXL_VAE = dict(VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
 
 # text encoders: (component, tokenizer, config, pad token, with projection, single-file prefix, layout)
-SD1_TE = [("text_encoder", "tokenizer", CLIP_L, "<|endoftext|>", False, export.CLIP_PREFIX, "hf_clip")]
-SD2_TE = [("text_encoder", "tokenizer", OPEN_CLIP_H, "!", False, export.OPEN_CLIP_PREFIX, "open_clip")]
-SDXL_TE = [("text_encoder", "tokenizer", CLIP_L, "<|endoftext|>", False, export.SDXL_CLIP_L_PREFIX, "hf_clip"),
-           ("text_encoder_2", "tokenizer_2", CLIP_G, "!", True, export.SDXL_CLIP_G_PREFIX, "open_clip")]
-REFINER_TE = [("text_encoder_2", "tokenizer_2", CLIP_G, "!", True, export.REFINER_CLIP_G_PREFIX, "open_clip")]
+SD1_TE = [("text_encoder", "tokenizer", CLIP_L, "<|endoftext|>", False, families.CLIP_PREFIX, "hf_clip")]
+SD2_TE = [("text_encoder", "tokenizer", OPEN_CLIP_H, "!", False, families.OPEN_CLIP_PREFIX, "open_clip")]
+SDXL_TE = [("text_encoder", "tokenizer", CLIP_L, "<|endoftext|>", False, families.SDXL_CLIP_L_PREFIX, "hf_clip"),
+           ("text_encoder_2", "tokenizer_2", CLIP_G, "!", True, families.SDXL_CLIP_G_PREFIX, "open_clip")]
+REFINER_TE = [("text_encoder_2", "tokenizer_2", CLIP_G, "!", True, families.REFINER_CLIP_G_PREFIX, "open_clip")]
 
 # "pipeline": the diffusers class from_single_file is compared with (load timing); the other
 # families are written for bench/families.py (every family loads offline and generates).
@@ -127,8 +127,8 @@ def write_config_folder(name: str) -> Path:
     from diffusers import EulerDiscreteScheduler
     from transformers import CLIPTokenizer
 
+    from pipelines.models.clip_tokenizer import TOKENIZER_DIR
     from pipelines.models.families import SD_SCHEDULE
-    from pipelines.models.loading import TOKENIZER_DIR
 
     folder = CACHE / f"{name}-config"
     if (folder / "model_index.json").is_file():
@@ -220,7 +220,7 @@ def child(which: str, name: str, dtype_name: str) -> None:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: F401
 
     if which == "ours":
-        from pipelines.models.loading import load_components
+        from pipelines.models.build import load_components
     else:
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline  # noqa: F401
 

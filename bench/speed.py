@@ -57,14 +57,15 @@ def run_diffusers(args, path: Path) -> tuple[object, list[float]]:
     from diffusers import StableDiffusionPipeline
 
     from pipelines.core import samplers
+    from pipelines.generate import schedulers
 
     pipe = StableDiffusionPipeline.from_single_file(
         str(path), config=str(CACHE / "sd15-config"), local_files_only=True, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    cls = samplers._scheduler_class(samplers._spec(args.sampler).cls)
-    spacing = samplers._spec(args.sampler).spacing
-    pipe.scheduler = cls.from_config(pipe.scheduler.config, **({"timestep_spacing": spacing} if spacing else {}),
-                                     **samplers._spec(args.sampler).kwargs)
+    spec = samplers.sampler_spec(args.sampler)
+    cls = schedulers.scheduler_class(args.sampler)
+    pipe.scheduler = cls.from_config(pipe.scheduler.config,
+                                     **({"timestep_spacing": spec.spacing} if spec.spacing else {}), **spec.kwargs)
     stamps: list[float] = []
 
     def on_step_end(pipe, step, timestep, kwargs):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from pipelines.models import export
+from pipelines.models import ldm_layout
 
 
 def kohya_targets(components, convs: bool = False, encoders: bool = True, unet: bool = True):
@@ -23,7 +23,7 @@ def kohya_targets(components, convs: bool = False, encoders: bool = True, unet: 
     original = {}
     if sdxl:
         params = [name for name, _ in model.named_parameters()]
-        original = {v: k for k, v in export.unet_to_ldm({p: p for p in params}, model.config).items()}
+        original = {v: k for k, v in ldm_layout.unet_to_ldm({p: p for p in params}, model.config).items()}
     for name, m in model.named_modules() if unet else ():
         if isinstance(m, torch.nn.Linear) and ".attentions." in name or \
                 convs and isinstance(m, torch.nn.Conv2d) and ".resnets." in name and m.kernel_size == (3, 3):

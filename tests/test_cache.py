@@ -13,8 +13,9 @@ import torch
 from tiny import write_tiny_checkpoint
 
 from pipelines.core.settings import EngineSettings
+from pipelines.models.build import load_components
+from pipelines.models.checkpoint_file import CheckpointError
 from pipelines.models.device import choose_placement
-from pipelines.models.loading import CheckpointError, load_components
 from pipelines.models.manager import ModelManager
 
 

@@ -15,7 +15,7 @@ from tiny import write_tiny_checkpoint, write_tiny_sd1_checkpoint
 from pipelines.core.infotext import parse_infotext
 from pipelines.core.request import GenerationRequest
 from pipelines.generate import embeddings, prompts
-from pipelines.models.loading import load_components
+from pipelines.models.build import load_components
 
 WIDTH = 64  # the tiny CLIP's width
 
@@ -62,7 +62,7 @@ def test_vectors_replace_the_name_and_leave_the_model_alone(ti_engine):
     with_ti = prompts.encode_prompts(comp, "a shiny circle", "", 1, "cpu", embeddings=found).cond
     without = prompts.encode_prompts(comp, "a shiny circle", "", 1, "cpu").cond
     assert not torch.equal(with_ti, without)
-    emb = prompts._token_embedding(comp.text_encoders[0])
+    emb = prompts.token_embedding(comp.text_encoders[0])
     assert not emb._forward_hooks  # the hook is gone after encoding
     again = prompts.encode_prompts(comp, "a shiny circle", "", 1, "cpu").cond
     assert torch.equal(again, without)

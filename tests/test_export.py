@@ -23,16 +23,9 @@ except ImportError:  # plain `pytest` puts tests/ itself on sys.path (no __init_
     from tiny import TINY_CLIP_CONFIG, make_tiny_sd1, write_tiny_sd1_checkpoint
 
 # after tests.tiny, which makes a source checkout importable without `pip install -e .`
-from pipelines.models.export import (  # noqa: E402
-    CLIP_PREFIX,
-    UNET_PREFIX,
-    VAE_PREFIX,
-    clip_to_ldm,
-    save_sd1_checkpoint,
-    sd1_single_file_state_dict,
-    unet_to_ldm,
-    vae_to_ldm,
-)
+from pipelines.models.export import save_sd1_checkpoint, sd1_single_file_state_dict  # noqa: E402
+from pipelines.models.families import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX  # noqa: E402
+from pipelines.models.ldm_layout import clip_to_ldm, unet_to_ldm, vae_to_ldm  # noqa: E402
 
 POSITION_IDS = "text_model.embeddings.position_ids"
 

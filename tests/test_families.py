@@ -11,15 +11,12 @@ import torch
 from conftest import make_engine
 from tiny import TINY_FAMILIES, make_tiny, tiny_single_file_state_dict, write_tiny_checkpoint
 
+from pipelines.core.prediction_types import V_PREDICTION
 from pipelines.core.request import GenerationRequest
-from pipelines.models.families import V_PREDICTION
-from pipelines.models.loading import (
-    CheckpointError,
-    inspect_checkpoint,
-    load_components,
-    open_clip_to_hf,
-    read_header,
-)
+from pipelines.models.architecture import open_clip_to_hf
+from pipelines.models.build import load_components
+from pipelines.models.checkpoint_file import CheckpointError, read_header
+from pipelines.models.inspection import inspect_checkpoint
 
 # name in models/Stable-diffusion -> (family, inpainting, expected description, resolution)
 CASES = {
@@ -145,7 +142,8 @@ def test_user_override_persists_and_reaches_the_listing(family_models, tmp_path)
 
 def test_ema_weights_are_loaded_from_full_checkpoints(tmp_path):
     ema_unet, _, _ = make_tiny("sd1", seed=99)
-    from pipelines.models.export import UNET_PREFIX, unet_to_ldm
+    from pipelines.models.families import UNET_PREFIX
+    from pipelines.models.ldm_layout import unet_to_ldm
 
     ema = {"model_ema." + ("diffusion_model." + k).replace(".", ""): v
            for k, v in unet_to_ldm(ema_unet.state_dict(), ema_unet.config).items()}
@@ -166,7 +164,7 @@ def test_open_clip_layout_matches_open_clip_itself():
     """Our open_clip -> transformers conversion computes what open_clip computes."""
     open_clip_transformer = pytest.importorskip("open_clip.transformer")
     _, _, (bigg,) = make_tiny("sdxl_refiner", seed=5)
-    from pipelines.models.export import clip_to_open_clip
+    from pipelines.models.ldm_layout import clip_to_open_clip
 
     state = clip_to_open_clip(bigg.state_dict())
     state.pop("logit_scale")
@@ -260,10 +258,10 @@ def test_v_prediction_reaches_the_scheduler(family_engine):
                                       path_of(family_engine.paths.models_dir, "sd2-768-v.safetensors"))
     assert model.components.scheduler_config["prediction_type"] == V_PREDICTION
     assert family_engine.native_resolution("sd2-768-v.safetensors") == 768
-    from pipelines.core import samplers
+    from pipelines.generate import schedulers
 
     for sampler in ("Euler", "DPM++ 2M", "DDIM"):
-        scheduler = samplers.make_scheduler(sampler, "Automatic", model.components.scheduler_config)
+        scheduler = schedulers.make_scheduler(sampler, "Automatic", model.components.scheduler_config)
         assert scheduler.config.prediction_type == V_PREDICTION
 
 
@@ -271,8 +269,8 @@ def test_diffusers_folders_are_listed_and_loaded(family_models, tmp_path):
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
 
+    from pipelines.models.clip_tokenizer import TOKENIZER_DIR
     from pipelines.models.families import SD_SCHEDULE
-    from pipelines.models.loading import TOKENIZER_DIR
 
     root = tmp_path / "models"
     shutil.copytree(family_models, root)

@@ -7,11 +7,11 @@ import pytest
 import torch
 from conftest import make_engine
 from safetensors.torch import save_file
-from tiny import make_tiny, write_tiny_checkpoint
+from tiny import write_tiny_checkpoint
 
 from pipelines.core.request import GenerationRequest, RequestError
-from pipelines.models.export import vae_to_ldm
-from pipelines.models.loading import load_vae
+from pipelines.models.build import load_vae
+from pipelines.models.ldm_layout import vae_to_ldm
 
 
 def tiny_vae(seed: int, scaling: float = 0.18215):

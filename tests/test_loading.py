@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 from tiny import make_tiny_sd1, write_tiny_sd1_checkpoint
 
 from pipelines.core.request import GenerationRequest
-from pipelines.models.loading import CheckpointError, inspect_checkpoint, load_components, read_header
+from pipelines.models.build import load_components
+from pipelines.models.checkpoint_file import CheckpointError, read_header
+from pipelines.models.inspection import inspect_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +42,11 @@ def test_loading_leaves_other_threads_weight_init_and_the_collector_as_they_were
     """The loader skips random init for its meta modules only: a model (an upscaler, a LoRA
     layer) initialised in another thread meanwhile still gets real random weights, and the
     cyclic garbage collector paused for the load runs again afterwards, even after a failure."""
-    from pipelines.models import loading
+    from pipelines.models import build
 
     original_normal = torch.nn.init.normal_
     initialised = torch.zeros(1000)
-    with loading._empty_modules():
+    with build.empty_modules():
         meta_layer = torch.nn.Linear(8, 8)
         worker = threading.Thread(target=lambda: torch.nn.init.normal_(initialised))
         worker.start()

@@ -18,7 +18,7 @@ from tiny import write_tiny_sd1_checkpoint
 from pipelines.core.infotext import parse_infotext
 from pipelines.core.request import GenerationRequest
 from pipelines.generate import lora
-from pipelines.models.loading import load_components
+from pipelines.models.build import load_components
 
 
 def kohya_lora(components, seed: int = 0) -> dict[str, torch.Tensor]:

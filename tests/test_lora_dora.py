@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from tiny import write_tiny_checkpoint
 
 from pipelines.generate import lora
-from pipelines.models.loading import load_components
+from pipelines.models.build import load_components
 
 RANK, ALPHA = 4, 2.0
 

@@ -19,7 +19,7 @@ from tiny import make_tiny, write_tiny_checkpoint
 from pipelines.core.infotext import parse_infotext
 from pipelines.core.request import GenerationRequest
 from pipelines.generate import lora, lycoris
-from pipelines.models.loading import load_components
+from pipelines.models.build import load_components
 
 CHECKPOINTS = {"sd2": "tiny-sd2.safetensors", "sdxl": "tiny-sdxl.safetensors"}
 

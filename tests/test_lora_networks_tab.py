@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from types import SimpleNamespace
 
-from webui import networks_tab as nt
+from test_webui import FakeEngine as UIFakeEngine
+
+from webui.app import build_ui
+from webui.tabs import networks as nt
 
 
-class FakeEngine:
-    def __init__(self, data_dir: Path):
-        self.paths = SimpleNamespace(data_dir=data_dir)
+class FakeEngine(UIFakeEngine):
+    """The UI tests' engine with one LoRA and two embeddings, its data (styles.csv) in `data_dir`."""
+
+    def __init__(self, data_dir: Path | None = None):
+        super().__init__(data_dir=data_dir)
 
     def lora_listing(self, refresh: bool = False):
         return [{"name": "red", "alias": "red", "path": "/x/red.safetensors", "prompt": "<lora:red:1>",
@@ -46,8 +49,6 @@ def test_styles_apply_and_save(tmp_path):
 
 
 def test_ui_builds_with_the_accordion(engine):
-    from webui.app import build_ui
-
     blocks = build_ui(engine)
     ids = {getattr(b, "elem_id", None) for b in blocks.blocks.values()}
     for mode in ("txt2img", "img2img", "inpaint"):

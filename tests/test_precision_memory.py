@@ -334,7 +334,7 @@ def test_lora_under_lowvram_is_skipped_with_a_warning_not_a_crash(tmp_path):
     from test_lora import kohya_lora
     from tiny import write_tiny_sd1_checkpoint
 
-    from pipelines.models.loading import load_components
+    from pipelines.models.build import load_components
 
     ckpt = write_tiny_sd1_checkpoint(tmp_path / "models" / "Stable-diffusion" / "tiny.safetensors", seed=0)
     (tmp_path / "models" / "Lora").mkdir()

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 try:
-    from pipelines.models import export
+    from pipelines.models import export, families
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from pipelines.models import export
+    from pipelines.models import export, families
 
 save_sd1_checkpoint = export.save_sd1_checkpoint
 
@@ -154,14 +154,14 @@ TINY_REFINER_UNET_CONFIG = dict(
 
 # family -> (U-Net config, VAE scaling factor, [(single-file prefix, layout, CLIP config, with projection)])
 TINY_FAMILIES = {
-    "sd1": (TINY_UNET_CONFIG, 0.18215, [(export.CLIP_PREFIX, "hf_clip", TINY_CLIP_CONFIG, False)]),
-    "sd2": (TINY_SD2_UNET_CONFIG, 0.18215, [(export.OPEN_CLIP_PREFIX, "open_clip", TINY_OPEN_CLIP_CONFIG, False)]),
+    "sd1": (TINY_UNET_CONFIG, 0.18215, [(families.CLIP_PREFIX, "hf_clip", TINY_CLIP_CONFIG, False)]),
+    "sd2": (TINY_SD2_UNET_CONFIG, 0.18215, [(families.OPEN_CLIP_PREFIX, "open_clip", TINY_OPEN_CLIP_CONFIG, False)]),
     "sdxl": (TINY_SDXL_UNET_CONFIG, 0.13025, [
-        (export.SDXL_CLIP_L_PREFIX, "hf_clip", TINY_CLIP_CONFIG, False),
-        (export.SDXL_CLIP_G_PREFIX, "open_clip", TINY_BIGG_CONFIG, True),
+        (families.SDXL_CLIP_L_PREFIX, "hf_clip", TINY_CLIP_CONFIG, False),
+        (families.SDXL_CLIP_G_PREFIX, "open_clip", TINY_BIGG_CONFIG, True),
     ]),
     "sdxl_refiner": (TINY_REFINER_UNET_CONFIG, 0.13025, [
-        (export.REFINER_CLIP_G_PREFIX, "open_clip", TINY_BIGG_CONFIG, True),
+        (families.REFINER_CLIP_G_PREFIX, "open_clip", TINY_BIGG_CONFIG, True),
     ]),
 }
 

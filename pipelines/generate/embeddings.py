@@ -18,13 +18,16 @@ The infotext's ``TI hashes: "name: 0123456789ab"``: first 12 hex digits of the f
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
+
+from pipelines.core.fileio import sha256_file_cached
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +56,6 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """The embedding vectors of a file, by encoder name ("clip_l", "clip_g") or "default"."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         data = load_file(str(path))
     else:
         try:
@@ -91,25 +92,25 @@ def _rows(t) -> torch.Tensor:
     return t
 
 
-_cache: dict[tuple[str, int, int], EmbeddingFile | EmbeddingError] = {}
-
-
 def load(path: Path, name: str | None = None) -> EmbeddingFile:
     """An embedding file, cached by path, size and mtime; EmbeddingError if unreadable."""
     path = Path(path)
     st = os.stat(path)
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    if key not in _cache:
-        try:
-            _cache[key] = EmbeddingFile(name or path.stem, path, read_tensors(path))
-        except EmbeddingError as exc:
-            _cache[key] = exc
-        except Exception as exc:  # noqa: BLE001 - a corrupt file is skipped, never fatal
-            _cache[key] = EmbeddingError(str(exc))
-    found = _cache[key]
+    found = _read_cached(str(path), st.st_size, st.st_mtime_ns, name or path.stem)
     if isinstance(found, EmbeddingError):
         raise found
     return found
+
+
+@functools.lru_cache(maxsize=256)  # a few KB each; 256 covers a large embeddings folder
+def _read_cached(path: str, size: int, mtime_ns: int, name: str) -> EmbeddingFile | EmbeddingError:
+    """What `load` returns, or the error it raises (a bad file is not read again until it changes)."""
+    try:
+        return EmbeddingFile(name, Path(path), read_tensors(Path(path)))
+    except EmbeddingError as exc:
+        return exc
+    except Exception as exc:  # noqa: BLE001 - a corrupt file is skipped, never fatal
+        return EmbeddingError(str(exc))
 
 
 @dataclass(eq=False)
@@ -219,16 +220,6 @@ def infotext_params(used) -> dict[str, str]:
     return {"TI hashes": ", ".join(f"{e.name}: {e.short_hash}" for e in used)}
 
 
-_hashes: dict[tuple[str, int, int], str] = {}
-
-
 def file_hash(path: Path) -> str:
-    st = os.stat(path)
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    if key not in _hashes:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        _hashes[key] = digest.hexdigest()
-    return _hashes[key]
+    """The file's sha256 (its first 12 digits are the infotext's TI hash)."""
+    return sha256_file_cached(path)

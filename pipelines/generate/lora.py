@@ -17,15 +17,18 @@ its JSON header; kohya's "addnet" hash), or of the whole file for other formats.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.core.prompt_parser import ExtraNetwork, extract_extra_networks
+from safetensors.torch import load_file
+
+from pipelines.core.extra_networks import ExtraNetwork, extract_extra_networks
+from pipelines.core.fileio import sha256_file_cached
+from pipelines.generate import lycoris
+from pipelines.models.checkpoint_file import safetensors_data_start, torch_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,7 @@ def resolve(prompt: str, registry) -> tuple[list[LoraUse], list[str]]:
         if not net.is_lora:
             warnings.append(f"{net.text}: extra network kind {net.kind!r} is not supported; ignored")
             continue
-        file = find(registry, net.name)
+        file = registry.find("lora", net.name)  # file name, with or without folder, or stem
         if file is None:
             warnings.append(f"{net.text}: no LoRA named {net.name!r} in the Lora folder; ignored")
             continue
@@ -67,17 +70,6 @@ def resolve(prompt: str, registry) -> tuple[list[LoraUse], list[str]]:
             continue
         uses.append(LoraUse(net.name, Path(file.path), te, unet))
     return uses, warnings
-
-
-def find(registry, name: str):
-    """A listed LoRA by name (file stem, with or without folder, or file name)."""
-    file = registry.find("lora", name)
-    if file is not None:
-        return file
-    for f in registry.list("lora"):
-        if f.stem == name or Path(f.name).stem == name or Path(f.name).name == name:
-            return f
-    return None
 
 
 def infotext_params(uses: list[LoraUse]) -> dict[str, str]:
@@ -91,24 +83,11 @@ def infotext_params(uses: list[LoraUse]) -> dict[str, str]:
 
 # --- hashes ------------------------------------------------------------------------------------
 
-_hash_cache: dict[tuple[str, int, int], str] = {}
-
-
 def file_hash(path: Path) -> str:
     """sha256 of a .safetensors file's data after the header (A1111/kohya "addnet" hash),
     of the whole file otherwise. Cached by path, size and mtime."""
-    st = os.stat(path)
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    if key not in _hash_cache:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            if str(path).endswith(".safetensors"):
-                header_len = struct.unpack("<Q", f.read(8))[0]
-                f.seek(8 + header_len)
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        _hash_cache[key] = digest.hexdigest()
-    return _hash_cache[key]
+    start = safetensors_data_start(path) if str(path).endswith(".safetensors") else 0
+    return sha256_file_cached(path, start=start)
 
 
 def short_hash(path: Path) -> str:
@@ -153,7 +132,7 @@ def trigger_words(metadata: dict[str, str], limit: int = 20) -> list[str]:
 # --- applying ------------------------------------------------------------------------------------
 
 def _mixin(components):
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin  # heavy
 
     if len(components.text_encoders) == 2:
         return StableDiffusionXLLoraLoaderMixin
@@ -171,7 +150,7 @@ def _text_encoder_prefixes(components) -> list[tuple[str, object]]:
 
 
 def _has_adapter(module, name: str) -> bool:
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer  # heavy: peft imports transformers
 
     return any(isinstance(m, BaseTunerLayer) and any(name in getattr(m, attr) for attr in m.adapter_layer_names)
                for m in module.modules())
@@ -180,12 +159,8 @@ def _has_adapter(module, name: str) -> bool:
 def read_state_dict(path: Path) -> dict:
     """A LoRA file's tensors (.safetensors, or a weights-only torch pickle)."""
     if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
-
         return load_file(str(path))
-    from pipelines.models.loading import _torch_state_dict
-
-    return _torch_state_dict(path)
+    return torch_state_dict(path)
 
 
 @dataclass
@@ -200,8 +175,6 @@ class _Prepared:
 
 
 def _prepare(use: LoraUse, adapter: str, warnings) -> _Prepared | None:
-    from pipelines.generate import lycoris
-
     try:
         plain, layers, unknown = lycoris.split(read_state_dict(use.path))
     except Exception as exc:  # noqa: BLE001 - a broken file must not fail the request
@@ -223,8 +196,6 @@ def applied(components, uses: list[LoraUse], warnings: list[str] | None = None):
     if not uses:
         yield []
         return
-    from pipelines.generate import lycoris
-
     encoders = _text_encoder_prefixes(components)
     try:
         prepared = [p for k, use in enumerate(uses) if (p := _prepare(use, f"{ADAPTER_PREFIX}{k}", warnings))]
@@ -369,7 +340,8 @@ def _input_magnitude(adapter: str, magnitude):
         merged = weight + layer.get_delta_weight(adapter).to(weight.dtype)
         c = magnitude / merged.transpose(0, 1).flatten(1).norm(dim=1)
         x = args[0]
-        c = c.reshape((-1,) if weight.ndim == 2 else (-1, *(1 for _ in weight.shape[2:])))  # Linear: last dim; conv: dim 1
+        # Linear: the input's last dim; conv: dim 1
+        c = c.reshape((-1,) if weight.ndim == 2 else (-1, *(1 for _ in weight.shape[2:])))
         return (x * c.to(x.dtype), *args[1:])
     return hook
 
@@ -384,6 +356,7 @@ def _set_weights(components, loaded) -> None:
     """Each adapter's multiplier: the te weight on text encoders, the unet weight on the U-Net.
     An adapter at 0 is left inactive: a DoRA layer's magnitude would change the module even
     with its low-rank part scaled to 0 (peft scales only that part)."""
+    # heavy: diffusers' LoRA helpers, only when a LoRA is used
     from diffusers.utils.peft_utils import set_weights_and_activate_adapters
 
     for module in (components.unet, *components.text_encoders):
@@ -395,6 +368,7 @@ def _set_weights(components, loaded) -> None:
 
 
 def _remove_adapter(components, adapter: str) -> None:
+    # heavy: diffusers' LoRA helpers, only when a LoRA is used
     from diffusers.utils.peft_utils import delete_adapter_layers
 
     for module in (components.unet, *components.text_encoders):
@@ -404,6 +378,7 @@ def _remove_adapter(components, adapter: str) -> None:
 
 def remove_all(components) -> None:
     """Take every peft layer out of the modules (restores the original module objects)."""
+    # heavy: diffusers' LoRA helpers, only when a LoRA is used
     from diffusers.utils.peft_utils import recurse_remove_peft_layers
 
     for module in (components.unet, *components.text_encoders):
@@ -419,7 +394,7 @@ def remove_all(components) -> None:
 
 
 def _has_any_tuner(module) -> bool:
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer  # heavy: peft imports transformers
 
     return any(isinstance(m, BaseTunerLayer) for m in module.modules())
 

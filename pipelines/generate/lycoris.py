@@ -23,6 +23,8 @@ from math import prod
 
 import torch
 
+from pipelines.models.ldm_layout import unet_to_ldm
+
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 # plain LoRA layers, for diffusers' kohya converter (anything else under a kohya name makes it fail);
 # a dora_scale makes a DoRA layer, which lora._split_dora renames to peft keys first
@@ -122,8 +124,6 @@ def module_index(unet, encoders: list[tuple[str, torch.nn.Module]]) -> dict[str,
     `encoders` pairs each text encoder with its diffusers prefix ("text_encoder" answers to
     kohya's ``lora_te_`` and ``lora_te1_``, "text_encoder_2" to ``lora_te2_``). Call it on
     modules without peft layers (their paths change while adapters are in)."""
-    from pipelines.models.export import unet_to_ldm
-
     index: dict[str, tuple[torch.nn.Module, str]] = {}
     layers = {name for name, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
     for name in layers:
@@ -156,7 +156,7 @@ def _fits(layer: Layer, module: torch.nn.Module) -> bool:
 def inject(layers: list[Layer], index, adapter: str) -> tuple[list[str], list[str]]:
     """Add `layers` as peft adapters named `adapter` + "_loha"/"_lokr" on the modules `index`
     finds. Returns (adapter names created, kohya names that match no module of this model)."""
-    from peft import LoHaConfig, LoKrConfig, inject_adapter_in_model
+    from peft import LoHaConfig, LoKrConfig, inject_adapter_in_model  # heavy: peft imports transformers
 
     unmatched: list[str] = []
     targets: dict[tuple[str, int], list[tuple[str, Layer]]] = {}

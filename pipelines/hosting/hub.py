@@ -13,11 +13,12 @@ launcher prints it and starts without the file.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from pipelines.core.fileio import sha256_file
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -58,6 +59,7 @@ def fetch_checkpoint(spec: str | HubFile, folder: Path, endpoint: str | None = N
     verify it. Returns the local path. Raises HubError."""
     hub_file = spec if isinstance(spec, HubFile) else HubFile.parse(spec)
     try:
+        # optional, and slow to import: only when a checkpoint is fetched
         from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
     except ImportError as exc:  # a dependency of diffusers/transformers, so normally present
         raise HubError(f"--hf-checkpoint needs the huggingface_hub package ({exc})") from exc
@@ -89,13 +91,6 @@ def fetch_checkpoint(spec: str | HubFile, folder: Path, endpoint: str | None = N
                            f"{expected[:10]}…; the file was deleted")
     return path
 
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _stat(path: Path) -> tuple[int, int] | None:

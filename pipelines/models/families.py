@@ -3,8 +3,11 @@
 Adding a family is adding a `Family` entry to `FAMILIES`: its key prefixes, its text
 encoder layout, its training schedule, its conditioning and its native size. Architecture
 details that the weights do tell (channel counts, depths, attention placement, context
-width, ADM input width) are read from the tensor shapes by `loading.py`, so tiny test
-checkpoints and real ones take the same path.
+width, ADM input width) are read from the tensor shapes by `architecture.py`, so tiny
+test checkpoints and real ones take the same path.
+
+It is also the one home of the single-file (LDM / A1111) weight-key prefixes: the loader,
+the exporter and the model cache all spell them through the constants below.
 
 Facts the weights do not tell live here:
 - heads: SD 1.x uses 8 heads per U-Net attention; SD 2.x and SDXL head width 64;
@@ -17,11 +20,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipelines.core.prediction_types import EPSILON, V_PREDICTION
+
+# Where each component's weights sit in a single-file checkpoint.
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
+EMA_PREFIX = "model_ema."  # full (training) files: the U-Net's EMA copy, names without dots
+CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x: transformers' CLIP names
+OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: open_clip names
+SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_CLIP_G_PREFIX = "conditioner.embedders.1.model."
+REFINER_CLIP_G_PREFIX = "conditioner.embedders.0.model."
+# every text encoder prefix above starts with one of these (LDM's and SGM's names)
+TEXT_ENCODER_ROOTS = ("cond_stage_model.", "conditioner.")
+DIFFUSERS_INDEX = "model_index.json"  # a folder holding it is one diffusers model, not single files
 
-EPSILON = "epsilon"
-V_PREDICTION = "v_prediction"  # diffusers' name; files and yamls say "v"
 
 
 @dataclass(frozen=True)
@@ -60,7 +73,11 @@ class Family:
     prediction_undecidable: bool = False
     v_resolution: int | None = None  # native size of the v-prediction variant
 
-    def resolution_for(self, prediction_type: str, inpainting: bool) -> int:
+    def resolution_for(self, prediction_type: str, inpainting: bool, declared: int | None = None) -> int:
+        """The size a model of this family was trained at: what its file declares, else the
+        v-prediction variant's size (SD 2.x 768-v), else the family's."""
+        if declared:
+            return declared
         if self.v_resolution and prediction_type == V_PREDICTION and not inpainting:
             return self.v_resolution
         return self.native_resolution
@@ -85,10 +102,10 @@ SD1 = Family(
     name="sd1",
     label="SD 1.x",
     markers=(
-        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
-        "cond_stage_model.transformer.embeddings.token_embedding.weight",  # files from older transformers
+        CLIP_PREFIX + "text_model.embeddings.token_embedding.weight",
+        CLIP_PREFIX + "embeddings.token_embedding.weight",  # files from older transformers
     ),
-    text_encoders=(TextEncoderSpec(prefix="cond_stage_model.transformer.", layout="hf_clip", pad_token=CLIP_L),),
+    text_encoders=(TextEncoderSpec(prefix=CLIP_PREFIX, layout="hf_clip", pad_token=CLIP_L),),
     native_resolution=512,
     latent_scaling_factor=0.18215,
     unet_heads=8,
@@ -98,9 +115,9 @@ SD1 = Family(
 SD2 = Family(
     name="sd2",
     label="SD 2.x",
-    markers=("cond_stage_model.model.token_embedding.weight",),
+    markers=(OPEN_CLIP_PREFIX + "token_embedding.weight",),
     text_encoders=(
-        TextEncoderSpec(prefix="cond_stage_model.model.", layout="open_clip", pad_token="!",
+        TextEncoderSpec(prefix=OPEN_CLIP_PREFIX, layout="open_clip", pad_token="!",
                         layer="penultimate", hidden_act="gelu"),
     ),
     native_resolution=512,
@@ -115,11 +132,10 @@ SD2 = Family(
 SDXL = Family(
     name="sdxl",
     label="SDXL",
-    markers=("conditioner.embedders.1.model.token_embedding.weight",),
+    markers=(SDXL_CLIP_G_PREFIX + "token_embedding.weight",),
     text_encoders=(
-        TextEncoderSpec(prefix="conditioner.embedders.0.transformer.", layout="hf_clip", pad_token=CLIP_L,
-                        layer="penultimate_raw"),
-        TextEncoderSpec(prefix="conditioner.embedders.1.model.", layout="open_clip", pad_token="!",
+        TextEncoderSpec(prefix=SDXL_CLIP_L_PREFIX, layout="hf_clip", pad_token=CLIP_L, layer="penultimate_raw"),
+        TextEncoderSpec(prefix=SDXL_CLIP_G_PREFIX, layout="open_clip", pad_token="!",
                         layer="penultimate_raw", pooled=True, hidden_act="gelu"),
     ),
     native_resolution=1024,
@@ -133,9 +149,9 @@ SDXL = Family(
 SDXL_REFINER = Family(
     name="sdxl_refiner",
     label="SDXL refiner",
-    markers=("conditioner.embedders.0.model.token_embedding.weight",),
+    markers=(REFINER_CLIP_G_PREFIX + "token_embedding.weight",),
     text_encoders=(
-        TextEncoderSpec(prefix="conditioner.embedders.0.model.", layout="open_clip", pad_token="!",
+        TextEncoderSpec(prefix=REFINER_CLIP_G_PREFIX, layout="open_clip", pad_token="!",
                         layer="penultimate_raw", pooled=True, hidden_act="gelu"),
     ),
     native_resolution=1024,
@@ -162,7 +178,7 @@ def detect_family(keys) -> Family:
     keys = keys if isinstance(keys, (set, dict, frozenset)) else set(keys)
     if UNET_PREFIX + "input_blocks.0.0.weight" not in keys:
         raise UnsupportedCheckpoint(
-            "not a Stable Diffusion checkpoint: no U-Net weights under 'model.diffusion_model.' "
+            f"not a Stable Diffusion checkpoint: no U-Net weights under '{UNET_PREFIX}' "
             "(is it a LoRA, a VAE or an upscaler? those go in models/Lora, models/VAE, models/ESRGAN)"
         )
     for family in FAMILIES:

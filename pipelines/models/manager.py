@@ -22,17 +22,15 @@ import psutil
 import torch
 
 from pipelines.models import memory
+from pipelines.models.build import load_components, load_vae
+from pipelines.models.checkpoint_file import read_header
 from pipelines.models.device import Placement, apply_attention
-from pipelines.models.loading import (
-    Components,
-    inspect_checkpoint,
-    load_components,
-    load_vae,
-    modules_nbytes,
-    read_header,
-)
+from pipelines.models.families import TEXT_ENCODER_ROOTS, UNET_PREFIX, VAE_PREFIX
+from pipelines.models.inspection import inspect_checkpoint
+from pipelines.models.spec import Components, modules_nbytes
 
-UNET_VAE_TEXT = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
+# the weights a loaded model holds (not a full file's EMA copy or training state)
+MODEL_WEIGHT_PREFIXES = (UNET_PREFIX, VAE_PREFIX, *TEXT_ENCODER_ROOTS)
 
 
 @dataclass
@@ -78,7 +76,7 @@ class ModelManager:
         itemsize = torch.empty((), dtype=self.placement.dtype).element_size()
         total = 0
         for key, shape in header.shapes.items():
-            if key.startswith(UNET_VAE_TEXT):
+            if key.startswith(MODEL_WEIGHT_PREFIXES):
                 n = 1
                 for d in shape:
                     n *= d

@@ -27,9 +27,9 @@ tile and `images` is 1.
 from __future__ import annotations
 
 import gc
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import psutil
 import torch
@@ -88,7 +88,7 @@ def offload(modules, device: torch.device, mode: str) -> list:
         for module in modules:
             module.to(device)
         return []
-    from accelerate import cpu_offload, cpu_offload_with_hook
+    from accelerate import cpu_offload, cpu_offload_with_hook  # heavy: only with --medvram/--lowvram
 
     if mode == "lowvram":
         for module in modules:
@@ -108,7 +108,7 @@ def offload_all(hooks) -> None:
 
 
 def remove_offload(modules, device: torch.device) -> None:
-    from accelerate.hooks import remove_hook_from_module
+    from accelerate.hooks import remove_hook_from_module  # heavy: only with --medvram/--lowvram
 
     for module in modules:
         remove_hook_from_module(module, recurse=True)

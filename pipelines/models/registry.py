@@ -1,8 +1,9 @@
-"""What is on disk: model kinds -> folders + extensions, listings cached by folder mtime.
+"""What is on disk: each model kind's folder (`core.settings.MODEL_KINDS`), listed and cached by folder mtime.
 
 A listing never hashes a file. Hashes (sha256, A1111's "AutoV2" short hash = first 10 hex
-digits) are computed on demand and cached in a JSON file keyed by path, size and mtime.
-Only names from a listing resolve to files: no path from a request is opened as given.
+digits, the legacy 8-hex hash) are computed on demand and cached in a JSON file keyed by
+path, size and mtime (`stores.HashCache`). Only names from a listing resolve to files, by
+the rules of `names.find_listed`: no path from a request is opened as given.
 
 Checkpoints are single files or diffusers folders (a folder with `model_index.json`,
 listed as one entry and not descended into). `<checkpoint>.vae.safetensors` files beside a
@@ -13,30 +14,20 @@ are kept in `checkpoint_options.json` beside the hash cache, in the data dir.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable
+from pathlib import Path, PurePosixPath
 
-from pipelines.core.fileio import write_json_atomic
+from pipelines.core.prediction_types import PREDICTION_TYPES
+from pipelines.core.settings import MODEL_KINDS
+from pipelines.models.families import BY_NAME, DIFFUSERS_INDEX
+from pipelines.models.names import find_listed
+from pipelines.models.prediction import normalise_prediction
+from pipelines.models.stores import CheckpointOptions, HashCache
 
-
-@dataclass(frozen=True)
-class ModelKind:
-    folder: str  # under --models-dir, A1111's names
-    extensions: tuple[str, ...]
-
-
-MODEL_KINDS: dict[str, ModelKind] = {
-    "checkpoints": ModelKind("Stable-diffusion", (".safetensors", ".ckpt")),
-    "vae": ModelKind("VAE", (".safetensors", ".pt", ".ckpt")),
-    "lora": ModelKind("Lora", (".safetensors", ".pt")),
-    "esrgan": ModelKind("ESRGAN", (".pth", ".pt", ".safetensors")),
-    "embeddings": ModelKind("embeddings", (".safetensors", ".pt", ".bin")),
-}
+AUTOV2_DIGITS = 10  # A1111's short hash ("AutoV2"): the first 10 hex digits of the sha256
 
 
 @dataclass
@@ -47,6 +38,7 @@ class ModelFile:
     mtime: float
     details: dict = field(default_factory=dict)  # kind-specific facts read from the header
     sha256: str | None = None
+    legacy_hash: str | None = None  # old A1111 versions' 8-hex "model hash" (see stores.legacy_model_hash)
 
     @property
     def stem(self) -> str:
@@ -54,62 +46,22 @@ class ModelFile:
 
     @property
     def short_hash(self) -> str | None:
-        return self.sha256[:10] if self.sha256 else None
+        """A1111's "AutoV2" hash, what infotexts write as "Model hash"."""
+        return self.sha256[:AUTOV2_DIGITS] if self.sha256 else None
+
+    @property
+    def model_name(self) -> str:
+        """A1111's model_name: the name without its extension, folders joined with "_"."""
+        return str(PurePosixPath(self.name.replace("/", "_").replace("\\", "_")).with_suffix(""))
+
+    @property
+    def title(self) -> str:
+        """A1111's title: "name [short hash]", or the name while the file is not hashed."""
+        return f"{self.name} [{self.short_hash}]" if self.short_hash else self.name
 
     @property
     def family(self) -> str | None:
         return self.details.get("family")
-
-
-class _JsonFile:
-    """A dict persisted as one JSON file; a missing or unreadable file starts empty."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self._lock = threading.Lock()
-        try:
-            self._entries: dict = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            self._entries = {}
-
-
-class HashCache(_JsonFile):
-    """sha256 per file, persisted as JSON, valid while path, size and mtime match."""
-
-    def get(self, file: ModelFile) -> str | None:
-        entry = self._entries.get(str(file.path))
-        if entry and entry.get("size") == file.size and entry.get("mtime") == file.mtime:
-            return entry.get("sha256")
-        return None
-
-    def compute(self, file: ModelFile, on_progress: Callable[[float], None] | None = None) -> str:
-        cached = self.get(file)
-        if cached:
-            return cached
-        digest = hashlib.sha256()
-        done = 0
-        if Path(file.path).is_dir():
-            # a diffusers folder: every file, in name order, each preceded by its relative path
-            parts = sorted(p for p in Path(file.path).rglob("*") if p.is_file())
-        else:
-            parts = [Path(file.path)]
-        for part in parts:
-            if part != Path(file.path):
-                digest.update(part.relative_to(file.path).as_posix().encode() + b"\0")
-            with open(part, "rb") as f:
-                while chunk := f.read(8 << 20):
-                    digest.update(chunk)
-                    done += len(chunk)
-                    if on_progress:
-                        on_progress(min(1.0, done / max(file.size, 1)))
-        sha = digest.hexdigest()
-        with self._lock:
-            self._entries[str(file.path)] = {"size": file.size, "mtime": file.mtime, "sha256": sha}
-            self._save()
-        return sha
-
-    def _save(self) -> None:
-        write_json_atomic(self.path, self._entries, indent=1)
 
 
 class FolderListing:
@@ -213,26 +165,6 @@ class FolderListing:
         return self._details[key]
 
 
-class CheckpointOptions(_JsonFile):
-    """Per-checkpoint user choices (keyed by listing name), persisted as JSON in the data dir."""
-
-    def get(self, name: str) -> dict:
-        with self._lock:
-            return dict(self._entries.get(name, {}))
-
-    def set(self, name: str, key: str, value) -> None:
-        with self._lock:
-            entry = self._entries.setdefault(name, {})
-            if value is None:
-                entry.pop(key, None)
-                if not entry:
-                    del self._entries[name]
-            else:
-                entry[key] = value
-            write_json_atomic(self.path, self._entries, indent=1, sort_keys=True)
-
-
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 SIDECAR_VAE_SUFFIXES = (".vae.safetensors", ".vae.pt", ".vae.ckpt")
 VAE_AUTOMATIC = "Automatic"
 VAE_BAKED_IN = "None"
@@ -249,57 +181,40 @@ class ModelRegistry:
         self.listings = {
             kind: FolderListing(folders[kind], MODEL_KINDS[kind].extensions, describers.get(kind),
                                 hide_sidecars=kind == "checkpoints",
-                                folder_marker="model_index.json" if kind == "checkpoints" else None,
+                                folder_marker=DIFFUSERS_INDEX if kind == "checkpoints" else None,
                                 fallback=fallbacks.get(kind))
             for kind in MODEL_KINDS
         }
         self.hashes = hash_cache
         self.options = options or CheckpointOptions(Path(hash_cache.path).parent / "checkpoint_options.json")
         self._hashing: dict[str, float] = {}  # name -> progress of a background hash
-        self._full_details: dict[tuple, dict] = {}
         self._hash_lock = threading.Lock()
 
     def list(self, kind: str, refresh: bool = False) -> list[ModelFile]:
         files = self.listings[kind].files(refresh)
         for f in files:
-            f.sha256 = self.hashes.get(f)
+            f.sha256, f.legacy_hash = self.hashes.get(f), self.hashes.legacy(f)
             if kind == "checkpoints":
                 f.details = self._checkpoint_details(f)
         return files
 
     # --- checkpoint facts for the browser -------------------------------------------------------
     def _checkpoint_details(self, f: ModelFile) -> dict:
+        """The listing's facts (the describer's, read once per file version) with what this
+        data dir adds: the prediction type a load probed or the user chose, the sidecar VAE."""
         details = dict(f.details)
         if "error" in details:
             return details
-        if "family_id" not in details and (f.path.is_dir() or f.path.suffix.lower() == ".safetensors"):
-            # the full facts (prediction source, EMA, inpainting, diffusers folders) from the
-            # loader, once per file version: a header read, never the weights
-            key = (str(f.path), f.size, f.mtime)
-            if key not in self._full_details:
-                self._full_details[key] = _describe_lazily(f.path)
-            details.update(self._full_details[key])
-            if "error" in details:
-                return details
-        metadata = details.get("metadata") or {}
-        for key, value in metadata_card(metadata).items():
-            details.setdefault(key, value)
         details.setdefault("prediction_source", "file")
         options = self.options.get(f.name)
         probed = options.get("probed")
         if details.get("prediction_source") == "probe" and isinstance(probed, dict) \
                 and probed.get("size") == f.size and probed.get("mtime") == f.mtime \
                 and probed.get("prediction") in PREDICTION_TYPES:
-            details["prediction"] = probed["prediction"]
-            details["prediction_source"] = "probed when loaded"
-            if str(details.get("family", "")) == "SD 2.x":
-                details["resolution"] = 768 if probed["prediction"] == "v_prediction" else 512
+            _set_prediction(details, probed["prediction"], "probed when loaded")
         override = options.get("prediction")
         if override in PREDICTION_TYPES:
-            details["prediction"] = override
-            details["prediction_source"] = "user override"
-            if str(details.get("family", "")) == "SD 2.x":  # the v models are the 768 ones
-                details["resolution"] = 768 if override == "v_prediction" else 512
+            _set_prediction(details, override, "user override")
         sidecar = self.sidecar_vae(f)
         details["sidecar_vae"] = sidecar.name if sidecar else None
         return details
@@ -307,8 +222,8 @@ class ModelRegistry:
     def set_prediction_type(self, name: str, prediction: str | None) -> None:
         """The user's prediction type for a checkpoint ('epsilon', 'v_prediction'; None = detect)."""
         if prediction is not None:
-            prediction = {"v": "v_prediction", "eps": "epsilon"}.get(prediction, prediction)
-            if prediction not in PREDICTION_TYPES:
+            prediction = normalise_prediction(prediction)
+            if prediction is None:
                 raise ValueError(f"prediction type must be one of {', '.join(PREDICTION_TYPES)} or None")
         file = self.find("checkpoints", name)
         if file is None:
@@ -363,22 +278,19 @@ class ModelRegistry:
     # --- names and hashes -----------------------------------------------------------------------
 
     def find(self, kind: str, name: str) -> ModelFile | None:
-        """Resolve a name from the listing (also accepting A1111's 'name [hash]' titles and bare stems)."""
-        files = self.list(kind)
-        wanted = name.strip()
-        if wanted.endswith("]") and " [" in wanted:
-            wanted = wanted[: wanted.rindex(" [")]
-        for f in files:
-            if wanted in (f.name, f.stem, Path(f.name).name):
-                return f
-        files = self.list(kind, refresh=True)  # a file added since the last listing
-        for f in files:
-            if wanted in (f.name, f.stem, Path(f.name).name):
-                return f
+        """The listed file `name` means, by the rules of `names.find_listed` (for checkpoints
+        every name A1111 clients use: title, model_name, short hash, sha256, legacy hash)."""
+        if not isinstance(name, str) or not name.strip():
+            return None
+        for refresh in (False, True):  # then a file added since the last listing
+            found = find_listed(self.list(kind, refresh), name, a1111_names=kind == "checkpoints")
+            if found is not None:
+                return found
         return None
 
     def ensure_hash(self, file: ModelFile, on_progress: Callable[[float], None] | None = None) -> str:
         file.sha256 = self.hashes.compute(file, on_progress)
+        file.legacy_hash = self.hashes.legacy(file)
         return file.sha256
 
     def hash_in_background(self, kind: str, name: str,
@@ -418,32 +330,11 @@ class ModelRegistry:
         return None if file is None else self._hashing.get(f"{kind}:{file.name}")
 
 
-CARD_FIELDS = {
-    "title": ("modelspec.title", "title", "name"),
-    "author": ("modelspec.author", "author"),
-    "description": ("modelspec.description", "description"),
-    "license": ("modelspec.license", "license"),
-    "trigger_words": ("modelspec.trigger_phrase", "trigger_words", "activation text", "ss_trigger_words"),
-    "date": ("modelspec.date",),
-}
-
-
-def metadata_card(metadata: dict) -> dict[str, str]:
-    """The human-facing fields of safetensors metadata (modelspec keys and common variants)."""
-    card = {}
-    for name, keys in CARD_FIELDS.items():
-        for key in keys:
-            value = metadata.get(key)
-            if value and str(value).strip():
-                card[name] = str(value).strip()
-                break
-    return card
-
-
-def _describe_lazily(path: Path) -> dict:
-    try:
-        from pipelines.models.loading import describe, read_header
-
-        return describe(read_header(path))
-    except Exception as exc:  # a broken folder is listed with its error
-        return {"error": str(exc)}
+def _set_prediction(details: dict, prediction: str, source: str) -> None:
+    """A prediction type other than the file's, and the native size that goes with it (SD 2.x:
+    the v models are the 768 ones), by the family's rule, as the loaded model will have it."""
+    details["prediction"], details["prediction_source"] = prediction, source
+    family = BY_NAME.get(details.get("family_id"))
+    if family is not None:
+        details["resolution"] = family.resolution_for(prediction, bool(details.get("inpainting")),
+                                                      details.get("declared_resolution"))

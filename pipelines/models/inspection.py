@@ -1,0 +1,90 @@
+"""What a checkpoint is, from its header alone: `inspect_checkpoint` for the loader, and
+`describe_checkpoint`, the one home of what the checkpoint listing says about a file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipelines.models.architecture import infer_clip_config, infer_unet_config, infer_vae_config, unet_ema_keys
+from pipelines.models.checkpoint_file import CheckpointError, CheckpointHeader, read_header, sniff_format
+from pipelines.models.diffusers_folder import inspect_diffusers_folder
+from pipelines.models.families import detect_family
+from pipelines.models.prediction import resolve_prediction
+from pipelines.models.spec import ModelSpec, declared_resolution
+
+# the human-facing fields of safetensors metadata: modelspec keys first, then common variants
+CARD_FIELDS = {
+    "title": ("modelspec.title", "title", "name"),
+    "author": ("modelspec.author", "author"),
+    "description": ("modelspec.description", "description"),
+    "license": ("modelspec.license", "license"),
+    "trigger_words": ("modelspec.trigger_phrase", "trigger_words", "activation text", "ss_trigger_words"),
+    "date": ("modelspec.date",),
+}
+LISTED_METADATA_CHARS = 2000  # longer values (kohya's tag frequencies, ...) stay out of the listing
+
+
+def inspect_checkpoint(header: CheckpointHeader) -> ModelSpec:
+    """Family, variant, prediction type and component configs, from names and shapes alone."""
+    if header.format == "diffusers":
+        return inspect_diffusers_folder(header.path)
+    family = detect_family(header.shapes)
+    try:
+        unet = infer_unet_config(header.shapes, family)
+        vae = infer_vae_config(header.shapes, family.latent_scaling_factor, family.native_resolution)
+        encoders = [infer_clip_config(header.shapes, spec) for spec in family.text_encoders]
+    except (KeyError, IndexError, StopIteration) as exc:
+        raise CheckpointError(f"{header.path.name}: incomplete {family.label} checkpoint (missing {exc})") from exc
+    inpainting = unet["in_channels"] == 9
+    prediction, source = resolve_prediction(header.path, header.metadata, family, inpainting)
+    spec = ModelSpec(
+        family=family,
+        inpainting=inpainting,
+        prediction_type=prediction,
+        prediction_source=source,
+        unet_config=unet,
+        vae_config=vae,
+        text_encoder_configs=encoders,
+        native_resolution=family.native_resolution,
+        ema=unet_ema_keys(header.shapes) is not None,
+        declared_resolution=declared_resolution(header.metadata),
+    )
+    return spec.with_prediction(prediction, source)
+
+
+def describe_checkpoint(path: Path) -> dict:
+    """What the checkpoint listing shows about a file or diffusers folder: family, variant,
+    native size, prediction type and where it came from, EMA, the metadata card. One header
+    read, never the weights; a torch pickle (.ckpt) says nothing until it is loaded, since
+    reading its names means loading it."""
+    path = Path(path)
+    if sniff_format(path) == "torch":
+        return {}
+    header = read_header(path)
+    spec = inspect_checkpoint(header)
+    return {
+        "family": spec.description,
+        "family_id": spec.family.name,
+        "inpainting": spec.inpainting,
+        "resolution": spec.native_resolution,
+        "declared_resolution": spec.declared_resolution,
+        "prediction": spec.prediction_type,
+        "prediction_source": spec.prediction_source,
+        "ema": spec.ema,
+        "format": header.format,
+        "demo": header.metadata.get("sdui.demo") == "true",  # the shipped demo model: the UI says so
+        **metadata_card(header.metadata),
+        "metadata": {k: v for k, v in header.metadata.items() if len(v) < LISTED_METADATA_CHARS},
+    }
+
+
+def metadata_card(metadata: dict) -> dict[str, str]:
+    """The human-facing fields of safetensors metadata (modelspec keys and common variants)."""
+    card = {}
+    for name, keys in CARD_FIELDS.items():
+        for key in keys:
+            value = metadata.get(key)
+            if value and str(value).strip():
+                card[name] = str(value).strip()
+                break
+    return card
