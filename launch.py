@@ -1,15 +1,15 @@
 """Start the web UI: `python launch.py [--port N] [--listen] ...` (see `--help`).
 
 Flags, engine construction and Gradio launch live in `webui/cli.py`; importing this file
-starts nothing.
+starts nothing (and imports neither torch nor Gradio).
 """
 
 import sys
 
+from webui.cli import main as run
+
 
 def main(argv=None) -> int:
-    from webui.cli import main as run
-
     return run(argv)
 
 

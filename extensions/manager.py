@@ -2,13 +2,13 @@
 
 `ExtensionManager` finds extension folders (each with a manifest), refuses those written for
 another API version, imports the rest under their own module names, and calls their hooks
-for the engine. Every call into extension code goes through `_guard`: an exception is logged,
+for the engine. Every call into extension code is guarded: an exception is logged,
 the extension is disabled for the rest of this run with its error as status, and a notice is
 added to the job's warnings; the job goes on without it. Enabled/disabled choices persist in
 `<data dir>/extensions.json`.
 
-The engine takes a per-job view, `manager.job(request)` -> `JobHooks`, which holds the
-extensions active when the job began and collects the job's notices.
+The engine takes a per-job view, `manager.job(request)` -> `extensions.hooks.JobHooks`, which
+holds the extensions active when the job began and collects the job's notices.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import importlib.util
 import json
 import logging
 import re
+import shutil
+import subprocess
 import sys
 import threading
 import types
@@ -26,6 +28,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import api
+from .hooks import JobHooks
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: extension.json manifests only
+    tomllib = None
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +76,8 @@ def read_manifest(folder: Path) -> dict:
         if path.is_file():
             text = path.read_text(encoding="utf-8")
             if name.endswith(".toml"):
-                import tomllib
-
+                if tomllib is None:
+                    raise ModuleNotFoundError("No module named 'tomllib' (Python 3.11 reads TOML; use extension.json)")
                 return tomllib.loads(text)
             data = json.loads(text)
             if not isinstance(data, dict):
@@ -83,7 +91,8 @@ class ExtensionManager:
         self.state_file = Path(state_file) if state_file else None
         self.extensions: dict[str, Extension] = {}
         self.folders: list[Path] = []
-        self.allow_install = False  # install from a URL: off unless the launcher allows it (never with --listen/--share)
+        # install from a URL: off unless the launcher allows it (never with --listen/--share)
+        self.allow_install = False
         self._lock = threading.RLock()
 
     # --- state ------------------------------------------------------------------------------------
@@ -122,7 +131,8 @@ class ExtensionManager:
                         continue
                     ext = self._read(folder)
                     if ext.id in self.extensions:
-                        ext.status, ext.error = INVALID, f"duplicate id {ext.id!r} (also in {self.extensions[ext.id].folder})"
+                        other = self.extensions[ext.id].folder
+                        ext.status, ext.error = INVALID, f"duplicate id {ext.id!r} (also in {other})"
                         ext.id = f"{ext.id}@{folder.name}"
                     self.extensions[ext.id] = ext
                     if ext.status == INVALID or ext.status == INCOMPATIBLE:
@@ -156,7 +166,8 @@ class ExtensionManager:
             ext.status, ext.error = INVALID, f"id {ext.id!r}: use lowercase letters, digits, '-' and '_'"
             return ext
         if not ext.api:
-            ext.status, ext.error = INCOMPATIBLE, f"the manifest does not say which extension API it needs (api = \"{api.API_VERSION}\")"
+            ext.status, ext.error = INCOMPATIBLE, ("the manifest does not say which extension API it needs "
+                                                   f"(api = \"{api.API_VERSION}\")")
             return ext
         try:
             compatible = api.is_compatible(ext.api)
@@ -187,7 +198,8 @@ class ExtensionManager:
         try:
             init = ext.folder / "__init__.py"
             if ext.entry == "__init__.py":
-                spec = importlib.util.spec_from_file_location(package, init, submodule_search_locations=[str(ext.folder)])
+                spec = importlib.util.spec_from_file_location(package, init,
+                                                              submodule_search_locations=[str(ext.folder)])
                 module = importlib.util.module_from_spec(spec)
                 sys.modules[package] = module
                 spec.loader.exec_module(module)
@@ -215,9 +227,6 @@ class ExtensionManager:
     def install(self, url: str, timeout: float = 300) -> Extension:
         """git clone `url` into the first extensions folder and load it (only when
         `allow_install`: never on a server others can reach). Its requirements are not installed."""
-        import shutil
-        import subprocess
-
         if not self.allow_install:
             raise RuntimeError("installing extensions is off on this server")
         url = url.strip()
@@ -297,7 +306,7 @@ class ExtensionManager:
         return message
 
     # --- per job --------------------------------------------------------------------------------------
-    def job(self, request: Any = None) -> "JobHooks":
+    def job(self, request: Any = None) -> JobHooks:
         return JobHooks(self, self.active())
 
     # --- UI and API registrations (only of extensions active at build time) --------------------
@@ -312,146 +321,6 @@ class ExtensionManager:
 
     def scripts(self) -> list[tuple[Extension, dict]]:
         return [(e, s) for e in self.active() for s in e.registered.scripts]
-
-
-class JobHooks:
-    """The hooks of one job: the extensions active when it started, and its notices."""
-
-    def __init__(self, manager: ExtensionManager, extensions: list[Extension]):
-        self.manager = manager
-        self.extensions = extensions
-        self.warnings: list[str] = []
-
-    def _call(self, ext: Extension, where: str, fn: Callable, ctx: Any) -> tuple[bool, Any]:
-        if not ext.active:  # failed earlier in this job, or disabled meanwhile
-            return False, None
-        try:
-            return True, fn(ctx)
-        except Exception as exc:  # noqa: BLE001 - reported, never fatal
-            message = self.manager.fail(ext, where, exc)
-            if message not in self.warnings:
-                self.warnings.append(message)
-            return False, None
-
-    def _bad_return(self, ext: Extension, where: str, value: Any, expected: str) -> None:
-        self.warnings.append(self.manager.fail(ext, where, TypeError(f"returned {type(value).__name__}, "
-                                                                     f"expected {expected}")))
-
-    @staticmethod
-    def _args(request: Any, ext: Extension) -> Any:
-        return (getattr(request, "extension_args", None) or {}).get(ext.id)
-
-    def before_request(self, request: api.GenerationRequest) -> api.GenerationRequest:
-        for ext in self.extensions:
-            for fn in ext.registered.before_request if ext.registered else ():
-                ok, changed = self._call(ext, "before_request", fn,
-                                         api.RequestContext(request=request, args=self._args(request, ext),
-                                                            extension_id=ext.id))
-                if not ok or changed is None:
-                    continue
-                if isinstance(changed, api.GenerationRequest):
-                    request = changed
-                else:
-                    self._bad_return(ext, "before_request", changed, "a GenerationRequest or None")
-        return request
-
-    def step_hook(self, request: api.GenerationRequest) -> Callable[..., float] | None:
-        """The runner's `on_step(step=, steps=, timestep=, sigma=, latents=, guidance_scale=)`
-        -> guidance scale, or None when no extension has a step hook."""
-        hooked = [(e, fn) for e in self.extensions for fn in (e.registered.on_step if e.registered else ())]
-        if not hooked:
-            return None
-
-        def on_step(*, step: int, steps: int, timestep: Any, sigma: float | None, latents: Any,
-                    guidance_scale: float) -> float:
-            for ext, fn in hooked:
-                ok, change = self._call(ext, "on_step", fn, api.StepContext(
-                    request=request, args=self._args(request, ext), extension_id=ext.id, step=step, steps=steps,
-                    timestep=timestep, sigma=sigma, latents=latents, guidance_scale=guidance_scale))
-                if not ok or change is None:
-                    continue
-                if isinstance(change, api.StepChange):
-                    if change.guidance_scale is not None:
-                        guidance_scale = float(change.guidance_scale)
-                else:
-                    self._bad_return(ext, "on_step", change, "a StepChange or None")
-            return guidance_scale
-
-        return on_step
-
-    def after_image(self, image: Any, *, request: api.GenerationRequest, seed: int, subseed: int,
-                    index: int) -> tuple[Any, dict]:
-        """(the image, extra infotext fields) after every extension's after_image hook."""
-        extra: dict = {}
-        for ext in self.extensions:
-            for fn in ext.registered.after_image if ext.registered else ():
-                ok, change = self._call(ext, "after_image", fn, api.ImageContext(
-                    request=request, args=self._args(request, ext), extension_id=ext.id, image=image,
-                    seed=seed, subseed=subseed, index=index))
-                if not ok or change is None:
-                    continue
-                if not isinstance(change, api.ImageChange):
-                    self._bad_return(ext, "after_image", change, "an ImageChange or None")
-                    continue
-                if change.image is not None:
-                    image = change.image
-                extra.update({str(k): v for k, v in dict(change.infotext or {}).items()})
-        return image, extra
-
-    def script_for(self, request: api.GenerationRequest) -> tuple[Extension, dict] | None:
-        """The script that takes over this request: the first active one whose arguments are in
-        the request (and not `enabled: false`, or its own is_active says yes)."""
-        found = []
-        for ext in self.extensions:
-            for script in ext.registered.scripts if ext.registered else ():
-                args = self._args(request, ext)
-                if args is None:
-                    continue
-                check = script["is_active"] or _default_active
-                ok, active = self._call(ext, "script is_active", check, args)
-                if ok and active:
-                    found.append((ext, script))
-        if len(found) > 1:
-            self.warnings.append(f"Several scripts were asked for ({', '.join(e.id for e, _ in found)}); "
-                                 f"only {found[0][0].id} ran")
-        return found[0] if found else None
-
-    def run_script(self, request: api.GenerationRequest, *, generate: Callable, save: Callable,
-                   on_progress: Callable | None, control: Any) -> api.GenerationResult | None:
-        """Run the request's script, if one is active; None when none is (plain generation)."""
-        chosen = self.script_for(request)
-        if chosen is None:
-            return None
-        ext, script = chosen
-
-        def report(done: int, total: int) -> None:
-            if on_progress is not None:
-                from pipelines.core.progress import Progress
-
-                on_progress(Progress(step=done, steps=max(total, 1), batch_index=0, batch_count=1,
-                                     elapsed=0.0, eta=None))
-
-        ctx = api.ScriptContext(request=request, args=self._args(request, ext), extension_id=ext.id,
-                                generate=generate, save=save, report_progress=report,
-                                is_interrupted=lambda: bool(control is not None and control.interrupted))
-        try:
-            result = script["run"](ctx)
-        except api.RequestError:
-            raise  # a bad argument is the user's to fix, not the extension's fault
-        except Exception as exc:  # noqa: BLE001
-            self.warnings.append(self.manager.fail(ext, "script", exc))
-            return api.GenerationResult(request=request, warnings=list(ctx.warnings))
-        if not isinstance(result, api.GenerationResult):
-            self._bad_return(ext, "script", result, "a GenerationResult")
-            return api.GenerationResult(request=request)
-        result.warnings.extend(w for w in ctx.warnings if w not in result.warnings)
-        return result
-
-
-def _default_active(args: Any) -> bool:
-    if isinstance(args, dict):
-        return bool(args) and args.get("enabled", True) is not False
-    return bool(args)
 
 
 def _describe(exc: BaseException) -> str:

@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from pipelines.core.settings import DEMO_CHECKPOINT_DIR
+from pipelines.core.request import GenerationRequest
+from pipelines.core.settings import DEMO_CHECKPOINT_DIR, EngineSettings, Paths
+from pipelines.engine import Engine
+from pipelines.training import data
+from pipelines.training.data import COLOURS, judge
 
 DEMO = DEMO_CHECKPOINT_DIR / "demo-shapes.safetensors"
 pytestmark = pytest.mark.skipif(not DEMO.is_file(), reason="the demo checkpoint is not trained yet")
@@ -17,24 +21,17 @@ pytestmark = pytest.mark.skipif(not DEMO.is_file(), reason="the demo checkpoint 
 
 @pytest.fixture(scope="module")
 def demo_engine(tmp_path_factory):
-    from pipelines.core.settings import EngineSettings, Paths
-    from pipelines.engine import Engine
-
     tmp = tmp_path_factory.mktemp("demo-model")
     return Engine(Paths(models_dir=tmp / "models", data_dir=tmp / "data", outdir=tmp / "out"),
                   EngineSettings(device="cpu"))
 
 
 def generate(engine, prompt: str, **fields) -> list[Image.Image]:
-    from pipelines.core.request import GenerationRequest
-
     fields = {"steps": 20, "cfg_scale": 6.0, "sampler": "DPM++ 2M", "seed": 100, "save_images": False, **fields}
     return engine.generate(GenerationRequest(prompt=prompt, negative_prompt="", **fields)).images
 
 
 def judged(images, what: str) -> list:
-    from pipelines.training.data import judge
-
     return [getattr(judge(image), what) for image in images]
 
 
@@ -59,8 +56,6 @@ def test_the_prompt_decides_the_colours(demo_engine, colour, shape, background):
 def test_guidance_makes_the_colours_exact(demo_engine):
     # This model follows the prompt even unguided (CFG 1); guidance shows in how exactly the
     # flat background takes the prompt's colour, and it must not cost adherence.
-    from pipelines.training.data import COLOURS, judge
-
     combos = [("orange", "square", "blue"), ("green", "circle", "white"), ("purple", "triangle", "yellow"),
               ("black", "circle", "red")]
 
@@ -81,8 +76,6 @@ def test_guidance_makes_the_colours_exact(demo_engine):
 
 
 def test_img2img_changes_more_with_more_strength(demo_engine):
-    from pipelines.training import data
-
     scene = data.Scene("red", "circle", "blue", "large", "center", side=38, cx=32, cy=32,
                        rgb=data.COLOURS["red"], bg_rgb=data.COLOURS["blue"])
     init = Image.fromarray(data.render(scene))
@@ -98,8 +91,6 @@ def test_img2img_changes_more_with_more_strength(demo_engine):
 
 
 def test_inpainting_paints_the_mask_and_leaves_the_rest(demo_engine):
-    from pipelines.training.data import COLOURS
-
     init = Image.new("RGB", (64, 64), COLOURS["blue"])
     mask = Image.new("L", (64, 64), 0)
     ImageDraw.Draw(mask).rectangle((16, 16, 47, 47), fill=255)

@@ -292,7 +292,7 @@ def test_xyz_labels_and_values():
 
 
 def test_xyz_with_z_gives_combined_and_per_z_grids():
-    from extensions.xyz_plot import axes, main
+    from extensions.xyz_plot import main
 
     args = main.read_args({"x_type": "Seed", "x_values": "1,2", "z_type": "Steps", "z_values": "2,3"})
     (x, y, z), cells = main.plan(small(), args)

@@ -9,8 +9,11 @@ import pytest
 from conftest import make_engine
 from PIL import Image, ImageDraw
 
+from pipelines.core.infotext import request_fields_from_infotext
+from pipelines.core.outputs import read_infotext
 from pipelines.core.progress import JobControl
 from pipelines.core.request import GenerationRequest, RequestError, UpscaleRequest
+from pipelines.generate.images import prepare_mask
 
 INPAINT_CKPT = "inpaint/tiny-inpainting.safetensors"
 
@@ -144,8 +147,6 @@ def assert_unmasked_unchanged(result_image, init, overlay_mask):
 @pytest.mark.parametrize("checkpoint", ["tiny.safetensors", INPAINT_CKPT])
 @pytest.mark.parametrize("fill", ["original", "fill", "latent noise", "latent nothing"])
 def test_inpaint_keeps_everything_outside_the_mask(engine, checkpoint, fill):
-    from pipelines.generate.images import prepare_mask
-
     init, mask = gradient_image(), square_mask()
     result = engine.generate(req(mode="inpaint", init_image=init, mask=mask, checkpoint=checkpoint,
                                  inpainting_fill=fill, denoising_strength=1.0, mask_blur=4))
@@ -156,8 +157,6 @@ def test_inpaint_keeps_everything_outside_the_mask(engine, checkpoint, fill):
 
 
 def test_inpaint_not_masked_and_only_masked(engine):
-    from pipelines.generate.images import prepare_mask
-
     init, mask = gradient_image(), square_mask(box=(24, 24, 40, 40))
     inverted = engine.generate(req(mode="inpaint", init_image=init, mask=mask, inpainting_mask_invert=True,
                                    mask_blur=0, denoising_strength=1.0)).images[0]
@@ -236,9 +235,6 @@ def test_upscale_by_factor_and_to_size(models_dir, tmp_path):
 
 
 def test_round_trip_from_the_saved_png_gives_identical_pixels(models_dir, tmp_path):
-    from pipelines.core.infotext import request_fields_from_infotext
-    from pipelines.core.outputs import read_infotext
-
     engine = make_engine(models_dir, tmp_path)
     first = engine.generate(req(prompt="a (red:1.3) circle [on:under:2] a box", negative_prompt="blurry, [dark]",
                                 sampler="DPM++ 2M", schedule_type="Karras", cfg_scale=6.5, clip_skip=2,

@@ -7,11 +7,11 @@ import pytest
 from PIL import Image
 from test_upscale_models import write_tiny_esrgan
 
+from pipelines.core.hires_info import fields_from_infotext
 from pipelines.core.infotext import parse_infotext
 from pipelines.core.request import GenerationRequest, RequestError
 from pipelines.core.settings import EngineSettings, Paths
 from pipelines.engine import Engine
-from pipelines.generate import hires
 
 
 def req(**fields) -> GenerationRequest:
@@ -79,13 +79,13 @@ def test_second_pass_sampler_and_prompt(hr_engine):
     info = parse_infotext(result.infotexts[0])
     assert info["Hires sampler"] == "DPM++ 2M" and info["Hires schedule type"] == "Karras"
     assert info["Hires prompt"] == "a blue square" and "Hires negative prompt" not in info
-    assert hires.fields_from_infotext(info)["hr_sampler"] == "DPM++ 2M"
+    assert fields_from_infotext(info)["hr_sampler"] == "DPM++ 2M"
 
 
 def test_hires_fields_round_trip_through_the_infotext(hr_engine):
     request = req(hr_upscaler="Latent (bicubic)", hr_scale=1.5, hr_second_pass_steps=5, steps=2)
     text = hr_engine.generate(request).infotexts[0]
-    fields = hires.fields_from_infotext(parse_infotext(text))
+    fields = fields_from_infotext(parse_infotext(text))
     assert fields == {"enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 5, "hr_denoising_strength": 0.5,
                       "hr_upscaler": "Latent (bicubic)"}
 
@@ -130,8 +130,6 @@ def test_sd_upscale_tiles_and_blends(hr_engine):
 
 
 def test_hires_fields_from_a_pasted_a1111_text_never_fail():
-    from pipelines.core.hires_info import fields_from_infotext
-
     text = ("a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, Denoising strength: 0.45, "
             "Hires resize: 1024x768, Hires steps: 15, Hires upscaler: 4x-UltraSharp, Hires sampler: Nope, "
             "Hires upscale: 99")

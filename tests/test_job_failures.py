@@ -9,8 +9,8 @@ import psutil
 import pytest
 import torch
 
-from pipelines.core import samplers
 from pipelines.core.request import GenerationRequest
+from pipelines.generate import schedulers
 
 BALLAST_BYTES = 256 << 20
 
@@ -31,7 +31,7 @@ def test_rss_returns_after_a_job_that_raises_mid_denoise(engine, monkeypatch):
         engine.generate(request(seed))
     before = rss()
 
-    real_step = samplers.step
+    real_step = schedulers.step
     calls = []
 
     def failing_step(*args, **kwargs):
@@ -43,7 +43,7 @@ def test_rss_returns_after_a_job_that_raises_mid_denoise(engine, monkeypatch):
             raise RuntimeError("simulated failure mid-denoise")
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(samplers, "step", failing_step)
+    monkeypatch.setattr(schedulers, "step", failing_step)
     failed = False
     try:
         engine.generate(request(3))

@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny import write_tiny_checkpoint
 
 from pipelines.core.request import GenerationRequest
 from pipelines.generate import prompts
 from pipelines.generate.prompts import CHUNK, encode_chunks, encode_prompts, weighted_chunks
+from pipelines.models.build import load_components
 
 
 @pytest.fixture(scope="module")
@@ -123,10 +125,6 @@ def test_runner_uses_the_text_of_each_step(engine):
 
 
 def test_sdxl_and_sd2_emphasis_and_break(tmp_path):
-    from tiny import write_tiny_checkpoint
-
-    from pipelines.models.loading import load_components
-
     for family, dim in (("sdxl", 128), ("sd2", 64)):
         path = write_tiny_checkpoint(tmp_path / f"{family}.safetensors", family=family)
         comp = load_components(path)

@@ -14,16 +14,9 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 from PIL import Image
 
+from pipelines.core.hosted_limits import CPU_LIMITS, GPU_LIMITS, check_generation, check_upscale, limits_for
 from pipelines.core.request import GenerationRequest, RequestError, UpscaleRequest
-from pipelines.hosting.space import (
-    CPU_LIMITS,
-    GPU_LIMITS,
-    LimitedEngine,
-    check_generation,
-    check_upscale,
-    limits_for,
-    running_on_space,
-)
+from pipelines.hosting.space import running_on_space
 from webui import cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -198,49 +191,80 @@ def test_upscales_over_the_limits_are_refused():
     assert caught.value.field == "target_width"
 
 
-class _RecordingEngine:
-    paths = None
-
-    def __init__(self):
-        self.calls = []
-
-    def generate(self, request, **kwargs):
-        self.calls.append(request)
-        return "done"
-
-    def upscale(self, request, **kwargs):
-        self.calls.append(request)
-        return "done"
-
-    def native_resolution(self, checkpoint):
-        return 512
-
-    def sampler_names(self):
-        return ("Euler",)
+SMALL = dict(seed=3, steps=2, width=64, height=64, sampler="Euler", save_images=False)
 
 
-def test_limited_engine_checks_before_the_engine_sees_the_request():
-    inner = _RecordingEngine()
-    engine = LimitedEngine(inner, CPU_LIMITS)
-    assert engine.sampler_names() == ("Euler",)  # everything else passes through
-    assert engine.generate(GenerationRequest(prompt="x"), owner="me") == "done"
+def _hosted_engine(models_dir, tmp_path, limits=None, **settings):
+    """An engine over the tiny checkpoint as a hosted demo builds it (CPU limits on this CPU)."""
+    from pipelines.core.settings import EngineSettings, Paths
+    from pipelines.engine import Engine
+
+    return Engine(Paths(models_dir=models_dir, data_dir=tmp_path / "data", outdir=tmp_path / "out"),
+                  EngineSettings(device="cpu", precision="full", hosted=True, **settings), hosted_limits=limits)
+
+
+def _recording(engine) -> list:
+    """Every job the engine queues, recorded: a refused request must never get that far."""
+    calls = []
+    new_job = engine.queue.new_job
+
+    def recording(*args, **kwargs):
+        calls.append(args)
+        return new_job(*args, **kwargs)
+
+    engine.queue.new_job = recording
+    return calls
+
+
+def test_limited_engine_checks_before_the_engine_sees_the_request(models_dir, tmp_path):
+    engine = _hosted_engine(models_dir, tmp_path)
+    calls = _recording(engine)
+    assert engine.hosted_limits is CPU_LIMITS  # the engine itself holds the limits (no wrapper)
+    assert len(engine.generate(GenerationRequest(prompt="x", **SMALL), owner="me").images) == 1
     with pytest.raises(RequestError):
         engine.generate(GenerationRequest(prompt="x", steps=150))
     with pytest.raises(RequestError):
         engine.upscale(UpscaleRequest(image=Image.new("RGB", (4000, 10)), scale=1))
-    assert len(inner.calls) == 1
+    assert len(calls) == 1
 
 
-def test_a_hosted_demo_keeps_its_own_smaller_queue_bound():
-    from pipelines.core.jobs import DEFAULT_MAX_WAITING, JobQueue
+def test_an_sd_upscale_over_the_hosted_limits_is_refused(models_dir, tmp_path):
+    engine = _hosted_engine(models_dir, tmp_path)
+    calls = _recording(engine)
+    image = Image.new("RGB", (512, 512), "teal")
+    request = GenerationRequest(mode="img2img", init_image=image, prompt="teal", denoising_strength=0.5, **SMALL)
+    with pytest.raises(RequestError) as caught:  # 1024x1024 out: over a CPU Space's 768 a side
+        engine.sd_upscale(request, upscaler="Lanczos", scale=2, overlap=16)
+    assert caught.value.field == "scale" and "hosted demo" in caught.value.message
+    with pytest.raises(RequestError) as caught:
+        engine.sd_upscale(request.replace(steps=CPU_LIMITS.max_steps + 1), scale=1)
+    assert caught.value.field == "steps"
+    assert calls == []
+    small = request.replace(init_image=Image.new("RGB", (48, 40), "teal"))
+    assert engine.sd_upscale(small, upscaler="Lanczos", scale=2, overlap=16).images[0].size == (96, 80)
 
-    inner = _RecordingEngine()
-    inner.queue = JobQueue(DEFAULT_MAX_WAITING)  # --max-queue-size left at its default
-    LimitedEngine(inner, CPU_LIMITS)
-    assert inner.queue.max_waiting == CPU_LIMITS.queue_max_size  # the one bound UI and API share
-    inner.queue = JobQueue(3)  # the flag may lower it
-    LimitedEngine(inner, GPU_LIMITS)
-    assert inner.queue.max_waiting == 3
+
+def test_an_xyz_plot_cell_over_the_hosted_limits_is_refused(models_dir, tmp_path):
+    from extensions.manager import SHIPPED_DIR
+
+    engine = _hosted_engine(models_dir, tmp_path)
+    engine.extensions.discover(SHIPPED_DIR)
+    over = str(CPU_LIMITS.max_steps + 10)
+    request = GenerationRequest(prompt="x", extension_args={"xyz-plot": {"x_type": "Steps", "x_values": over}},
+                                **SMALL)
+    with pytest.raises(RequestError) as caught:  # the plot's own request is within them; its cell is not
+        engine.generate(request)
+    assert caught.value.field == "steps" and "hosted demo" in caught.value.message
+    assert engine.current_job() is None  # the job's slot was given back
+
+
+def test_a_hosted_demo_keeps_its_own_smaller_queue_bound(models_dir, tmp_path):
+    from pipelines.core.jobs import DEFAULT_MAX_WAITING
+
+    engine = _hosted_engine(models_dir, tmp_path, max_queue_size=DEFAULT_MAX_WAITING)  # the flag's default
+    assert engine.queue.max_waiting == CPU_LIMITS.queue_max_size  # the one bound UI and API share
+    engine = _hosted_engine(models_dir, tmp_path, GPU_LIMITS, max_queue_size=3)  # the flag may lower it
+    assert engine.queue.max_waiting == 3
 
 
 def test_api_options_are_read_only_on_a_space():
@@ -267,7 +291,7 @@ def test_space_ui_shows_limits_and_where_to_put_a_checkpoint(tmp_path):
     from webui.app import build_ui
     from webui.space import add_notice, apply_space_ui, notice_text
 
-    engine = LimitedEngine(_empty_engine(tmp_path), CPU_LIMITS)
+    engine = _empty_engine(tmp_path)  # hosted: CPU limits on this CPU
     blocks = build_ui(engine)  # no checkpoint at all: the UI still builds
     apply_space_ui(blocks, CPU_LIMITS)
     note = add_notice(blocks, lambda: notice_text(engine, True, CPU_LIMITS, "someone/sdui"))

@@ -8,8 +8,15 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import make_engine
 
+from pipelines.core.request import GenerationRequest
+from pipelines.generate.prompts import chunk_ids, tokenize_chunks
+from pipelines.models.build import load_components
+from pipelines.models.checkpoint_file import read_header
 from pipelines.training import data, models, train
+from pipelines.training.__main__ import main
+from pipelines.training.export import build_modules
 from pipelines.training.state import Log
 
 # --- data ---------------------------------------------------------------------------------------
@@ -71,12 +78,10 @@ def test_judge_scores_flat_and_wrong_images():
 
 
 def test_token_ids_match_the_engines_prompt_encoding():
-    from pipelines.generate.prompts import _chunk_ids, tokenize_chunks
-
     tok = train.tokenizer()
     text = "a small red circle in the top left on a blue background"
     ids = train.token_ids(tok, [text, ""])
-    assert ids[0].tolist() == _chunk_ids(tok, tokenize_chunks(tok, text)[0])
+    assert ids[0].tolist() == chunk_ids(tok, tokenize_chunks(tok, text)[0])
     assert ids[1].tolist() == [49406] + [49407] * 76
 
 
@@ -89,19 +94,17 @@ def test_vae_normalisation_keeps_reconstructions_and_sets_latent_scale():
     vae = models.build_vae("tiny", 0).eval()
     x = data.to_model_range(data.batch_pixels(0, "train", range(8)))
     before = train.reconstruct(vae, x)
-    mean = train._posterior(vae, x)[0]
+    mean = train.posterior(vae, x)[0]
     models.normalise_vae_latents(vae, mean.std().item())
     after = train.reconstruct(vae, x)
     assert torch.allclose(before, after, atol=1e-4)
-    scaled = train._posterior(vae, x)[0] * models.SD1_SCALING_FACTOR
+    scaled = train.posterior(vae, x)[0] * models.SD1_SCALING_FACTOR
     assert abs(scaled.std().item() - 1.0) < 1e-3
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A complete tiny training run through the command line entry point."""
-    from pipelines.training.__main__ import main
-
     state = tmp_path_factory.mktemp("state")
     out = tmp_path_factory.mktemp("out") / "Stable-diffusion" / "demo-tiny.safetensors"
     assert main(["--preset", "tiny", "--state", str(state), "--out", str(out), "--quiet"]) == 0
@@ -170,8 +173,6 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_run, tmp_path):
 
 
 def test_state_folder_refuses_other_settings(tiny_run, tmp_path):
-    from pipelines.training.__main__ import main
-
     state, _ = tiny_run
     with pytest.raises(SystemExit, match="other settings"):
         main(["--preset", "tiny", "--seed", "5", "--state", str(state), "--out", str(tmp_path / "x.safetensors"),
@@ -181,11 +182,6 @@ def test_state_folder_refuses_other_settings(tiny_run, tmp_path):
 # --- export ---------------------------------------------------------------------------------------
 
 def test_export_loads_through_the_project_loader_and_generates_at_64(tiny_run, tmp_path):
-    from conftest import make_engine
-
-    from pipelines.core.request import GenerationRequest
-    from pipelines.models.loading import load_components, read_header
-
     state, out = tiny_run
     header = read_header(out)
     meta = header.metadata
@@ -200,8 +196,6 @@ def test_export_loads_through_the_project_loader_and_generates_at_64(tiny_run, t
     components = load_components(out)
     assert components.spec.family.name == "sd1" and components.vae.config.scaling_factor == 0.18215
     # the loaded modules compute what the trained ones do (up to the file's fp16)
-    from pipelines.training.export import build_modules
-
     unet, vae, text = build_modules(state, "tiny", 0)
     ids = train.token_ids(train.tokenizer(), ["a red circle on a blue background"]).long()
     with torch.no_grad():

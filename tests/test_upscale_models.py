@@ -4,25 +4,26 @@ listed, loaded with weights_only, run tile by tile; tiling, OOM fallback, batch,
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from PIL import Image
 from safetensors.torch import save_file
 
 from pipelines.core.progress import JobControl
-from pipelines.core.request import RequestError, UpscaleRequest
+from pipelines.core.request import LATENT_UPSCALE_MODES, RequestError, UpscaleRequest
 from pipelines.core.settings import EngineSettings, Paths
 from pipelines.engine import Engine
 from pipelines.generate import tiling, upscalers
+from webui.api import create_app
 
 
 def write_tiny_esrgan(path: Path, scale: int = 4, seed: int = 0) -> Path:
     """ESRGAN (RRDBNet, the RealESRGAN_x4plus architecture) with 8 filters and 1 block."""
-    from spandrel.architectures.ESRGAN.__arch.RRDB import RRDBNet
+    from spandrel.architectures.ESRGAN.__arch.RRDB import RRDBNet  # heavy: spandrel (a test model)
 
     torch.manual_seed(seed)
     net = RRDBNet(in_nc=3, out_nc=3, num_filters=8, num_blocks=1, scale=scale)
@@ -33,7 +34,7 @@ def write_tiny_esrgan(path: Path, scale: int = 4, seed: int = 0) -> Path:
 
 def write_tiny_compact(path: Path, scale: int = 2, seed: int = 1) -> Path:
     """RealESRGAN Compact (SRVGGNetCompact) with 8 features and 2 convs, as .safetensors."""
-    from spandrel.architectures.Compact.__arch.SRVGG import SRVGGNetCompact
+    from spandrel.architectures.Compact.__arch.SRVGG import SRVGGNetCompact  # heavy: spandrel (a test model)
 
     torch.manual_seed(seed)
     net = SRVGGNetCompact(num_in_ch=3, num_out_ch=3, num_feat=8, num_conv=2, upscale=scale, act_type="prelu")
@@ -92,7 +93,7 @@ def test_models_are_listed_after_the_builtins_with_their_native_scale(up_engine)
     found = {u.name: u for u in up_engine.upscalers()}
     assert found["4x-Tiny"].scale == 4 and found["4x-Tiny"].architecture == "ESRGAN"
     assert found["sub/2x-TinyCompact"].scale == 2
-    assert up_engine.hires_upscaler_names()[:6] == list(upscalers.LATENT_MODES)
+    assert up_engine.hires_upscaler_names()[:6] == list(LATENT_UPSCALE_MODES)
     assert "4x-Tiny" in up_engine.hires_upscaler_names()
 
 
@@ -289,13 +290,13 @@ def test_unknown_upscaler_names_the_field(up_engine):
 
 
 def _tiny_span():
-    from spandrel.architectures.SPAN.__arch.span import SPAN
+    from spandrel.architectures.SPAN.__arch.span import SPAN  # heavy: spandrel (a test model)
 
     return SPAN(num_in_ch=3, num_out_ch=3, feature_channels=8, upscale=2)
 
 
 def _tiny_swinir():
-    from spandrel.architectures.SwinIR.__arch.SwinIR import SwinIR
+    from spandrel.architectures.SwinIR.__arch.SwinIR import SwinIR  # heavy: spandrel (a test model)
 
     return SwinIR(upscale=2, in_chans=3, img_size=16, window_size=4, img_range=1.0, depths=[1], embed_dim=12,
                   num_heads=[2], mlp_ratio=2, upsampler="pixelshuffledirect")
@@ -321,10 +322,6 @@ def test_layout_shrinks_tiles_instead_of_overlapping_a_lot():
 
 
 def test_rest_api_lists_model_upscalers_with_their_scale(up_engine):
-    from fastapi.testclient import TestClient
-
-    from webui.api import create_app
-
     listed = {u["name"]: u for u in TestClient(create_app(up_engine)).get("/sdapi/v1/upscalers").json()}
     assert listed["None"]["scale"] is None and listed["Lanczos"]["model_path"] is None
     assert listed["4x-Tiny"]["scale"] == 4 and listed["4x-Tiny"]["model_name"] == "ESRGAN"

@@ -25,13 +25,14 @@ from PIL import Image
 from spaces.zero.gradio import error as spaces_error
 from test_upscale_models import write_tiny_compact
 
+from pipelines.core.hosted_limits import ZeroGPUError
 from pipelines.core.request import GenerationRequest, RequestError, UpscaleRequest
 from pipelines.core.settings import EngineSettings, Paths
 from pipelines.engine import Engine
 from pipelines.hosting import zerogpu
-from pipelines.hosting.zerogpu import GpuLease, ZeroGPUError, clamp_seconds, generation_seconds
+from pipelines.hosting.zerogpu import GpuLease, clamp_seconds, generation_seconds
 from webui.api import ApiOptions, create_app
-from webui.app import call_engine
+from webui.common import call_engine
 
 CKPT = "tiny.safetensors"
 SMALL = dict(checkpoint=CKPT, width=64, height=64, steps=2, sampler="Euler", save_images=False)
@@ -275,12 +276,12 @@ def test_model_upscale_and_sd_upscale_borrow_the_gpu(zero_engine, zero_gpu):
 
 
 def test_the_hosted_page_tells_visitors_about_zero_gpu(zero_engine, engine):
-    from pipelines.hosting.space import GPU_LIMITS, LimitedEngine
+    from pipelines.core.hosted_limits import GPU_LIMITS
     from webui.space import notice_text
 
-    hosted = notice_text(LimitedEngine(zero_engine, GPU_LIMITS), True, GPU_LIMITS, "someone/sdui")
+    hosted = notice_text(zero_engine, True, GPU_LIMITS, "someone/sdui")
     assert "ZeroGPU" in hosted and "quota" in hosted
-    assert "ZeroGPU" not in notice_text(LimitedEngine(engine, GPU_LIMITS), True, GPU_LIMITS, "someone/sdui")
+    assert "ZeroGPU" not in notice_text(engine, True, GPU_LIMITS, "someone/sdui")
 
 
 def test_a_job_interrupted_while_waiting_borrows_no_gpu(zero_engine, zero_gpu):

@@ -61,10 +61,11 @@ def main(models_dir: str) -> dict:
     import_spaces()  # before torch is imported, as webui.cli does
     from PIL import Image
 
+    from pipelines.core.hosted_limits import ZeroGPUError
     from pipelines.core.request import GenerationRequest, UpscaleRequest
     from pipelines.core.settings import EngineSettings, Paths
     from pipelines.engine import Engine
-    from pipelines.hosting.zerogpu import ZeroGPUError, clamp_seconds, generation_seconds
+    from pipelines.hosting.zerogpu import clamp_seconds, generation_seconds
 
     engine = Engine(Paths(models_dir=Path(models_dir), data_dir=work / "data", outdir=work / "outputs"),
                     EngineSettings())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import socket
 import sys
 import threading
 import time
@@ -20,10 +21,15 @@ from typing import Any, Sequence
 
 from starlette.middleware import Middleware
 
+from extensions.manager import SHIPPED_DIR
+from pipelines.core.engine_api import EngineAPI
+from pipelines.core.hosted_limits import ZERO_GPU_NOTE
 from pipelines.core.jobs import DEFAULT_MAX_WAITING
 from pipelines.core.settings import REPO_ROOT, EngineSettings, Paths
 from pipelines.core.uploads import DEFAULT_MAX_UPLOAD_MB, DEFAULT_MAX_UPLOAD_MEGAPIXELS
-from pipelines.hosting.space import limits_for, running_on_space, space_id
+from pipelines.hosting.hub import HubError, fetch_checkpoint
+from pipelines.hosting.space import running_on_space, space_id, space_paths
+from pipelines.hosting.zerogpu import import_spaces
 
 from .guards import NoUrlFetch
 
@@ -51,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "more are refused with 'Queue full, try again in a moment' (API: 503). "
                              "A hosted demo keeps its own, smaller bound; this can only lower it")
     server.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, metavar="MB",
-                        help=f"largest image file a user may upload, web UI and API (default {DEFAULT_MAX_UPLOAD_MB:g})")
+                        help="largest image file a user may upload, web UI and API "
+                             f"(default {DEFAULT_MAX_UPLOAD_MB:g})")
     server.add_argument("--max-upload-megapixels", type=float, default=DEFAULT_MAX_UPLOAD_MEGAPIXELS, metavar="MP",
                         help="largest uploaded image in megapixels, read from its header before decoding "
                              f"(default {DEFAULT_MAX_UPLOAD_MEGAPIXELS:g}, below Pillow's decompression-bomb limit)")
@@ -148,8 +155,6 @@ def paths_from_args(args: argparse.Namespace, space: bool = False) -> Paths:
     models_dir = args.models_dir or REPO_ROOT / "models"
     data_dir, outdir = args.data_dir or REPO_ROOT / "data", args.outdir or REPO_ROOT / "outputs"
     if space:
-        from pipelines.hosting.space import space_paths
-
         outdir, data_dir = space_paths(args)  # /data (persistent storage) when mounted
     return Paths(
         models_dir=Path(models_dir),
@@ -252,38 +257,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     paths = paths_from_args(args, space)
     settings = settings_from_args(args, space)
 
-    from pipelines.hosting.zerogpu import import_spaces
-
     import_spaces()  # on ZeroGPU `spaces` must patch torch before diffusers & co. look at CUDA
     engine_future = start_engine(paths, settings)
     if not args.nowebui:
-        from . import app  # noqa: F401 - Gradio, imported while the engine thread imports torch
-    engine = engine_future.result()
-    core = engine  # what preload() runs on (the hosted-demo wrapper below only limits requests)
+        from . import app  # noqa: F401 - heavy (Gradio), imported while the engine thread imports torch
+    engine: EngineAPI = engine_future.result()
     for line in discover_extensions(engine, args, space):
         print(line, file=sys.stderr)
-    limits = None
-    if space:
-        from pipelines.hosting.space import ZERO_GPU_NOTE, LimitedEngine, on_zero_gpu
-
-        if on_zero_gpu():
+    limits = engine.hosted_limits  # the engine holds every job to them (settings.hosted)
+    if limits is not None:
+        if engine.on_zero_gpu:
             print(ZERO_GPU_NOTE, file=sys.stderr)
-        limits = limits_for(engine.describe().get("device", "cpu"))
-        engine = LimitedEngine(engine, limits)
         print(f"Hosted demo limits ({limits.hardware}): {limits.summary()}", file=sys.stderr)
     if not engine.list_checkpoints():
-        from .space import no_checkpoint_text
+        from .space import no_checkpoint_text  # heavy: webui.space imports Gradio
 
         print(no_checkpoint_text(paths, space).replace("**", "").replace("`", ""), file=sys.stderr)
     if args.nowebui:
         freeze_startup_objects()
-        return serve_api_only(engine, args, space, on_serving=lambda: preload(core))
+        return serve_api_only(engine, args, space, on_serving=lambda: preload(engine))
 
-    from .app import UIOptions, build_ui
-    from .space import add_notice, apply_space_ui, notice_text
+    from .app import UIOptions, build_ui  # heavy: Gradio (already imported above, while torch loaded)
+    from .space import add_notice, apply_space_ui, notice_text  # heavy: Gradio
 
     blocks = build_ui(engine, UIOptions())
-    if space:
+    if limits is not None:
         apply_space_ui(blocks, limits)
     add_notice(blocks, lambda: notice_text(engine, space, limits, space_id()))
     freeze_startup_objects()
@@ -294,10 +292,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     kwargs = {**launch_kwargs(args, paths, space), **blocks.webui.launch_kwargs()}
     if not args.api:
         blocks.launch(**kwargs, prevent_thread_lock=True)
-        preload(core)
+        preload(engine)
         blocks.block_thread()
         return 0
-    from .api import mount_api
+    from .api import mount_api  # heavy: FastAPI routes, only when serving the API
 
     # quiet: the URL line is printed once the API is mounted, so a client that reads it finds
     # /sdapi/v1 there at once
@@ -308,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(blocks, "share_url", None):
         print(f"* Running on public URL: {blocks.share_url}", flush=True)
     print("REST API: /sdapi/v1/ (docs at /docs)", flush=True)
-    preload(core)
+    preload(engine)
     blocks.block_thread()
     return 0
 
@@ -337,7 +335,7 @@ def start_engine(paths: Paths, settings: EngineSettings) -> Future:
     return future
 
 
-def preload(engine) -> threading.Thread | None:
+def preload(engine: EngineAPI) -> threading.Thread | None:
     """Load the default checkpoint in the background once the server answers; say when it is ready."""
     started = time.monotonic()
 
@@ -354,15 +352,13 @@ def preload(engine) -> threading.Thread | None:
     return thread
 
 
-def discover_extensions(engine, args: argparse.Namespace, space: bool = False) -> list[str]:
+def discover_extensions(engine: EngineAPI, args: argparse.Namespace, space: bool = False) -> list[str]:
     """Load the extensions in extensions/ at start-up. Failures are printed here and shown in
     the UI, never fatal. Installing from a URL is only offered on a server nobody else reaches."""
     manager = engine.extensions
     manager.allow_install = not (args.listen or args.share or space)
     if args.disable_all_extensions:
         return ["--disable-all-extensions: no extension is loaded."]
-    from extensions.manager import SHIPPED_DIR
-
     manager.discover(SHIPPED_DIR)
     return manager.failures()
 
@@ -370,8 +366,6 @@ def discover_extensions(engine, args: argparse.Namespace, space: bool = False) -
 def fetch_hf_checkpoint(args: argparse.Namespace) -> Path | None:
     """--hf-checkpoint: download into the user's checkpoint folder and make it the default
     (unless --ckpt names another). A failure is said and the app starts without it."""
-    from pipelines.hosting.hub import HubError, fetch_checkpoint
-
     folder = Path(args.ckpt_dir or Path(args.models_dir or REPO_ROOT / "models") / "Stable-diffusion")
     print(f"Fetching {args.hf_checkpoint} into {folder} ...", file=sys.stderr, flush=True)
     try:
@@ -389,18 +383,16 @@ def api_options(space: bool):
     """The API's server defaults; read-only on a hosted demo."""
     if not space:
         return None
-    from .space import ReadOnlyApiOptions
+    from .space import ReadOnlyApiOptions  # heavy: webui.space imports Gradio
 
     return ReadOnlyApiOptions()
 
 
-def serve_api_only(engine, args: argparse.Namespace, space: bool = False, on_serving=None) -> int:
+def serve_api_only(engine: EngineAPI, args: argparse.Namespace, space: bool = False, on_serving=None) -> int:
     """--nowebui: the REST API alone, on the same port and with the same URL line."""
-    import socket
+    import uvicorn  # heavy: only when serving the API alone
 
-    import uvicorn
-
-    from .api import create_app
+    from .api import create_app  # heavy: FastAPI routes, only when serving the API
 
     host = "0.0.0.0" if (args.listen or space) else "127.0.0.1"
     app = create_app(engine, auth=api_credentials(args, space), options=api_options(space), cmd_flags=vars(args))

@@ -5,7 +5,8 @@ environment, see `pipelines.hosting.space`) and then uses the helpers here:
 
 - `pipelines.hosting.space.space_paths(args)`: outputs and caches under the Space's persistent
   storage (`/data`) when it is mounted, else in the repository as usual; models stay in `models/`;
-- the engine is wrapped in `pipelines.hosting.space.LimitedEngine` (limits for the UI and the API);
+- the engine is built with `EngineSettings.hosted`, so it holds every job from the UI and the API
+  to `engine.hosted_limits` (see `pipelines.core.hosted_limits`);
 - `apply_space_ui(blocks, limits)`: slider maxima and defaults from the limits;
 - `add_notice(blocks, text_fn)`: a note at the top of the page (hosted demo, limits, and where
   to put a checkpoint when there is none), refreshed on every page load;
@@ -17,12 +18,13 @@ No torch here.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import gradio as gr
 
+from pipelines.core.engine_api import EngineAPI
+from pipelines.core.hosted_limits import ZERO_GPU_NOTE, SpaceLimits
 from pipelines.core.settings import REPO_ROOT, Paths
-from pipelines.hosting.space import ZERO_GPU_NOTE, SpaceLimits
 
 from .api.errors import bad_field
 from .api.options import ApiOptions
@@ -53,11 +55,14 @@ def hosted_text(limits: SpaceLimits, space: str | None = None, waiting: int | No
             "`pip install -e .` then `python launch.py`.")
 
 
-def notice_text(engine: Any, hosted: bool, limits: SpaceLimits | None = None, space: str | None = None) -> str:
+def notice_text(engine: EngineAPI, hosted: bool, limits: SpaceLimits | None = None,
+                space: str | None = None) -> str:
+    """The page's note: the hosted demo's terms (and ZeroGPU's), and where to put a checkpoint
+    when there is none."""
     parts = []
     if hosted and limits is not None:
-        parts.append(hosted_text(limits, space, getattr(getattr(engine, "queue", None), "max_waiting", None)))
-    if hosted and getattr(getattr(engine, "gpu", None), "active", False):
+        parts.append(hosted_text(limits, space, engine.queue.max_waiting))
+    if hosted and engine.on_zero_gpu:
         parts.append(f"⚡ {ZERO_GPU_NOTE}")
     try:
         has_checkpoint = bool(engine.list_checkpoints())

@@ -94,7 +94,7 @@ def run(ctx: ScriptContext) -> GenerationResult:
 
 
 def build_ui(ctx) -> dict:
-    import gradio as gr
+    import gradio as gr  # heavy: only when the UI is built (the API and tests run without it)
 
     p = f"{ctx.tab}_prompt_matrix"
     fields = {"enabled": gr.Checkbox(False, label="Enable prompt matrix (parts after | in the prompt)",

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from extensions.api import GenerationRequest, RequestError
+from pipelines.core import samplers  # the names only: torch-free
 
 
 @dataclass(frozen=True)
@@ -26,14 +27,10 @@ class AxisType:
 
 
 def _samplers() -> list[str]:
-    from pipelines.core import samplers
-
     return list(samplers.SAMPLER_NAMES)
 
 
 def _schedules() -> list[str]:
-    from pipelines.core import samplers
-
     return list(samplers.SCHEDULE_TYPES)
 
 
@@ -109,7 +106,8 @@ def parse_values(axis: AxisType, text: str, where: str) -> list[Any]:
         known = {c.lower(): c for c in axis.choices()}
         for i, value in enumerate(values):
             if value.lower() not in known:
-                raise RequestError(where, f"{axis.label}: unknown value {value!r}; choose from {', '.join(known.values())}")
+                raise RequestError(where, f"{axis.label}: unknown value {value!r}; "
+                                          f"choose from {', '.join(known.values())}")
             values[i] = known[value.lower()]
     return values
 

@@ -86,7 +86,8 @@ def run(ctx: ScriptContext) -> GenerationResult:
         out = ctx.generate(cell)
         result.warnings.extend(w for w in out.warnings if w not in result.warnings)
         if out.images:
-            firsts[key] = (out.images[0], out.infotexts[0] if out.infotexts else "", out.seeds[0] if out.seeds else None)
+            firsts[key] = (out.images[0], out.infotexts[0] if out.infotexts else "",
+                           out.seeds[0] if out.seeds else None)
         if args["include_images"]:
             result.images += out.images
             result.seeds += out.seeds
@@ -131,7 +132,7 @@ def build_grids(firsts: dict, x, y, z, legend: bool = True) -> list:
 
 
 def build_ui(ctx) -> dict:
-    import gradio as gr
+    import gradio as gr  # heavy: only when the UI is built (the API and tests run without it)
 
     p = f"{ctx.tab}_xyz"
     fields: dict = {"enabled": gr.Checkbox(False, label="Enable X/Y/Z plot", elem_id=f"{p}_enabled")}

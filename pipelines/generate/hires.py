@@ -5,14 +5,13 @@ Both drive `runner.run_batch`, so the second pass shares the sampler loop, CFG, 
 conditioning and seeds with plain generation: image i of the second pass draws its noise
 from seed + i again, at the hires latent size.
 
-Upscaling is either a latent mode (A1111's names, `upscalers.LATENT_MODES`: the first
-pass's latents are interpolated) or a pixel upscaler the engine hands in as
+Upscaling is either a latent mode (A1111's names, `core.request.LATENT_UPSCALE_MODES`: the
+first pass's latents are interpolated) or a pixel upscaler the engine hands in as
 `upscale_pixels(image, (width, height)) -> image` (PIL or a neural model, tiled).
 """
 
 from __future__ import annotations
 
-import time
 from typing import Callable, Iterator
 
 import numpy as np
@@ -20,18 +19,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipelines.core.hires_info import fields_from_infotext, infotext_params  # noqa: F401 (re-exported)
-from pipelines.core.progress import JobControl, Progress, ProgressCallback
-from pipelines.core.request import GenerationRequest
-from pipelines.generate import runner, tiling
+from pipelines.core.progress import JobControl, ProgressCallback, ProgressClock
+from pipelines.core.request import LATENT_UPSCALE_MODES, GenerationRequest, img2img_steps
+from pipelines.generate import runner, schedulers, tiling
 from pipelines.generate.prompts import encode_prompts
-from pipelines.generate.upscalers import LATENT_MODES
 
 PixelUpscale = Callable[[Image.Image, tuple[int, int]], Image.Image]
 
 
 def is_latent(upscaler: str) -> bool:
-    return upscaler in LATENT_MODES
+    return upscaler in LATENT_UPSCALE_MODES
 
 
 def second_pass_request(request: GenerationRequest) -> GenerationRequest:
@@ -45,38 +42,15 @@ def second_pass_request(request: GenerationRequest) -> GenerationRequest:
 
 def second_pass_steps(request: GenerationRequest) -> int:
     """Sampler steps the second pass actually runs (img2img runs the tail of the schedule)."""
-    steps = request.hr_second_pass_steps or request.steps
-    return min(int(steps * request.hr_denoising_strength), steps)
+    return img2img_steps(request.hr_second_pass_steps or request.steps, request.hr_denoising_strength)
 
 
 def upscale_latents(latents: torch.Tensor, mode: str, width: int, height: int) -> torch.Tensor:
-    interpolation, antialias = LATENT_MODES[mode]
+    interpolation, antialias = LATENT_UPSCALE_MODES[mode]
     size = (height // 8, width // 8)
     if interpolation in ("bilinear", "bicubic"):
         return F.interpolate(latents, size=size, mode=interpolation, antialias=antialias, align_corners=False)
     return F.interpolate(latents, size=size, mode=interpolation)
-
-
-class _Steps:
-    """Progress over the whole job: every denoising step of both passes counts."""
-
-    def __init__(self, per_batch: int, batches: int, on_progress: ProgressCallback | None):
-        self.per_batch, self.batches, self.on_progress = max(per_batch, 1), batches, on_progress
-        self.done = 0
-        self.started = time.monotonic()
-
-    def reporter(self, batch: int, offset: int):
-        def report(step: int, steps: int, latents=None) -> None:
-            self.done += 1
-            if not self.on_progress:
-                return
-            elapsed = time.monotonic() - self.started
-            remaining = max(self.per_batch * self.batches - self.done, 0)
-            self.on_progress(Progress(step=min(offset + step, self.per_batch), steps=self.per_batch,
-                                      batch_index=batch, batch_count=self.batches, elapsed=elapsed,
-                                      eta=elapsed / self.done * remaining, preview=runner.preview_of(latents)))
-
-        return report
 
 
 def run(components, device, request: GenerationRequest, upscale_pixels: PixelUpscale,
@@ -85,8 +59,7 @@ def run(components, device, request: GenerationRequest, upscale_pixels: PixelUps
     """`runner.run` for a txt2img request with `enable_hr`: yields one BatchOutput per batch
     with the second pass's images. `embeddings`: textual inversions the prompts may name."""
     control = control or JobControl()
-    width = request.width or components.spec.native_resolution
-    height = request.height or components.spec.native_resolution
+    width, height = request.size_for(components.spec.native_resolution)
     hr_width, hr_height = request.hires_size(width, height)
     second = second_pass_request(request)
 
@@ -101,17 +74,18 @@ def run(components, device, request: GenerationRequest, upscale_pixels: PixelUps
                                          steps=second.steps, embeddings=embeddings)
 
     first_steps = len(_timesteps(components, request, device))
-    steps = _Steps(first_steps + second_pass_steps(request), request.batch_count, on_progress)
+    # progress over the whole job: every denoising step of both passes counts
+    clock = ProgressClock(first_steps + second_pass_steps(request), request.batch_count, on_progress,
+                          first_batch=first_batch)
     vae = components.vae
     for batch in range(first_batch, request.batch_count):
         if control.interrupted:
             break
         seeds, subseeds = runner.batch_seeds(request, batch)
 
-        latents = runner.run_batch(components, device, request, conditioning.cond, conditioning.uncond, None,
-                                   seeds, subseeds, width, height, steps.reporter(batch, 0), control,
-                                   pooled=(conditioning.pooled_cond, conditioning.pooled_uncond), decode=False,
-                                   conditioning=conditioning)
+        first_pass = runner.BatchInputs(conditioning, seeds, subseeds, width, height, decode=False)
+        latents = runner.run_batch(components, device, request, first_pass, control,
+                                   runner.step_reporter(clock, batch, offset=0))
         if latents is None:
             control.take_skip()
             continue
@@ -125,10 +99,9 @@ def run(components, device, request: GenerationRequest, upscale_pixels: PixelUps
                 control.take_skip()
                 continue
             start = torch.cat([runner.encode_image(vae, image, device) for image in upscaled])
-        images = runner.run_batch(components, device, second, hr_conditioning.cond, hr_conditioning.uncond, None,
-                                  seeds, subseeds, hr_width, hr_height, steps.reporter(batch, first_steps),
-                                  control, pooled=(hr_conditioning.pooled_cond, hr_conditioning.pooled_uncond),
-                                  start_latents=start, conditioning=hr_conditioning)
+        second_pass = runner.BatchInputs(hr_conditioning, seeds, subseeds, hr_width, hr_height, start_latents=start)
+        images = runner.run_batch(components, device, second, second_pass, control,
+                                  runner.step_reporter(clock, batch, offset=first_steps))
         if images is None:
             control.take_skip()
             continue
@@ -136,9 +109,7 @@ def run(components, device, request: GenerationRequest, upscale_pixels: PixelUps
 
 
 def _timesteps(components, request: GenerationRequest, device):
-    from pipelines.core import samplers
-
-    scheduler = samplers.make_scheduler(request.sampler, request.schedule_type, components.scheduler_config)
+    scheduler = schedulers.make_scheduler(request.sampler, request.schedule_type, components.scheduler_config)
     scheduler.set_timesteps(request.steps, device=device)
     return scheduler.timesteps
 
@@ -152,8 +123,7 @@ def sd_upscale(components, device, request: GenerationRequest, upscaled: Image.I
     request.width x request.height with at least `overlap` pixels shared, blended with
     feathered seams. Yields (image, seed, subseed) for each of the request's images."""
     control = control or JobControl()
-    tile_w = request.width or components.spec.native_resolution
-    tile_h = request.height or components.spec.native_resolution
+    tile_w, tile_h = request.size_for(components.spec.native_resolution)
     width, height = upscaled.size
     # a canvas at least one tile big, edge-extended, cropped back at the end
     canvas_w, canvas_h = max(width, tile_w), max(height, tile_h)
@@ -165,23 +135,21 @@ def sd_upscale(components, device, request: GenerationRequest, upscaled: Image.I
     conditioning = encode_prompts(components, request.prompt, request.negative_prompt, request.clip_skip, device,
                                   steps=request.steps, embeddings=embeddings)
     total = request.images_total
-    steps = _Steps(len(tiles) * max(min(int(request.steps * request.denoising_strength), request.steps), 1),
-                   total, on_progress)
+    tile_steps = max(img2img_steps(request.steps, request.denoising_strength), 1)
+    clock = ProgressClock(len(tiles) * tile_steps, total, on_progress)
     for n in range(total):
         if control.interrupted:
             break
-        seed, subseed = request.seed + n, request.subseed + n
+        seed, subseed = runner.image_seeds(request, n)
         acc = np.zeros((canvas_h, canvas_w, 3), dtype=np.float32)
         weights = np.zeros((canvas_h, canvas_w, 1), dtype=np.float32)
         skipped = False
         for index, (y, x) in enumerate(tiles):
             crop = Image.fromarray(source[y:y + tile_h, x:x + tile_w])
-            plan = runner.InpaintPlan(image=crop)
-            offset = index * (steps.per_batch // max(len(tiles), 1))
-            out = runner.run_batch(components, device, request, conditioning.cond, conditioning.uncond, plan,
-                                   [seed], [subseed], tile_w, tile_h, steps.reporter(n, offset), control,
-                                   pooled=(conditioning.pooled_cond, conditioning.pooled_uncond),
-                                   conditioning=conditioning)
+            inputs = runner.BatchInputs(conditioning, [seed], [subseed], tile_w, tile_h,
+                                        plan=runner.InpaintPlan(image=crop))
+            out = runner.run_batch(components, device, request, inputs, control,
+                                   runner.step_reporter(clock, n, offset=index * tile_steps))
             if out is None:
                 skipped = True
                 break

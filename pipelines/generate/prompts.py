@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipelines.core import prompt_parser
+from pipelines.core import extra_networks, prompt_parser
 
 CHUNK = 75  # tokens per chunk, plus BOS and EOS
 COMMA_BACKTRACK = 20  # A1111's "comma padding backtrack" default
@@ -49,7 +49,8 @@ def tokenize_chunks(tokenizer, text: str) -> list[list[int]]:
     return chunks or [[]]
 
 
-def _chunk_ids(tokenizer, chunk: list[int]) -> list[int]:
+def chunk_ids(tokenizer, chunk: list[int]) -> list[int]:
+    """One chunk as the text encoder takes it: BOS, the tokens, EOS, padded to 77."""
     ids = [tokenizer.bos_token_id, *chunk, tokenizer.eos_token_id]
     return ids + [tokenizer.pad_token_id] * (CHUNK + 2 - len(ids))
 
@@ -164,7 +165,8 @@ def _final_norm(text_encoder):
     return body.final_layer_norm
 
 
-def _token_embedding(text_encoder):
+def token_embedding(text_encoder):
+    """The text encoder's token-embedding layer (where textual-inversion vectors go)."""
     body = getattr(text_encoder, "text_model", text_encoder)
     return body.embeddings.token_embedding
 
@@ -184,7 +186,7 @@ def _injected(text_encoder, chunks: list[Chunk]):
             output[row, pos + offset] = vec.to(device=output.device, dtype=output.dtype)
         return output
 
-    handle = _token_embedding(text_encoder).register_forward_hook(hook)
+    handle = token_embedding(text_encoder).register_forward_hook(hook)
     try:
         yield
     finally:
@@ -204,7 +206,7 @@ def encode_chunks(text_encoder, tokenizer, chunks: list, clip_skip: int, device,
     `chunks` are lists of token ids or `Chunk`s (whose vectors are injected and whose
     weights are applied, A1111's emphasis)."""
     chunks = [c if isinstance(c, Chunk) else Chunk(list(c), [1.0] * len(c)) for c in chunks]
-    ids = torch.tensor([_chunk_ids(tokenizer, c.tokens) for c in chunks], device=device)
+    ids = torch.tensor([chunk_ids(tokenizer, c.tokens) for c in chunks], device=device)
     skip = _skip(layer, clip_skip, text_encoder)
     with _injected(text_encoder, chunks):
         out = text_encoder(ids, output_hidden_states=skip > 1)
@@ -271,7 +273,7 @@ def encode_text(components, text: str, clip_skip: int, device, embeddings=()) ->
 
 def positive_text(prompt: str) -> str:
     """The positive prompt without extra-network tags, AND sub-prompts joined."""
-    text, _ = prompt_parser.extract_extra_networks(prompt)
+    text, _ = extra_networks.extract_extra_networks(prompt)
     parts = prompt_parser.split_and(text)
     if len(parts) > 1:
         text = " ".join(part for part, _ in parts)

@@ -8,18 +8,17 @@ image equals the single run with its seed.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from pipelines.core import samplers
-from pipelines.core.progress import JobControl, Progress, ProgressCallback
-from pipelines.core.request import GenerationRequest
-from pipelines.generate import images
-from pipelines.generate.prompts import encode_prompts
+from pipelines.core.progress import JobControl, ProgressCallback, ProgressClock
+from pipelines.core.request import GenerationRequest, img2img_steps
+from pipelines.generate import images, schedulers
+from pipelines.generate.prompts import PromptConditioning, encode_prompts
 from pipelines.models.families import AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE
 
 
@@ -40,6 +39,30 @@ class InpaintPlan:
     mask: Image.Image | None = None  # blurred "L" mask at processing size, white = repaint
     overlay_mask: Image.Image | None = None  # blurred mask at output size
     crop_box: tuple[int, int, int, int] | None = None  # only-masked: region of `original`
+
+
+@dataclass(frozen=True)
+class BatchInputs:
+    """What `run_batch` samples one batch from, besides the model and the request.
+
+    `conditioning` gives each step's text conditioning: prompt editing and alternation
+    ([a:b:0.5], [a|b]) switch the text at the steps A1111 does, over `request.steps`.
+    `start_latents` (one per seed) start an img2img pass from latents instead of from
+    `plan.image` (hires fix's second pass); with `decode=False` the final latents are
+    returned instead of images (hires fix's first pass)."""
+
+    conditioning: PromptConditioning
+    seeds: Sequence[int]
+    subseeds: Sequence[int]
+    width: int
+    height: int
+    plan: InpaintPlan | None = None
+    start_latents: torch.Tensor | None = None
+    decode: bool = True
+
+
+# report_step(step, steps, latents=None): run_batch calls it after each step (1-based)
+StepReporter = Callable[..., None]
 
 
 def noise_for_seed(seed: int, subseed: int, subseed_strength: float, shape) -> tuple[torch.Tensor, torch.Generator]:
@@ -147,8 +170,7 @@ def inpaint_conditioning(vae, plan: InpaintPlan | None, width: int, height: int,
 
 def img2img_timesteps(scheduler, steps: int, strength: float):
     """The tail of the schedule that denoising strength selects (diffusers' convention)."""
-    init_steps = min(int(steps * strength), steps)
-    start = (steps - init_steps) * scheduler.order
+    start = (steps - img2img_steps(steps, strength)) * scheduler.order
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start)
     return scheduler.timesteps[start:]
@@ -181,22 +203,15 @@ def added_conditioning(components, pooled_cond, pooled_uncond, width: int, heigh
 
 
 @torch.no_grad()
-def run_batch(components, device, request: GenerationRequest, cond, uncond, plan: InpaintPlan | None,
-              seeds: list[int], subseeds: list[int], width: int, height: int,
-              report_step, control: JobControl, pooled: tuple | None = None,
-              start_latents: torch.Tensor | None = None, decode: bool = True, on_step=None,
-              conditioning=None) -> list[Image.Image] | None:
+def run_batch(components, device, request: GenerationRequest, batch: BatchInputs, control: JobControl,
+              report_step: StepReporter, *, on_step=None) -> list[Image.Image] | torch.Tensor | None:
     """Sample one batch; None when it was skipped or interrupted.
 
-    `conditioning` (a `prompts.PromptConditioning`), when given, replaces cond/uncond/pooled
-    step by step: prompt editing and alternation ([a:b:0.5], [a|b]) switch the text at the
-    steps A1111 does, over `request.steps`.
-
-    `pooled` is (pooled_cond, pooled_uncond) for families whose U-Net takes them (SDXL).
-    `start_latents` (one per seed) start an img2img pass from latents instead of from
-    `plan.image` (hires fix's second pass); with `decode=False` the final latents are
-    returned instead of images (hires fix's first pass). `on_step(step=, steps=, timestep=,
-    sigma=, latents=, guidance_scale=) -> guidance scale` runs before each step (extensions)."""
+    Families whose U-Net takes pooled text embeddings (SDXL) get them from the conditioning.
+    `on_step(step=, steps=, timestep=, sigma=, latents=, guidance_scale=) -> guidance scale`
+    runs before each step (extensions)."""
+    seeds, subseeds, width, height = batch.seeds, batch.subseeds, batch.width, batch.height
+    plan, conditioning = batch.plan, batch.conditioning
     unet, vae = components.unet, components.vae
     latent_shape = (1, unet.config.out_channels, height // 8, width // 8)
 
@@ -206,14 +221,14 @@ def run_batch(components, device, request: GenerationRequest, cond, uncond, plan
     generators = [g for _, g in draws]
 
     # 2. schedule
-    scheduler = samplers.make_scheduler(request.sampler, request.schedule_type, components.scheduler_config)
+    scheduler = schedulers.make_scheduler(request.sampler, request.schedule_type, components.scheduler_config)
     scheduler.set_timesteps(request.steps, device=device)
     timesteps = scheduler.timesteps
 
     # 3. starting latents
     init_latents = mask = None
-    if start_latents is not None:
-        init_latents = start_latents.to(device=device, dtype=torch.float32)
+    if batch.start_latents is not None:
+        init_latents = batch.start_latents.to(device=device, dtype=torch.float32)
         timesteps = img2img_timesteps(scheduler, request.steps, request.denoising_strength)
         latents = scheduler.add_noise(init_latents, noise, timesteps[:1]) if len(timesteps) else init_latents
     elif plan is None:
@@ -236,26 +251,23 @@ def run_batch(components, device, request: GenerationRequest, cond, uncond, plan
     # 4. denoise
     use_cfg = request.cfg_scale != 1.0
 
-    def unet_inputs(cond, uncond, pooled):
-        context = torch.cat([uncond, cond]) if use_cfg else cond
+    def unet_inputs(step_cond):
+        context = torch.cat([step_cond.uncond, step_cond.cond]) if use_cfg else step_cond.cond
         context = context.to(unet.dtype).repeat_interleave(len(seeds), dim=0)
         added = None
-        if pooled is not None and pooled[0] is not None:
-            added = added_conditioning(components, pooled[0], pooled[1], width, height, use_cfg, len(seeds), device)
+        if step_cond.pooled_cond is not None:
+            added = added_conditioning(components, step_cond.pooled_cond, step_cond.pooled_uncond, width, height,
+                                       use_cfg, len(seeds), device)
         return context, ({"added_cond_kwargs": added} if added is not None else {})
 
-    current = None
-    if conditioning is None:
-        context, extra = unet_inputs(cond, uncond, pooled)
+    current = context = extra = None
     for i, t in enumerate(timesteps):
         if control.stop_current:
             return None
-        if conditioning is not None:
-            step_cond = conditioning.at(i, request.steps)
-            if step_cond is not current:  # the prompt's text changed at this step
-                current = step_cond
-                context, extra = unet_inputs(step_cond.cond, step_cond.uncond,
-                                             (step_cond.pooled_cond, step_cond.pooled_uncond))
+        step_cond = conditioning.at(i, request.steps)
+        if step_cond is not current:  # the prompt's text changed at this step
+            current = step_cond
+            context, extra = unet_inputs(step_cond)
         guidance = request.cfg_scale
         if on_step is not None:  # extensions read the latents and may change this step's guidance
             guidance = on_step(step=i, steps=len(timesteps), timestep=t, sigma=sigma_at(scheduler, t),
@@ -269,7 +281,7 @@ def run_batch(components, device, request: GenerationRequest, cond, uncond, plan
         if use_cfg:
             pred_uncond, pred_cond = prediction.chunk(2)
             prediction = pred_uncond + guidance * (pred_cond - pred_uncond)
-        latents = samplers.step(scheduler, prediction, t, latents, generators)
+        latents = schedulers.step(scheduler, prediction, t, latents, generators)
         if blend_each_step:
             # keep the unmasked area on the original image's noisy trajectory
             if i + 1 < len(timesteps):
@@ -282,7 +294,7 @@ def run_batch(components, device, request: GenerationRequest, cond, uncond, plan
         return None
 
     # 5. decode and put back what was not to be changed
-    if not decode:
+    if not batch.decode:
         return latents
     decoded = decode_latents(vae, latents, control)
     return [finish_image(img, plan) for img in decoded]
@@ -327,11 +339,31 @@ def finish_image(generated: Image.Image, plan: InpaintPlan | None) -> Image.Imag
     return images.composite(generated, plan.original, plan.overlay_mask)
 
 
+def step_reporter(clock: ProgressClock, batch_index: int, offset: int | None = None) -> StepReporter:
+    """`run_batch`'s report_step for batch `batch_index` of a job timed by `clock`.
+
+    Without `offset` the sampled batch is the whole batch and its own step count is the
+    batch's (plain generation). With one, it is a part that starts `offset` steps into a
+    batch of the clock's fixed length (hires fix's two passes, SD upscale's tiles)."""
+    def report(step: int, steps: int, latents=None) -> None:
+        if offset is None:
+            clock.step_done(batch_index, step, steps=steps, preview=preview_of(latents))
+        else:
+            clock.step_done(batch_index, offset + step, preview=preview_of(latents))
+
+    return report
+
+
+def image_seeds(request: GenerationRequest, index: int) -> tuple[int, int]:
+    """Seed and variation seed of image `index` of the whole job: seed + index, subseed + index."""
+    return request.seed + index, request.subseed + index
+
+
 def batch_seeds(request: GenerationRequest, batch: int) -> tuple[list[int], list[int]]:
-    """Seeds and variation seeds of one batch: image i of the whole job uses seed + i."""
+    """Seeds and variation seeds of one batch (`image_seeds` of each of its images)."""
     first = batch * request.batch_size
-    return ([request.seed + first + i for i in range(request.batch_size)],
-            [request.subseed + first + i for i in range(request.batch_size)])
+    pairs = [image_seeds(request, first + i) for i in range(request.batch_size)]
+    return [seed for seed, _ in pairs], [subseed for _, subseed in pairs]
 
 
 def run(components, device, request: GenerationRequest, on_progress: ProgressCallback | None = None,
@@ -341,9 +373,7 @@ def run(components, device, request: GenerationRequest, on_progress: ProgressCal
     `embeddings`: textual inversions the prompts may name (`pipelines.generate.embeddings`).
     `first_batch`: start there (a retry after running out of memory); seeds stay those of the batch."""
     control = control or JobControl()
-    width = request.width or components.spec.native_resolution
-    height = request.height or components.spec.native_resolution
-    started = time.monotonic()
+    width, height = request.size_for(components.spec.native_resolution)
 
     # 1. conditioning, shared by every batch
     conditioning = encode_prompts(components, request.prompt, request.negative_prompt, request.clip_skip, device,
@@ -351,26 +381,13 @@ def run(components, device, request: GenerationRequest, on_progress: ProgressCal
     # 2. pixel-side inputs
     plan = plan_pixels(request, width, height)
 
-    done_steps = first_batch * request.steps
+    clock = ProgressClock(request.steps, request.batch_count, on_progress, first_batch=first_batch)
     for batch in range(first_batch, request.batch_count):
         if control.interrupted:
             break
         seeds, subseeds = batch_seeds(request, batch)
-
-        def report_step(step: int, steps: int, batch: int = batch, latents=None) -> None:
-            nonlocal done_steps
-            done_steps += 1
-            elapsed = time.monotonic() - started
-            remaining = steps * request.batch_count - done_steps
-            if on_progress:
-                on_progress(Progress(step=step, steps=steps, batch_index=batch, batch_count=request.batch_count,
-                                     elapsed=elapsed, eta=elapsed / done_steps * remaining,
-                                     preview=preview_of(latents)))
-
-        result = run_batch(components, device, request, conditioning.cond, conditioning.uncond, plan,
-                           seeds, subseeds, width, height, report_step, control,
-                           pooled=(conditioning.pooled_cond, conditioning.pooled_uncond),
-                           conditioning=conditioning, on_step=on_step)
+        inputs = BatchInputs(conditioning, seeds, subseeds, width, height, plan=plan)
+        result = run_batch(components, device, request, inputs, control, step_reporter(clock, batch), on_step=on_step)
         if result is None:
             control.take_skip()
             continue

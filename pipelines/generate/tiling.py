@@ -12,6 +12,9 @@ that no later tile touches are written to the uint8 output as soon as the row is
 
 `run_tiled` halves the tile size and starts again when the function runs out of memory
 (CUDA's OutOfMemoryError or the CPU allocator's error), down to `MIN_TILE`.
+
+No torch at import (the tensors come from the caller): `upscalers`, which imports this,
+stays importable without it.
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +81,8 @@ def feather(size: int, before: int, after: int) -> np.ndarray:
 def is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError):
         return True
+    import torch  # heavy: only once something failed (and a tensor function ran, so torch is loaded)
+
     oom = getattr(torch, "OutOfMemoryError", None)
     if oom is not None and isinstance(exc, oom):
         return True
@@ -131,14 +138,14 @@ def tile_once(fn: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, s
             if result is None:
                 result = np.empty((height * scale, width * scale, channels), dtype=np.uint8)
             if new_band is None:
-                new_band = torch.zeros(channels + 1, height_out, width * scale)
+                new_band = out.new_zeros(channels + 1, height_out, width * scale)
                 if band is not None:  # carry over what the previous row left in the overlap
                     keep = band_top + band.shape[1] - top
                     if keep > 0:
                         new_band[:, :keep] = band[:, top - band_top:]
             before_x = (xs[col - 1] + tw - x) * scale if col > 0 else 0
             after_x = (x + tw - xs[col + 1]) * scale if col + 1 < len(xs) else 0
-            weight = torch.from_numpy(np.outer(wy, feather(tw * scale, before_x, after_x)))
+            weight = out.new_tensor(np.outer(wy, feather(tw * scale, before_x, after_x)))
             left = x * scale
             new_band[:channels, :, left:left + out_w] += out * weight
             new_band[channels, :, left:left + out_w] += weight
@@ -173,11 +180,13 @@ def run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, s
             if smaller < min_tile:
                 raise
             log.warning("out of memory with tile size %s; retrying with %d", tile or "none", smaller)
+            import torch  # heavy: only after running out of memory
+
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             tile = smaller
 
 
 def _to_uint8(chw: torch.Tensor) -> np.ndarray:
-    array = (chw.float().clamp(0, 1) * 255.0).round().to(torch.uint8)
-    return array.permute(1, 2, 0).cpu().numpy()
+    scaled = (chw.float().clamp(0, 1) * 255.0).permute(1, 2, 0).cpu().numpy()
+    return np.round(scaled).astype(np.uint8)  # half to even, as torch.round

@@ -12,7 +12,7 @@ unpickler instead; we hand it the state dict). They run tile by tile (`tiling.ru
 `ModelUpscaler` objects are built by the engine from its registry listing; loaded models
 live in a small `UpscalerModels` cache the engine owns, so this module holds no state.
 
-No torch at import time: the UI imports the names. torch and spandrel load on first use.
+No torch at import time: names and the plain resamplers need none. torch and spandrel load on first use.
 """
 
 from __future__ import annotations
@@ -25,21 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 
+import numpy as np
 from PIL import Image
 
-from pipelines.core.request import RequestError
+from pipelines.core.request import RequestError, scaled_size
+from pipelines.generate import tiling
 
 log = logging.getLogger(__name__)
 
-# A1111's latent upscale modes for hires fix: name -> (torch interpolate mode, antialias).
-LATENT_MODES: dict[str, tuple[str, bool]] = {
-    "Latent": ("bilinear", False),
-    "Latent (antialiased)": ("bilinear", True),
-    "Latent (bicubic)": ("bicubic", False),
-    "Latent (bicubic antialiased)": ("bicubic", True),
-    "Latent (nearest)": ("nearest", False),
-    "Latent (nearest-exact)": ("nearest-exact", False),
-}
 DEFAULT_TILE = 256
 DEFAULT_OVERLAP = 16
 MAX_PASSES = 3  # a 4x model asked for 8x runs twice, then resamples down
@@ -53,9 +46,6 @@ class Upscaler(Protocol):
     def upscale(self, image: Image.Image, scale: float) -> Image.Image: ...
 
 
-def _scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
-    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
-
 
 @dataclass(frozen=True)
 class PILUpscaler:
@@ -66,7 +56,7 @@ class PILUpscaler:
     scale: float | None = None
 
     def upscale(self, image: Image.Image, scale: float) -> Image.Image:
-        return image.resize(_scaled_size(image.size, scale), self.resample)
+        return image.resize(scaled_size(image.size, scale), self.resample)
 
 
 BUILTIN: tuple[PILUpscaler, ...] = (
@@ -124,7 +114,7 @@ def upscale_image(image: Image.Image, upscaler: Upscaler | str, *, scale: float 
         factor = float(scale)  # type: ignore[arg-type]
         if not factor > 0:
             raise RequestError("scale", f"must be greater than 0, got {scale}")
-        target_w, target_h = _scaled_size(image.size, factor)
+        target_w, target_h = scaled_size(image.size, factor)
 
     result = upscaler.upscale(image, factor)
     if result.size == (target_w, target_h):
@@ -153,13 +143,13 @@ class UpscalerLoadError(ValueError):
 def read_state_dict(path: Path, mmap: bool = False) -> dict:
     """Tensors of an upscaler file, by content: safetensors, else a torch pickle read with
     `torch.load(weights_only=True)`, never retried without it."""
-    import torch
+    import torch  # heavy: this module stays torch-free at import (see the module doc)
 
     path = Path(path)
     with open(path, "rb") as f:
         head = f.read(9)
     if len(head) == 9 and head[8:9] == b"{":  # 8-byte header length, then the JSON header
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # heavy: imports torch
 
         try:
             return load_file(str(path))
@@ -177,7 +167,7 @@ def read_state_dict(path: Path, mmap: bool = False) -> dict:
 
 
 def _detect(state_dict: dict, name: str):
-    import spandrel
+    import spandrel  # heavy, and optional until a neural upscaler is used
 
     try:
         descriptor = spandrel.MAIN_REGISTRY.load(spandrel.canonicalize_state_dict(state_dict))
@@ -201,7 +191,7 @@ def load_model_file(path: Path):
 def describe_model_file(path: Path) -> dict:
     """Listing facts without loading weights: architecture and native scale (the model is
     built on the meta device, so this costs a header read and no allocation)."""
-    import torch
+    import torch  # heavy: only when a model file is described
 
     state_dict = read_state_dict(path, mmap=True)
     try:
@@ -231,7 +221,7 @@ class UpscalerModels:
         self._lock = threading.Lock()
 
     def get(self, path: Path):
-        import torch
+        import torch  # heavy: only when a model is loaded
 
         path = Path(path)
         st = path.stat()
@@ -302,10 +292,7 @@ class ModelUpscaler:
         return out
 
     def _run(self, model, image: Image.Image) -> Image.Image:
-        import numpy as np
-        import torch
-
-        from pipelines.generate import tiling
+        import torch  # heavy: only when a model runs
 
         array = np.asarray(image, dtype=np.float32) / 255.0
         if array.ndim == 2:

@@ -37,7 +37,8 @@ import pickle
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from pipelines.core.request import GenerationRequest, UpscaleRequest
+from pipelines.core.hosted_limits import ZeroGPUError
+from pipelines.core.request import GenerationRequest, UpscaleRequest, scaled_size
 from pipelines.hosting.space import on_zero_gpu
 
 log = logging.getLogger(__name__)
@@ -48,23 +49,6 @@ OVERHEAD_SECONDS = 10.0
 STEP_SECONDS = 0.25  # one UNet step on one megapixel of one image
 UPSCALE_SECONDS = 2.0  # one megapixel of output of a neural upscaler (ESRGAN & co.)
 MEGAPIXEL = 1_000_000
-
-
-class ZeroGPUError(RuntimeError):
-    """ZeroGPU refused or lost the job (quota, duration, no GPU free): not the request's fault."""
-
-    def __init__(self, title: str, message: str):
-        super().__init__(f"{title}: {message}")
-        self.title = title
-        self.message = message
-
-    def __reduce__(self):  # keyword-free re-creation, so it pickles like the other engine errors
-        return (type(self), (self.title, self.message))
-
-    @property
-    def quota(self) -> bool:
-        """The visitor's (or the Space's) GPU quota is used up: try again later or log in."""
-        return "quota" in self.title.lower() or "credits" in self.title.lower()
 
 
 def as_zero_gpu_error(exc: BaseException) -> ZeroGPUError | None:
@@ -108,8 +92,7 @@ def _img2img_steps(steps: int, strength: float) -> int:
 
 def generation_seconds(request: GenerationRequest, native_resolution: int = 512) -> float:
     """Estimated GPU seconds for a txt2img / img2img / inpaint request (unclamped)."""
-    width = request.width or native_resolution
-    height = request.height or native_resolution
+    width, height = request.size_for(native_resolution)
     steps = request.steps if request.mode == "txt2img" else _img2img_steps(request.steps,
                                                                            request.denoising_strength)
     step_work = steps * _megapixels(width, height)
@@ -145,9 +128,8 @@ def sd_upscale_seconds(request: GenerationRequest, scale: float, overlap: int,
                        native_resolution: int = 512) -> float:
     """Estimated GPU seconds for SD upscale: the upscale, then one img2img pass per tile."""
     image = request.init_image
-    width, height = (round(image.width * scale), round(image.height * scale)) if image else (0, 0)
-    tile_w = request.width or native_resolution
-    tile_h = request.height or native_resolution
+    width, height = scaled_size(image.size, scale) if image else (0, 0)
+    tile_w, tile_h = request.size_for(native_resolution)
     tiles = _tiles(width, tile_w, overlap) * _tiles(height, tile_h, overlap)
     step_work = tiles * _img2img_steps(request.steps, request.denoising_strength) * _megapixels(tile_w, tile_h)
     images = request.batch_size * request.batch_count

@@ -146,7 +146,7 @@ def batch_pixels(seed: int, split: str, indices) -> np.ndarray:
 
 def to_model_range(pixels_uint8: np.ndarray):
     """uint8 NHWC -> float32 NCHW tensor in [-1, 1] (the engine's convention)."""
-    import torch
+    import torch  # heavy: the scenes and the judge need only numpy
 
     x = torch.from_numpy(np.ascontiguousarray(pixels_uint8)).permute(0, 3, 1, 2).float()
     return x / 127.5 - 1.0

@@ -10,7 +10,7 @@ import torch
 
 from pipelines.models import export as sd_export
 from pipelines.training import models
-from pipelines.training.state import load
+from pipelines.training.state import load, trained_vae
 
 TITLE = "Demo: coloured shapes (64 px)"
 DESCRIPTION = (
@@ -27,8 +27,7 @@ COMMAND = "python -m pipelines.training --out pipelines/demo/demo-shapes.safeten
 
 def build_modules(state_dir: Path, size: str, seed: int):
     """(unet, vae, text encoder) of a finished run, in eval mode, fp32."""
-    vae = models.build_vae(size, seed)
-    vae.load_state_dict(load(Path(state_dir) / "vae_done.pt")["model"])
+    vae = trained_vae(state_dir, size, seed)
     unet, text = models.build_unet_and_text(size, seed)
     done = load(Path(state_dir) / "ldm_done.pt")
     unet.load_state_dict(done["unet"])

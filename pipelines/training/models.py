@@ -1,7 +1,7 @@
 """Model configurations of the demo model (and of the tiny preset the tests use).
 
 All of them follow the SD 1.x conventions the project's loader infers from tensor shapes
-(``pipelines/models/loading.py``): 32 norm groups, 8 heads per U-Net attention, conv ``proj_in``,
+(``pipelines/models/architecture.py``): 32 norm groups, 8 heads per U-Net attention, conv ``proj_in``,
 a CLIP text encoder with head width 64, quick-GELU, the real 49408-token vocabulary and
 77 positions, a factor-8 KL autoencoder with 4 latent channels and a mid-block attention,
 latent scaling factor 0.18215 (the VAE is normalised so that this holds, see
@@ -78,7 +78,7 @@ def text_config(size: str) -> dict:
 
 
 def build_vae(size: str, seed: int):
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # heavy: the configurations above need no diffusers
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -95,8 +95,8 @@ def build_vae(size: str, seed: int):
 
 
 def build_unet_and_text(size: str, seed: int):
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import UNet2DConditionModel  # heavy: the configurations need no diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel  # heavy: nor transformers
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

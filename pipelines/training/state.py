@@ -1,4 +1,4 @@
-"""Training state on disk (atomic checkpoints) and progress logging."""
+"""Training state on disk (atomic checkpoints, the finished autoencoder) and progress logging."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from pipelines.core.fileio import atomic_path, write_bytes_atomic
+from pipelines.training import models
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -21,6 +22,13 @@ def atomic_save(obj, path: Path) -> None:
 def load(path: Path):
     """Our own files: plain tensors, dicts, numbers and strings only."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def trained_vae(state_dir: Path, size: str, seed: int):
+    """The autoencoder stage 1 finished (``vae_done.pt``), in eval mode."""
+    vae = models.build_vae(size, seed)
+    vae.load_state_dict(load(Path(state_dir) / "vae_done.pt")["model"])
+    return vae.eval()
 
 
 def write_json(path: Path, obj) -> None:

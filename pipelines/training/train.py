@@ -20,13 +20,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipelines.core import samplers
-from pipelines.generate import prompts
-
-# the engine modules sampling and tokenising use, imported now rather than halfway through a run
-from pipelines.models import families, loading  # noqa: F401
+from pipelines.generate.prompts import chunk_ids
+from pipelines.generate.schedulers import make_scheduler
+from pipelines.models.clip_tokenizer import load_tokenizer
+from pipelines.models.families import SD1
 from pipelines.training import data, models
-from pipelines.training.state import Log, Meter, atomic_save, load
+from pipelines.training.state import Log, Meter, atomic_save, load, trained_vae
 
 
 @dataclass
@@ -71,8 +70,8 @@ class Settings:
 PRESETS = {
     "demo": Settings(),
     "tiny": Settings(size="tiny", vae_steps=6, vae_batch=4, vae_eval_images=8, vae_gate=(0.0, 0.0, 0.0),
-                     vae_extra_steps=0, vae_stats_images=32, n_latents=64, ldm_steps=6, ldm_batch=8, ldm_warmup=2, eval_every=0,
-                     checkpoint_seconds=0.0, log_every=1),
+                     vae_extra_steps=0, vae_stats_images=32, n_latents=64, ldm_steps=6, ldm_batch=8, ldm_warmup=2,
+                     eval_every=0, checkpoint_seconds=0.0, log_every=1),
 }
 
 
@@ -95,7 +94,8 @@ def _set_lr(opt, lr: float) -> None:
 
 # --- stage 1: autoencoder ----------------------------------------------------------------------
 
-def _posterior(vae, x):
+def posterior(vae, x):
+    """The VAE encoder's (mean, clamped log-variance) of x."""
     moments = vae.quant_conv(vae.encoder(x)).float()
     mean, logvar = moments.chunk(2, dim=1)
     return mean, logvar.clamp(-30.0, 20.0)
@@ -109,7 +109,7 @@ def _grad_l1(a, b):
 
 def vae_loss(vae, x, generator, kl_weight: float, bf16: bool):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        mean, logvar = _posterior(vae, x)
+        mean, logvar = posterior(vae, x)
         z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)
         rec = vae.decode(z).sample.float()
     l1 = (rec - x).abs().mean()
@@ -123,7 +123,7 @@ def vae_loss(vae, x, generator, kl_weight: float, bf16: bool):
 @torch.no_grad()
 def reconstruct(vae, x, bf16: bool = False):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        mean, _ = _posterior(vae, x)
+        mean, _ = posterior(vae, x)
         return vae.decode(mean).sample.float().clamp(-1, 1)
 
 
@@ -223,8 +223,9 @@ def train_vae(state_dir: Path, settings: Settings, log: Log, stop_at: int | None
     # Normalise the latent space inside the weights so SD 1.x's 0.18215 is right for it.
     vae.eval()
     with torch.no_grad():
-        x = data.to_model_range(data.batch_pixels(settings.seed, "train", range(10**7, 10**7 + settings.vae_stats_images)))
-        means = torch.cat([_posterior(vae, x[i:i + 128])[0] for i in range(0, len(x), 128)])
+        stats_indices = range(10**7, 10**7 + settings.vae_stats_images)
+        x = data.to_model_range(data.batch_pixels(settings.seed, "train", stats_indices))
+        means = torch.cat([posterior(vae, x[i:i + 128])[0] for i in range(0, len(x), 128)])
     std = means.std().item()
     c = models.normalise_vae_latents(vae, std)
     log(f"[vae] latent std {std:.4f} (mean {means.mean().item():+.4f}); latents rescaled by {c:.4f} "
@@ -237,20 +238,15 @@ def train_vae(state_dir: Path, settings: Settings, log: Log, stop_at: int | None
 # --- latents ------------------------------------------------------------------------------------
 
 def tokenizer():
-    from pipelines.models.families import SD1
-    from pipelines.models.loading import load_tokenizer
-
     return load_tokenizer(SD1.text_encoders[0])
 
 
 def token_ids(tok, texts: list[str]) -> torch.Tensor:
     """[n, 77] ids exactly as the engine builds them (BOS, tokens, EOS, EOS padding)."""
-    from pipelines.generate.prompts import _chunk_ids
-
     rows = []
     for text in texts:
         ids = tok(text, add_special_tokens=False, truncation=False).input_ids[:75]
-        rows.append(_chunk_ids(tok, ids))
+        rows.append(chunk_ids(tok, ids))
     return torch.tensor(rows, dtype=torch.int32)
 
 
@@ -261,9 +257,7 @@ def encode_dataset(state_dir: Path, settings: Settings, log: Log) -> Path:
     if path.exists():
         log("[latents] present already (latents.pt); skipping")
         return path
-    vae = models.build_vae(settings.size, settings.seed)
-    vae.load_state_dict(load(state_dir / "vae_done.pt")["model"])
-    vae.eval()
+    vae = trained_vae(state_dir, settings.size, settings.seed)
     tok = tokenizer()
     n, chunk = settings.n_latents, 256
     means, stds, ids = [], [], []
@@ -273,13 +267,14 @@ def encode_dataset(state_dir: Path, settings: Settings, log: Log) -> Path:
             idx = range(start, min(n, start + chunk))
             scenes = [data.make_scene(settings.seed, "train", i) for i in idx]
             x = data.to_model_range(np.stack([data.render(s) for s in scenes]))
-            mean, logvar = _posterior(vae, x)
+            mean, logvar = posterior(vae, x)
             means.append(mean * models.SD1_SCALING_FACTOR)
             stds.append(torch.exp(0.5 * logvar) * models.SD1_SCALING_FACTOR)
             variants = [c for s in scenes for c in s.captions()]
             ids.append(token_ids(tok, variants).view(len(scenes), 4, -1))
             if (start // chunk) % 16 == 0:
-                log(f"[latents] {start + len(idx)}/{n} encoded ({(start + len(idx)) / (time.monotonic() - t0):.0f} img/s)")
+                done = start + len(idx)
+                log(f"[latents] {done}/{n} encoded ({done / (time.monotonic() - t0):.0f} img/s)")
     mean, std = torch.cat(means), torch.cat(stds)
     log(f"[latents] done: scaled latent mean {mean.mean().item():+.4f} std {mean.std().item():.4f}")
     atomic_save({"mean": mean, "std": std, "ids": torch.cat(ids), "empty": token_ids(tok, [""])[0]}, path)
@@ -331,14 +326,11 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 def sample_images(unet, text_encoder, vae, prompts: list[str], seeds: list[int], steps: int = 20,
                   cfg: float = 6.0, sampler: str = "DPM++ 2M") -> np.ndarray:
     """txt2img at 64x64 the way the engine does it (same noise, schedule and sampler table)."""
-    from pipelines.core import samplers
-    from pipelines.models.families import SD1
-
     tok = tokenizer()
     cond = encode_text(text_encoder, token_ids(tok, prompts))
     uncond = encode_text(text_encoder, token_ids(tok, [""])).expand_as(cond)
     noise = torch.cat([torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(s)) for s in seeds])
-    scheduler = samplers.make_scheduler(sampler, "Automatic", {**SD1.scheduler, "prediction_type": "epsilon"})
+    scheduler = make_scheduler(sampler, "Automatic", {**SD1.scheduler, "prediction_type": "epsilon"})
     scheduler.set_timesteps(steps)
     latents = noise * scheduler.init_noise_sigma
     context = torch.cat([uncond, cond])
@@ -394,11 +386,8 @@ def train_ldm(state_dir: Path, settings: Settings, log: Log, stop_at: int | None
     step = 0
     if ckpt_path.exists():
         ck = load(ckpt_path)
-        unet.load_state_dict(ck["unet"])
-        text.load_state_dict(ck["text"])
-        ema_unet.load_state_dict(ck["ema_unet"])
-        ema_text.load_state_dict(ck["ema_text"])
-        opt.load_state_dict(ck["opt"])
+        for part, key in ((unet, "unet"), (text, "text"), (ema_unet, "ema_unet"), (ema_text, "ema_text"), (opt, "opt")):
+            part.load_state_dict(ck[key])
         step = ck["step"]
         log(f"[ldm] resumed at step {step} from {ckpt_path}")
         if step > settings.ldm_steps:
@@ -446,9 +435,7 @@ def train_ldm(state_dir: Path, settings: Settings, log: Log, stop_at: int | None
             last_save = time.monotonic()
         if settings.eval_every and step % settings.eval_every == 0 and step < total:
             if vae is None:
-                vae = models.build_vae(settings.size, settings.seed)
-                vae.load_state_dict(load(state_dir / "vae_done.pt")["model"])
-                vae.eval()
+                vae = trained_vae(state_dir, settings.size, settings.seed)
             t0 = time.monotonic()
             s = evaluate_ldm(ema_unet, ema_text, vae, settings.eval_per_triple)
             log(f"[ldm] eval step {step} (EMA, held-out, 20 steps DPM++ 2M, CFG 6): colour {s['colour']:.3f} "

@@ -1,0 +1,202 @@
+"""The upscalers on offer and the two upscale jobs, once the engine has queued them.
+
+- Extras: every image of an `UpscaleRequest` through the first upscaler, the second one blended
+  in by its visibility, by a factor or to an exact size; saved with "Postprocess" parameters
+  after the image's own generation parameters.
+- SD upscale: an img2img request's image upscaled by `scale`, then img2img'd tile by tile
+  (`hires.sd_upscale`) on the request's checkpoint, recorded like a generation.
+
+`Upscaling` also answers which upscalers exist (Lanczos & co., then the upscaler folder's
+models) and turns a name into an Upscaler, for these jobs and for hires fix.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from pipelines.core import infotext
+from pipelines.core.progress import JobControl, Progress
+from pipelines.core.request import (
+    LATENT_UPSCALE_MODES,
+    GenerationRequest,
+    GenerationResult,
+    RequestError,
+    UpscaleRequest,
+)
+from pipelines.generate import hires, lora, tiling, upscalers
+from pipelines.generate.generation import VERSION, Generator, JobContext
+from pipelines.models.registry import ModelFile, ModelRegistry
+
+
+@dataclass(frozen=True)
+class SdUpscaleOptions:
+    """What SD upscale adds to its img2img request."""
+
+    upscaler: str = "Lanczos"
+    scale: float = 2.0
+    overlap: int = 64  # pixels neighbouring tiles share (their seams are feathered)
+
+    def checked(self) -> "SdUpscaleOptions":
+        """These options as numbers, or a RequestError naming the one out of range."""
+        if not 1.0 <= float(self.scale) <= 8.0:
+            raise RequestError("scale", f"must be between 1 and 8, got {self.scale}")
+        if not 0 <= int(self.overlap) <= 256:
+            raise RequestError("overlap", f"must be between 0 and 256, got {self.overlap}")
+        return SdUpscaleOptions(self.upscaler, float(self.scale), int(self.overlap))
+
+
+def tiled(upscaler, tile: int, overlap: int, control: JobControl | None, on_tile=None):
+    """A model upscaler set to run tile by tile (stopping when the job is skipped or
+    interrupted); Lanczos & co. as they are."""
+    if not isinstance(upscaler, upscalers.ModelUpscaler):
+        return upscaler
+    cancelled = (lambda: control.stop_current) if control is not None else None
+    return upscaler.with_options(upscalers.TileOptions(tile=tile, overlap=overlap, on_tile=on_tile,
+                                                       cancelled=cancelled))
+
+
+class Upscaling:
+    """The upscaler folder's models beside the built-in ones, and the jobs that use them."""
+
+    def __init__(self, registry: ModelRegistry, models: upscalers.UpscalerModels, generator: Generator):
+        self.registry = registry
+        self.models = models  # loaded ESRGAN & co., kept between jobs
+        self.generator = generator  # loads checkpoints and records images for SD upscale
+
+    # --- what is on offer ------------------------------------------------------------------------
+    def available(self, refresh: bool = False) -> list:
+        """Every upscaler: Lanczos/Nearest/Bicubic, then the models of the upscaler folder
+        (`--esrgan-models-path`, default models/ESRGAN) with their native scale."""
+        files = self.registry.list("esrgan", refresh)
+        return [*upscalers.BUILTIN, *upscalers.model_upscalers(files, self.models)]
+
+    def names(self) -> list[str]:
+        return upscalers.upscaler_names(self.available())
+
+    def hires_names(self) -> list[str]:
+        """What hires fix offers: A1111's latent modes, then every upscaler."""
+        return [*LATENT_UPSCALE_MODES, *self.names()]
+
+    def hires_upscaler(self, name: str, control: JobControl | None = None):
+        """The latent mode name itself, or the Upscaler object (RequestError naming hr_upscaler)."""
+        if name in LATENT_UPSCALE_MODES:
+            return name
+        if name in ("None", ""):
+            name = "Lanczos"
+        try:
+            found = upscalers.get_upscaler(name, self.available())
+        except RequestError as exc:
+            choices = ", ".join(self.hires_names())
+            raise RequestError("hr_upscaler", f"unknown value {name!r}; choose one of: {choices}") from exc
+        return tiled(found, upscalers.DEFAULT_TILE, upscalers.DEFAULT_OVERLAP, control)
+
+    def chosen(self, request: UpscaleRequest) -> tuple:
+        """(first, second or None) of an Extras request, as Upscaler objects (RequestError naming
+        upscaler / upscaler_2 when unknown)."""
+        available = self.available()
+        first = upscalers.get_upscaler(request.upscaler, available)
+        second = None
+        if request.upscaler_2 and request.upscaler_2_visibility > 0:
+            try:
+                second = upscalers.get_upscaler(request.upscaler_2, available)
+            except RequestError as exc:
+                raise RequestError("upscaler_2", exc.message) from None
+        return first, second
+
+    def sd_upscaler(self, name: str):
+        """SD upscale's upscaler by name (RequestError naming "upscaler")."""
+        try:
+            return upscalers.get_upscaler(name, self.available())
+        except RequestError as exc:
+            raise RequestError("upscaler", exc.message) from None
+
+    # --- Extras ---------------------------------------------------------------------------------
+    def extras(self, request: UpscaleRequest, chosen: tuple, context: JobContext) -> GenerationResult:
+        """Upscale every image of the request with `chosen` = (first, second or None)."""
+        first, second = chosen
+        job, control = context.job, context.control
+        target = (request.target_width, request.target_height) if request.target_width else None
+        images = request.all_images
+        result = GenerationResult()
+        started = time.monotonic()
+
+        for index, source in enumerate(images):
+            if control.interrupted:
+                break
+
+            def on_tile(report: tiling.TileReport, index: int = index) -> None:
+                context.track(Progress(step=report.done, steps=report.total, batch_index=index,
+                                       batch_count=len(images), elapsed=time.monotonic() - started, eta=None))
+
+            image = source if source.mode in ("RGB", "RGBA", "L") else source.convert("RGBA")
+            try:
+                upscaled = [upscalers.upscale_image(
+                    image, tiled(u, request.tile_size, request.tile_overlap, control, on_tile),
+                    scale=None if target else request.scale, target_size=target)
+                    for u in ([first, second] if second is not None else [first])]
+            except tiling.Cancelled:
+                control.take_skip()
+                continue
+            output = upscaled[0]
+            if second is not None:
+                output = upscalers.blend(output, upscaled[1], request.upscaler_2_visibility)
+            text = self.extras_infotext(request, source, first, second)
+            output.info["parameters"] = text
+            result.images.append(output)
+            result.infotexts.append(text)
+            result.paths.append(self.generator.save(output, "extras-images", text, request, result))
+            if context.on_progress:  # (not kept on the job: its last tile report stays there)
+                context.on_progress(Progress(step=1, steps=1, batch_index=index, batch_count=len(images),
+                                             elapsed=time.monotonic() - started, eta=None))
+        result.interrupted = job.control.interrupted
+        return result
+
+    @staticmethod
+    def extras_infotext(request: UpscaleRequest, source, first, second) -> str:
+        """The upscaled image's infotext: the source's generation parameters (as A1111 keeps
+        them), then the "Postprocess" fields of this upscale."""
+        params: dict = {}
+        if request.target_width:
+            params["Postprocess upscale to"] = f"{request.target_width}x{request.target_height}"
+        else:
+            params["Postprocess upscale by"] = f"{request.scale:g}"
+        params["Postprocess upscaler"] = first.name
+        if second is not None:
+            params["Postprocess upscaler 2"] = second.name
+            params["Postprocess upscaler 2 visibility"] = f"{request.upscaler_2_visibility:g}"
+        text = infotext.build_infotext("", "", params).strip()
+        original = source.info.get("parameters")
+        if isinstance(original, str) and original.strip():
+            text = f"{original.strip()}, {text}"
+        return text
+
+    # --- SD upscale -----------------------------------------------------------------------------
+    def sd_upscale(self, file: ModelFile, request: GenerationRequest, options: SdUpscaleOptions,
+                   context: JobContext) -> GenerationResult:
+        """Upscale the request's image by `options.scale`, then img2img it tile by tile (tiles of
+        request.width x height). The request's seeds are resolved."""
+        chosen = self.sd_upscaler(options.upscaler)
+        control = context.control
+        prepared = self.generator.prepare(file, request, {"SD upscale overlap": int(options.overlap),
+                                                          "SD upscale upscaler": chosen.name})
+        result = prepared.result
+        try:
+            upscaled = upscalers.upscale_image(
+                request.init_image.convert("RGB"),
+                tiled(chosen, upscalers.DEFAULT_TILE, upscalers.DEFAULT_OVERLAP, control), scale=options.scale)
+        except tiling.Cancelled:
+            result.interrupted = True
+            return result
+        components = prepared.components
+        with prepared.model.lock, lora.applied(components, prepared.loras, result.warnings):
+            for image, seed, subseed in hires.sd_upscale(components, self.generator.placement.device, request,
+                                                         upscaled, int(options.overlap), context.track, control,
+                                                         embeddings=prepared.embeddings):
+                params = infotext.generation_params(
+                    request, seed=seed, subseed=subseed, width=request.width or image.width,
+                    height=request.height or image.height, model_name=file.stem,
+                    model_hash=file.short_hash, version=VERSION, extra=prepared.extra)
+                self.generator.record(result, request, image, (seed, subseed), params, "img2img-images")
+        result.interrupted = control.interrupted
+        return result
