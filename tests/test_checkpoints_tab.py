@@ -1,4 +1,4 @@
-"""Handlers of the Checkpoints tab (webui/checkpoints_tab.py), against a small fake engine."""
+"""Handlers of the Checkpoints tab (webui/tabs/checkpoints.py), against a small fake engine."""
 from __future__ import annotations
 
 import threading
@@ -7,9 +7,11 @@ from types import SimpleNamespace
 
 import gradio as gr
 import pytest
+from test_webui import FakeEngine, fake_request, values
 
-from webui import checkpoints_tab
-from webui.checkpoints_tab import CheckpointsTab
+from webui.app import build_ui
+from webui.tabs import checkpoints as checkpoints_tab
+from webui.tabs.checkpoints import CheckpointsTab
 
 
 @dataclass
@@ -24,6 +26,8 @@ class Ckpt:
 
 
 class FakeRegistry:
+    """What the engine's model registry records and does for the Checkpoints tab."""
+
     def __init__(self, engine):
         self.engine = engine
         self.overrides: list = []
@@ -48,35 +52,32 @@ class FakeRegistry:
         return self.progress
 
 
-class Engine:
+class Engine(FakeEngine):
     def __init__(self):
-        self.checkpoints = [
+        super().__init__(checkpoints=[
             Ckpt("b_model", "/m/b_model.safetensors", 2_000_000_000, 1_700_000_300.0,
                  details={"resolution": 512, "prediction": "epsilon", "title": "Bee", "author": "Ann",
                           "license": "MIT", "trigger_words": ["bee", "honey"]}),
             Ckpt("sub/a_model", "/m/sub/a_model.safetensors", 1_000, 1_700_000_100.0),
             Ckpt("broken", "/m/broken.safetensors", 10, 1_700_000_200.0, family=None,
                  details={"error": "truncated header"}),
-        ]
+        ])
         self.loaded = ["b_model"]
         self.registry = FakeRegistry(self)
-
-    def list_checkpoints(self, refresh=False):
-        return list(self.checkpoints)
 
     def load_checkpoint(self, name):
         if name == "broken":
             raise OSError("unexpected end of file")
         self.loaded = [name] + [n for n in self.loaded if n != name]
 
-    def unload_checkpoint(self, name):
-        if name in self.loaded:
-            self.loaded.remove(name)
-            return True
-        return False
+    def set_prediction_type(self, name, prediction):
+        self.registry.set_prediction_type(name, prediction)
 
-    def loaded_checkpoints(self):
-        return list(self.loaded)
+    def hash_checkpoint(self, name):
+        return self.registry.hash_in_background("checkpoints", name)
+
+    def hash_progress(self, name):
+        return self.registry.hash_progress("checkpoints", name)
 
     def cache_memory(self):
         return {"cache_bytes": 2 * 1024**3, "budget_bytes": 8 * 1024**3, "vram_allocated_bytes": 1024**3,
@@ -155,9 +156,6 @@ def test_select_row_picks_name_and_override(tab):
 
 
 def test_header_vae_dropdown_goes_into_each_request_by_name():
-    from tests.test_webui import FakeEngine, fake_request, values
-    from webui.app import build_ui
-
     engine = FakeEngine()
     engine.vae_choices = lambda: ["Automatic", "None", "kl-f8.safetensors"]
     ui = build_ui(engine).webui

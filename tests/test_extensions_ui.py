@@ -4,15 +4,13 @@ and a UI-building failure isolated."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import gradio as gr
 import pytest
 from test_extensions import SHIPPED, write_extension
 
 from extensions.manager import ExtensionManager
-from webui import extensions_tab
 from webui.app import build_ui
+from webui.tabs import extensions as extensions_tab
 
 
 @pytest.fixture

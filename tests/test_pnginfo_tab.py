@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from test_metadata_read import A1111_TEXT, COMFY_PROMPT
-from test_webui import FakeEngine
+from test_webui import FakeEngine, fake_request, values
 
-from webui import pnginfo_tab
 from webui.app import build_ui
+from webui.tabs import pnginfo as pnginfo_tab
 
 
 @pytest.fixture
@@ -89,8 +89,6 @@ def test_buttons_switch_tab_then_fill(ui):
 
 
 def test_clip_skip_is_a_header_value_every_tab_sends(ui):
-    from test_webui import fake_request, values
-
     clip_skip = ui.components["clip_skip"]
     assert all(ui.fields[mode]["clip_skip"] is clip_skip for mode in ("txt2img", "img2img", "inpaint"))
     ui.generate("txt2img", values(ui, "txt2img", prompt="p", steps=2, width=64, height=64, clip_skip=2),

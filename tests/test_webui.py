@@ -5,15 +5,17 @@ from __future__ import annotations
 import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
 import pytest
 from PIL import Image
 
+from pipelines.core.jobs import JobQueue
 from pipelines.core.progress import JobControl, Progress
 from pipelines.core.request import GenerationRequest, GenerationResult, RequestError, UpscaleRequest
+from pipelines.core.settings import EngineSettings, Paths
 from webui import convert
 from webui.app import build_ui
 from webui.jobs import JobRegistry
@@ -29,28 +31,57 @@ class FakeCheckpoint:
     mtime: float
     family: str | None = None
     short_hash: str | None = None
+    details: dict = field(default_factory=dict)
 
 
 class FakeEngine:
-    """Implements the engine interface the UI uses; records requests, returns flat images."""
+    """Implements EngineAPI (tests/test_architecture.py holds it to it); records requests,
+    returns flat images. Its queue holds one job and lets none wait (QueuedFakeEngine waits in one)."""
 
-    def __init__(self, checkpoints=None, step_delay: float = 0.0, steps_hook=None):
+    def __init__(self, checkpoints=None, step_delay: float = 0.0, steps_hook=None, data_dir: Path | None = None):
         self.checkpoints = checkpoints if checkpoints is not None else [
             FakeCheckpoint("sd15", "/m/sd15.safetensors", 2_132_000_000, 1_700_000_000.0, "SD 1.x", "0123456789"),
             FakeCheckpoint("sdxl", "/m/sdxl.safetensors", 6_938_000_000, 1_700_000_100.0, "SDXL", None),
         ]
+        # nothing on disk: a data folder that is not there (no styles), a checkpoint folder by name only
+        data_dir = data_dir or Path("/nonexistent/sdui-fake-engine")
+        self.paths = Paths(models_dir=data_dir / "models", ckpt_dir=data_dir / "models" / "Stable-diffusion",
+                           data_dir=data_dir, outdir=data_dir / "outputs", demo_dir=None)
+        self.settings = EngineSettings(device="cpu")
+        self.queue = JobQueue(max_waiting=0)
+        self.extensions = None  # no extensions: no sections, no Extensions tab
         self.requests: list[GenerationRequest] = []
         self.owners: list[str | None] = []
         self.upscales: list[UpscaleRequest] = []
+        self.sd_upscales: list[tuple[GenerationRequest, str, float, int]] = []
         self.loaded: list[str] = []
         self.refreshes = 0
         self.step_delay = step_delay
         self.steps_hook = steps_hook  # called with (request, control) before each step
         self.error: Exception | None = None
+        self.prediction_types: dict[str, str | None] = {}
 
+    @property
+    def hosted_limits(self):
+        return None
+
+    @property
+    def on_zero_gpu(self) -> bool:
+        return False
+
+    # --- what is on disk ---------------------------------------------------------------------
     def list_checkpoints(self, refresh: bool = False):
         self.refreshes += bool(refresh)
         return list(self.checkpoints)
+
+    def find_checkpoint(self, name):
+        return next((c for c in self.checkpoints if name in (c.name, c.short_hash)), None)
+
+    def resolve_checkpoint(self, name):
+        found = self.find_checkpoint(name or self.default_checkpoint() or "")
+        if found is None:
+            raise RequestError("checkpoint", f"unknown checkpoint {name!r}")
+        return found
 
     def default_checkpoint(self):
         return self.checkpoints[0].name if self.checkpoints else None
@@ -58,6 +89,34 @@ class FakeEngine:
     def native_resolution(self, checkpoint):
         return 1024 if checkpoint == "sdxl" else 512
 
+    def list_vaes(self):
+        return []
+
+    def vae_choices(self):
+        return ["Automatic", "None"]
+
+    def sampler_names(self):
+        return ("DPM++ 2M", "Euler a", "Euler")
+
+    def schedule_types(self, sampler=None):
+        return ("Automatic",) if sampler == "Euler a" else ("Automatic", "Karras")
+
+    def upscalers(self, refresh: bool = False):
+        return []
+
+    def upscaler_names(self):
+        return ["None", "Lanczos", "Nearest"]
+
+    def hires_upscaler_names(self):
+        return ["Latent", *self.upscaler_names()]
+
+    def lora_listing(self, refresh: bool = False):
+        return []
+
+    def embedding_listing(self, refresh: bool = False):
+        return {"loaded": {}, "skipped": {}}
+
+    # --- what is loaded ----------------------------------------------------------------------
     def load_checkpoint(self, name):
         match = [c for c in self.checkpoints if c.name == name]
         if not match:
@@ -65,13 +124,48 @@ class FakeEngine:
         self.loaded = [name] + [n for n in self.loaded if n != name]
         return match[0]
 
+    def unload_checkpoint(self, name):
+        if name not in self.loaded:
+            return False
+        self.loaded.remove(name)
+        return True
+
     def loaded_checkpoints(self):
         return list(self.loaded)
 
+    def loading_checkpoints(self):
+        return []
+
+    def preload(self, name=None, on_done=None):
+        return None
+
+    def preload_when_idle(self, name):
+        return None  # never idle enough: a pick only resizes
+
+    def set_prediction_type(self, name, prediction):
+        self.prediction_types[name] = prediction
+
+    def hash_checkpoint(self, name):
+        return None  # already hashed, as far as it knows
+
+    def hash_progress(self, name):
+        return None
+
+    # --- status ------------------------------------------------------------------------------
     def describe(self):
         return {"device": "cpu", "dtype": "float32", "attention": "sdpa"}
 
-    def generate(self, request, on_progress=None, control=None, owner=None, on_wait=None):
+    def runtime_flags(self):
+        return {}
+
+    def cache_memory(self):
+        return {}
+
+    def current_job(self):
+        return None
+
+    # --- work --------------------------------------------------------------------------------
+    def generate(self, request, *, on_progress=None, control=None, owner=None, on_wait=None):
         self.requests.append(request)
         self.owners.append(owner)
         if self.error is not None:
@@ -106,22 +200,21 @@ class FakeEngine:
         result.interrupted = control.interrupted
         return result
 
-    def upscale(self, request, **kwargs):
+    def upscale(self, request, *, on_progress=None, control=None, owner=None, on_wait=None):
         self.upscales.append(request)
         if request.target_width:
             size = (request.target_width, request.target_height)
         else:
             size = (round(request.image.width * request.scale), round(request.image.height * request.scale))
-        return GenerationResult(images=[request.image.resize(size)], infotexts=[f"Postprocess upscaler: {request.upscaler}"])
+        return GenerationResult(images=[request.image.resize(size)],
+                                infotexts=[f"Postprocess upscaler: {request.upscaler}"])
 
-    def sampler_names(self):
-        return ("DPM++ 2M", "Euler a", "Euler")
-
-    def schedule_types(self, sampler=None):
-        return ("Automatic",) if sampler == "Euler a" else ("Automatic", "Karras")
-
-    def upscaler_names(self):
-        return ["None", "Lanczos", "Nearest"]
+    def sd_upscale(self, request, *, upscaler="Lanczos", scale=2.0, overlap=64, on_progress=None, control=None,
+                   owner=None, on_wait=None):
+        self.sd_upscales.append((request, upscaler, scale, overlap))
+        image = request.init_image
+        size = (round(image.width * scale), round(image.height * scale))
+        return GenerationResult(images=[image.resize(size)], infotexts=[f"SD upscale overlap: {overlap}"])
 
 
 def fake_request(session: str) -> gr.Request:
@@ -194,7 +287,7 @@ def test_handler_registered_with_inputs_by_name(ui):
         for fn in fns:
             named = dict(zip(fn.input_parameter_names, fn.inputs))
             assert named == ui.fields[mode]
-            # they wait in the engine's queue; an engine without one (this fake): one at a time
+            # they wait in the engine's queue; this fake's holds one job: one at a time
             assert fn.concurrency_id == "queued" and fn.concurrency_limit == 1
 
 
@@ -323,7 +416,8 @@ def test_gallery_select_and_reuse_seed(ui):
 def test_sizes_follow_the_sessions_checkpoint(ui):
     def sizes(updates, mode):
         fields = ui.fields[mode]
-        return updates.get(fields["width"]), updates.get(fields["height"]), updates.get(ui.components[mode]["sized_for"])
+        return (updates.get(fields["width"]), updates.get(fields["height"]),
+                updates.get(ui.components[mode]["sized_for"]))
 
     # a pick resizes the tab on screen only (Gradio drops updates to tabs not on screen)
     updates = ui.on_checkpoint_pick(checkpoint="sdxl", current_tab="img2img")
@@ -479,13 +573,11 @@ class QueuedFakeEngine(FakeEngine):
 
     def __init__(self, max_waiting=4):
         super().__init__()
-        from pipelines.core.jobs import JobQueue
-
         self.queue = JobQueue(max_waiting)
 
-    def generate(self, request, on_progress=None, control=None, owner=None, on_wait=None):
+    def generate(self, request, *, on_progress=None, control=None, owner=None, on_wait=None):
         with self.queue.run(self.queue.new_job(request.mode, owner, control), on_wait):
-            return super().generate(request, on_progress, control, owner)
+            return super().generate(request, on_progress=on_progress, control=control, owner=owner)
 
 
 def hold_queue(queue):

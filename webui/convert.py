@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from PIL import Image
 
+from pipelines.core import infotext
+from pipelines.core.engine_api import ModelFileInfo
 from pipelines.core.request import GenerationRequest, RequestError, UpscaleRequest
 
 REQUEST_FIELDS = frozenset(f.name for f in dataclasses.fields(GenerationRequest))
@@ -22,6 +24,8 @@ REQUEST_FIELDS = frozenset(f.name for f in dataclasses.fields(GenerationRequest)
 INPAINT_AREAS = ("Whole picture", "Only masked")
 MASK_MODES = ("Inpaint masked", "Inpaint not masked")
 UPSCALE_MODES = ("Scale by", "Scale to")
+# in `ui_values_from_infotext`'s answer: the model the text named (found or not)
+MODEL_HINT = "_model_hint"
 
 # UI-only component names and the request fields they become.
 UI_ONLY_FIELDS = {
@@ -207,17 +211,9 @@ def modified(mtime: float | None) -> str:
     return datetime.datetime.fromtimestamp(mtime).strftime("%Y-%m-%d %H:%M")
 
 
-def checkpoint_rows(infos: Iterable[Any]) -> list[list[str]]:
-    return [
-        [
-            info.name,
-            getattr(info, "family", None) or "",
-            human_size(getattr(info, "size", None)),
-            getattr(info, "short_hash", None) or "",
-            modified(getattr(info, "mtime", None)),
-        ]
-        for info in infos
-    ]
+def checkpoint_rows(infos: Iterable[ModelFileInfo]) -> list[list[str]]:
+    return [[info.name, info.family or "", human_size(info.size), info.short_hash or "", modified(info.mtime)]
+            for info in infos]
 
 
 def loaded_line(names: Iterable[str], loading: Iterable[str] = ()) -> str:
@@ -228,10 +224,10 @@ def loaded_line(names: Iterable[str], loading: Iterable[str] = ()) -> str:
     return "**Loaded:** " + (", ".join(names) if names else "nothing yet (loads on first use)")
 
 
-def demo_note(info: Any, user_folder: Any) -> str:
+def demo_note(info: ModelFileInfo, user_folder: Any) -> str:
     """A line under the header while the session's checkpoint is the shipped demo model:
     what it is, a prompt it knows, and where real checkpoints go."""
-    details = getattr(info, "details", None) or {}
+    details = info.details or {}
     if not details.get("demo"):
         return ""
     size = details.get("resolution") or 64
@@ -249,15 +245,15 @@ def engine_line(description: Mapping[str, Any] | None) -> str:
 
 # --- Pasted parameters -------------------------------------------------------------------
 
-def ui_values_from_infotext(text: str, names: Iterable[Any] = ()) -> dict[str, Any] | None:
+def ui_values_from_infotext(text: str, find_checkpoint: Callable[[str], ModelFileInfo | None] | None = None
+                            ) -> dict[str, Any] | None:
     """UI component values (by name) from an A1111 parameters text; None when it has none.
 
-    `names` are the CheckpointInfo objects of the listing; the text's "Model hash"/"Model"
-    pick one of them as "checkpoint". "_model_hint" carries the model the text named, so the
-    caller can say when it is not there.
+    `find_checkpoint` is the engine's (`EngineAPI.find_checkpoint`, the one home of A1111's
+    name rules); the checkpoint it finds for the text's "Model hash" (first) or "Model"
+    becomes "checkpoint". `MODEL_HINT` carries the model the text named, so the caller can say
+    when it is not there.
     """
-    from pipelines.core import infotext
-
     fields = infotext.request_fields_from_infotext(text or "")
     hints = {key: fields.pop(key) for key in ("model_name", "model_hash", "vae_name", "vae_hash") if key in fields}
     if not set(fields) - {"prompt", "negative_prompt"}:
@@ -272,27 +268,22 @@ def ui_values_from_infotext(text: str, names: Iterable[Any] = ()) -> dict[str, A
             values[name] = value
     model_hash, model_name = hints.get("model_hash"), hints.get("model_name")
     if model_hash or model_name:
-        values["_model_hint"] = model_name or model_hash
-        match = match_checkpoint(names, model_name, model_hash)
-        if match:
-            values["checkpoint"] = match
+        values[MODEL_HINT] = model_name or model_hash
+        found = _find_model(find_checkpoint, model_hash, model_name)
+        if found is not None:
+            values["checkpoint"] = found.name
     return values
 
 
-def match_checkpoint(infos: Iterable[Any], model_name: str | None, model_hash: str | None) -> str | None:
-    """The listed checkpoint a parameters text means: same short hash first, else same name/stem."""
-    infos = list(infos)
-    if model_hash:
-        wanted = model_hash.strip().casefold()
-        for info in infos:
-            short = (getattr(info, "short_hash", None) or "").casefold()
-            if short and (short == wanted or short.startswith(wanted) or wanted.startswith(short)):
-                return info.name
-    if model_name:
-        wanted = model_name.strip().casefold()
-        for info in infos:
-            name = info.name.casefold()
-            stem = name.rsplit("/", 1)[-1].rsplit(".", 1)[0]
-            if wanted in (name, stem) or name.rsplit(".", 1)[0] == wanted:
-                return info.name
+def _find_model(find_checkpoint: Callable[[str], ModelFileInfo | None] | None,
+                *names: str | None) -> ModelFileInfo | None:
+    """The first of `names` (hash, then name) that the engine finds among its checkpoints."""
+    if find_checkpoint is None:
+        return None
+    for name in names:
+        if name and name.strip():
+            found = find_checkpoint(name.strip())
+            if found is not None:
+                return found
     return None
+

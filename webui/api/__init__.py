@@ -26,6 +26,8 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse
 
+from pipelines.core.engine_api import EngineAPI
+
 from .errors import route_class
 from .extensions import extension_router
 from .options import ApiOptions
@@ -59,7 +61,7 @@ def docs_router(api: APIRouter, auth: list[tuple[str, str]] | None, *, docs_path
     return router
 
 
-def mount_api(app: FastAPI, engine: Any, *, auth: list[tuple[str, str]] | None = None,
+def mount_api(app: FastAPI, engine: EngineAPI, *, auth: list[tuple[str, str]] | None = None,
               options: ApiOptions | None = None, docs: bool = True, cmd_flags: dict[str, Any] | None = None
               ) -> APIRouter:
     """Add the API (and, with `docs`, its protected /docs and /openapi.json) to `app`."""
@@ -82,7 +84,7 @@ def mount_api(app: FastAPI, engine: Any, *, auth: list[tuple[str, str]] | None =
     return api
 
 
-def create_app(engine: Any, *, auth: list[tuple[str, str]] | None = None,
+def create_app(engine: EngineAPI, *, auth: list[tuple[str, str]] | None = None,
                options: ApiOptions | None = None, cmd_flags: dict[str, Any] | None = None) -> FastAPI:
     """A FastAPI app serving only the API and its docs (`--nowebui`)."""
     app = FastAPI(title=TITLE, version=VERSION, docs_url=None, redoc_url=None, openapi_url=None)

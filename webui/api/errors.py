@@ -29,9 +29,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
+from pipelines.core.hosted_limits import ZeroGPUError
 from pipelines.core.jobs import QueueFull
 from pipelines.core.request import RequestError
-from pipelines.hosting.zerogpu import ZeroGPUError
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def validation_error(exc: RequestValidationError) -> JSONResponse:
 
 
 def _named(exc: BaseException, *names: str) -> bool:
-    # pipelines.models.loading imports torch, which webui/ must not: recognise its errors by name
+    # pipelines.models.checkpoint_file imports torch, which webui/ must not: recognise its errors by name
     return any(cls.__name__ in names for cls in type(exc).__mro__)
 
 
@@ -192,4 +192,10 @@ def owner_of(request: Request) -> str:
     """The queue owner of an API job: 'api', or 'api:<user>' when auth is on."""
     user = api_user(request)
     return f"{API_OWNER}:{user}" if user else API_OWNER
+
+
+def is_api_owner(owner: object) -> bool:
+    """Whether a job's owner is one `owner_of` gives (a Gradio session hash never contains ":")."""
+    text = str(owner) if owner else ""
+    return text == API_OWNER or text.startswith(API_OWNER + ":")
 

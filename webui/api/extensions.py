@@ -14,6 +14,10 @@ from typing import Any, Mapping
 
 from fastapi import APIRouter, Depends, HTTPException
 
+from extensions.api import APIContext
+from extensions.manager import ExtensionManager
+from pipelines.core.engine_api import EngineAPI
+
 from .errors import route_class
 
 log = logging.getLogger(__name__)
@@ -21,16 +25,11 @@ log = logging.getLogger(__name__)
 EXT_PREFIX = "/ext"
 
 
-def _manager(engine: Any):
-    return getattr(engine, "extensions", None)
-
-
-def extension_args(engine: Any, scripts: Mapping[str, Any] | None, warnings: list[str]) -> dict[str, Any]:
+def extension_args(engine: EngineAPI, scripts: Mapping[str, Any] | None, warnings: list[str]) -> dict[str, Any]:
     """{extension id: args} for the `alwayson_scripts` this server has; warnings for the rest."""
-    manager = _manager(engine)
     found: dict[str, Any] = {}
     for name, value in (scripts or {}).items():
-        ext = manager.find(name) if manager is not None else None
+        ext = engine.extensions.find(name)
         if ext is None:
             warnings.append(f"alwayson_scripts: no script named {name!r} on this server; ignored")
             continue
@@ -41,15 +40,11 @@ def extension_args(engine: Any, scripts: Mapping[str, Any] | None, warnings: lis
     return found
 
 
-def extension_router(engine: Any, auth: list[tuple[str, str]] | None = None) -> APIRouter:
+def extension_router(engine: EngineAPI, auth: list[tuple[str, str]] | None = None) -> APIRouter:
     """/ext/<id>/... for every extension that registered routes when the API was mounted. A
     disabled (or failed) extension's routes answer 404 until it is enabled again."""
     router = APIRouter(prefix=EXT_PREFIX, route_class=route_class(auth))
-    manager = _manager(engine)
-    if manager is None:
-        return router
-    from extensions.api import APIContext
-
+    manager = engine.extensions
     for ext, add in manager.api_routes():
         sub = APIRouter(prefix=f"/{ext.id}", tags=[f"extension: {ext.id}"],
                         dependencies=[Depends(_enabled_check(manager, ext.id))],
@@ -63,7 +58,7 @@ def extension_router(engine: Any, auth: list[tuple[str, str]] | None = None) -> 
     return router
 
 
-def _enabled_check(manager: Any, ext_id: str):
+def _enabled_check(manager: ExtensionManager, ext_id: str):
     def enabled() -> None:
         current = manager.get(ext_id)
         if current is None or not current.active:

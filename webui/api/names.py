@@ -1,17 +1,18 @@
-"""Names A1111 clients send, resolved against this server's lists: samplers and schedulers,
-checkpoints (by file name, title, stem, model_name or hash; never by path), VAE, clip skip."""
+"""Names A1111 clients send, resolved against this server's lists: samplers and schedulers
+(A1111's scheduler table lives here), checkpoints (the engine matches the name; here a miss
+becomes a 422 naming the field) and clip skip."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pipelines.core import samplers
+from pipelines.core.engine_api import EngineAPI, ModelFileInfo
 from pipelines.core.request import LIMITS
 
+from .bodies import GenerationFields
 from .errors import bad_field
-from .models import GenerationFields
 
 
 @dataclass(frozen=True)
@@ -50,12 +51,6 @@ def parse_scheduler(field_name: str, value: str) -> str:
     raise bad_field(field_name, f"unknown scheduler {value!r}; choose one of: {choices}")
 
 
-def sampler_aliases(name: str) -> list[str]:
-    """The k-diffusion style names A1111 lists as aliases ("k_euler_a" for "Euler a")."""
-    table = getattr(samplers, "_ALIASES", {})
-    return [alias for alias, (sampler, schedule) in table.items() if sampler == name and schedule is None]
-
-
 def parse_sampler(body: GenerationFields) -> tuple[str, str, str]:
     """(sampler, schedule type, the field it came from). An explicit scheduler wins over one
     folded into an old-style name ("DPM++ 2M Karras"), unless it is "automatic"."""
@@ -74,34 +69,12 @@ def parse_sampler(body: GenerationFields) -> tuple[str, str, str]:
     return sampler, schedule, field_name
 
 
-def checkpoint_title(file) -> str:
-    return f"{file.name} [{file.short_hash}]" if file.short_hash else file.name
-
-
-def checkpoint_model_name(file) -> str:
-    # A1111: the name without its extension, folders joined with "_"
-    return str(Path(file.name.replace("/", "_").replace("\\", "_")).with_suffix(""))
-
-
-def find_checkpoint(engine, name: str):
-    """A listed checkpoint by any name A1111 clients use: file name, title "name [hash]",
-    stem, model_name, short hash or sha256. Never a path: only the listing resolves."""
-    if not isinstance(name, str) or not name.strip():
-        return None
-    file = engine.registry.find("checkpoints", name)
-    if file is not None:
-        return file
-    wanted = name.strip()
-    for file in engine.list_checkpoints():
-        if wanted in (checkpoint_model_name(file), file.short_hash, file.sha256):
-            return file
-    return None
-
-
-def resolve_checkpoint_field(engine, field_name: str, name: Any):
-    file = find_checkpoint(engine, name) if isinstance(name, str) else None
+def resolve_checkpoint_field(engine: EngineAPI, field_name: str, name: Any) -> ModelFileInfo:
+    """The listed checkpoint `name` means (the engine knows every name A1111 clients use);
+    a 422 naming `field_name` and listing the titles otherwise."""
+    file = engine.find_checkpoint(name) if isinstance(name, str) and name.strip() else None
     if file is None:
-        titles = ", ".join(checkpoint_title(f) for f in engine.list_checkpoints()) or "none"
+        titles = ", ".join(f.title for f in engine.list_checkpoints()) or "none"
         raise bad_field(field_name, f"unknown checkpoint {name!r}; available: {titles}")
     return file
 
@@ -115,10 +88,3 @@ def parse_clip_skip(field_name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise bad_field(field_name, f"must be a whole number between {low:g} and {high:g}, got {value!r}")
     return value
-
-
-VAE_BUILTIN = ("Automatic", "None")
-
-
-def vae_choices(engine) -> list[str]:
-    return [*VAE_BUILTIN, *(f.name for f in engine.registry.list("vae"))]

@@ -10,8 +10,10 @@ from __future__ import annotations
 import threading
 from typing import Any, Mapping
 
+from pipelines.core.engine_api import EngineAPI
+
 from .errors import bad_field
-from .names import VAE_BUILTIN, checkpoint_title, parse_clip_skip, resolve_checkpoint_field, vae_choices
+from .names import parse_clip_skip, resolve_checkpoint_field
 
 SCOPE_NOTE = ("server defaults for later API requests that do not set these themselves; "
               "running and queued jobs and the web UI are not affected")
@@ -31,16 +33,16 @@ class ApiOptions:
         with self._lock:
             return dict(self._values)
 
-    def public(self, engine) -> dict[str, Any]:
+    def public(self, engine: EngineAPI) -> dict[str, Any]:
         """GET /options: the checkpoint as A1111's title "name [hash]"."""
         values = self.snapshot()
         name = values["sd_model_checkpoint"] or engine.default_checkpoint()
-        file = engine.registry.find("checkpoints", name) if name else None
-        values["sd_model_checkpoint"] = checkpoint_title(file) if file else name
+        file = engine.find_checkpoint(name) if name else None
+        values["sd_model_checkpoint"] = file.title if file else name
         values["sd_checkpoint_hash"] = file.sha256 if file else None
         return values
 
-    def update(self, engine, changes: Mapping[str, Any]) -> dict[str, Any]:
+    def update(self, engine: EngineAPI, changes: Mapping[str, Any]) -> dict[str, Any]:
         """Validate every recognised key first, then apply them together; returns the report."""
         if not isinstance(changes, Mapping):
             raise bad_field("body", "expected a JSON object of option names and values")
@@ -49,16 +51,23 @@ class ApiOptions:
             if key == "sd_model_checkpoint":
                 accepted[key] = resolve_checkpoint_field(engine, key, value).name
             elif key == "sd_vae":
-                choices = vae_choices(engine)
-                if value not in choices:
-                    raise bad_field(key, f"unknown VAE {value!r}; choose one of: {', '.join(choices)}")
-                if value not in VAE_BUILTIN:
-                    raise bad_field(key, "choosing a separate VAE file is not supported yet; "
-                                         f"use one of: {', '.join(VAE_BUILTIN)}")
-                accepted[key] = value
+                accepted[key] = checked_vae(engine, key, value)
             elif key == "CLIP_stop_at_last_layers":
                 accepted[key] = parse_clip_skip(key, value)
         with self._lock:
             self._values.update(accepted)
         ignored = sorted(k for k in changes if k not in accepted)
         return {"updated": {k: v for k, v in accepted.items()}, "ignored": ignored, "scope": SCOPE_NOTE}
+
+
+def checked_vae(engine: EngineAPI, field_name: str, value: Any) -> str:
+    """One of the engine's VAE choices that is not a separate file ("Automatic", "None")."""
+    choices = engine.vae_choices()
+    if value not in choices:
+        raise bad_field(field_name, f"unknown VAE {value!r}; choose one of: {', '.join(choices)}")
+    files = {f.name for f in engine.list_vaes()}
+    built_in = [choice for choice in choices if choice not in files]
+    if value not in built_in:
+        raise bad_field(field_name, "choosing a separate VAE file is not supported yet; "
+                                    f"use one of: {', '.join(built_in)}")
+    return value

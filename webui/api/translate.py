@@ -15,15 +15,26 @@ from PIL import Image
 
 from pipelines.core import infotext as infotexts
 from pipelines.core import samplers
-from pipelines.core.request import INPAINT_FILLS, RESIZE_MODES, GenerationRequest, RequestError, UpscaleRequest
+from pipelines.core.engine_api import EngineAPI, ModelFileInfo
+from pipelines.core.request import (
+    HR_DEFAULT_UPSCALER,
+    HR_SAME_CHECKPOINT,
+    HR_SAME_SAMPLER,
+    INPAINT_FILLS,
+    RESIZE_MODES,
+    GenerationRequest,
+    RequestError,
+    UpscaleRequest,
+)
 from pipelines.core.styles import apply_styles, style_database
 from pipelines.core.uploads import UploadLimits
 
+from .bodies import ExtrasSingleImageRequest, GenerationFields, Img2ImgRequest, Txt2ImgRequest
 from .errors import ApiError, bad_field
 from .extensions import extension_args
 from .images import decode_image
-from .models import ExtrasSingleImageRequest, GenerationFields, Img2ImgRequest, Txt2ImgRequest
 from .names import parse_clip_skip, parse_sampler, resolve_checkpoint_field
+from .options import ApiOptions
 
 # --- generation -----------------------------------------------------------------------------
 
@@ -39,7 +50,7 @@ OVERRIDES = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers")
 @dataclass
 class Prepared:
     request: GenerationRequest
-    checkpoint: Any  # the ModelFile
+    checkpoint: ModelFileInfo
     warnings: list[str] = field(default_factory=list)
     names: dict[str, str] = field(default_factory=dict)
     styles: list[str] = field(default_factory=list)  # applied to the prompts, in order
@@ -73,7 +84,7 @@ def _unsupported(body: GenerationFields) -> list[str]:
         notes.append("override_settings_restore_afterwards=false: override_settings only ever apply to "
                      "their own request here; use POST /sdapi/v1/options to change the defaults")
     if isinstance(body, Txt2ImgRequest) and body.enable_hr:
-        if body.hr_checkpoint_name not in (None, "", "Use same checkpoint"):
+        if body.hr_checkpoint_name not in (None, "", HR_SAME_CHECKPOINT):
             notes.append("hr_checkpoint_name: the second pass uses the same checkpoint on this server; "
                          f"ignored {body.hr_checkpoint_name!r}")
         if body.firstphase_width or body.firstphase_height:
@@ -83,7 +94,7 @@ def _unsupported(body: GenerationFields) -> list[str]:
     return notes
 
 
-def prepare_generation(engine, body: GenerationFields, options) -> Prepared:
+def prepare_generation(engine: EngineAPI, body: GenerationFields, options: ApiOptions) -> Prepared:
     """Validate `body` and build the GenerationRequest; raises ApiError naming an A1111 field."""
     names = dict(_API_NAMES)
     warnings = _unsupported(body)
@@ -96,29 +107,7 @@ def prepare_generation(engine, body: GenerationFields, options) -> Prepared:
     if unknown:
         warnings.append(f"override_settings: ignored setting(s) {', '.join(map(repr, unknown))}; "
                         f"supported: {', '.join(OVERRIDES)}")
-    defaults = options.snapshot()
-    if overrides.get("sd_model_checkpoint") not in (None, ""):
-        names["checkpoint"] = "override_settings.sd_model_checkpoint"
-        checkpoint = resolve_checkpoint_field(engine, names["checkpoint"], overrides["sd_model_checkpoint"])
-    else:
-        names["checkpoint"] = "sd_model_checkpoint"
-        if defaults["sd_model_checkpoint"]:
-            checkpoint = resolve_checkpoint_field(engine, "sd_model_checkpoint", defaults["sd_model_checkpoint"])
-        else:
-            try:
-                checkpoint = engine.resolve_checkpoint(None)
-            except RequestError as exc:
-                raise bad_field("sd_model_checkpoint", exc.message) from None
-    if overrides.get("sd_vae") not in (None, ""):
-        names["vae"], vae = "override_settings.sd_vae", overrides["sd_vae"]
-    else:
-        names["vae"], vae = "sd_vae", defaults["sd_vae"]
-    if overrides.get("CLIP_stop_at_last_layers") not in (None, ""):
-        names["clip_skip"] = "override_settings.CLIP_stop_at_last_layers"
-        clip_skip = parse_clip_skip(names["clip_skip"], overrides["CLIP_stop_at_last_layers"])
-    else:
-        names["clip_skip"], clip_skip = "CLIP_stop_at_last_layers", defaults["CLIP_stop_at_last_layers"]
-
+    checkpoint, vae, clip_skip = _model_settings(engine, overrides, options.snapshot(), names)
     sampler, schedule_type, names["sampler"] = parse_sampler(body)
     fields: dict[str, Any] = dict(
         mode="txt2img", prompt=body.prompt, negative_prompt=body.negative_prompt, seed=body.seed,
@@ -145,7 +134,35 @@ def prepare_generation(engine, body: GenerationFields, options) -> Prepared:
                     styles=list(body.styles or []))
 
 
-def _styled_prompts(engine, names: list[str], fields: Mapping[str, Any]) -> dict[str, str]:
+def _model_settings(engine: EngineAPI, overrides: Mapping[str, Any], defaults: Mapping[str, Any],
+                    names: dict[str, str]) -> tuple[ModelFileInfo, str, int]:
+    """(checkpoint, VAE, clip skip): each from override_settings when given there, else from the
+    server defaults; `names` learns which A1111 field each came from (for error messages)."""
+    if overrides.get("sd_model_checkpoint") not in (None, ""):
+        names["checkpoint"] = "override_settings.sd_model_checkpoint"
+        checkpoint = resolve_checkpoint_field(engine, names["checkpoint"], overrides["sd_model_checkpoint"])
+    else:
+        names["checkpoint"] = "sd_model_checkpoint"
+        if defaults["sd_model_checkpoint"]:
+            checkpoint = resolve_checkpoint_field(engine, "sd_model_checkpoint", defaults["sd_model_checkpoint"])
+        else:
+            try:
+                checkpoint = engine.resolve_checkpoint(None)
+            except RequestError as exc:
+                raise bad_field("sd_model_checkpoint", exc.message) from None
+    if overrides.get("sd_vae") not in (None, ""):
+        names["vae"], vae = "override_settings.sd_vae", overrides["sd_vae"]
+    else:
+        names["vae"], vae = "sd_vae", defaults["sd_vae"]
+    if overrides.get("CLIP_stop_at_last_layers") not in (None, ""):
+        names["clip_skip"] = "override_settings.CLIP_stop_at_last_layers"
+        clip_skip = parse_clip_skip(names["clip_skip"], overrides["CLIP_stop_at_last_layers"])
+    else:
+        names["clip_skip"], clip_skip = "CLIP_stop_at_last_layers", defaults["CLIP_stop_at_last_layers"]
+    return checkpoint, vae, clip_skip
+
+
+def _styled_prompts(engine: EngineAPI, names: list[str], fields: Mapping[str, Any]) -> dict[str, str]:
     """The prompts with the named styles of styles.csv applied in order (A1111's rule). Hires
     prompts too when given; an empty one already follows the styled prompt."""
     database = style_database(engine)
@@ -167,22 +184,22 @@ def _styled_prompts(engine, names: list[str], fields: Mapping[str, Any]) -> dict
 def _hires_fields(body: Txt2ImgRequest) -> dict[str, Any]:
     """A1111's hires fix fields; txt2img's `denoising_strength` is the second pass's."""
     sampler, schedule = body.hr_sampler_name, body.hr_scheduler
-    if sampler not in (None, "", "Use same sampler") and sampler not in samplers.SAMPLER_NAMES:
-        sampler, in_name = infotexts.split_sampler_name(sampler)  # "DPM++ 2M Karras"
+    if sampler not in (None, "", HR_SAME_SAMPLER) and sampler not in samplers.SAMPLER_NAMES:
+        sampler, in_name = samplers.split_sampler_name(sampler)  # "DPM++ 2M Karras"
         schedule = schedule or in_name
-    return dict(enable_hr=True, hr_scale=body.hr_scale, hr_upscaler=body.hr_upscaler or "Latent",
+    return dict(enable_hr=True, hr_scale=body.hr_scale, hr_upscaler=body.hr_upscaler or HR_DEFAULT_UPSCALER,
                 hr_second_pass_steps=body.hr_second_pass_steps, hr_resize_x=body.hr_resize_x,
                 hr_resize_y=body.hr_resize_y, hr_denoising_strength=body.denoising_strength,
                 hr_sampler=sampler, hr_schedule_type=schedule, hr_prompt=body.hr_prompt or "",
                 hr_negative_prompt=body.hr_negative_prompt or "")
 
 
-def upload_limits(engine) -> UploadLimits:
+def upload_limits(engine: EngineAPI) -> UploadLimits:
     """The engine's limits on uploaded images (`--max-upload-mb`, `--max-upload-megapixels`)."""
-    return UploadLimits.of(getattr(engine, "settings", None))
+    return UploadLimits.of(engine.settings)
 
 
-def max_body_bytes(engine) -> int:
+def max_body_bytes(engine: EngineAPI) -> int:
     """The largest request body worth reading: two images at the upload limit (init image and
     mask) as base64, plus room for the other fields. Bigger ones are refused unread."""
     return upload_limits(engine).max_bytes * 4 // 3 * 2 + (1 << 20)
@@ -271,7 +288,7 @@ def generation_info(prepared: Prepared, result) -> dict[str, Any]:
         "styles": prepared.styles,
         "job_timestamp": prepared.started.strftime("%Y%m%d%H%M%S"),
         "clip_skip": request.clip_skip,
-        "is_using_inpainting_conditioning": "inpaint" in str(file.details.get("family", "")).lower(),
+        "is_using_inpainting_conditioning": bool(file.details.get("inpainting")),  # what the header says
         "version": first.get("Version"),
         "interrupted": bool(result.interrupted),
         "warnings": [*prepared.warnings, *result.warnings],
@@ -282,7 +299,7 @@ def generation_info(prepared: Prepared, result) -> dict[str, Any]:
 
 _UPSCALE_NAMES = {"upscaler": "upscaler_1", "scale": "upscaling_resize",
                   "target_width": "upscaling_resize_w", "target_height": "upscaling_resize_h",
-                  "image": "image"}
+                  "upscaler_2_visibility": "extras_upscaler_2_visibility", "image": "image"}
 
 
 def upscale_request(body: ExtrasSingleImageRequest, image: Image.Image) -> UpscaleRequest | None:
@@ -294,6 +311,10 @@ def upscale_request(body: ExtrasSingleImageRequest, image: Image.Image) -> Upsca
         return None
     names = dict(_UPSCALE_NAMES)
     values: dict[str, Any] = dict(image=image, upscaler=body.upscaler_1, save_images=False)
+    if body.upscaler_2 not in ("", "None") and body.extras_upscaler_2_visibility > 0:
+        # A1111 caps the visibility at 1; the engine blends the second upscaler in
+        values.update(upscaler_2=body.upscaler_2,
+                      upscaler_2_visibility=min(float(body.extras_upscaler_2_visibility), 1.0))
     if body.resize_mode == 0:
         values["scale"] = body.upscaling_resize
     elif body.resize_mode == 1:
@@ -313,11 +334,9 @@ def upscale_request(body: ExtrasSingleImageRequest, image: Image.Image) -> Upsca
         raise bad_field(names.get(exc.field, exc.field), exc.message) from None
 
 
-def upscale_error(exc: RequestError, second: bool = False) -> ApiError:
-    field_name = _UPSCALE_NAMES.get(exc.field, exc.field)
-    if second and exc.field == "upscaler":
-        field_name = "upscaler_2"
-    return bad_field(field_name, exc.message)
+def upscale_error(exc: RequestError) -> ApiError:
+    """The engine's RequestError about an upscale, naming the A1111 field."""
+    return bad_field(_UPSCALE_NAMES.get(exc.field, exc.field), exc.message)
 
 
 def dumps(info: Mapping[str, Any]) -> str:

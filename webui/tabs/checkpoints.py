@@ -1,9 +1,10 @@
 """The Checkpoints tab: browse, search, sort, hash, load/unload and override prediction type.
 
 The handlers are plain methods of `CheckpointsTab` so tests can call them without a browser;
-`build` lays out the components and wires them. Engine calls that a minimal engine may lack
-(unload, memory, prediction override, background hashing) degrade to a message.
+`build` lays out the components and wires them. An engine call that fails (unload, memory,
+prediction override, background hashing) becomes a message, never a broken page.
 """
+
 from __future__ import annotations
 
 import logging
@@ -12,18 +13,23 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from . import convert
+from pipelines.core.engine_api import EngineAPI, ModelFileInfo
+from pipelines.core.prediction_types import EPSILON, V_PREDICTION
+from pipelines.core.request import RequestError
+from webui import convert
+from webui.common import QUIET, checkpoint_infos, describe_exception
 
 log = logging.getLogger(__name__)
 
 HEADERS = ["Name", "Family", "Resolution", "Prediction", "Size", "Short hash", "Modified",
            "Title", "Author", "License", "Trigger words"]
 SORTS = ["Name", "Newest first"]
-PREDICTIONS = {"Automatic": None, "epsilon": "epsilon", "v-prediction": "v_prediction"}
+# dropdown label -> what set_prediction_type takes (None: what the file says)
+PREDICTIONS = {"Automatic": None, "epsilon": EPSILON, "v-prediction": V_PREDICTION}
 HASH_POLL_S = 0.5
 
 
-def display_name(info: Any) -> str:
+def display_name(info: ModelFileInfo) -> str:
     """Checkpoints in subfolders show as `sub/name` whatever the OS separator."""
     return str(info.name).replace("\\", "/")
 
@@ -36,23 +42,22 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-def checkpoint_row(info: Any) -> list[str]:
-    details = getattr(info, "details", None) or {}
+def checkpoint_row(info: ModelFileInfo) -> list[str]:
+    details = info.details or {}
     error = details.get("error")
-    family = f"⚠ unreadable: {error}" if error else _text(getattr(info, "family", None) or details.get("family"))
+    family = f"⚠ unreadable: {error}" if error else _text(info.family or details.get("family"))
     prediction = _text(details.get("prediction"))
     if prediction and details.get("prediction_source") == "user override":
         prediction += " (override)"
     return [
         display_name(info), family, _text(details.get("resolution")), prediction,
-        convert.human_size(getattr(info, "size", None)), getattr(info, "short_hash", None) or "",
-        convert.modified(getattr(info, "mtime", None)),
+        convert.human_size(info.size), info.short_hash or "", convert.modified(info.mtime),
         _text(details.get("title")), _text(details.get("author")), _text(details.get("license")),
         _text(details.get("trigger_words")),
     ]
 
 
-def filter_and_sort(infos: list, query: str | None = "", sort: str | None = None) -> list:
+def filter_and_sort(infos: list[ModelFileInfo], query: str | None = "", sort: str | None = None) -> list:
     """Infos whose name contains the query (case-insensitive), by name or newest first;
     no sort keeps the engine's listing order."""
     words = (query or "").strip().lower()
@@ -60,7 +65,7 @@ def filter_and_sort(infos: list, query: str | None = "", sort: str | None = None
     if sort == "Name":
         found.sort(key=lambda i: display_name(i).lower())
     elif sort == "Newest first":
-        found.sort(key=lambda i: getattr(i, "mtime", None) or 0.0, reverse=True)
+        found.sort(key=lambda i: i.mtime or 0.0, reverse=True)
     return found
 
 
@@ -79,7 +84,7 @@ def memory_line(memory: dict | None) -> str:
 
 
 class CheckpointsTab:
-    def __init__(self, engine: Any, loaded_text: Callable[[], str],
+    def __init__(self, engine: EngineAPI, loaded_text: Callable[[], str],
                  default_checkpoint: Callable[[list[str]], str | None]):
         self.engine = engine
         self.loaded_text = loaded_text
@@ -87,12 +92,8 @@ class CheckpointsTab:
         self.components: dict[str, Any] = {}
 
     # --- look-ups -------------------------------------------------------------------------
-    def infos(self, refresh: bool = False) -> list:
-        try:
-            return list(self.engine.list_checkpoints(refresh=refresh) or [])
-        except Exception:
-            log.exception("listing checkpoints failed")
-            return []
+    def infos(self, refresh: bool = False) -> list[ModelFileInfo]:
+        return checkpoint_infos(self.engine, refresh)
 
     def rows(self, query: str | None = "", sort: str | None = None, refresh: bool = False) -> list[list[str]]:
         return [checkpoint_row(i) for i in filter_and_sort(self.infos(refresh), query, sort)]
@@ -104,7 +105,8 @@ class CheckpointsTab:
             log.debug("cache memory unavailable", exc_info=True)
             return ""
 
-    def _find(self, name: str | None):
+    def _find(self, name: str | None) -> ModelFileInfo | None:
+        """The listed checkpoint a row or the dropdown names (rows show `display_name`)."""
         for info in self.infos():
             if display_name(info) == name or info.name == name:
                 return info
@@ -129,7 +131,7 @@ class CheckpointsTab:
         if not row:
             return gr.update(), gr.update()
         info = self._find(row[0])
-        details = (getattr(info, "details", None) or {}) if info else {}
+        details = (info.details or {}) if info else {}
         override = details.get("prediction") if details.get("prediction_source") == "user override" else None
         label = next((k for k, v in PREDICTIONS.items() if v == override), "Automatic")
         return (info.name if info else row[0]), label
@@ -138,13 +140,13 @@ class CheckpointsTab:
         if not name:
             raise gr.Error("Checkpoint to load: pick a checkpoint first.", print_exception=False)
         info = self._find(name)
-        error = ((getattr(info, "details", None) or {}).get("error")) if info else None
+        error = (info.details or {}).get("error") if info else None
         try:
             self.engine.load_checkpoint(name)
         except Exception as exc:
             log.warning("loading %r failed: %s", name, exc)
-            message = convert.error_message(exc) if hasattr(exc, "field") else _describe(exc)
-            path = getattr(info, "path", None) or name
+            message = convert.error_message(exc) if isinstance(exc, RequestError) else describe_exception(exc)
+            path = info.path if info else name
             kept = ", ".join(self._loaded_names()) or "nothing"
             detail = f" (file looks corrupt or truncated: {error})" if error else ""
             raise gr.Error(f"Loading {name} ({path}) failed: {message}{detail}. Still loaded: {kept}.",
@@ -163,7 +165,7 @@ class CheckpointsTab:
         try:
             done = self.engine.unload_checkpoint(name)
         except Exception as exc:
-            raise gr.Error(f"Unloading {name} failed: {_describe(exc)}", print_exception=False) from None
+            raise gr.Error(f"Unloading {name} failed: {describe_exception(exc)}", print_exception=False) from None
         status = f"Unloaded **{name}**." if done else f"{name} was not loaded."
         return self.loaded_text(), f"{status} {self.memory()}"
 
@@ -173,9 +175,9 @@ class CheckpointsTab:
             raise gr.Error("Prediction type: pick a checkpoint first.", print_exception=False)
         value = PREDICTIONS.get(choice or "Automatic")
         try:
-            self.engine.registry.set_prediction_type(name, value)
+            self.engine.set_prediction_type(name, value)
         except Exception as exc:
-            raise gr.Error(f"Prediction type for {name}: {_describe(exc)}", print_exception=False) from None
+            raise gr.Error(f"Prediction type for {name}: {describe_exception(exc)}", print_exception=False) from None
         note = "detected automatically" if value is None else f"forced to {value}"
         return self.rows(query, sort) or None, f"Prediction type of **{name}** {note} (applies on next load)."
 
@@ -183,20 +185,19 @@ class CheckpointsTab:
         """Generator: starts a background hash and reports its progress until it is done."""
         if not name:
             raise gr.Error("Compute hash: pick a checkpoint first.", print_exception=False)
-        registry = self.engine.registry
         try:
-            thread = registry.hash_in_background("checkpoints", name)
+            thread = self.engine.hash_checkpoint(name)
         except Exception as exc:
-            raise gr.Error(f"Hashing {name} failed: {_describe(exc)}", print_exception=False) from None
+            raise gr.Error(f"Hashing {name} failed: {describe_exception(exc)}", print_exception=False) from None
         while True:
-            progress = registry.hash_progress("checkpoints", name)
+            progress = self.engine.hash_progress(name)
             alive = thread is not None and thread.is_alive()
             if progress is None and not alive:
                 break
             yield gr.update(), f"Hashing **{name}**: {100 * (progress or 0.0):.0f}%"
             time.sleep(HASH_POLL_S)
         info = self._find(name)
-        short = getattr(info, "short_hash", None) if info else None
+        short = info.short_hash if info else None
         yield (self.rows(query, sort) or None,
                f"Hash of **{name}**: `{short}`" if short else f"Hashing **{name}** did not finish.")
 
@@ -225,12 +226,9 @@ class CheckpointsTab:
         view = {"query": search, "sort": sort}
         refresh.click(self.refresh, inputs_kwargs={"current": checkpoint, **view},
                       outputs=[table, checkpoint, choice, loaded], api_name="refresh_checkpoints")
-        search.change(self.filter, inputs_kwargs=view, outputs=table, show_progress="hidden",
-                      api_visibility="undocumented")
-        sort.change(self.filter, inputs_kwargs=view, outputs=table, show_progress="hidden",
-                    api_visibility="undocumented")
-        table.select(self.select_row, outputs=[choice, prediction], show_progress="hidden",
-                     api_visibility="undocumented")
+        search.change(self.filter, inputs_kwargs=view, outputs=table, **QUIET)
+        sort.change(self.filter, inputs_kwargs=view, outputs=table, **QUIET)
+        table.select(self.select_row, outputs=[choice, prediction], **QUIET)
         load.click(self.load, inputs_kwargs={"name": choice}, outputs=[checkpoint, loaded, table, status],
                    concurrency_id=concurrency_id, concurrency_limit=1, api_name="load_checkpoint")
         unload.click(self.unload, inputs_kwargs={"name": choice}, outputs=[loaded, status],
@@ -239,10 +237,4 @@ class CheckpointsTab:
                           api_visibility="undocumented")
         prediction.input(self.set_prediction, inputs_kwargs={"name": choice, "choice": prediction, **view},
                          outputs=[table, status], api_visibility="undocumented")
-        tab.select(self.show, inputs_kwargs=view, outputs=[table, loaded, memory], show_progress="hidden",
-                   api_visibility="undocumented")
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+        tab.select(self.show, inputs_kwargs=view, outputs=[table, loaded, memory], **QUIET)

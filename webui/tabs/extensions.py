@@ -1,15 +1,16 @@
 """The Extensions tab, and what extensions add to the rest of the UI.
 
-- `add_sections(webui, mode, fields)`: each active extension's `ui_section` inside a
+- `add_sections(ui, mode, fields)`: each active extension's `ui_section` inside a
   generation tab, in an accordion. Its components join the tab's `fields` under generated
   names (`ext_<n>`); `split_fields` turns their values back into
   `extension_args[<id>][<name>]` for the request.
-- `build_tabs(webui, tabs, blocks)`: the extensions' own tabs, then the Extensions tab (list
+- `build_tabs(ui, tabs, blocks)`: the extensions' own tabs, then the Extensions tab (list
   with status, enable/disable persisted in the data folder, reload, install from a URL only
   when the launcher allows it: never with --listen/--share or on a hosted demo), and a notice
   on page load when an extension failed.
 
 Extension code that raises while building its UI is reported and disabled; the page builds.
+An engine without extensions (`engine.extensions` is None, as in the UI tests) adds nothing.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ from typing import Any
 
 import gradio as gr
 
+from extensions.api import API_VERSION, UIContext
+from webui.common import QUIET, Page
+
 log = logging.getLogger(__name__)
 
 HEADERS = ("ID", "Name", "Version", "API", "Status", "Details", "Folder")
-NEEDS_RESTART = "Hooks follow at once; UI sections, tabs and API routes of a newly enabled extension appear after a restart."
-
-
-def _manager(webui: Any):
-    return getattr(webui.engine, "extensions", None)
+NEEDS_RESTART = ("Hooks follow at once; UI sections, tabs and API routes of a newly enabled extension appear "
+                 "after a restart.")
 
 
 def _failure_notice(ext: Any, where: str, exc: BaseException, manager: Any) -> None:
@@ -34,17 +35,15 @@ def _failure_notice(ext: Any, where: str, exc: BaseException, manager: Any) -> N
     gr.Markdown(f"⚠️ {message}", elem_classes="extension-error")
 
 
-def add_sections(webui: Any, mode: str, fields: dict) -> None:
-    manager = _manager(webui)
+def add_sections(ui: Page, mode: str, fields: dict) -> None:
+    manager = ui.engine.extensions
     if manager is None:
         return
-    from extensions.api import UIContext
-
-    mapping = webui.components.setdefault("extension_fields", {})
+    mapping = ui.components.setdefault("extension_fields", {})
     for ext, section in manager.ui_sections(mode):
         with gr.Accordion(section["title"], open=False, elem_id=f"{mode}_ext_{ext.id}"):
             try:
-                built = dict(section["build"](UIContext(engine=webui.engine, extension_id=ext.id, tab=mode)) or {})
+                built = dict(section["build"](UIContext(engine=ui.engine, extension_id=ext.id, tab=mode)) or {})
             except Exception as exc:  # noqa: BLE001
                 _failure_notice(ext, "ui_section", exc, manager)
                 continue
@@ -54,9 +53,9 @@ def add_sections(webui: Any, mode: str, fields: dict) -> None:
             fields[name] = component
 
 
-def split_fields(webui: Any, fields: dict) -> tuple[dict, dict]:
+def split_fields(ui: Page, fields: dict) -> tuple[dict, dict]:
     """(the request's own fields, {extension id: {argument: value}})."""
-    mapping = webui.components.get("extension_fields", {})
+    mapping = ui.components.get("extension_fields", {})
     plain: dict = {}
     args: dict = {}
     for name, value in fields.items():
@@ -79,22 +78,20 @@ def rows(manager: Any) -> list[list[str]]:
     return table
 
 
-def build_tabs(webui: Any, tabs: dict, blocks: Any = None) -> None:
-    manager = _manager(webui)
+def build_tabs(ui: Page, tabs: dict, blocks: gr.Blocks | None = None) -> None:
+    manager = ui.engine.extensions
     if manager is None:
         return
-    from extensions.api import UIContext
-
     for ext, tab in manager.ui_tabs():
         with gr.Tab(tab["title"], id=f"ext_{ext.id}", elem_id=f"tab_ext_{ext.id}") as tabs[f"ext_{ext.id}"]:
             try:
-                tab["build"](UIContext(engine=webui.engine, extension_id=ext.id, tab=None))
+                tab["build"](UIContext(engine=ui.engine, extension_id=ext.id, tab=None))
             except Exception as exc:  # noqa: BLE001
                 _failure_notice(ext, "ui_tab", exc, manager)
     with gr.Tab("Extensions", id="extensions", elem_id="tab_extensions") as tabs["extensions"]:
-        build_extensions_tab(webui, manager)
+        build_extensions_tab(ui, manager)
     if blocks is not None:
-        blocks.load(lambda: notify_failures(manager), show_progress="hidden", api_visibility="undocumented")
+        blocks.load(lambda: notify_failures(manager), **QUIET)
 
 
 def notify_failures(manager: Any) -> None:
@@ -102,9 +99,7 @@ def notify_failures(manager: Any) -> None:
         gr.Warning(line)
 
 
-def build_extensions_tab(webui: Any, manager: Any) -> None:
-    from extensions.api import API_VERSION
-
+def build_extensions_tab(ui: Page, manager: Any) -> None:
     gr.Markdown(f"Extension API **{API_VERSION}**. {NEEDS_RESTART}", elem_id="extensions_intro")
     table = gr.Dataframe(value=rows(manager) or None, headers=list(HEADERS), interactive=False, datatype="str",
                          wrap=True, column_count=len(HEADERS), elem_id="extensions_table")
@@ -127,13 +122,13 @@ def build_extensions_tab(webui: Any, manager: Any) -> None:
     else:
         gr.Markdown("Installing from a URL is off on a server others can reach (--listen, --share, hosted demo): "
                     "copy the extension's folder into `extensions/` and restart.", elem_id="extensions_no_install")
-    webui.components["extensions"] = parts
+    ui.components["extensions"] = parts
     enable.click(lambda ext_id: toggle(manager, ext_id, True), inputs=choice, outputs=[table, status],
                  api_visibility="undocumented")
     disable.click(lambda ext_id: toggle(manager, ext_id, False), inputs=choice, outputs=[table, status],
                   api_visibility="undocumented")
     reload.click(lambda: reload_handler(manager), outputs=[table, choice, status], api_visibility="undocumented")
-    table.select(_row_id, outputs=choice, show_progress="hidden", api_visibility="undocumented")
+    table.select(_row_id, outputs=choice, **QUIET)
 
 
 def _row_id(evt: gr.SelectData):

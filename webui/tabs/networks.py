@@ -1,6 +1,6 @@
 """Styles, LoRA and embeddings under each generation tab's prompts.
 
-`build(webui, fields, prefix)` adds an accordion below the prompt boxes:
+`build(engine, fields, prefix)` adds an accordion below the prompt boxes:
 - Styles (A1111's ``styles.csv`` in the data dir): pick styles, "Apply" writes them into the
   prompt boxes (``{prompt}`` placeholders honoured), "Save" stores the current prompts as a
   style under a name.
@@ -21,7 +21,9 @@ from typing import Any
 
 import gradio as gr
 
-from pipelines.core.styles import style_database  # noqa: F401 - also used by tests through this module
+from pipelines.core.engine_api import EngineAPI
+from pipelines.core.styles import style_database
+from webui.common import QUIET
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +39,7 @@ def append_to_prompt(prompt: str | None, text: str) -> str:
     return prompt + sep + text
 
 
-def lora_entries(engine: Any, refresh: bool = False) -> list[dict]:
-    if not hasattr(engine, "lora_listing"):
-        return []
+def lora_entries(engine: EngineAPI, refresh: bool = False) -> list[dict]:
     try:
         return list(engine.lora_listing(refresh))
     except Exception as exc:  # noqa: BLE001 - a broken listing must not break the page
@@ -47,9 +47,7 @@ def lora_entries(engine: Any, refresh: bool = False) -> list[dict]:
         return []
 
 
-def embedding_names(engine: Any, refresh: bool = False) -> list[str]:
-    if not hasattr(engine, "embedding_listing"):
-        return []
+def embedding_names(engine: EngineAPI, refresh: bool = False) -> list[str]:
     try:
         return sorted(engine.embedding_listing(refresh)["loaded"])
     except Exception as exc:  # noqa: BLE001
@@ -74,33 +72,38 @@ def describe_lora(entry: dict | None) -> str:
     return "\n\n".join(lines)
 
 
-def insert_lora(engine: Any, prompt: str, name: str | None, weight: float = 1.0) -> str:
+def insert_lora(engine: EngineAPI, prompt: str, name: str | None, weight: float = 1.0) -> str:
     if not name:
         return prompt
     w = f"{weight:g}"
     return append_to_prompt(prompt, f"<lora:{name}:{w}>")
 
 
-def insert_trigger_words(engine: Any, prompt: str, name: str | None) -> str:
-    entry = next((e for e in lora_entries(engine) if e["name"] == name), None)
+def find_lora(engine: EngineAPI, name: str | None) -> dict | None:
+    """The LoRA listing's entry named `name` (as the dropdown shows it)."""
+    return next((e for e in lora_entries(engine) if e["name"] == name), None)
+
+
+def insert_trigger_words(engine: EngineAPI, prompt: str, name: str | None) -> str:
+    entry = find_lora(engine, name)
     if not entry or not entry.get("trigger_words"):
         return prompt
     return append_to_prompt(prompt, ", ".join(entry["trigger_words"][:5]))
 
 
-def apply_styles(engine: Any, prompt: str, negative: str, names: list[str] | None) -> tuple[str, str]:
+def apply_styles(engine: EngineAPI, prompt: str, negative: str, names: list[str] | None) -> tuple[str, str]:
     db = style_database(engine)
     if db is None:
         return prompt or "", negative or ""
     return db.apply(prompt or "", negative or "", names or [])
 
 
-def style_names(engine: Any) -> list[str]:
+def style_names(engine: EngineAPI) -> list[str]:
     db = style_database(engine)
     return db.names() if db is not None else []
 
 
-def save_style(engine: Any, name: str, prompt: str, negative: str) -> tuple[list[str], str]:
+def save_style(engine: EngineAPI, name: str, prompt: str, negative: str) -> tuple[list[str], str]:
     """(style names after saving, status message)."""
     db = style_database(engine)
     if db is None:
@@ -112,9 +115,8 @@ def save_style(engine: Any, name: str, prompt: str, negative: str) -> tuple[list
     return db.names(), f"Saved style {name.strip()!r} to {db.path.name}"
 
 
-def build(webui: Any, fields: dict, prefix: str) -> dict:
+def build(engine: EngineAPI, fields: dict, prefix: str) -> dict:
     """The accordion of one generation tab; returns its components by name."""
-    engine = webui.engine
     p = prefix
     entries = lora_entries(engine)
     parts: dict[str, Any] = {}
@@ -144,25 +146,23 @@ def build(webui: Any, fields: dict, prefix: str) -> dict:
             parts["refresh_networks"] = gr.Button("🔄 Refresh", size="sm", elem_id=f"{p}_refresh_networks",
                                                   scale=1)
 
-    quiet = dict(show_progress="hidden", api_visibility="undocumented")
     parts["apply_styles"].click(lambda pr, ng, names: apply_styles(engine, pr, ng, names),
-                                inputs=[prompt, negative, parts["styles"]], outputs=[prompt, negative], **quiet)
+                                inputs=[prompt, negative, parts["styles"]], outputs=[prompt, negative], **QUIET)
 
     def on_save(name, pr, ng):
         names, message = save_style(engine, name, pr, ng)
         return gr.update(choices=names), message
 
     parts["save_style"].click(on_save, inputs=[parts["style_name"], prompt, negative],
-                              outputs=[parts["styles"], parts["style_status"]], **quiet)
-    parts["lora"].change(lambda name: describe_lora(next((e for e in lora_entries(engine) if e["name"] == name),
-                                                         None)),
-                         inputs=parts["lora"], outputs=parts["lora_card"], **quiet)
+                              outputs=[parts["styles"], parts["style_status"]], **QUIET)
+    parts["lora"].change(lambda name: describe_lora(find_lora(engine, name)), inputs=parts["lora"],
+                         outputs=parts["lora_card"], **QUIET)
     parts["insert_lora"].click(lambda pr, name, w: insert_lora(engine, pr, name, float(w or 1.0)),
-                               inputs=[prompt, parts["lora"], parts["lora_weight"]], outputs=prompt, **quiet)
+                               inputs=[prompt, parts["lora"], parts["lora_weight"]], outputs=prompt, **QUIET)
     parts["insert_triggers"].click(lambda pr, name: insert_trigger_words(engine, pr, name),
-                                   inputs=[prompt, parts["lora"]], outputs=prompt, **quiet)
+                                   inputs=[prompt, parts["lora"]], outputs=prompt, **QUIET)
     parts["insert_embedding"].click(lambda pr, name: append_to_prompt(pr, name or ""),
-                                    inputs=[prompt, parts["embedding"]], outputs=prompt, **quiet)
+                                    inputs=[prompt, parts["embedding"]], outputs=prompt, **QUIET)
 
     def on_refresh():
         return (gr.update(choices=[e["name"] for e in lora_entries(engine, refresh=True)]),
@@ -170,5 +170,5 @@ def build(webui: Any, fields: dict, prefix: str) -> dict:
                 gr.update(choices=style_names(engine)))
 
     parts["refresh_networks"].click(on_refresh, outputs=[parts["lora"], parts["embedding"], parts["styles"]],
-                                    **quiet)
+                                    **QUIET)
     return parts

@@ -1,9 +1,9 @@
 """The PNG Info tab: drop an image, see how it was made, send its settings to a tab.
 
-`build(webui, tabs)` lays out the tab inside the `gr.Tab` the app opened; `tabs` is the
+`build(ui, tabs)` lays out the tab inside the `gr.Tab` the app opened; `tabs` is the
 `gr.Tabs` the "Send to" buttons switch. Reading is `pipelines.core.metadata_read` (this app's,
 A1111's, ComfyUI's, InvokeAI's and Fooocus' metadata, all in A1111 terms); sending reuses the
-"Read parameters" path (`WebUI.read_parameters`) on the A1111 text shown in the tab, so
+"Read parameters" path (`ui.read_parameters`) on the A1111 text shown in the tab, so
 whatever the user edits there is what gets sent.
 
 The image arrives as the uploaded file's path (`type="filepath"`): Gradio then hands over
@@ -13,14 +13,13 @@ the file as uploaded, with its text chunks and EXIF intact.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import gradio as gr
 from PIL import Image, UnidentifiedImageError
 
 from pipelines.core.metadata_read import ImageMetadata, read_image_metadata
-
-from . import convert
+from webui import convert
+from webui.common import QUIET, Page
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +55,7 @@ def summary(meta: ImageMetadata) -> str:
     return f"**Format:** {meta.format}"
 
 
-def build(webui: Any, tabs: gr.Tabs) -> None:
+def build(ui: Page, tabs: gr.Tabs) -> None:
     with gr.Row(equal_height=False):
         with gr.Column():
             image = gr.Image(label="Image (PNG, JPEG or WebP)", type="filepath", image_mode=None,
@@ -74,18 +73,17 @@ def build(webui: Any, tabs: gr.Tabs) -> None:
             with gr.Accordion("Raw metadata", open=False, elem_id="pnginfo_raw_accordion"):
                 raw = gr.Textbox(label="Raw metadata", lines=8, max_lines=30, interactive=False,
                                  elem_id="pnginfo_raw", buttons=["copy"])
-    webui.components["pnginfo"] = dict(image=image, found=found, table=table, infotext=infotext, raw=raw,
+    ui.components["pnginfo"] = dict(image=image, found=found, table=table, infotext=infotext, raw=raw,
                                        buttons=buttons)
     image.change(describe, inputs=image, outputs=[found, table, infotext, raw], show_progress="hidden",
                  api_name="pnginfo")
-    checkpoint, current_tab = webui.components["checkpoint"], webui.components["current_tab"]
+    checkpoint, current_tab = ui.components["checkpoint"], ui.components["current_tab"]
     for mode, button in buttons.items():
-        targets = _target_components(webui, mode)
+        targets = _target_components(ui, mode)
         # Switch first, then fill: Gradio drops values sent to a tab that is not mounted.
-        button.click(_constant_tab(mode), outputs=[tabs, current_tab], show_progress="hidden",
-                     api_visibility="undocumented").then(
-            send_handler(webui, mode), inputs_kwargs={"text": infotext, "image": image, "checkpoint": checkpoint},
-            outputs=targets, show_progress="hidden", api_visibility="undocumented")
+        button.click(_constant_tab(mode), outputs=[tabs, current_tab], **QUIET).then(
+            send_handler(ui, mode), inputs_kwargs={"text": infotext, "image": image, "checkpoint": checkpoint},
+            outputs=targets, **QUIET)
 
 
 def _constant_tab(mode: str):
@@ -96,37 +94,37 @@ def _constant_tab(mode: str):
     return select
 
 
-def _target_components(webui: Any, mode: str) -> list:
+def _target_components(ui: Page, mode: str) -> list:
     if mode == "upscale":
-        sd = webui.fields["sd_upscale"]
-        return [webui.fields["upscale"]["image"], sd["checkpoint"], *(sd[name] for name in SD_UPSCALE_FIELDS)]
-    fields, parts = webui.fields[mode], webui.components[mode]
+        sd = ui.fields["sd_upscale"]
+        return [ui.fields["upscale"]["image"], sd["checkpoint"], *(sd[name] for name in SD_UPSCALE_FIELDS)]
+    fields, parts = ui.fields[mode], ui.components[mode]
     return list(dict.fromkeys([*fields.values(), parts["sized_for"]]))
 
 
-def send_handler(webui: Any, mode: str):
+def send_handler(ui: Page, mode: str):
     def send(text: str | None = None, image: str | None = None, checkpoint: str | None = None) -> dict:
-        return send_values(webui, mode, text, image, checkpoint)
+        return send_values(ui, mode, text, image, checkpoint)
 
     send.__name__ = f"pnginfo_send_{mode}"
     return send
 
 
-def send_values(webui: Any, mode: str, text: str | None, image: str | None, checkpoint: str | None) -> dict:
+def send_values(ui: Page, mode: str, text: str | None, image: str | None, checkpoint: str | None) -> dict:
     """{component: value} filling the target tab from an A1111 text, the image going to its
     input image (img2img, inpaint, upscale)."""
     if mode == "upscale":
-        updates = _upscale_values(webui, text, checkpoint)
+        updates = _upscale_values(ui, text, checkpoint)
     else:
-        updates = webui.read_parameters(mode, text or "", None, checkpoint) if (text or "").strip() else {}
+        updates = ui.read_parameters(mode, text or "", None, checkpoint) if (text or "").strip() else {}
     if image and mode != "txt2img":
-        updates.update(_image_value(webui, mode, image))
+        updates.update(_image_value(ui, mode, image))
     if not updates:
         gr.Info(NOTHING_FOUND)
     return updates
 
 
-def _image_value(webui: Any, mode: str, path: str) -> dict:
+def _image_value(ui: Page, mode: str, path: str) -> dict:
     try:
         with Image.open(path) as opened:
             picture = convert.flatten(opened)
@@ -135,18 +133,18 @@ def _image_value(webui: Any, mode: str, path: str) -> dict:
         return {}
     if mode == "inpaint":
         editor = {"background": picture, "layers": [], "composite": picture}
-        return {webui.fields["inpaint"]["inpaint_image"]: editor}
+        return {ui.fields["inpaint"]["inpaint_image"]: editor}
     if mode == "upscale":
-        return {webui.fields["upscale"]["image"]: picture}
-    return {webui.fields[mode]["init_image"]: picture}
+        return {ui.fields["upscale"]["image"]: picture}
+    return {ui.fields[mode]["init_image"]: picture}
 
 
-def _upscale_values(webui: Any, text: str | None, checkpoint: str | None) -> dict:
+def _upscale_values(ui: Page, text: str | None, checkpoint: str | None) -> dict:
     """The SD upscale accordion's prompt and sampling settings (and the header checkpoint)."""
-    values = convert.ui_values_from_infotext(text or "", names=webui._checkpoint_infos())
+    values = convert.ui_values_from_infotext(text or "", find_checkpoint=ui.engine.find_checkpoint)
     if values is None:
         return {}
-    sd = webui.fields["sd_upscale"]
+    sd = ui.fields["sd_upscale"]
     updates = {sd[name]: values[name] for name in SD_UPSCALE_FIELDS if name in values}
     if values.get("checkpoint") and values["checkpoint"] != checkpoint:
         updates[sd["checkpoint"]] = values["checkpoint"]

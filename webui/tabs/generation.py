@@ -1,0 +1,297 @@
+"""The txt2img, img2img and Inpaint tabs: one layout with the mode as a parameter, and their handlers.
+
+How values reach the engine: each tab keeps a dict `name -> component` (`ui.fields[mode]`)
+whose names are `GenerationRequest` fields (or a few UI-only names, see `webui.convert`). The
+Generate event passes that dict to Gradio as `inputs_kwargs`, so the handler receives
+`**{name: value}` and builds `GenerationRequest(**...)`; positions never matter.
+
+Width and height follow the session's checkpoint (its native size). Gradio 6 mounts tabs
+lazily and drops updates sent to components of a tab not on screen, so each tab remembers
+which checkpoint its sizes were set for (`sized_for`) and catches up when it is selected
+(`resize`); a checkpoint pick resizes the tab on screen.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import gradio as gr
+
+from pipelines.core.request import INPAINT_FILLS, MAX_SEED, RESIZE_MODES, RequestError
+from webui import convert
+from webui.common import (
+    CONTROL_GROUP,
+    QUEUED_GROUP,
+    QUIET,
+    Page,
+    gallery_items,
+    loaded_text,
+    native_size,
+    pick,
+    request_error,
+    show_notices,
+    slider,
+    unchanged,
+)
+from webui.tabs import extensions, hires, networks
+
+BRUSH_COLORS = ["#ffffff", "#000000"]  # white paints the mask; black takes it back
+
+
+class GenerationTabs:
+    """Builds the generation tabs into `ui` and answers their events."""
+
+    def __init__(self, ui: Page):
+        self.ui = ui
+        self.engine = ui.engine
+
+    # --- sizes follow the checkpoint --------------------------------------------------------
+    def sizing_components(self, mode: str) -> list:
+        return [self.ui.fields[mode]["width"], self.ui.fields[mode]["height"], self.ui.components[mode]["sized_for"]]
+
+    def resize(self, mode: str, checkpoint: str | None, sized_for: str | None = None) -> dict:
+        """{component: value} setting the tab's size to the checkpoint's native one, if not yet."""
+        if not checkpoint or checkpoint == sized_for:
+            return {}
+        native = native_size(self.engine, checkpoint)
+        width, height, state = self.sizing_components(mode)
+        return {width: native, height: native, state: checkpoint}
+
+    def tab_select_handler(self, mode: str) -> Callable[..., dict]:
+        def select_tab(checkpoint=None, sized_for=None):
+            return {self.ui.components["current_tab"]: mode, **self.resize(mode, checkpoint, sized_for)}
+
+        select_tab.__name__ = f"select_{mode}"
+        return select_tab
+
+    # --- layout -----------------------------------------------------------------------------
+    def build(self, mode: str, sized_for: str | None) -> None:
+        """One tab's components (inside its gr.Tab) and events; sizes native to `sized_for`."""
+        ui = self.ui
+        p = mode  # elem_id prefix
+        header = ui.components
+        # per session like the checkpoint: the header's VAE and clip skip go into each request by name
+        fields: dict[str, Any] = {"checkpoint": header["checkpoint"], "vae": header["vae"],
+                                  "clip_skip": header["clip_skip"]}
+        with gr.Row(elem_id=f"{p}_toprow"):
+            with gr.Column(scale=6):
+                fields["prompt"] = gr.Textbox(label="Prompt", lines=3, elem_id=f"{p}_prompt",
+                                              placeholder="Prompt (A1111 syntax)")
+                fields["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=2,
+                                                       elem_id=f"{p}_neg_prompt")
+            with gr.Column(scale=1, min_width=180):
+                generate = gr.Button("Generate", variant="primary", size="lg", elem_id=f"{p}_generate")
+                with gr.Row():
+                    interrupt = gr.Button("Interrupt", size="sm", elem_id=f"{p}_interrupt")
+                    skip = gr.Button("Skip", size="sm", elem_id=f"{p}_skip")
+                read_params = gr.Button("↙️ Read parameters", size="sm", elem_id=f"{p}_read_params")
+        networks.build(self.engine, fields, p)  # styles, LoRA and embeddings pickers
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1):
+                brush_size = self._image_inputs(mode, fields)
+                self._sampling(mode, fields, native_size(self.engine, sized_for))
+                with gr.Row(equal_height=True):
+                    fields["seed"] = gr.Number(value=-1, label="Seed", precision=0, minimum=-1, maximum=MAX_SEED,
+                                               elem_id=f"{p}_seed", scale=4)
+                    random_seed = gr.Button("🎲", elem_id=f"{p}_random_seed", elem_classes="tool-button",
+                                            scale=0, min_width=48)
+                    reuse_seed = gr.Button("♻️", elem_id=f"{p}_reuse_seed", elem_classes="tool-button",
+                                           scale=0, min_width=48)
+                extensions.add_sections(ui, mode, fields)  # their values become request.extension_args
+            with gr.Column(scale=1):
+                gallery = gr.Gallery(label="Output", columns=ui.options.gallery_columns, height=480,
+                                     format="png", object_fit="contain", elem_id=f"{p}_gallery",
+                                     interactive=False)
+                infotext = gr.Textbox(label="Generation parameters", lines=4, interactive=False,
+                                      elem_id=f"{p}_infotext", buttons=["copy"])
+        last = gr.State(value=None)  # {"seeds": [...], "infotexts": [...], "selected": i}
+        ui.fields[mode] = fields
+        ui.components[mode] = dict(generate=generate, interrupt=interrupt, skip=skip, gallery=gallery,
+                                   infotext=infotext, last=last, random_seed=random_seed,
+                                   reuse_seed=reuse_seed, read_params=read_params, sized_for=gr.State(sized_for))
+        self._wire(mode, brush_size)
+
+    def _image_inputs(self, mode: str, fields: dict[str, Any]) -> gr.Slider | None:
+        """img2img's input image; Inpaint's editor and mask settings (returns its brush size)."""
+        p = mode
+        brush_size = None
+        if mode == "img2img":
+            fields["init_image"] = gr.Image(label="Input image", type="pil", image_mode="RGB",
+                                            sources=["upload", "clipboard"], height=360, elem_id=f"{p}_image")
+        elif mode == "inpaint":
+            fields["inpaint_image"] = gr.ImageMask(
+                label="Image (paint the part to change)", type="pil", image_mode="RGBA",
+                sources=["upload", "clipboard"], format="png", height=420, layers=False,
+                transforms=(), brush=gr.Brush(default_size=24, colors=BRUSH_COLORS, color_mode="defaults"),
+                elem_id=f"{p}_image",
+            )
+            brush_size = gr.Slider(1, 200, value=24, step=1, label="Brush size", elem_id=f"{p}_brush_size")
+            fields["mask_blur"] = slider("mask_blur", elem_id=f"{p}_mask_blur", step=1)
+            with gr.Row():
+                fields["mask_mode"] = gr.Radio(list(convert.MASK_MODES), value=convert.MASK_MODES[0],
+                                               label="Mask mode", elem_id=f"{p}_mask_mode")
+                fields["inpainting_fill"] = gr.Radio(
+                    list(INPAINT_FILLS), value=convert.request_default("inpainting_fill"),
+                    label="Masked content", elem_id=f"{p}_fill")
+            with gr.Row():
+                fields["inpaint_area"] = gr.Radio(list(convert.INPAINT_AREAS), value=convert.INPAINT_AREAS[0],
+                                                  label="Inpaint area", elem_id=f"{p}_area")
+                fields["inpaint_full_res_padding"] = slider(
+                    "inpaint_full_res_padding", step=4, elem_id=f"{p}_padding")
+        if mode != "txt2img":
+            fields["resize_mode"] = gr.Radio(list(RESIZE_MODES), value=convert.request_default("resize_mode"),
+                                             label="Resize mode", elem_id=f"{p}_resize_mode")
+        return brush_size
+
+    def _sampling(self, mode: str, fields: dict[str, Any], native: int) -> None:
+        """Sampler, steps, size, batch, CFG; hires fix (txt2img) or denoising strength."""
+        p = mode
+        with gr.Row():
+            samplers = list(self.engine.sampler_names())
+            schedules = list(self.engine.schedule_types())
+            fields["sampler"] = gr.Dropdown(samplers, value=pick(convert.request_default("sampler"), samplers),
+                                            label="Sampling method", elem_id=f"{p}_sampler")
+            fields["schedule_type"] = gr.Dropdown(
+                schedules, value=pick(convert.request_default("schedule_type"), schedules),
+                label="Schedule type", elem_id=f"{p}_schedule")
+        fields["steps"] = slider("steps", step=1, elem_id=f"{p}_steps")
+        with gr.Row():
+            with gr.Column(scale=3):
+                fields["width"] = slider("width", value=native, step=8, elem_id=f"{p}_width")
+                fields["height"] = slider("height", value=native, step=8, elem_id=f"{p}_height")
+            with gr.Column(scale=1, min_width=140):
+                fields["batch_count"] = slider("batch_count", step=1, elem_id=f"{p}_batch_count")
+                fields["batch_size"] = slider("batch_size", step=1, elem_id=f"{p}_batch_size")
+        fields["cfg_scale"] = slider("cfg_scale", step=0.5, elem_id=f"{p}_cfg_scale")
+        if mode == "txt2img":
+            hires.build(self.engine, fields, p)
+        else:
+            fields["denoising_strength"] = slider("denoising_strength", step=0.01, elem_id=f"{p}_denoising")
+
+    def _wire(self, mode: str, brush_size: gr.Slider | None) -> None:
+        ui = self.ui
+        fields, parts = ui.fields[mode], ui.components[mode]
+        last, seed = parts["last"], fields["seed"]
+        parts["generate"].click(
+            self.generate_handler(mode), inputs_kwargs=fields,
+            outputs=[parts["gallery"], parts["infotext"], last, ui.components["loaded"]],
+            show_progress="full", show_progress_on=[parts["gallery"]], concurrency_id=QUEUED_GROUP,
+            concurrency_limit=ui.runner.capacity(), api_name=mode,
+        )
+        # Own unlimited group: never waits behind the running job (queue=True so gr.Info shows).
+        parts["interrupt"].click(ui.runner.interrupt, concurrency_id=CONTROL_GROUP, concurrency_limit=None,
+                                 **QUIET)
+        parts["skip"].click(ui.runner.skip, concurrency_id=CONTROL_GROUP, concurrency_limit=None, **QUIET)
+        parts["gallery"].select(self.select_image, inputs_kwargs={"last": last},
+                                outputs=[parts["infotext"], last], **QUIET)
+        parts["random_seed"].click(lambda: -1, outputs=seed, queue=False, **QUIET)
+        parts["reuse_seed"].click(self.reuse_seed, inputs_kwargs={"last": last}, outputs=seed, queue=False,
+                                  **QUIET)
+        # offer only the schedules this sampler can run, instead of failing at Generate
+        fields["sampler"].change(self.schedule_choices, inputs_kwargs={"sampler": fields["sampler"],
+                                                                       "current": fields["schedule_type"]},
+                                 outputs=fields["schedule_type"], queue=False, **QUIET)
+        if brush_size is not None:
+            brush_size.change(self.brush_update, inputs_kwargs={"size": brush_size},
+                              outputs=fields["inpaint_image"], **QUIET)
+        parts["read_params"].click(
+            self.read_parameters_handler(mode),
+            inputs_kwargs={"prompt": fields["prompt"], "last": last, "checkpoint": fields["checkpoint"]},
+            outputs=list(dict.fromkeys([*fields.values(), parts["sized_for"]])), **QUIET)
+
+    # --- handlers ---------------------------------------------------------------------------
+    def generate_handler(self, mode: str) -> Callable[..., tuple]:
+        """The Generate handler of a tab: component values arrive as keyword arguments by name."""
+
+        def generate(request: gr.Request, progress=gr.Progress(), **fields):
+            return self.generate(mode, fields, request=request, progress=progress)
+
+        generate.__name__ = f"generate_{mode}"
+        return generate
+
+    def generate(self, mode: str, fields: dict[str, Any], request: gr.Request | None = None,
+                 progress: Any = None) -> tuple:
+        """Validate, run on the engine under this session's JobControl, return the tab outputs."""
+        try:
+            fields, extension_args = extensions.split_fields(self.ui, fields)
+            req = convert.generation_request(mode, fields)
+            if extension_args:
+                req = req.replace(extension_args={**req.extension_args, **extension_args})
+        except RequestError as exc:
+            raise request_error(exc) from None
+
+        def start(**job):
+            if job["on_progress"]:
+                job["on_progress"](None)
+            return self.engine.generate(req, **job)
+
+        result = self.ui.runner.run("Generation", request, progress, start)
+        if result is None:  # it did not run (queue full, or interrupted while waiting): the toast says so
+            return unchanged(4)
+        show_notices(result)
+        infotexts = list(result.infotexts or [])
+        last = {"seeds": list(result.seeds or []), "infotexts": infotexts, "selected": 0}
+        return gallery_items(result), (infotexts[0] if infotexts else ""), last, loaded_text(self.engine)
+
+    def read_parameters_handler(self, mode: str) -> Callable[..., dict]:
+        def read_parameters(prompt=None, last=None, checkpoint=None):
+            return self.read_parameters(mode, prompt, last, checkpoint)
+
+        read_parameters.__name__ = f"read_parameters_{mode}"
+        return read_parameters
+
+    def read_parameters(self, mode: str, prompt: str | None, last: dict | None = None,
+                        checkpoint: str | None = None) -> dict:
+        """Fill the tab from A1111 parameters pasted into the prompt (or, with an empty prompt,
+        from the selected image of the last result). Returns {component: value} by field name."""
+        text = prompt or ""
+        if not text.strip() and last:
+            text = selected_infotext(last, last.get("selected", 0))
+        values = convert.ui_values_from_infotext(text, find_checkpoint=self.engine.find_checkpoint)
+        if values is None:
+            gr.Info("No generation parameters found: paste a text with a 'Steps: ...' line into the prompt.")
+            return {}
+        fields = self.ui.fields[mode]
+        updates: dict = {}
+        found = values.get("checkpoint")
+        if found and found != checkpoint:
+            # another checkpoint: this tab's size is for it (then the text's size, if it has one);
+            # the other tabs catch up when selected
+            updates.update(self.resize(mode, found))
+            updates[fields["checkpoint"]] = found
+        updates.update({fields[name]: value for name, value in values.items()
+                        if name in fields and name != "checkpoint"})
+        hint = values.get(convert.MODEL_HINT)
+        if hint and not found:
+            gr.Warning(f"Checkpoint {hint!r} from the parameters is not in the list; keeping {checkpoint}.")
+        return updates
+
+    @staticmethod
+    def select_image(evt: gr.SelectData, last=None):
+        if not last:
+            return "", last
+        index = evt.index if isinstance(evt.index, int) else 0
+        return selected_infotext(last, index), {**last, "selected": index}
+
+    def schedule_choices(self, sampler: str, current: str):
+        allowed = list(self.engine.schedule_types(sampler))
+        return gr.update(choices=allowed, value=current if current in allowed else allowed[0])
+
+    @staticmethod
+    def reuse_seed(last=None) -> int:
+        seeds = (last or {}).get("seeds") or []
+        if not seeds:
+            gr.Info("Generate something first: there is no last seed yet.")
+            return -1
+        index = (last or {}).get("selected", 0)
+        return int(seeds[index] if 0 <= index < len(seeds) else seeds[0])
+
+    @staticmethod
+    def brush_update(size: float):
+        return gr.update(brush=gr.Brush(default_size=int(size), colors=BRUSH_COLORS, color_mode="defaults"))
+
+
+def selected_infotext(last: dict, index: int) -> str:
+    """The infotext of the image at `index` of the last result (the first one when out of range)."""
+    infotexts = last.get("infotexts") or []
+    return infotexts[index] if 0 <= index < len(infotexts) else (infotexts[0] if infotexts else "")
