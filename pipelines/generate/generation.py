@@ -22,7 +22,7 @@ from pipelines.core import hires_info, infotext, outputs, samplers
 from pipelines.core.jobs import Job
 from pipelines.core.progress import JobControl, Progress, ProgressCallback
 from pipelines.core.request import GenerationRequest, GenerationResult
-from pipelines.generate import embeddings, hires, lora, runner, upscalers
+from pipelines.generate import embeddings, hires, lora, runner, seamless, upscalers
 from pipelines.models import memory
 from pipelines.models.device import Placement
 from pipelines.models.manager import ModelManager
@@ -163,7 +163,8 @@ class Generator:
             while True:
                 try:
                     with prepared.model.lock, self.memory_mode(components, plan), \
-                            lora.applied(components, prepared.loras, result.warnings):
+                            lora.applied(components, prepared.loras, result.warnings), \
+                            seamless.applied(components, request.tiling, result.warnings):
                         for batch in batches(next_batch):
                             for image, seed, subseed in zip(batch.images, batch.seeds, batch.subseeds):
                                 image, fields = hooks.after_image(image, request=request, seed=seed,

@@ -21,7 +21,7 @@ from PIL import Image
 
 from pipelines.core.progress import JobControl, ProgressCallback, ProgressClock
 from pipelines.core.request import LATENT_UPSCALE_MODES, GenerationRequest, img2img_steps
-from pipelines.generate import runner, schedulers, tiling
+from pipelines.generate import runner, schedulers, seamless, tiling
 from pipelines.generate.prompts import encode_prompts
 
 PixelUpscale = Callable[[Image.Image, tuple[int, int]], Image.Image]
@@ -90,7 +90,8 @@ def run(components, device, request: GenerationRequest, upscale_pixels: PixelUps
             control.take_skip()
             continue
         if is_latent(request.hr_upscaler):
-            start = upscale_latents(latents, request.hr_upscaler, hr_width, hr_height)
+            upscale = seamless.upscale_latents if request.tiling else upscale_latents  # tiling: wrap the edges
+            start = upscale(latents, request.hr_upscaler, hr_width, hr_height)
         else:
             base = runner.decode_latents(vae, latents, control)
             try:
@@ -128,7 +129,13 @@ def sd_upscale(components, device, request: GenerationRequest, upscaled: Image.I
     # a canvas at least one tile big, edge-extended, cropped back at the end
     canvas_w, canvas_h = max(width, tile_w), max(height, tile_h)
     source = np.asarray(upscaled.convert("RGB"))
-    source = np.pad(source, ((0, canvas_h - height), (0, canvas_w - width), (0, 0)), mode="edge")
+    if request.tiling:  # seamless: tiles wrap around the edges, and the seam across them is blended too
+        margin = max(overlap, 8)
+        canvas_w, canvas_h = max(width + margin, tile_w), max(height + margin, tile_h)
+        source = seamless.wrapped_canvas(source, canvas_w, canvas_h)
+    else:
+        source = np.pad(source, ((0, canvas_h - height), (0, canvas_w - width), (0, 0)), mode="edge")
+    wrap_x, wrap_y = (canvas_w - width, canvas_h - height) if request.tiling else (0, 0)
     ys = tiling.positions(canvas_h, tile_h, overlap)
     xs = tiling.positions(canvas_w, tile_w, overlap)
     tiles = [(y, x) for y in ys for x in xs]
@@ -154,15 +161,17 @@ def sd_upscale(components, device, request: GenerationRequest, upscaled: Image.I
                 skipped = True
                 break
             row, col = ys.index(y), xs.index(x)
-            wy = tiling.feather(tile_h, ys[row - 1] + tile_h - y if row > 0 else 0,
-                                y + tile_h - ys[row + 1] if row + 1 < len(ys) else 0)
-            wx = tiling.feather(tile_w, xs[col - 1] + tile_w - x if col > 0 else 0,
-                                x + tile_w - xs[col + 1] if col + 1 < len(xs) else 0)
+            wy = tiling.feather(tile_h, ys[row - 1] + tile_h - y if row > 0 else wrap_y,
+                                y + tile_h - ys[row + 1] if row + 1 < len(ys) else wrap_y)
+            wx = tiling.feather(tile_w, xs[col - 1] + tile_w - x if col > 0 else wrap_x,
+                                x + tile_w - xs[col + 1] if col + 1 < len(xs) else wrap_x)
             weight = np.outer(wy, wx)[..., None]
             acc[y:y + tile_h, x:x + tile_w] += np.asarray(out[0], dtype=np.float32) * weight
             weights[y:y + tile_h, x:x + tile_w] += weight
         if skipped:
             control.take_skip()
             continue
+        if request.tiling:  # what lies past the right and bottom edges belongs at the left and top
+            acc, weights = seamless.fold(acc, width, height), seamless.fold(weights, width, height)
         result = np.clip(np.round(acc / weights), 0, 255).astype(np.uint8)[:height, :width]
         yield Image.fromarray(result), seed, subseed
