@@ -18,6 +18,7 @@ from PIL import Image
 from pipelines.core.progress import JobControl, ProgressCallback, ProgressClock
 from pipelines.core.request import GenerationRequest, img2img_steps
 from pipelines.generate import images, schedulers
+from pipelines.generate.noise import noise_for_seed
 from pipelines.generate.prompts import PromptConditioning, encode_prompts
 from pipelines.models.families import AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE
 
@@ -63,25 +64,6 @@ class BatchInputs:
 
 # report_step(step, steps, latents=None): run_batch calls it after each step (1-based)
 StepReporter = Callable[..., None]
-
-
-def noise_for_seed(seed: int, subseed: int, subseed_strength: float, shape) -> tuple[torch.Tensor, torch.Generator]:
-    """A1111's CPU noise: randn from a generator seeded with the image's seed (float32)."""
-    generator = torch.Generator("cpu").manual_seed(seed)
-    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
-    if subseed_strength > 0:
-        sub = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(subseed), dtype=torch.float32)
-        noise = slerp(subseed_strength, noise, sub)
-    return noise, generator
-
-
-def slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    a_n, b_n = a / a.norm(), b / b.norm()
-    dot = (a_n * b_n).sum().clamp(-1.0, 1.0)
-    if dot.abs() > 0.9995:
-        return (1 - t) * a + t * b
-    omega = torch.acos(dot)
-    return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
 
 
 def plan_pixels(request: GenerationRequest, width: int, height: int) -> InpaintPlan | None:
@@ -216,7 +198,9 @@ def run_batch(components, device, request: GenerationRequest, batch: BatchInputs
     latent_shape = (1, unet.config.out_channels, height // 8, width // 8)
 
     # 1. noise, one generator per image
-    draws = [noise_for_seed(s, ss, request.subseed_strength, latent_shape) for s, ss in zip(seeds, subseeds)]
+    resize_from = (request.seed_resize_from_w, request.seed_resize_from_h)
+    draws = [noise_for_seed(s, ss, request.subseed_strength, latent_shape, resize_from)
+             for s, ss in zip(seeds, subseeds)]
     noise = torch.cat([n for n, _ in draws]).to(device)
     generators = [g for _, g in draws]
 
