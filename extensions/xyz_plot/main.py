@@ -6,6 +6,7 @@ Arguments (`request.extension_args["xyz-plot"]`, from the UI section or the API'
     x_values, y_values, z_values   comma-separated values, ranges allowed ("1-4", "5-25 (+10)")
     draw_legend   label the axes (default true)
     include_images   also return every cell's images after the grid(s) (default true)
+    include_sub_grids   with several Z values, also each Z value's grid after the combined one (default true)
     enabled   false turns it off (the UI section sends it)
 
 It runs as a script: each cell is one generation inside the same job (seeds fixed once for
@@ -24,7 +25,8 @@ from . import axes
 ID = "xyz-plot"
 MAX_CELLS = 500
 DEFAULTS = {"enabled": True, "x_type": "Nothing", "x_values": "", "y_type": "Nothing", "y_values": "",
-            "z_type": "Nothing", "z_values": "", "draw_legend": True, "include_images": True}
+            "z_type": "Nothing", "z_values": "", "draw_legend": True, "include_images": True,
+            "include_sub_grids": True}
 
 
 def setup(ext: Setup) -> None:
@@ -100,6 +102,8 @@ def run(ctx: ScriptContext) -> GenerationResult:
             result.interrupted = True
             break
     grids = build_grids(firsts, x, y, z, legend=bool(args["draw_legend"]))
+    if not args["include_sub_grids"]:
+        grids = grids[:1]  # with several Z values: the combined grid only
     first = next(iter(firsts.values()), (None, "", ctx.request.seed))
     text = first[1]
     out_images, out_texts, out_paths = [], [], []
