@@ -187,4 +187,7 @@ class ModelManager:
         if self.placement.device.type == "cuda":
             info["vram_allocated_bytes"] = torch.cuda.memory_allocated()
             info["vram_reserved_bytes"] = torch.cuda.memory_reserved()
+            info["vram_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+            info["vram_peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
+            info["vram_free_bytes"], info["vram_total_bytes"] = torch.cuda.mem_get_info(self.placement.device)
         return info

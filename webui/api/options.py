@@ -3,12 +3,19 @@
 One small object per API instance. Changing it affects later API requests that do not name
 their own checkpoint/VAE/clip skip, and nothing else: not a job that is running or waiting
 (its request was built before), not the web UI (each browser session has its own choices).
+
+Besides those three, A1111's commonly used option keys (`KNOWN_OPTIONS`) are checked, kept and
+read back; those this server cannot honour (JPEG output, face restoration, ...) are reported by
+POST as having no effect, with the reason. Keys this server does not know at all are kept and
+echoed too (A1111 clients set and read back their own), and reported as having no effect.
 """
 
 from __future__ import annotations
 
+import math
 import threading
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 from pipelines.core.engine_api import EngineAPI
 
@@ -17,6 +24,98 @@ from .names import parse_clip_skip, resolve_checkpoint_field
 
 SCOPE_NOTE = ("server defaults for later API requests that do not set these themselves; "
               "running and queued jobs and the web UI are not affected")
+MAX_EXTRA_KEYS = 1000  # keys this server does not know, kept for clients to read back
+NO_FACE_RESTORATION = "face restoration is not available on this server"
+UNKNOWN_KEY = "not an option of this server: kept and read back by GET /options, changes nothing"
+READ_ONLY = "read-only: the hash of sd_model_checkpoint"
+
+
+def parse_bool(key: str, value: Any) -> bool:
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    if not isinstance(value, bool):
+        raise bad_field(key, f"must be true or false, got {value!r}")
+    return value
+
+
+def int_between(low: int, high: int) -> Callable[[str, Any], int]:
+    def parse(key: str, value: Any) -> int:
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise bad_field(key, f"must be a whole number between {low} and {high}, got {value!r}")
+        return value
+    return parse
+
+
+def number_between(low: float, high: float) -> Callable[[str, Any], float]:
+    def parse(key: str, value: Any) -> float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not low <= value <= high:
+            raise bad_field(key, f"must be a number between {low:g} and {high:g}, got {value!r}")
+        return float(value)
+    return parse
+
+
+def one_of(*choices: str, optional: bool = False) -> Callable[[str, Any], str | None]:
+    """A choice, any case, as spelled in `choices` (None too when `optional`)."""
+    def parse(key: str, value: Any) -> str | None:
+        if optional and value in (None, "", "None"):
+            return None
+        spelled = {c.casefold(): c for c in choices}
+        if isinstance(value, str) and value.strip().casefold() in spelled:
+            return spelled[value.strip().casefold()]
+        listed = ", ".join(choices) + (" or null" if optional else "")
+        raise bad_field(key, f"must be one of {listed}; got {value!r}")
+    return parse
+
+
+def unless(effective: Any, reason: str) -> Callable[[Any], str | None]:
+    """No effect (for `reason`) unless the value is `effective`, what this server does anyway."""
+    return lambda value: None if value == effective else reason
+
+
+def never(reason: str) -> Callable[[Any], str | None]:
+    return lambda value: reason
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    default: Any  # what GET shows before a POST: this server's behaviour, not A1111's default
+    parse: Callable[[str, Any], Any]  # the checked value, or ApiError naming the key
+    no_effect: Callable[[Any], str | None] = lambda value: None  # why a value changes nothing
+
+
+# A1111 option keys clients commonly set, beyond the model settings handled by ApiOptions itself.
+KNOWN_OPTIONS: dict[str, OptionSpec] = {
+    "samples_save": OptionSpec(True, parse_bool),  # false: save_images=true saves nothing (A1111)
+    "samples_format": OptionSpec("png", one_of("png", "jpg", "jpeg", "webp", "avif", "gif", "bmp", "tiff"),
+                                 unless("png", "images are saved as PNG only (they carry the parameters "
+                                               "chunk); other formats are not written by this server")),
+    "jpeg_quality": OptionSpec(80, int_between(1, 100),
+                               never("images are saved as PNG only, so no JPEG quality applies")),
+    "send_seed": OptionSpec(True, parse_bool, never("a web UI setting in A1111 (what 'send to' buttons carry); "
+                                                    "API requests carry their own seed")),
+    "eta_noise_seed_delta": OptionSpec(0, int_between(0, 2**32 - 1),
+                                       unless(0, "the ancestral samplers' noise seed is not offset on this server "
+                                                 "(it behaves as 0)")),
+    "randn_source": OptionSpec("CPU", one_of("GPU", "CPU", "NV"),
+                               unless("CPU", "initial noise always comes from the CPU generator on this server "
+                                             "(A1111's 'CPU' source), so seeds match across machines")),
+    "enable_pnginfo": OptionSpec(True, parse_bool, unless(True, "every saved PNG carries its parameters "
+                                                                "on this server")),
+    "face_restoration": OptionSpec(False, parse_bool, unless(False, NO_FACE_RESTORATION)),
+    "face_restoration_model": OptionSpec(None, one_of("CodeFormer", "GFPGAN", optional=True),
+                                         unless(None, NO_FACE_RESTORATION)),
+    "code_former_weight": OptionSpec(0.5, number_between(0.0, 1.0), never(NO_FACE_RESTORATION)),
+}
 
 
 class ApiOptions:
@@ -27,6 +126,7 @@ class ApiOptions:
             "sd_model_checkpoint": sd_model_checkpoint,  # a listed name; None: the engine's default
             "sd_vae": sd_vae,
             "CLIP_stop_at_last_layers": clip_stop_at_last_layers,
+            **{key: spec.default for key, spec in KNOWN_OPTIONS.items()},
         }
 
     def snapshot(self) -> dict[str, Any]:
@@ -43,10 +143,13 @@ class ApiOptions:
         return values
 
     def update(self, engine: EngineAPI, changes: Mapping[str, Any]) -> dict[str, Any]:
-        """Validate every recognised key first, then apply them together; returns the report."""
+        """Validate every key first (a 422 naming the first bad one, nothing applied), then apply
+        them together. The report: `updated` (keys that change what later requests do), `ignored`
+        (keys kept and read back by GET that change nothing here) with `no_effect` saying why."""
         if not isinstance(changes, Mapping):
             raise bad_field("body", "expected a JSON object of option names and values")
         accepted: dict[str, Any] = {}
+        no_effect: dict[str, str] = {}
         for key, value in changes.items():
             if key == "sd_model_checkpoint":
                 accepted[key] = resolve_checkpoint_field(engine, key, value).name
@@ -54,10 +157,24 @@ class ApiOptions:
                 accepted[key] = checked_vae(engine, key, value)
             elif key == "CLIP_stop_at_last_layers":
                 accepted[key] = parse_clip_skip(key, value)
+            elif key == "sd_checkpoint_hash":
+                no_effect[key] = READ_ONLY
+            elif key in KNOWN_OPTIONS:
+                accepted[key] = KNOWN_OPTIONS[key].parse(key, value)
+                reason = KNOWN_OPTIONS[key].no_effect(accepted[key])
+                if reason:
+                    no_effect[key] = reason
+            else:
+                accepted[key] = value
+                no_effect[key] = UNKNOWN_KEY
         with self._lock:
+            extra = {k for k in (*self._values, *accepted) if k not in KNOWN_OPTIONS} - {
+                "sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers"}
+            if len(extra) > MAX_EXTRA_KEYS:
+                raise bad_field("body", f"this server keeps at most {MAX_EXTRA_KEYS} options it does not know")
             self._values.update(accepted)
-        ignored = sorted(k for k in changes if k not in accepted)
-        return {"updated": {k: v for k, v in accepted.items()}, "ignored": ignored, "scope": SCOPE_NOTE}
+        return {"updated": {k: v for k, v in accepted.items() if k not in no_effect},
+                "ignored": sorted(no_effect), "no_effect": no_effect, "scope": SCOPE_NOTE}
 
 
 def checked_vae(engine: EngineAPI, field_name: str, value: Any) -> str:

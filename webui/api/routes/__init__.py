@@ -1,6 +1,7 @@
 """The /sdapi/v1 routes over an injected engine, assembled from one module per group:
 generation (txt2img, img2img), extras (extra-single-image, png-info), progress (progress,
-interrupt, skip), options (options, cmd-flags) and listings (models, samplers, upscalers, ...).
+interrupt, skip), options (options, cmd-flags), listings (models, samplers, upscalers, styles, ...) and system
+(memory, extensions).
 
 Generation and extras run in threads of their own pool (`JobThreads`), sized to the engine
 queue's capacity: a job waits in the engine's one fair queue (shared with the web UI) without
@@ -26,6 +27,7 @@ from .job_threads import JobThreads
 from .listings import add_listing_routes
 from .options import add_option_routes
 from .progress import add_progress_routes
+from .system import add_system_routes
 
 PREFIX = "/sdapi/v1"
 
@@ -48,4 +50,5 @@ def create_api(engine: EngineAPI, *, auth: list[tuple[str, str]] | None = None,
     add_progress_routes(router, engine)
     add_option_routes(router, engine, options, cmd_flags)
     add_listing_routes(router, engine)
+    add_system_routes(router, engine)
     return router

@@ -21,7 +21,10 @@ def add_generation_routes(router: APIRouter, engine: EngineAPI, options: ApiOpti
     def generate(body: GenerationFields, request: Request) -> dict[str, Any]:
         prepared = tr.prepare_generation(engine, body, options)
         try:
-            result = engine.generate(prepared.request, owner=owner_of(request))
+            if prepared.sd_upscale is not None:  # script_name "sd upscale"
+                result = engine.sd_upscale(prepared.request, **prepared.sd_upscale, owner=owner_of(request))
+            else:
+                result = engine.generate(prepared.request, owner=owner_of(request))
         except RequestError as exc:
             raise bad_field(prepared.api_field(exc.field), exc.message) from None
         except Exception as exc:
@@ -30,7 +33,7 @@ def add_generation_routes(router: APIRouter, engine: EngineAPI, options: ApiOpti
             raise
         return {
             "images": [images.encode_png(image) for image in result.images] if body.send_images else [],
-            "parameters": tr.generation_parameters(body),
+            "parameters": tr.generation_parameters(body, prepared.request),
             "info": tr.dumps(tr.generation_info(prepared, result)),
         }
 

@@ -1,5 +1,6 @@
 """GET listings in A1111's shapes: checkpoints, VAEs, samplers, schedulers, upscalers, LoRAs,
-embeddings, scripts; and the refresh routes that rescan the model folders."""
+embeddings, styles, face restorers, Real-ESRGAN models, hypernetworks, latent upscale modes,
+scripts; and the refresh routes that rescan the model folders."""
 
 from __future__ import annotations
 
@@ -7,8 +8,24 @@ from fastapi import APIRouter
 
 from pipelines.core import samplers
 from pipelines.core.engine_api import EngineAPI
+from pipelines.core.request import LATENT_UPSCALE_MODES
+from pipelines.core.styles import style_database
 
 from .. import names
+from .. import scripts as selectable
+
+REALESRGAN_COMPACT = "RealESRGAN Compact"  # spandrel's name for SRVGGNetCompact
+
+
+def is_realesrgan(upscaler) -> bool:
+    """A model upscaler of the Real-ESRGAN project: the Compact architecture is only used
+    there; its RRDBNet files share spandrel's "ESRGAN" with the original ESRGAN, so for
+    those the file name decides (Real-ESRGAN's releases all start with "RealESRGAN"/"realesr")."""
+    architecture = getattr(upscaler, "architecture", None)
+    if architecture == REALESRGAN_COMPACT:
+        return True
+    file_name = str(upscaler.name).rsplit("/", 1)[-1]
+    return architecture == "ESRGAN" and "realesr" in file_name.casefold()
 
 
 def add_listing_routes(router: APIRouter, engine: EngineAPI) -> None:
@@ -25,6 +42,12 @@ def add_listing_routes(router: APIRouter, engine: EngineAPI) -> None:
     @router.get("/sd-vae")
     def sd_vae():
         return [{"model_name": f.name, "filename": str(f.path)} for f in engine.list_vaes()]
+
+    @router.post("/refresh-vae")
+    def refresh_vae():
+        """Rescan the VAE folder (models/VAE, --vae-dir); GET /sd-vae lists what it found."""
+        engine.list_vaes(refresh=True)
+        return None
 
     @router.get("/samplers")
     def get_samplers():
@@ -62,6 +85,41 @@ def add_listing_routes(router: APIRouter, engine: EngineAPI) -> None:
         engine.lora_listing(refresh=True)
         return None
 
+    @router.get("/prompt-styles")
+    def prompt_styles():
+        """The styles of styles.csv (in --data-dir), in file order; apply them by name with
+        `styles` in txt2img/img2img. A1111 has no route to change them: edit the file or use the
+        web UI's style buttons."""
+        database = style_database(engine)
+        return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt}
+                for s in (database.styles() if database is not None else [])]
+
+    @router.get("/face-restorers")
+    def face_restorers():
+        """Face restorers installed (name, cmd_dir): always empty for now, because face
+        restoration is not implemented on this server yet (`restore_faces` is answered with a
+        warning in `info`)."""
+        return []
+
+    @router.get("/realesrgan-models")
+    def realesrgan_models():
+        """The models of the upscaler folder (models/ESRGAN, --esrgan-models-path) that are
+        Real-ESRGAN: the RealESRGAN Compact architecture (realesr-general-x4v3, ...), or an
+        RRDBNet file whose name says Real-ESRGAN (RealESRGAN_x4plus, ...). `name` is what
+        upscaler_1 / hr_upscaler take, `scale` the model's native factor."""
+        return [{"name": u.name, "path": str(u.path), "scale": u.scale}
+                for u in engine.upscalers() if is_realesrgan(u)]
+
+    @router.get("/hypernetworks")
+    def hypernetworks():
+        """Always empty: hypernetworks are not supported on this server (use LoRA instead)."""
+        return []
+
+    @router.get("/latent-upscale-modes")
+    def latent_upscale_modes():
+        """The hires fix's latent upscalers (`hr_upscaler` takes these names too)."""
+        return [{"name": name} for name in LATENT_UPSCALE_MODES]
+
     @router.get("/embeddings")
     def embeddings():
         """Readable embedding files as `loaded` (used by writing their name in a prompt),
@@ -70,9 +128,10 @@ def add_listing_routes(router: APIRouter, engine: EngineAPI) -> None:
 
     @router.get("/scripts")
     def scripts():
-        """No selectable or always-on scripts (the webuiapi client asks on connect)."""
-        return {"txt2img": [], "img2img": []}
+        """A1111's selectable scripts this server runs, per mode (lowercase names, for `script_name`)."""
+        return selectable.listing(engine)
 
     @router.get("/script-info")
     def script_info():
-        return []
+        """Each selectable script's positional `script_args` in A1111's order (label, default, range, choices)."""
+        return selectable.info(engine)

@@ -31,13 +31,20 @@ def add_option_routes(router: APIRouter, engine: EngineAPI, options: ApiOptions,
                       cmd_flags: dict[str, Any] | None) -> None:
     @router.get("/options")
     def get_options():
-        """sd_model_checkpoint (title), sd_checkpoint_hash, sd_vae, CLIP_stop_at_last_layers."""
+        """The API's server defaults: sd_model_checkpoint (title), sd_checkpoint_hash, sd_vae,
+        CLIP_stop_at_last_layers, A1111's common keys (samples_save, samples_format, jpeg_quality,
+        send_seed, eta_noise_seed_delta, randn_source, enable_pnginfo, face_restoration,
+        face_restoration_model, code_former_weight) and every other key a client has set."""
         return options.public(engine)
 
     @router.post("/options")
     def set_options(body: dict[str, Any] = Body(...)):
-        """Change the API's server defaults. Running jobs and the web UI are not affected;
-        keys other than sd_model_checkpoint, sd_vae and CLIP_stop_at_last_layers are ignored."""
+        """Change the API's server defaults (all or nothing: a bad value is a 422 naming its key).
+        Running and queued jobs and the web UI are not affected. Every key is kept and read back by
+        GET, but only some change what this server does: the reply's `updated` lists those,
+        `ignored` the others, and `no_effect` says why for each (PNG is the only format written,
+        face restoration is not available, keys this server does not know, ...).
+        `samples_save: false` makes `save_images: true` save nothing, as in A1111."""
         return options.update(engine, body)
 
     @router.get("/cmd-flags")
