@@ -129,9 +129,9 @@ class Engine:
         except RequestError:
             return 512
 
-    def list_vaes(self) -> list[ModelFile]:
-        """The files of the VAE folder (models/VAE, --vae-dir)."""
-        return self.registry.list("vae")
+    def list_vaes(self, refresh: bool = False) -> list[ModelFile]:
+        """The files of the VAE folder (models/VAE, --vae-dir); `refresh` rescans it."""
+        return self.registry.list("vae", refresh)
 
     def vae_choices(self) -> list[str]:
         """Values GenerationRequest.vae takes: "Automatic", "None" (baked in), then models/VAE names."""

@@ -294,7 +294,7 @@ def test_the_api_does_not_interrupt_a_web_ui_job(api, engine):
     ("txt2img", {"override_settings": {"CLIP_stop_at_last_layers": 40}},
      "override_settings.CLIP_stop_at_last_layers", "between"),
     ("txt2img", {"override_settings": {"sd_vae": "other.safetensors"}}, "override_settings.sd_vae", "VAE"),
-    ("txt2img", {"script_name": "x/y/z plot"}, "script_name", "x/y/z plot"),
+    ("txt2img", {"script_name": "ultimate sd upscale"}, "script_name", "x/y/z plot"),
     ("img2img", {}, "init_images", "input image"),
     ("img2img", {"init_images": ["not base64 at all!"]}, "init_images.0", "base64"),
     ("img2img", {"init_images": [base64.b64encode(b"not an image").decode()]}, "init_images.0", "image"),

@@ -89,7 +89,7 @@ class FakeEngine:
     def native_resolution(self, checkpoint):
         return 1024 if checkpoint == "sdxl" else 512
 
-    def list_vaes(self):
+    def list_vaes(self, refresh: bool = False):
         return []
 
     def vae_choices(self):
@@ -462,7 +462,10 @@ def test_read_parameters_fills_fields_by_name(ui, engine):
                    "schedule_type": "Karras", "cfg_scale": 5.5, "seed": 77, "width": 640, "height": 384,
                    "denoising_strength": 0.3, "mask_blur": 9, "inpaint_area": "Only masked",
                    "mask_mode": "Inpaint not masked", "checkpoint": "sd15",
-                   "clip_skip": 1}  # absent in the text: A1111 leaves it out at 1
+                   "clip_skip": 1,  # absent in the text: A1111 leaves it out at 1
+                   # absent too, so off: no variation, no seed resize (the seed extras)
+                   "subseed_strength": 0.0, "seed_resize_from_w": 0, "seed_resize_from_h": 0,
+                   "tiling": False}  # absent: A1111 writes "Tiling: True" only when on
     assert set(updates) <= set(fields.values()) | {ui.components["inpaint"]["sized_for"]}
     assert updates[ui.components["inpaint"]["sized_for"]] == "sd15"
     # txt2img has no denoising/mask fields: they are simply not touched
@@ -640,3 +643,45 @@ def test_interrupt_reaches_a_job_that_still_waits(capsys):
     assert engine.requests == [] and len(answers[0]) == 4
     assert "Interrupted while waiting: nothing ran." in capsys.readouterr().out
     release.set()
+
+
+def test_seed_extras_reach_the_request_and_are_read_back(ui, engine):
+    """Variation seed and "Resize seed from" (the seed's extra options) in every generation tab."""
+    for mode in ("txt2img", "img2img", "inpaint"):
+        for name in ("subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h"):
+            assert name in ui.fields[mode], (mode, name)
+    assert ui.fields["txt2img"]["seed_resize_from_w"].value == 0  # off until set
+    ui.generate("txt2img", values(ui, "txt2img", prompt="p", width=96, height=64, steps=2, subseed=9.0,
+                                  subseed_strength=0.25, seed_resize_from_w=64.0, seed_resize_from_h=64.0),
+                request=fake_request("s"))
+    req = engine.requests[-1]
+    assert (req.subseed, req.subseed_strength, req.seed_resize_from_w, req.seed_resize_from_h) == (9, 0.25, 64, 64)
+    with pytest.raises(gr.Error) as info:  # one side only: the other is named
+        ui.generate("txt2img", values(ui, "txt2img", seed_resize_from_w=64), request=fake_request("s"))
+    assert "Resize seed from height (seed_resize_from_h)" in info.value.message
+    text = ("p\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 3, Size: 96x64, Variation seed: 9, "
+            "Variation seed strength: 0.25, Seed resize from: 64x48")
+    updates = ui.read_parameters("img2img", text, last=None, checkpoint="sd15")
+    fields = ui.fields["img2img"]
+    assert [updates[fields[name]] for name in ("subseed", "subseed_strength", "seed_resize_from_w",
+                                               "seed_resize_from_h")] == [9, 0.25, 64, 48]
+
+
+def test_tiling_checkbox_reaches_the_request_and_is_read_back(ui, engine):
+    """A1111's "Tiling" checkbox in every generation tab: off by default, on in the request when ticked."""
+    for mode in ("txt2img", "img2img", "inpaint"):
+        assert isinstance(ui.fields[mode]["tiling"], gr.Checkbox) and ui.fields[mode]["tiling"].value is False
+        assert ui.fields[mode]["tiling"].label == "Tiling"
+    ui.generate("txt2img", values(ui, "txt2img", prompt="p", steps=2), request=fake_request("s"))
+    assert engine.requests[-1].tiling is False
+    ui.generate("txt2img", values(ui, "txt2img", prompt="p", steps=2, tiling=True), request=fake_request("s"))
+    assert engine.requests[-1].tiling is True
+    init = Image.new("RGB", (64, 64), "blue")
+    ui.generate("img2img", values(ui, "img2img", init_image=init, width=64, height=64, steps=2, tiling=True),
+                request=fake_request("s"))
+    assert engine.requests[-1].mode == "img2img" and engine.requests[-1].tiling is True
+    text = "p\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 3, Size: 64x64, Tiling: True"
+    fields = ui.fields["img2img"]
+    assert ui.read_parameters("img2img", text, last=None, checkpoint="sd15")[fields["tiling"]] is True
+    plain = text.replace(", Tiling: True", "")  # A1111 leaves it out when off
+    assert ui.read_parameters("img2img", plain, last=None, checkpoint="sd15")[fields["tiling"]] is False

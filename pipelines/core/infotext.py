@@ -28,7 +28,7 @@ NEGATIVE_PREFIX = "Negative prompt:"
 # Extra keys (hires, extensions, "Lora hashes", ...) go after these and before "Version".
 _KEY_ORDER = (
     "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model",
-    "VAE hash", "VAE", "Variation seed", "Variation seed strength", "Denoising strength",
+    "VAE hash", "VAE", "Variation seed", "Variation seed strength", "Seed resize from", "Denoising strength",
     "Clip skip", "RNG",
 )
 
@@ -101,9 +101,11 @@ def generation_params(request: Any, *, seed: int, subseed: int, width: int, heig
         "VAE": vae_name,
         "Variation seed": subseed if strength > 0 else None,
         "Variation seed strength": strength if strength > 0 else None,
+        "Seed resize from": seed_resize_text(request),
         "Denoising strength": request.denoising_strength if request.mode in ("img2img", "inpaint") else None,
         "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
         "RNG": "CPU",
+        "Tiling": "True" if getattr(request, "tiling", False) else None,  # A1111 writes it after RNG
     }
     if request.mode == "inpaint":
         # A1111 adds these to extra_generation_params in this order while preparing the mask.
@@ -122,6 +124,12 @@ def generation_params(request: Any, *, seed: int, subseed: int, width: int, heig
         params[key] = value
     params["Version"] = version
     return {key: value for key, value in params.items() if value is not None}
+
+
+def seed_resize_text(request: Any) -> str | None:
+    """The "Seed resize from" value ("WxH"), or None when the request does not resize the seed."""
+    width, height = getattr(request, "seed_resize_from_w", 0), getattr(request, "seed_resize_from_h", 0)
+    return f"{width}x{height}" if width > 0 and height > 0 else None
 
 
 # --- parsing ------------------------------------------------------------------------------
@@ -252,6 +260,16 @@ def _canonical(value: str, choices: tuple[str, ...]) -> str | None:
     return None
 
 
+def _seed_resize_fields(info: Mapping[str, str], has_params: bool) -> dict[str, int]:
+    """seed_resize_from_w/h from "Seed resize from: WxH"; off (0) when a parameters line lacks it."""
+    width, height = _to_int(info.get("Seed resize from-1")), _to_int(info.get("Seed resize from-2"))
+    if in_limits("seed_resize_from_w", width) and in_limits("seed_resize_from_h", height) and min(width, height) >= 8:
+        return {"seed_resize_from_w": width, "seed_resize_from_h": height}
+    if has_params and "Seed resize from" not in info:
+        return {"seed_resize_from_w": 0, "seed_resize_from_h": 0}
+    return {}
+
+
 def request_fields_from_infotext(text: str) -> dict[str, Any]:
     """GenerationRequest field values found in a pasted text; never raises.
 
@@ -303,6 +321,8 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
             and width % 8 == 0 and height % 8 == 0):
         fields["width"], fields["height"] = width, height
 
+    fields.update(_seed_resize_fields(info, has_params))
+
     denoise = _to_float(info.get("Denoising strength"))
     if in_limits("denoising_strength", denoise):
         fields["denoising_strength"] = denoise
@@ -333,5 +353,9 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
                       ("VAE", "vae_name"), ("VAE hash", "vae_hash")):
         if info.get(key, "").strip():
             fields[hint] = info[key].strip()
+    if "Tiling" in info:
+        fields["tiling"] = info["Tiling"].strip().casefold() == "true"
+    elif has_params:  # A1111 only writes "Tiling: True"; absent means off
+        fields["tiling"] = False
     fields.update(hires_info.fields_from_infotext(info))  # hires fix, when the text has it
     return fields

@@ -32,6 +32,8 @@ LIMITS: dict[str, tuple[float, float]] = {
     "batch_count": (1, 100),
     "denoising_strength": (0.0, 1.0),
     "subseed_strength": (0.0, 1.0),
+    "seed_resize_from_w": (0, 2048),  # 0: off
+    "seed_resize_from_h": (0, 2048),
     "mask_blur": (0, 64),
     "inpaint_full_res_padding": (0, 256),
     "clip_skip": (1, 12),
@@ -85,6 +87,9 @@ class GenerationRequest:
     seed: int = -1
     subseed: int = -1
     subseed_strength: float = 0.0
+    # "Resize seed from": the noise of this size, centred (A1111); 0 (or any value <= 0): off
+    seed_resize_from_w: int = 0
+    seed_resize_from_h: int = 0
     steps: int = 20
     cfg_scale: float = 7.0
     sampler: str = "DPM++ 2M"
@@ -107,6 +112,7 @@ class GenerationRequest:
     checkpoint: str | None = None  # a name from the registry; None = server default
     vae: str | None = None
     clip_skip: int = 1
+    tiling: bool = False  # seamless: circular padding in the U-Net and VAE for this job
     # hires fix (txt2img): base pass at width x height, upscale, second img2img pass
     enable_hr: bool = False
     hr_scale: float = 2.0
@@ -146,6 +152,7 @@ class GenerationRequest:
             _check_range(name, value)
             if value % 8:
                 raise RequestError(name, f"must be a multiple of 8, got {value}")
+        self._check_seed_resize()
         _check_choice("sampler", self.sampler, samplers.SAMPLER_NAMES)
         _check_choice("schedule_type", self.schedule_type, samplers.SCHEDULE_TYPES)
         allowed = samplers.allowed_schedule_types(self.sampler)
@@ -165,7 +172,24 @@ class GenerationRequest:
         if not isinstance(self.extension_args, Mapping):
             raise RequestError("extension_args", "must be a mapping of extension id to arguments")
         object.__setattr__(self, "extension_args", MappingProxyType(dict(self.extension_args)))
+        object.__setattr__(self, "tiling", _check_flag("tiling", self.tiling))
         self._check_hires()
+
+    def _check_seed_resize(self) -> None:
+        """Values <= 0 mean off (A1111's API sends -1) and become 0; a size needs both sides."""
+        sides = ("seed_resize_from_w", "seed_resize_from_h")
+        for name in sides:
+            value = _check_int(name, getattr(self, name))
+            object.__setattr__(self, name, max(value, 0))
+            if value > 0:
+                _check_range(name, value)
+                if value < 8:
+                    raise RequestError(name, f"must be 0 (off) or at least 8 pixels, got {value}")
+        width, height = (getattr(self, name) for name in sides)
+        if (width > 0) != (height > 0):
+            unset = sides[1] if width > 0 else sides[0]
+            raise RequestError(unset, "resizing the seed needs both a width and a height; "
+                                      "set this one too, or set both to 0 to turn it off")
 
     def _check_hires(self) -> None:
         if not isinstance(self.enable_hr, bool):
@@ -332,6 +356,15 @@ def _check_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise RequestError(name, f"must be a whole number, got {value!r}")
     return value
+
+
+def _check_flag(name: str, value: Any) -> bool:
+    """A checkbox value: true or false (1 and 0 too, as JSON clients send them)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    raise RequestError(name, f"must be true or false, got {value!r}")
 
 
 def _check_number(name: str, value: Any) -> float:

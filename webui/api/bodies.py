@@ -39,18 +39,21 @@ class GenerationFields(ApiModel):
     seed: int = -1
     subseed: int = -1
     subseed_strength: float = 0.0
-    seed_resize_from_h: int = -1
-    seed_resize_from_w: int = -1
+    seed_resize_from_h: int = Field(-1, description="resize seed from height: the noise of this size, centred; "
+                                                    "<= 0 is off")
+    seed_resize_from_w: int = Field(-1, description="resize seed from width (with seed_resize_from_h)")
     sampler_name: Optional[str] = Field(None, description='e.g. "Euler a", "DPM++ 2M" or "DPM++ 2M Karras"')
     scheduler: Optional[str] = Field(None, description='schedule type: "automatic", "karras", ... (name or label)')
     batch_size: int = 1
     n_iter: int = 1
     steps: int = 50
     cfg_scale: float = 7.0
-    width: int = 512
-    height: int = 512
+    width: Optional[int] = Field(None, description="absent: the checkpoint's native size (512 SD 1.x, "
+                                                   "1024 SDXL, 64 the demo model)")
+    height: Optional[int] = Field(None, description="absent: the checkpoint's native size")
     restore_faces: Optional[bool] = None
-    tiling: Optional[bool] = None
+    tiling: Optional[bool] = Field(None, description="seamless: the picture repeats without a seam "
+                                                     "(circular padding; SD upscale wraps its tiles)")
     do_not_save_samples: bool = False
     do_not_save_grid: bool = False
     eta: Optional[float] = None
@@ -70,8 +73,12 @@ class GenerationFields(ApiModel):
     firstpass_image: Optional[str] = None
     comments: Optional[dict[str, Any]] = None
     sampler_index: str = "Euler"
-    script_name: Optional[str] = None
-    script_args: list[Any] = Field(default_factory=list)
+    script_name: Optional[str] = Field(None, description='an A1111 script by name ("x/y/z plot", "prompt matrix", '
+                                                         '"prompts from file or textbox", img2img: "sd upscale", '
+                                                         '"loopback"); see GET /sdapi/v1/scripts')
+    script_args: list[Any] = Field(default_factory=list, description="the script's arguments in A1111's order "
+                                                                     "(GET /sdapi/v1/script-info); missing ones "
+                                                                     "and nulls take A1111's defaults")
     send_images: bool = True
     save_images: bool = False
     alwayson_scripts: dict[str, Any] = Field(

@@ -29,6 +29,7 @@ from pipelines.core.request import (
 from pipelines.core.styles import apply_styles, style_database
 from pipelines.core.uploads import UploadLimits
 
+from . import scripts
 from .bodies import ExtrasSingleImageRequest, GenerationFields, Img2ImgRequest, Txt2ImgRequest
 from .errors import ApiError, bad_field
 from .extensions import extension_args
@@ -55,6 +56,7 @@ class Prepared:
     names: dict[str, str] = field(default_factory=dict)
     styles: list[str] = field(default_factory=list)  # applied to the prompts, in order
     started: datetime.datetime = field(default_factory=datetime.datetime.now)
+    sd_upscale: dict[str, Any] | None = None  # script_name "sd upscale": engine.sd_upscale's options
 
     def api_field(self, request_field: str) -> str:
         return self.names.get(request_field, request_field)
@@ -72,12 +74,8 @@ def _unsupported(body: GenerationFields) -> list[str]:
     notes = []
     if body.restore_faces:
         notes.append("restore_faces: face restoration is not available on this server; ignored")
-    if body.tiling:
-        notes.append("tiling: seamless tiling is not available on this server; ignored")
     if body.refiner_checkpoint not in (None, "", "None"):
         notes.append("refiner_checkpoint: the refiner is not available on this server; ignored")
-    if body.seed_resize_from_w > 0 or body.seed_resize_from_h > 0:
-        notes.append("seed_resize_from_w/h: resizing the seed is not available on this server; ignored")
     if body.infotext:
         notes.append("infotext: not applied on this server; send the fields themselves")
     if not body.override_settings_restore_afterwards:
@@ -98,25 +96,28 @@ def prepare_generation(engine: EngineAPI, body: GenerationFields, options: ApiOp
     """Validate `body` and build the GenerationRequest; raises ApiError naming an A1111 field."""
     names = dict(_API_NAMES)
     warnings = _unsupported(body)
-    if body.script_name not in (None, "", "None"):
-        raise bad_field("script_name", f"no script named {body.script_name!r} on this server "
-                                       "(selectable scripts are not available)")
+    mode = "img2img" if isinstance(body, Img2ImgRequest) else "txt2img"
+    script = scripts.choose(engine, body.script_name, body.script_args, mode, warnings)  # None: no script_name
+    if script is not None:
+        names.update(script.names)
 
     overrides = body.override_settings or {}
     unknown = [key for key in overrides if key not in OVERRIDES]
     if unknown:
         warnings.append(f"override_settings: ignored setting(s) {', '.join(map(repr, unknown))}; "
                         f"supported: {', '.join(OVERRIDES)}")
-    checkpoint, vae, clip_skip = _model_settings(engine, overrides, options.snapshot(), names)
+    defaults = options.snapshot()
+    checkpoint, vae, clip_skip = _model_settings(engine, overrides, defaults, names)
     sampler, schedule_type, names["sampler"] = parse_sampler(body)
     fields: dict[str, Any] = dict(
         mode="txt2img", prompt=body.prompt, negative_prompt=body.negative_prompt, seed=body.seed,
         subseed=body.subseed, subseed_strength=body.subseed_strength, steps=body.steps,
-        cfg_scale=body.cfg_scale, sampler=sampler, schedule_type=schedule_type, width=body.width,
-        height=body.height, batch_size=body.batch_size, batch_count=body.n_iter,
-        checkpoint=checkpoint.name, vae=vae, clip_skip=clip_skip,
-        save_images=bool(body.save_images and not body.do_not_save_samples),
-        extension_args=extension_args(engine, body.alwayson_scripts, warnings),  # known extensions' args
+        cfg_scale=body.cfg_scale, sampler=sampler, schedule_type=schedule_type,
+        seed_resize_from_w=body.seed_resize_from_w, seed_resize_from_h=body.seed_resize_from_h,
+        **_size(engine, body, checkpoint), batch_size=body.batch_size, batch_count=body.n_iter,
+        checkpoint=checkpoint.name, vae=vae, clip_skip=clip_skip, tiling=bool(body.tiling),
+        save_images=bool(body.save_images and not body.do_not_save_samples and defaults.get("samples_save", True)),
+        extension_args=scripts.with_script(extension_args(engine, body.alwayson_scripts, warnings), script),
     )
     if isinstance(body, Img2ImgRequest):
         fields.update(_img2img_fields(body, warnings, upload_limits(engine)))
@@ -131,7 +132,18 @@ def prepare_generation(engine: EngineAPI, body: GenerationFields, options: ApiOp
     except RequestError as exc:
         raise bad_field(names.get(exc.field, exc.field), exc.message) from None
     return Prepared(request=request, checkpoint=checkpoint, warnings=warnings, names=names,
-                    styles=list(body.styles or []))
+                    styles=list(body.styles or []),
+                    sd_upscale=script.args if script is not None and script.target == scripts.SD_UPSCALE else None)
+
+
+def _size(engine: EngineAPI, body: GenerationFields, checkpoint: ModelFileInfo) -> dict[str, Any]:
+    """width and height: the body's, or the checkpoint's native size for one it leaves out (as
+    the UI starts from), so the demo model draws at 64 and SDXL at 1024; an explicit 512 stays."""
+    native = None
+    if body.width is None or body.height is None:
+        native = engine.native_resolution(checkpoint.name)
+    return {"width": native if body.width is None else body.width,
+            "height": native if body.height is None else body.height}
 
 
 def _model_settings(engine: EngineAPI, overrides: Mapping[str, Any], defaults: Mapping[str, Any],
@@ -235,9 +247,14 @@ def _img2img_fields(body: Img2ImgRequest, warnings: list[str], limits: UploadLim
     return values
 
 
-def generation_parameters(body: GenerationFields) -> dict[str, Any]:
-    """The `parameters` echo: the request as A1111 saw it, with every default filled in."""
+def generation_parameters(body: GenerationFields, request: GenerationRequest | None = None) -> dict[str, Any]:
+    """The `parameters` echo: the request as A1111 saw it, with every default filled in (an
+    absent width/height as the size `request` was made at)."""
     params = body.model_dump()
+    if request is not None:
+        for name in ("width", "height"):
+            if params.get(name) is None:
+                params[name] = getattr(request, name)
     if isinstance(body, Img2ImgRequest) and not body.include_init_images:
         params["init_images"] = None
         params["mask"] = None
@@ -277,8 +294,8 @@ def generation_info(prepared: Prepared, result) -> dict[str, Any]:
         "sd_model_hash": first.get("Model hash") or file.short_hash,
         "sd_vae_name": first.get("VAE"),
         "sd_vae_hash": first.get("VAE hash"),
-        "seed_resize_from_w": -1,
-        "seed_resize_from_h": -1,
+        "seed_resize_from_w": request.seed_resize_from_w or -1,  # A1111's "off" is -1
+        "seed_resize_from_h": request.seed_resize_from_h or -1,
         "denoising_strength": (request.denoising_strength if request.mode != "txt2img"
                                else request.hr_denoising_strength if request.enable_hr else None),
         "extra_generation_params": {"Schedule type": schedule},

@@ -97,6 +97,7 @@ class GenerationTabs:
                                             scale=0, min_width=48)
                     reuse_seed = gr.Button("♻️", elem_id=f"{p}_reuse_seed", elem_classes="tool-button",
                                            scale=0, min_width=48)
+                seed_extras(fields, p)
                 extensions.add_sections(ui, mode, fields)  # their values become request.extension_args
             with gr.Column(scale=1):
                 gallery = gr.Gallery(label="Output", columns=ui.options.gallery_columns, height=480,
@@ -163,6 +164,8 @@ class GenerationTabs:
                 fields["batch_count"] = slider("batch_count", step=1, elem_id=f"{p}_batch_count")
                 fields["batch_size"] = slider("batch_size", step=1, elem_id=f"{p}_batch_size")
         fields["cfg_scale"] = slider("cfg_scale", step=0.5, elem_id=f"{p}_cfg_scale")
+        fields["tiling"] = gr.Checkbox(value=convert.request_default("tiling"), label=convert.LABELS["tiling"],
+                                       elem_id=f"{p}_tiling", info="seamless: the picture repeats without a seam")
         if mode == "txt2img":
             hires.build(self.engine, fields, p)
         else:
@@ -289,6 +292,18 @@ class GenerationTabs:
     @staticmethod
     def brush_update(size: float):
         return gr.update(brush=gr.Brush(default_size=int(size), colors=BRUSH_COLORS, color_mode="defaults"))
+
+
+def seed_extras(fields: dict[str, Any], p: str) -> None:
+    """A1111's seed "Extra": variation seed and strength, and "Resize seed from" (0 x 0: off)."""
+    with gr.Accordion("Extra seed options", open=False, elem_id=f"{p}_seed_extras"):
+        with gr.Row():
+            fields["subseed"] = gr.Number(value=-1, label=convert.LABELS["subseed"], precision=0, minimum=-1,
+                                          maximum=MAX_SEED, elem_id=f"{p}_subseed")
+            fields["subseed_strength"] = slider("subseed_strength", step=0.01, elem_id=f"{p}_subseed_strength")
+        with gr.Row():
+            fields["seed_resize_from_w"] = slider("seed_resize_from_w", step=8, elem_id=f"{p}_seed_resize_from_w")
+            fields["seed_resize_from_h"] = slider("seed_resize_from_h", step=8, elem_id=f"{p}_seed_resize_from_h")
 
 
 def selected_infotext(last: dict, index: int) -> str:
