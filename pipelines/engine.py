@@ -20,10 +20,11 @@ from extensions.manager import ExtensionManager
 from pipelines.core import samplers
 from pipelines.core.hosted_limits import SpaceLimits, check_job, limits_for, queue_bound
 from pipelines.core.jobs import Job, JobQueue, WaitCallback
+from pipelines.core.merge_request import MergeRequest, MergeResult
 from pipelines.core.progress import JobControl, ProgressCallback
 from pipelines.core.request import GenerationRequest, GenerationResult, RequestError, UpscaleRequest
 from pipelines.core.settings import MODEL_KINDS, EngineSettings, Paths
-from pipelines.generate import embeddings, lora, upscalers
+from pipelines.generate import embeddings, faces, lora, upscalers
 from pipelines.generate.generation import Generator, JobContext, grid_folder
 from pipelines.generate.upscaling import SdUpscaleOptions, Upscaling
 from pipelines.hosting import zerogpu
@@ -32,6 +33,8 @@ from pipelines.models.device import choose_placement
 from pipelines.models.families import SDXL_REFINER
 from pipelines.models.inspection import describe_checkpoint
 from pipelines.models.manager import ModelManager
+from pipelines.models.merge import plan as plan_merge
+from pipelines.models.merge import run as run_merge
 from pipelines.models.registry import ModelFile, ModelRegistry
 from pipelines.models.stores import HashCache
 
@@ -58,7 +61,8 @@ class Engine:
         folders = {kind: self.paths.folder(kind) for kind in MODEL_KINDS}
         self.registry = ModelRegistry(folders, HashCache(Path(self.paths.data_dir) / "hashes.json"),
                                       describers={"checkpoints": describe_checkpoint,
-                                                  "esrgan": upscalers.describe_model_file},
+                                                  "esrgan": upscalers.describe_model_file,
+                                                  **{kind: faces.describe_face_file for kind in faces.FACE_KINDS}},
                                       fallbacks={kind: self.paths.fallback(kind) for kind in MODEL_KINDS})
         budget = int(self.settings.ram_budget_gb * GB) if self.settings.ram_budget_gb else None
         self.manager = ModelManager(self.placement, budget)
@@ -67,10 +71,11 @@ class Engine:
             max_waiting = queue_bound(hosted_limits, max_waiting)
         self.queue = JobQueue(max_waiting)  # one fair queue for the UI, the API and scripts
         self.upscaler_models = upscalers.UpscalerModels(self.placement.device)  # loaded ESRGAN & co.
+        self.faces = faces.FaceRestoration(self.registry, folders, self.placement.device)  # GFPGAN & co.
         # extensions' hooks; none until the launcher calls extensions.discover(...)
         self.extensions = ExtensionManager(Path(self.paths.data_dir) / "extensions.json")
         self.generator = Generator(self.registry, self.manager, self.placement, Path(self.paths.outdir),
-                                   load=self._load, hires_upscaler=self.hires_upscaler)
+                                   load=self._load, hires_upscaler=self.hires_upscaler, faces=self.faces)
         self.upscaling = Upscaling(self.registry, self.upscaler_models, self.generator)
         # each job's device work as a request-only function: on ZeroGPU it borrows the GPU for
         # the estimated time and runs in a worker process (see pipelines/hosting/zerogpu.py)
@@ -171,6 +176,10 @@ class Engine:
                         "metadata": {k: v for k, v in meta.items() if len(v) < 20000},
                         "trigger_words": lora.trigger_words(meta), "prompt": f"<lora:{name}:1>"})
         return out
+
+    def face_restorers(self, refresh: bool = False) -> list[dict]:
+        """Face restorers of models/GFPGAN and models/Codeformer: [{name, cmd_dir}] (A1111's listing)."""
+        return self.faces.listing(refresh)
 
     def embedding_listing(self, refresh: bool = False) -> dict:
         """/sdapi/v1/embeddings: readable files of the embeddings folder as "loaded" (with
@@ -315,6 +324,8 @@ class Engine:
             raise RequestError("vae", str(exc)) from exc
         if request.enable_hr:
             self.hires_upscaler(request.hr_upscaler)  # an unknown upscaler fails before queueing
+        if request.restore_faces:
+            self.faces.choose(request.face_restorer)  # no restorer / an unknown one fails before queueing
         return file
 
     def generate(self, request: GenerationRequest, *, on_progress: ProgressCallback | None = None,
@@ -419,3 +430,18 @@ class Engine:
 
     def _sd_upscale_seconds(self, request: GenerationRequest, upscaler: str, scale: float, overlap: int) -> float:
         return zerogpu.sd_upscale_seconds(request, scale, overlap, self._native_side(request))
+
+    def merge_checkpoints(self, request: MergeRequest, *, on_progress: ProgressCallback | None = None,
+                          control: JobControl | None = None, owner: str | None = None,
+                          on_wait: WaitCallback | None = None) -> MergeResult:
+        """A1111's Checkpoint Merger as a job: names, families, shapes and the output name are
+        checked before queueing (RequestError naming the field); the new file is listed after."""
+        if self._hosted_limits is not None:  # visitors of a public demo must not write model files
+            raise RequestError("primary_model_name", "this hosted demo does not merge checkpoints")
+        merge_plan = plan_merge(self.registry, request, self.paths.folder("checkpoints"))
+        job = self.queue.new_job("merge", owner, control)
+        with self.queue.run(job, on_wait):
+            result = run_merge(merge_plan, self.registry, job.control, on_progress)
+        if result.name:
+            self.manager.unload(result.name)  # an overwritten file's old weights leave the cache
+        return result

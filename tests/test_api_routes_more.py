@@ -62,7 +62,7 @@ def test_list_routes_answer_in_a1111_shapes(api, engine):
 def test_the_docs_say_what_is_not_supported(base_url):
     paths = requests.get(f"{base_url}/openapi.json", timeout=10).json()["paths"]
     assert "not supported" in paths["/sdapi/v1/hypernetworks"]["get"]["description"]
-    assert "not implemented" in paths["/sdapi/v1/face-restorers"]["get"]["description"]
+    assert "models/GFPGAN" in paths["/sdapi/v1/face-restorers"]["get"]["description"]  # where to put them
     assert "get" not in paths["/sdapi/v1/refresh-vae"] and "post" in paths["/sdapi/v1/refresh-vae"]
 
 
@@ -171,11 +171,12 @@ def test_options_read_back_and_say_what_has_no_effect(api, base_url):
     try:
         answer = api.set_options({**A1111_KEYS, "CLIP_stop_at_last_layers": 2, "samples_save": True,
                                   "my_client.state": {"tab": 3, "tags": ["a", "b"]}})
-        assert answer["updated"] == {"CLIP_stop_at_last_layers": 2, "samples_save": True}
-        assert answer["ignored"] == sorted([*A1111_KEYS, "my_client.state"])
+        honoured = {"face_restoration_model": "CodeFormer", "code_former_weight": 0.7}  # defaults of restore_faces
+        assert answer["updated"] == {"CLIP_stop_at_last_layers": 2, "samples_save": True, **honoured}
+        assert answer["ignored"] == sorted([*(set(A1111_KEYS) - set(honoured)), "my_client.state"])
         reasons = answer["no_effect"]
         assert "PNG" in reasons["samples_format"] and "PNG" in reasons["jpeg_quality"]
-        assert "face restoration" in reasons["face_restoration_model"]
+        assert "face_restoration_model" not in reasons and "code_former_weight" not in reasons
         assert "not an option of this server" in reasons["my_client.state"]
         after = api.get_options()
         assert {key: after[key] for key in A1111_KEYS} == A1111_KEYS

@@ -181,7 +181,8 @@ def test_bad_values_and_unknown_keys_are_ignored_without_raising():
             "Seed: -5, Size: 513x9999, Clip skip: 99, Denoising strength: 2, Foo: bar, junk")
     fields = request_fields_from_infotext(text)
     assert fields == {"prompt": "p", "negative_prompt": "", "subseed_strength": 0.0,
-                      "seed_resize_from_w": 0, "seed_resize_from_h": 0, "tiling": False}  # absent: off
+                      "seed_resize_from_w": 0, "seed_resize_from_h": 0, "tiling": False,
+                      "restore_faces": False}  # absent: off
     assert request_fields_from_infotext("") == {"prompt": "", "negative_prompt": ""}
     assert parse_infotext("Steps: 1, Seed: 2, Sampler: \"unterminated")["Sampler"] == '"unterminated'
 

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from pipelines.core.jobs import JobQueue
+from pipelines.core.merge_request import MergeResult
 from pipelines.core.progress import JobControl, Progress
 from pipelines.core.request import GenerationRequest, GenerationResult, RequestError, UpscaleRequest
 from pipelines.core.settings import EngineSettings, Paths
@@ -116,6 +117,9 @@ class FakeEngine:
     def embedding_listing(self, refresh: bool = False):
         return {"loaded": {}, "skipped": {}}
 
+    def face_restorers(self, refresh: bool = False) -> list[dict]:
+        return [{"name": "GFPGAN", "cmd_dir": "models/GFPGAN"}]
+
     # --- what is loaded ----------------------------------------------------------------------
     def load_checkpoint(self, name):
         match = [c for c in self.checkpoints if c.name == name]
@@ -216,6 +220,11 @@ class FakeEngine:
         size = (round(image.width * scale), round(image.height * scale))
         return GenerationResult(images=[image.resize(size)], infotexts=[f"SD upscale overlap: {overlap}"])
 
+    def merge_checkpoints(self, request, *, on_progress=None, control=None, owner=None, on_wait=None):
+        self.__dict__.setdefault("merges", []).append(request)  # recorded for the Merge tab's tests
+        return MergeResult(name=f"{request.custom_name or 'merged'}.safetensors", path="/models/merged.safetensors",
+                           tensors=3)
+
 
 def fake_request(session: str) -> gr.Request:
     return gr.Request(session_hash=session)
@@ -242,7 +251,7 @@ def test_build_ui_has_the_tabs_header_and_footer(engine):
     blocks = build_ui(engine)
     assert isinstance(blocks, gr.Blocks)
     labels = [block.label for block in blocks.blocks.values() if isinstance(block, gr.Tab)]
-    assert labels == ["txt2img", "img2img", "Inpaint", "Upscale", "PNG Info", "Checkpoints"]
+    assert labels == ["txt2img", "img2img", "Inpaint", "Upscale", "PNG Info", "Checkpoints", "Merge"]
     ui = blocks.webui
     header = ui.components["checkpoint"]
     assert header.choices == [("sd15", "sd15"), ("sdxl", "sdxl")]
@@ -465,7 +474,8 @@ def test_read_parameters_fills_fields_by_name(ui, engine):
                    "clip_skip": 1,  # absent in the text: A1111 leaves it out at 1
                    # absent too, so off: no variation, no seed resize (the seed extras)
                    "subseed_strength": 0.0, "seed_resize_from_w": 0, "seed_resize_from_h": 0,
-                   "tiling": False}  # absent: A1111 writes "Tiling: True" only when on
+                   "tiling": False,  # absent: A1111 writes "Tiling: True" only when on
+                   "restore_faces": False}  # absent: "Face restoration: <model>" only when on
     assert set(updates) <= set(fields.values()) | {ui.components["inpaint"]["sized_for"]}
     assert updates[ui.components["inpaint"]["sized_for"]] == "sd15"
     # txt2img has no denoising/mask fields: they are simply not touched

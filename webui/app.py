@@ -40,6 +40,7 @@ from webui.tabs import extensions, pnginfo
 from webui.tabs.checkpoints import CheckpointsTab
 from webui.tabs.generation import GenerationTabs
 from webui.tabs.header import Header
+from webui.tabs.merge import MergeTab
 from webui.tabs.upscale import UpscaleTab
 from webui.uploads import guard_uploads
 
@@ -79,6 +80,7 @@ class WebUI:
         self.generation = GenerationTabs(self)
         self.header = Header(self, self.generation)
         self.upscale_tab = UpscaleTab(self)
+        self.merge_tab = MergeTab(self)
         self.checkpoints_tab = CheckpointsTab(engine, partial(loaded_text, engine), partial(default_checkpoint, engine))
 
     @property
@@ -114,6 +116,8 @@ class WebUI:
                     self.checkpoints_tab.build(tabs["checkpoints"], self.components["checkpoint"],
                                                self.components["loaded"], GENERATE_GROUP)
                     self.components["checkpoints"] = self.checkpoints_tab.components
+                with gr.Tab("Merge", id="merge", elem_id="tab_merge") as tabs["merge"]:
+                    self.merge_tab.build()
                 extensions.build_tabs(self, tabs, blocks)  # extensions' own tabs, then the Extensions tab
             self.components["footer"] = gr.Markdown(self.header.footer_text(), elem_id="footer")
             self._wire_tab_selection(tabs)

@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="upscaler model folder (ESRGAN and any architecture spandrel knows)")
     folders.add_argument("--embeddings-dir", type=Path, default=None, metavar="DIR",
                          help="textual inversion embeddings folder")
+    folders.add_argument("--gfpgan-models-path", type=Path, default=None, metavar="DIR",
+                         help="GFPGAN / RestoreFormer face restorer folder (default: <models-dir>/GFPGAN)")
+    folders.add_argument("--codeformer-models-path", type=Path, default=None, metavar="DIR",
+                         help="CodeFormer face restorer folder (default: <models-dir>/Codeformer)")
     folders.add_argument("--ckpt", default=None, metavar="PATH",
                          help="checkpoint to use by default (a file in the checkpoint folder, or its name)")
     folders.add_argument("--hf-checkpoint", default=os.environ.get("SDUI_HF_CHECKPOINT") or None,
@@ -163,6 +167,8 @@ def paths_from_args(args: argparse.Namespace, space: bool = False) -> Paths:
         lora_dir=args.lora_dir,
         esrgan_dir=args.esrgan_models_path,
         embeddings_dir=args.embeddings_dir,
+        gfpgan_dir=args.gfpgan_models_path,
+        codeformer_dir=args.codeformer_models_path,
         data_dir=data_dir,
         outdir=outdir,
     )

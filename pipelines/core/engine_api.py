@@ -17,6 +17,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 
 from pipelines.core.hosted_limits import SpaceLimits
 from pipelines.core.jobs import Job, JobQueue, WaitCallback
+from pipelines.core.merge_request import MergeRequest, MergeResult
 from pipelines.core.progress import JobControl, ProgressCallback
 from pipelines.core.request import GenerationRequest, GenerationResult, UpscaleRequest
 from pipelines.core.settings import EngineSettings, Paths
@@ -101,6 +102,9 @@ class EngineAPI(Protocol):
 
     def embedding_listing(self, refresh: bool = False) -> dict: ...
 
+    def face_restorers(self, refresh: bool = False) -> list[dict]:
+        """Face restorer models (models/GFPGAN, models/Codeformer) as A1111 lists them: [{name, cmd_dir}]."""
+
     # --- what is loaded ----------------------------------------------------------------------
     def load_checkpoint(self, name: str) -> ModelFileInfo: ...
 
@@ -147,3 +151,9 @@ class EngineAPI(Protocol):
                    overlap: int = 64, on_progress: ProgressCallback | None = None,
                    control: JobControl | None = None, owner: str | None = None,
                    on_wait: WaitCallback | None = None) -> GenerationResult: ...
+
+    def merge_checkpoints(self, request: MergeRequest, *, on_progress: ProgressCallback | None = None,
+                          control: JobControl | None = None, owner: str | None = None,
+                          on_wait: WaitCallback | None = None) -> MergeResult:
+        """A1111's Checkpoint Merger: write the merged `.safetensors` into the checkpoints folder
+        (listed afterwards); RequestError naming the field for bad names, families or shapes."""

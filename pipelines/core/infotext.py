@@ -94,6 +94,9 @@ def generation_params(request: Any, *, seed: int, subseed: int, width: int, heig
         "Schedule type": request.schedule_type,
         "CFG scale": request.cfg_scale,
         "Seed": seed,
+        # A1111 writes the restorer's name here; the engine passes the one it resolved in `extra`
+        "Face restoration": (getattr(request, "face_restorer", None) or "Automatic")
+        if getattr(request, "restore_faces", False) else None,
         "Size": f"{width}x{height}",
         "Model hash": model_hash,
         "Model": model_name,
@@ -357,5 +360,10 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
         fields["tiling"] = info["Tiling"].strip().casefold() == "true"
     elif has_params:  # A1111 only writes "Tiling: True"; absent means off
         fields["tiling"] = False
+    if info.get("Face restoration", "").strip():
+        fields["restore_faces"] = True
+        fields["face_restorer"] = info["Face restoration"].strip()
+    elif has_params:  # absent means off
+        fields["restore_faces"] = False
     fields.update(hires_info.fields_from_infotext(info))  # hires fix, when the text has it
     return fields

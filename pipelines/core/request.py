@@ -48,6 +48,10 @@ LIMITS: dict[str, tuple[float, float]] = {
     "tile_size": (0, 4096),
     "tile_overlap": (0, 256),
     "upscaler_2_visibility": (0.0, 1.0),
+    "code_former_weight": (0.0, 1.0),  # CodeFormer's fidelity: 0 strongest restoration, 1 closest to the input
+    "gfpgan_visibility": (0.0, 1.0),  # Extras: how much of the restored faces shows (0: off)
+    "codeformer_visibility": (0.0, 1.0),
+    "codeformer_weight": (0.0, 1.0),  # Extras' spelling of code_former_weight (A1111's field names)
 }
 # The first choice of the hires fix's sampler, schedule type and checkpoint lists, in A1111's
 # words: "the first pass's". A request's hr_sampler / hr_schedule_type set to one means None.
@@ -113,6 +117,10 @@ class GenerationRequest:
     vae: str | None = None
     clip_skip: int = 1
     tiling: bool = False  # seamless: circular padding in the U-Net and VAE for this job
+    # face restoration (GFPGAN / CodeFormer / RestoreFormer models): after decoding, before saving
+    restore_faces: bool = False
+    face_restorer: str | None = None  # a name from the engine's face_restorers(); None: the first one
+    code_former_weight: float = 0.5
     # hires fix (txt2img): base pass at width x height, upscale, second img2img pass
     enable_hr: bool = False
     hr_scale: float = 2.0
@@ -173,6 +181,10 @@ class GenerationRequest:
             raise RequestError("extension_args", "must be a mapping of extension id to arguments")
         object.__setattr__(self, "extension_args", MappingProxyType(dict(self.extension_args)))
         object.__setattr__(self, "tiling", _check_flag("tiling", self.tiling))
+        object.__setattr__(self, "restore_faces", _check_flag("restore_faces", self.restore_faces))
+        if self.face_restorer is not None and not isinstance(self.face_restorer, str):
+            raise RequestError("face_restorer", "must be a name from the face restorer list")
+        _check_range("code_former_weight", _check_number("code_former_weight", self.code_former_weight))
         self._check_hires()
 
     def _check_seed_resize(self) -> None:
@@ -312,8 +324,14 @@ class UpscaleRequest:
     upscaler_2_visibility: float = 0.0
     tile_size: int = 256  # neural upscalers: tile edge in input pixels, 0 = whole image
     tile_overlap: int = 16
+    # face restoration after upscaling, as A1111's Extras: models/GFPGAN's, then models/Codeformer's
+    gfpgan_visibility: float = 0.0
+    codeformer_visibility: float = 0.0
+    codeformer_weight: float = 0.0  # A1111's Extras default (strongest restoration)
 
     def __post_init__(self) -> None:
+        for name in ("gfpgan_visibility", "codeformer_visibility", "codeformer_weight"):
+            _check_range(name, _check_number(name, getattr(self, name)))
         if self.image is not None and not isinstance(self.image, Image.Image):
             raise RequestError("image", "an input image is needed")
         batch = tuple(self.images or ())

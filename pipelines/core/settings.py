@@ -28,6 +28,8 @@ MODEL_KINDS: dict[str, ModelKind] = {
     "lora": ModelKind("Lora", (".safetensors", ".pt")),
     "esrgan": ModelKind("ESRGAN", (".pth", ".pt", ".safetensors")),
     "embeddings": ModelKind("embeddings", (".safetensors", ".pt", ".bin")),
+    "gfpgan": ModelKind("GFPGAN", (".pth", ".pt", ".safetensors")),  # face restorers (and RestoreFormer)
+    "codeformer": ModelKind("Codeformer", (".pth", ".pt", ".safetensors")),
 }
 
 
@@ -39,6 +41,8 @@ class Paths:
     lora_dir: Path | None = None
     esrgan_dir: Path | None = None
     embeddings_dir: Path | None = None
+    gfpgan_dir: Path | None = None  # --gfpgan-models-path
+    codeformer_dir: Path | None = None  # --codeformer-models-path
     data_dir: Path = REPO_ROOT / "data"  # caches (hashes) and user data
     outdir: Path = REPO_ROOT / "outputs"
     demo_dir: Path | None = DEMO_CHECKPOINT_DIR  # None: no demo fallback (tests of an empty folder)
@@ -51,6 +55,8 @@ class Paths:
             "lora": self.lora_dir,
             "esrgan": self.esrgan_dir,
             "embeddings": self.embeddings_dir,
+            "gfpgan": self.gfpgan_dir,
+            "codeformer": self.codeformer_dir,
         }.get(kind)
         if override is not None:
             return Path(override)

@@ -21,7 +21,7 @@ from extensions.hooks import JobHooks
 from pipelines.core import hires_info, infotext, outputs, samplers
 from pipelines.core.jobs import Job
 from pipelines.core.progress import JobControl, Progress, ProgressCallback
-from pipelines.core.request import GenerationRequest, GenerationResult
+from pipelines.core.request import GenerationRequest, GenerationResult, RequestError
 from pipelines.generate import embeddings, hires, lora, runner, seamless, upscalers
 from pipelines.models import memory
 from pipelines.models.device import Placement
@@ -75,13 +75,15 @@ class Generator:
     """Runs generation jobs on the engine's registry, model cache and placement."""
 
     def __init__(self, registry: ModelRegistry, manager: ModelManager, placement: Placement, outdir: Path, *,
-                 load: Callable[[ModelFile], Any], hires_upscaler: Callable[[str, JobControl | None], Any]):
+                 load: Callable[[ModelFile], Any], hires_upscaler: Callable[[str, JobControl | None], Any],
+                 faces: Any = None):
         self.registry = registry
         self.manager = manager
         self.placement = placement
         self.outdir = Path(outdir)
         self.load = load  # the engine's load: marks the checkpoint as loading and hashes it meanwhile
         self.hires_upscaler = hires_upscaler  # a latent mode name, or an Upscaler (RequestError when unknown)
+        self.faces = faces  # faces.FaceRestoration: restore_faces (None: a RequestError when asked)
 
     # --- the model a job runs on ---------------------------------------------------------------
     def prepare(self, file: ModelFile, request: GenerationRequest, extra: dict | None = None) -> PreparedModel:
@@ -143,6 +145,7 @@ class Generator:
         components, result, extra = prepared.components, prepared.result, prepared.extra
         width, height = request.size_for(components.spec.native_resolution)
         hr_upscaler = self.hires_upscaler(request.hr_upscaler, control) if request.enable_hr else None
+        restore_faces = self.face_restoration(request, extra)
         if request.enable_hr:
             extra.update(hires_info.infotext_params(request, width, height))
         size = request.hires_size(width, height) if request.enable_hr else (width, height)
@@ -167,6 +170,7 @@ class Generator:
                             seamless.applied(components, request.tiling, result.warnings):
                         for batch in batches(next_batch):
                             for image, seed, subseed in zip(batch.images, batch.seeds, batch.subseeds):
+                                image = restore_faces(image, result.warnings)
                                 image, fields = hooks.after_image(image, request=request, seed=seed,
                                                                   subseed=subseed, index=len(result.images))
                                 params = infotext.generation_params(
@@ -193,6 +197,23 @@ class Generator:
                 result.warnings.append(note)
         result.interrupted = control.interrupted
         return result
+
+    def face_restoration(self, request: GenerationRequest, extra: dict) -> Callable:
+        """`restore(image, warnings) -> image` for this job: the request's face restorer on every
+        image (its name in `extra` for the infotext; no face found: a warning), or no change."""
+        if not request.restore_faces:
+            return lambda image, warnings: image
+        if self.faces is None:
+            raise RequestError("restore_faces", "face restoration is not available in this engine")
+        restorer = self.faces.choose(request.face_restorer)
+        extra["Face restoration"] = restorer.name
+
+        def restore(image, warnings: list) -> Any:
+            restored, found = self.faces.restore(image, restorer, request.code_former_weight)
+            if not found and "restore_faces: no face was found in the image" not in warnings:
+                warnings.append("restore_faces: no face was found in the image")
+            return restored
+        return restore
 
     def memory_mode(self, components, plan: memory.MemoryPlan):
         """The low-memory mode for a job planned (or retried) in it; else nothing changes."""

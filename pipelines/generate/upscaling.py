@@ -96,6 +96,7 @@ class Upscaling:
         upscaler / upscaler_2 when unknown)."""
         available = self.available()
         first = upscalers.get_upscaler(request.upscaler, available)
+        self.face_restorers(request)  # a visibility without a model fails before queueing
         second = None
         if request.upscaler_2 and request.upscaler_2_visibility > 0:
             try:
@@ -103,6 +104,14 @@ class Upscaling:
             except RequestError as exc:
                 raise RequestError("upscaler_2", exc.message) from None
         return first, second
+
+    def face_restorers(self, request: UpscaleRequest) -> list:
+        """The Extras' face restorers with their visibility (RequestError naming the visibility)."""
+        if request.gfpgan_visibility <= 0 and request.codeformer_visibility <= 0:
+            return []
+        if self.generator.faces is None:
+            raise RequestError("gfpgan_visibility", "face restoration is not available in this engine")
+        return self.generator.faces.postprocess_restorers(request)
 
     def sd_upscaler(self, name: str):
         """SD upscale's upscaler by name (RequestError naming "upscaler")."""
@@ -118,6 +127,7 @@ class Upscaling:
         job, control = context.job, context.control
         target = (request.target_width, request.target_height) if request.target_width else None
         images = request.all_images
+        restorers = self.face_restorers(request)
         result = GenerationResult()
         started = time.monotonic()
 
@@ -141,6 +151,8 @@ class Upscaling:
             output = upscaled[0]
             if second is not None:
                 output = upscalers.blend(output, upscaled[1], request.upscaler_2_visibility)
+            if restorers:  # after upscaling, as A1111's Extras
+                output = self.generator.faces.postprocess(output, restorers)
             text = self.extras_infotext(request, source, first, second)
             output.info["parameters"] = text
             result.images.append(output)
@@ -165,6 +177,11 @@ class Upscaling:
         if second is not None:
             params["Postprocess upscaler 2"] = second.name
             params["Postprocess upscaler 2 visibility"] = f"{request.upscaler_2_visibility:g}"
+        if request.gfpgan_visibility > 0:  # A1111's keys
+            params["GFPGAN visibility"] = f"{request.gfpgan_visibility:g}"
+        if request.codeformer_visibility > 0:
+            params["CodeFormer visibility"] = f"{request.codeformer_visibility:g}"
+            params["CodeFormer weight"] = f"{request.codeformer_weight:g}"
         text = infotext.build_infotext("", "", params).strip()
         original = source.info.get("parameters")
         if isinstance(original, str) and original.strip():

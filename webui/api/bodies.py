@@ -1,7 +1,7 @@
 """Request and response bodies with AUTOMATIC1111's field names and defaults (A1111 1.10).
 
-Clients send many fields this server has no use for (hires fix, face restoration, sampler
-tuning knobs, extension settings): every A1111 field is declared so it shows up in the
+Clients send many fields this server has no use for (sampler tuning knobs, extension
+settings): every A1111 field is declared so it shows up in the
 OpenAPI docs and in the `parameters` echo, and anything else is accepted and ignored.
 A JSON `null` means "the default", as A1111's all-optional models allow.
 

@@ -5,7 +5,7 @@ their own checkpoint/VAE/clip skip, and nothing else: not a job that is running 
 (its request was built before), not the web UI (each browser session has its own choices).
 
 Besides those three, A1111's commonly used option keys (`KNOWN_OPTIONS`) are checked, kept and
-read back; those this server cannot honour (JPEG output, face restoration, ...) are reported by
+read back; those this server cannot honour (JPEG output, a GPU noise source, ...) are reported by
 POST as having no effect, with the reason. Keys this server does not know at all are kept and
 echoed too (A1111 clients set and read back their own), and reported as having no effect.
 """
@@ -25,7 +25,6 @@ from .names import parse_clip_skip, resolve_checkpoint_field
 SCOPE_NOTE = ("server defaults for later API requests that do not set these themselves; "
               "running and queued jobs and the web UI are not affected")
 MAX_EXTRA_KEYS = 1000  # keys this server does not know, kept for clients to read back
-NO_FACE_RESTORATION = "face restoration is not available on this server"
 UNKNOWN_KEY = "not an option of this server: kept and read back by GET /options, changes nothing"
 READ_ONLY = "read-only: the hash of sd_model_checkpoint"
 
@@ -111,10 +110,10 @@ KNOWN_OPTIONS: dict[str, OptionSpec] = {
                                              "(A1111's 'CPU' source), so seeds match across machines")),
     "enable_pnginfo": OptionSpec(True, parse_bool, unless(True, "every saved PNG carries its parameters "
                                                                 "on this server")),
-    "face_restoration": OptionSpec(False, parse_bool, unless(False, NO_FACE_RESTORATION)),
-    "face_restoration_model": OptionSpec(None, one_of("CodeFormer", "GFPGAN", optional=True),
-                                         unless(None, NO_FACE_RESTORATION)),
-    "code_former_weight": OptionSpec(0.5, number_between(0.0, 1.0), never(NO_FACE_RESTORATION)),
+    # face restoration defaults for API requests that do not set restore_faces / override_settings
+    "face_restoration": OptionSpec(False, parse_bool),  # restore_faces when a request leaves it out (A1111)
+    "face_restoration_model": OptionSpec(None, one_of("CodeFormer", "GFPGAN", "RestoreFormer", optional=True)),
+    "code_former_weight": OptionSpec(0.5, number_between(0.0, 1.0)),
 }
 
 

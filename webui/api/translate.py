@@ -35,7 +35,10 @@ from .errors import ApiError, bad_field
 from .extensions import extension_args
 from .images import decode_image
 from .names import parse_clip_skip, parse_sampler, resolve_checkpoint_field
-from .options import ApiOptions
+from .options import KNOWN_OPTIONS, ApiOptions
+
+# A1111's face restoration options: per request in override_settings, else the server's /options
+FACE_OPTIONS = ("face_restoration", "face_restoration_model", "code_former_weight")
 
 # --- generation -----------------------------------------------------------------------------
 
@@ -45,7 +48,7 @@ _API_NAMES = {
     "batch_count": "n_iter",
     "init_image": "init_images",
 }
-OVERRIDES = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers")
+OVERRIDES = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", *FACE_OPTIONS)
 
 
 @dataclass
@@ -72,8 +75,6 @@ def _choice(field_name: str, value: int, choices: tuple[str, ...], labels: Itera
 def _unsupported(body: GenerationFields) -> list[str]:
     """Warnings for A1111 features that would change the picture but are not available here."""
     notes = []
-    if body.restore_faces:
-        notes.append("restore_faces: face restoration is not available on this server; ignored")
     if body.refiner_checkpoint not in (None, "", "None"):
         notes.append("refiner_checkpoint: the refiner is not available on this server; ignored")
     if body.infotext:
@@ -119,6 +120,7 @@ def prepare_generation(engine: EngineAPI, body: GenerationFields, options: ApiOp
         save_images=bool(body.save_images and not body.do_not_save_samples and defaults.get("samples_save", True)),
         extension_args=scripts.with_script(extension_args(engine, body.alwayson_scripts, warnings), script),
     )
+    fields.update(_face_fields(body, overrides, defaults, names))
     if isinstance(body, Img2ImgRequest):
         fields.update(_img2img_fields(body, warnings, upload_limits(engine)))
     if isinstance(body, Txt2ImgRequest) and body.enable_hr:
@@ -134,6 +136,19 @@ def prepare_generation(engine: EngineAPI, body: GenerationFields, options: ApiOp
     return Prepared(request=request, checkpoint=checkpoint, warnings=warnings, names=names,
                     styles=list(body.styles or []),
                     sd_upscale=script.args if script is not None and script.target == scripts.SD_UPSCALE else None)
+
+
+def _face_fields(body: GenerationFields, overrides: Mapping[str, Any], defaults: Mapping[str, Any],
+                 names: dict[str, str]) -> dict[str, Any]:
+    """restore_faces (the body's; left out: the face_restoration option, as A1111), the restorer
+    and CodeFormer's weight from override_settings or the server's options."""
+    values = {key: KNOWN_OPTIONS[key].parse(f"override_settings.{key}", overrides[key]) if key in overrides
+              else defaults.get(key, KNOWN_OPTIONS[key].default) for key in FACE_OPTIONS}
+    for key, request_field in (("face_restoration_model", "face_restorer"), ("code_former_weight", None)):
+        names[request_field or key] = f"override_settings.{key}" if key in overrides else key
+    restore = body.restore_faces if body.restore_faces is not None else values["face_restoration"]
+    return dict(restore_faces=restore, face_restorer=values["face_restoration_model"],
+                code_former_weight=values["code_former_weight"])
 
 
 def _size(engine: EngineAPI, body: GenerationFields, checkpoint: ModelFileInfo) -> dict[str, Any]:
@@ -288,8 +303,8 @@ def generation_info(prepared: Prepared, result) -> dict[str, Any]:
         "cfg_scale": request.cfg_scale,
         "steps": request.steps,
         "batch_size": request.batch_size,
-        "restore_faces": False,
-        "face_restoration_model": None,
+        "restore_faces": request.restore_faces,
+        "face_restoration_model": first.get("Face restoration") if request.restore_faces else None,
         "sd_model_name": first.get("Model") or file.stem,
         "sd_model_hash": first.get("Model hash") or file.short_hash,
         "sd_vae_name": first.get("VAE"),
@@ -321,13 +336,16 @@ _UPSCALE_NAMES = {"upscaler": "upscaler_1", "scale": "upscaling_resize",
 
 def upscale_request(body: ExtrasSingleImageRequest, image: Image.Image) -> UpscaleRequest | None:
     """None when no upscaler is chosen ("None"): A1111 then returns the image as it came."""
-    for name in ("gfpgan_visibility", "codeformer_visibility"):
-        if getattr(body, name) > 0:
-            raise bad_field(name, "face restoration is not available on this server; send 0")
-    if body.upscaler_1 in ("", "None"):
+    faces = dict(gfpgan_visibility=body.gfpgan_visibility, codeformer_visibility=body.codeformer_visibility,
+                 codeformer_weight=body.codeformer_weight)
+    restoring = body.gfpgan_visibility > 0 or body.codeformer_visibility > 0
+    if body.upscaler_1 in ("", "None") and not restoring:
         return None
     names = dict(_UPSCALE_NAMES)
-    values: dict[str, Any] = dict(image=image, upscaler=body.upscaler_1, save_images=False)
+    values: dict[str, Any] = dict(image=image, upscaler=body.upscaler_1, save_images=False, **faces)
+    if body.upscaler_1 in ("", "None"):  # faces only: the size stays (Lanczos by 1 returns the image as it is)
+        values.update(upscaler="Lanczos", scale=1.0)
+        return _upscale(values, names)
     if body.upscaler_2 not in ("", "None") and body.extras_upscaler_2_visibility > 0:
         # A1111 caps the visibility at 1; the engine blends the second upscaler in
         values.update(upscaler_2=body.upscaler_2,
@@ -345,6 +363,10 @@ def upscale_request(body: ExtrasSingleImageRequest, image: Image.Image) -> Upsca
             names["scale"] = "upscaling_resize_w"
     else:
         raise bad_field("resize_mode", f"must be 0 (scale by) or 1 (scale to), got {body.resize_mode!r}")
+    return _upscale(values, names)
+
+
+def _upscale(values: dict[str, Any], names: Mapping[str, str]) -> UpscaleRequest:
     try:
         return UpscaleRequest(**values)
     except RequestError as exc:

@@ -166,10 +166,24 @@ class GenerationTabs:
         fields["cfg_scale"] = slider("cfg_scale", step=0.5, elem_id=f"{p}_cfg_scale")
         fields["tiling"] = gr.Checkbox(value=convert.request_default("tiling"), label=convert.LABELS["tiling"],
                                        elem_id=f"{p}_tiling", info="seamless: the picture repeats without a seam")
+        self._face_restoration(fields, p)
         if mode == "txt2img":
             hires.build(self.engine, fields, p)
         else:
             fields["denoising_strength"] = slider("denoising_strength", step=0.01, elem_id=f"{p}_denoising")
+
+    def _face_restoration(self, fields: dict[str, Any], p: str) -> None:
+        """"Restore faces" (A1111's checkbox), with the model and CodeFormer's weight beside it."""
+        names = [r["name"] for r in self.engine.face_restorers()]
+        with gr.Row():
+            fields["restore_faces"] = gr.Checkbox(
+                value=convert.request_default("restore_faces"), label=convert.LABELS["restore_faces"],
+                elem_id=f"{p}_restore_faces",
+                info="find faces and restore them (GFPGAN / CodeFormer / RestoreFormer)" if names
+                else "no face restoration model: put one in models/GFPGAN or models/Codeformer")
+            fields["face_restorer"] = gr.Dropdown(["Automatic", *names], value="Automatic", allow_custom_value=True,
+                                                  label=convert.LABELS["face_restorer"], elem_id=f"{p}_face_restorer")
+            fields["code_former_weight"] = slider("code_former_weight", step=0.01, elem_id=f"{p}_code_former_weight")
 
     def _wire(self, mode: str, brush_size: gr.Slider | None) -> None:
         ui = self.ui

@@ -83,6 +83,12 @@ class UpscaleTab:
                     fields["upscaler_2_visibility"] = slider("upscaler_2_visibility", value=0.0, step=0.01,
                                                              label="Upscaler 2 visibility",
                                                              elem_id="upscale_upscaler_2_visibility")
+                with gr.Row():  # A1111's Extras: face restoration after upscaling (models/GFPGAN, models/Codeformer)
+                    for name, label in (("gfpgan_visibility", "GFPGAN visibility"),
+                                        ("codeformer_visibility", "CodeFormer visibility"),
+                                        ("codeformer_weight", "CodeFormer weight (0 = max effect, 1 = min effect)")):
+                        fields[name] = slider(name, value=_DEFAULTS[name].default, step=0.01, label=label,
+                                              elem_id=f"upscale_{name}")
                 with gr.Accordion("Tiling (neural upscalers)", open=False, elem_id="upscale_tiling"):
                     fields["tile_size"] = gr.Slider(0, 1024, value=_DEFAULTS["tile_size"].default, step=16,
                                                     label="Tile size (0 = whole image; halved automatically "

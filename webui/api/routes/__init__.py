@@ -1,7 +1,7 @@
 """The /sdapi/v1 routes over an injected engine, assembled from one module per group:
 generation (txt2img, img2img), extras (extra-single-image, png-info), progress (progress,
-interrupt, skip), options (options, cmd-flags), listings (models, samplers, upscalers, styles, ...) and system
-(memory, extensions).
+interrupt, skip), options (options, cmd-flags), listings (models, samplers, upscalers, styles, ...), system
+(memory, extensions) and merge (merge-checkpoints).
 
 Generation and extras run in threads of their own pool (`JobThreads`), sized to the engine
 queue's capacity: a job waits in the engine's one fair queue (shared with the web UI) without
@@ -25,6 +25,7 @@ from .extras import add_extras_routes
 from .generation import add_generation_routes
 from .job_threads import JobThreads
 from .listings import add_listing_routes
+from .merge import add_merge_routes
 from .options import add_option_routes
 from .progress import add_progress_routes
 from .system import add_system_routes
@@ -51,4 +52,5 @@ def create_api(engine: EngineAPI, *, auth: list[tuple[str, str]] | None = None,
     add_option_routes(router, engine, options, cmd_flags)
     add_listing_routes(router, engine)
     add_system_routes(router, engine)
+    add_merge_routes(router, engine, threads)
     return router

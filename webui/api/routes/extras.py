@@ -33,7 +33,10 @@ def add_extras_routes(router: APIRouter, engine: EngineAPI, threads: JobThreads)
 
     @router.post("/extra-single-image", response_model=ExtrasSingleImageResponse)
     async def extra_single_image(body: ExtrasSingleImageRequest, request: Request):
-        """Upscale one image with upscaler_1 (and blend in upscaler_2 by its visibility)."""
+        """Upscale one image with upscaler_1 (and blend in upscaler_2 by its visibility), then restore
+        its faces: models/GFPGAN's restorer blended in by gfpgan_visibility, models/Codeformer's by
+        codeformer_visibility (with codeformer_weight), as A1111's Extras. A visibility above 0 with
+        no model in its folder is a 422 naming it."""
         return await threads.run(upscale_single, body, request)
 
     @router.post("/png-info", response_model=PNGInfoResponse)

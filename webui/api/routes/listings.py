@@ -96,10 +96,11 @@ def add_listing_routes(router: APIRouter, engine: EngineAPI) -> None:
 
     @router.get("/face-restorers")
     def face_restorers():
-        """Face restorers installed (name, cmd_dir): always empty for now, because face
-        restoration is not implemented on this server yet (`restore_faces` is answered with a
-        warning in `info`)."""
-        return []
+        """Face restorers installed (name, cmd_dir): the GFPGAN / RestoreFormer models of
+        models/GFPGAN (--gfpgan-models-path) and the CodeFormer models of models/Codeformer
+        (--codeformer-models-path), named by architecture. `restore_faces` uses the one named by
+        `face_restoration_model` (override_settings or /options), else the first."""
+        return engine.face_restorers()
 
     @router.get("/realesrgan-models")
     def realesrgan_models():

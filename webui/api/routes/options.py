@@ -43,7 +43,7 @@ def add_option_routes(router: APIRouter, engine: EngineAPI, options: ApiOptions,
         Running and queued jobs and the web UI are not affected. Every key is kept and read back by
         GET, but only some change what this server does: the reply's `updated` lists those,
         `ignored` the others, and `no_effect` says why for each (PNG is the only format written,
-        face restoration is not available, keys this server does not know, ...).
+        keys this server does not know, ...).
         `samples_save: false` makes `save_images: true` save nothing, as in A1111."""
         return options.update(engine, body)
 
