@@ -11,29 +11,16 @@ from pathlib import Path
 
 import pytest
 import requests
-import webuiapi
 from conftest import make_engine
 from fastapi.testclient import TestClient
-from test_api import SMALL, post, serve
+from test_api import SMALL, api, base_url, post  # noqa: F401 - api, base_url: the served app's fixtures
 from test_upscale_models import write_tiny_compact, write_tiny_esrgan
 
 from extensions.api import API_VERSION
 from extensions.manager import ExtensionManager
 from pipelines.core.request import LATENT_UPSCALE_MODES
 from pipelines.core.styles import style_database
-from webui.api import ApiOptions, create_app
-
-
-@pytest.fixture(scope="module")
-def base_url(engine):
-    with serve(create_app(engine, options=ApiOptions(sd_model_checkpoint="tiny.safetensors"))) as url:
-        yield url
-
-
-@pytest.fixture
-def api(base_url) -> webuiapi.WebUIApi:
-    host, port = base_url.rsplit("//", 1)[1].split(":")
-    return webuiapi.WebUIApi(host=host, port=int(port), sampler="Euler", steps=3)
+from webui.api import create_app
 
 
 class StandIn:

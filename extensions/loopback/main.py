@@ -105,7 +105,7 @@ def run(ctx: ScriptContext) -> GenerationResult:
                                    args["denoising_curve"])
             out = ctx.generate(request.replace(init_image=image, denoising_strength=strength, seed=seed,
                                                batch_size=1, batch_count=1, inpainting_fill=fill))
-            result.warnings.extend(w for w in out.warnings if w not in result.warnings)
+            result.take_in(out, images=False)  # the images: only the ones shown, below
             done += 1
             ctx.report_progress(done, loops * batches)
             if not out.images or out.interrupted:

@@ -72,12 +72,7 @@ def run(ctx: ScriptContext) -> GenerationResult:
             changes["seed"] = (request.seed + i) % 2**32
         out = ctx.generate(request.replace(**changes))
         firsts.append(out.images[0] if out.images else None)
-        result.images += out.images
-        result.seeds += out.seeds
-        result.subseeds += out.subseeds
-        result.infotexts += out.infotexts
-        result.paths += out.paths
-        result.warnings.extend(w for w in out.warnings if w not in result.warnings)
+        result.take_in(out)
         ctx.report_progress(i + 1, len(prompts))
     cols, rows, col_labels, row_labels = layout(parts)
     firsts += [None] * (cols * rows - len(firsts))

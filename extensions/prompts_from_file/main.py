@@ -179,12 +179,7 @@ def run(ctx: ScriptContext) -> GenerationResult:
             result.interrupted = True
             break
         out = ctx.generate(cell)
-        result.images += out.images
-        result.seeds += out.seeds
-        result.subseeds += out.subseeds
-        result.infotexts += out.infotexts
-        result.paths += out.paths
-        result.warnings.extend(w for w in out.warnings if w not in result.warnings)
+        result.take_in(out)
         ctx.report_progress(done, len(cells))
         if out.interrupted:
             result.interrupted = True

@@ -86,16 +86,10 @@ def run(ctx: ScriptContext) -> GenerationResult:
             result.interrupted = True
             break
         out = ctx.generate(cell)
-        result.warnings.extend(w for w in out.warnings if w not in result.warnings)
         if out.images:
             firsts[key] = (out.images[0], out.infotexts[0] if out.infotexts else "",
                            out.seeds[0] if out.seeds else None)
-        if args["include_images"]:
-            result.images += out.images
-            result.seeds += out.seeds
-            result.subseeds += out.subseeds
-            result.infotexts += out.infotexts
-            result.paths += out.paths
+        result.take_in(out, images=args["include_images"])
         done += 1
         ctx.report_progress(done, len(cells))
         if out.interrupted:

@@ -310,6 +310,17 @@ class GenerationResult:
     # the job's memory plan: estimated peak, free memory, mode, whether it was retried
     memory: dict | None = None
 
+    def take_in(self, other: "GenerationResult", *, images: bool = True) -> None:
+        """Fold in one generation of a script's job: its new warnings and, unless `images` is
+        False, its images with their seeds, subseeds, infotexts and paths (in step)."""
+        self.warnings.extend(w for w in other.warnings if w not in self.warnings)
+        if images:
+            self.images += other.images
+            self.seeds += other.seeds
+            self.subseeds += other.subseeds
+            self.infotexts += other.infotexts
+            self.paths += other.paths
+
 
 @dataclass(frozen=True)
 class UpscaleRequest:
