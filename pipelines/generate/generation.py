@@ -25,6 +25,7 @@ from pipelines.core.request import GenerationRequest, GenerationResult, RequestE
 from pipelines.generate import embeddings, hires, lora, runner, seamless, upscalers
 from pipelines.models import memory
 from pipelines.models.device import Placement
+from pipelines.models.families import BY_NAME
 from pipelines.models.manager import ModelManager
 from pipelines.models.registry import ModelFile, ModelRegistry
 
@@ -69,6 +70,25 @@ class PreparedModel:
     embeddings: embeddings.EmbeddingSet
     extra: dict  # infotext fields beyond the request's own (schedule type, VAE, LoRA/TI hashes)
     result: GenerationResult = field(default_factory=GenerationResult)
+
+
+@dataclass
+class OtherModel:
+    """A second checkpoint of a job (the refiner, hires fix's checkpoint), loaded under the request's
+    choices (VAE, prediction type), with the textual inversions the prompts name bound to it."""
+
+    file: ModelFile
+    model: Any  # models.manager.LoadedModel
+    components: Any
+    embeddings: embeddings.EmbeddingSet
+
+    @property
+    def title(self) -> str:
+        """How A1111's infotext names it ("Refiner", "Hires checkpoint"): "name [short hash]"."""
+        return f"{self.file.stem} [{self.file.short_hash}]"
+
+    def second(self, switch_at: float = 1.0) -> runner.SecondModel:
+        return runner.SecondModel(self.components, self.embeddings, switch_at)
 
 
 class Generator:
@@ -137,12 +157,100 @@ class Generator:
         extra.update(embeddings.infotext_params(found))
         return found
 
+    # --- other checkpoints of a job: the refiner, hires fix's ---------------------------------
+    def other_files(self, file: ModelFile, request: GenerationRequest) -> dict[str, ModelFile]:
+        """The checkpoints the request switches to, by field (refiner_checkpoint, hr_checkpoint_name),
+        checked before anything loads: RequestError naming the field for an unknown name, or for a
+        model whose latents are unlike those of `file` (an SDXL refiner after an SD 1.x base). The
+        job's own checkpoint and a refiner switching at 1.0 are left out: nothing runs on them (A1111)."""
+        wanted = {"refiner_checkpoint": request.refiner_checkpoint,
+                  "hr_checkpoint_name": request.hr_checkpoint_name if request.enable_hr else None}
+        found = {}
+        for field_name, name in wanted.items():
+            if name is None:
+                continue
+            other = self.registry.find("checkpoints", name)
+            if other is None:
+                names = ", ".join(f.name for f in self.registry.list("checkpoints")) or "none"
+                raise RequestError(field_name, f"unknown checkpoint {name!r}; available: {names}")
+            ours, theirs = (BY_NAME.get(f.details.get("family_id")) for f in (file, other))
+            if ours and theirs and ours.latent_scaling_factor != theirs.latent_scaling_factor:
+                raise RequestError(field_name, f"{other.name} ({theirs.label}) works on latents unlike those of "
+                                               f"{file.name} ({ours.label}); choose a checkpoint of the same kind")
+            unused = field_name == "refiner_checkpoint" and request.refiner_switch_at >= 1
+            if other.name != file.name and not unused:
+                found[field_name] = other
+        return found
+
+    def load_others(self, files: dict[str, ModelFile], request: GenerationRequest,
+                    prepared: PreparedModel) -> dict[str, OtherModel]:
+        """Load the job's other checkpoints (after its own); their infotext keys go into `prepared.extra`."""
+        others = {}
+        prompts = [request.prompt, request.negative_prompt, request.hr_prompt, request.hr_negative_prompt]
+        for field_name, other in files.items():
+            model = self.load(other)
+            components, _ = self.with_choices(model.components, other, request.vae)
+            found = embeddings.for_request(self.registry.list("embeddings"), components, prompts)
+            others[field_name] = OtherModel(other, model, components, found)
+        if "refiner_checkpoint" in others:
+            prepared.extra.update({"Refiner": others["refiner_checkpoint"].title,
+                                   "Refiner switch at": request.refiner_switch_at})
+        if "hr_checkpoint_name" in others:
+            prepared.extra["Hires checkpoint"] = others["hr_checkpoint_name"].title
+        return others
+
+    def crowded(self, names: list[str], warnings: list[str]) -> bool:
+        """Whether the model cache's budget could not keep all of a job's checkpoints: loading one
+        evicted another. The job still holds the evicted one (its lock too) until it ends, so that is
+        safe; the job then runs in the low-memory mode (on a GPU each model waits in RAM while another
+        runs) and the evicted one is freed afterwards. Said in `warnings`."""
+        loaded = self.manager.loaded_names()
+        evicted = [name for name in names if name not in loaded]
+        if evicted:
+            warnings.append(f"{', '.join(names)} do not fit the model memory budget together: ran in low-memory "
+                            f"mode, and {', '.join(evicted)} left the model cache after the job")
+        return bool(evicted)
+
+    @contextlib.contextmanager
+    def held(self, prepared: PreparedModel, others: list[OtherModel], request: GenerationRequest,
+             plan: memory.MemoryPlan, crowded: bool):
+        """What a job's models are held in while it runs, its own checkpoint and each other one: the
+        model's lock (one job at a time on the same weights), the memory mode, the LoRAs (on another
+        checkpoint only when it is of the same family: a LoRA's layers fit no other) and seamless tiling."""
+        warnings = prepared.result.warnings
+        family = prepared.components.spec.family
+        models = [prepared, *others]
+        with contextlib.ExitStack() as stack:
+            for lock in {id(item.model.lock): item.model.lock for item in models}.values():
+                stack.enter_context(lock)
+            seen = set()
+            for item in models:
+                components = item.components
+                if id(components.unet) in seen:  # the refiner is also the hires checkpoint
+                    continue
+                seen.add(id(components.unet))
+                stack.enter_context(self.memory_mode(components, plan, crowded))
+                if item is prepared or components.spec.family.name == family.name:
+                    stack.enter_context(lora.applied(components, prepared.loras, warnings))
+                elif prepared.loras:
+                    note = (f"LoRA: not applied to {item.file.name} ({components.spec.family.label}), "
+                            f"only to the {family.label} checkpoint its layers fit")
+                    if note not in warnings:
+                        warnings.append(note)
+                stack.enter_context(seamless.applied(components, request.tiling, warnings))
+            yield
+
     # --- one generation ------------------------------------------------------------------------
     def run(self, file: ModelFile, request: GenerationRequest, context: JobContext) -> GenerationResult:
         """txt2img/img2img/inpaint (with hires fix when asked) of a request whose seeds are resolved."""
         hooks, control = context.hooks, context.control
+        other_files = self.other_files(file, request)  # bad names fail before anything loads
         prepared = self.prepare(file, request)
         components, result, extra = prepared.components, prepared.result, prepared.extra
+        others = self.load_others(other_files, request, prepared)
+        crowded = self.crowded([file.name, *(o.file.name for o in others.values())], result.warnings)
+        refiner, hr_model = others.get("refiner_checkpoint"), others.get("hr_checkpoint_name")
+        refiner = refiner.second(request.refiner_switch_at) if refiner is not None else None
         width, height = request.size_for(components.spec.native_resolution)
         hr_upscaler = self.hires_upscaler(request.hr_upscaler, control) if request.enable_hr else None
         restore_faces = self.face_restoration(request, extra)
@@ -150,24 +258,24 @@ class Generator:
             extra.update(hires_info.infotext_params(request, width, height))
         size = request.hires_size(width, height) if request.enable_hr else (width, height)
         # OutOfMemory (a RequestError) here when not even the low-memory mode fits
-        plan = memory.plan_job(components, self.placement, *size, request.batch_size, request.cfg_scale != 1.0)
+        plan = max((memory.plan_job(c, self.placement, *size, request.batch_size, request.cfg_scale != 1.0)
+                    for c in [components, *(o.components for o in others.values())]), key=lambda p: p.working_bytes)
 
         def batches(first_batch: int):
             if request.enable_hr:
                 return hires.run(components, self.placement.device, request,
                                  lambda image, size: upscalers.upscale_image(image, hr_upscaler, target_size=size),
-                                 context.track, control, embeddings=prepared.embeddings, first_batch=first_batch)
+                                 context.track, control, embeddings=prepared.embeddings, first_batch=first_batch,
+                                 hr_model=hr_model.second() if hr_model is not None else None, refiner=refiner)
             return runner.run(components, self.placement.device, request, context.track, control,
                               embeddings=prepared.embeddings, on_step=hooks.step_hook(request),
-                              first_batch=first_batch)
+                              first_batch=first_batch, refiner=refiner)
 
         next_batch = 0
         try:
             while True:
                 try:
-                    with prepared.model.lock, self.memory_mode(components, plan), \
-                            lora.applied(components, prepared.loras, result.warnings), \
-                            seamless.applied(components, request.tiling, result.warnings):
+                    with self.held(prepared, list(others.values()), request, plan, crowded):
                         for batch in batches(next_batch):
                             for image, seed, subseed in zip(batch.images, batch.seeds, batch.subseeds):
                                 image = restore_faces(image, result.warnings)
@@ -215,9 +323,10 @@ class Generator:
             return restored
         return restore
 
-    def memory_mode(self, components, plan: memory.MemoryPlan):
-        """The low-memory mode for a job planned (or retried) in it; else nothing changes."""
-        if plan.low_memory or plan.retried:
+    def memory_mode(self, components, plan: memory.MemoryPlan, crowded: bool = False):
+        """The low-memory mode for a job planned (or retried) in it, or whose checkpoints do not fit
+        the model cache together (`crowded`); else nothing changes."""
+        if plan.low_memory or plan.retried or crowded:
             return memory.low_memory(components, self.placement)
         return contextlib.nullcontext()
 

@@ -55,9 +55,13 @@ def upscale_latents(latents: torch.Tensor, mode: str, width: int, height: int) -
 
 def run(components, device, request: GenerationRequest, upscale_pixels: PixelUpscale,
         on_progress: ProgressCallback | None = None, control: JobControl | None = None, embeddings=(),
-        first_batch: int = 0) -> Iterator[runner.BatchOutput]:
+        first_batch: int = 0, *, hr_model: runner.SecondModel | None = None,
+        refiner: runner.SecondModel | None = None) -> Iterator[runner.BatchOutput]:
     """`runner.run` for a txt2img request with `enable_hr`: yields one BatchOutput per batch
-    with the second pass's images. `embeddings`: textual inversions the prompts may name."""
+    with the second pass's images. `embeddings`: textual inversions the prompts may name.
+    `hr_model`: the checkpoint of the second pass (hr_checkpoint_name; None: the first pass's).
+    `refiner`: switched to within the second pass (A1111's default "Hires fix: refiner for the
+    second pass"), after its share of that pass's steps."""
     control = control or JobControl()
     width, height = request.size_for(components.spec.native_resolution)
     hr_width, hr_height = request.hires_size(width, height)
@@ -67,11 +71,13 @@ def run(components, device, request: GenerationRequest, upscale_pixels: PixelUps
                                   steps=request.steps, embeddings=embeddings)
     hr_prompt = request.hr_prompt or request.prompt
     hr_negative = request.hr_negative_prompt or request.negative_prompt
-    if (hr_prompt, hr_negative) == (request.prompt, request.negative_prompt):
+    hr = hr_model or runner.SecondModel(components, embeddings)
+    if hr_model is None and (hr_prompt, hr_negative) == (request.prompt, request.negative_prompt):
         hr_conditioning = conditioning
-    else:
-        hr_conditioning = encode_prompts(components, hr_prompt, hr_negative, request.clip_skip, device,
-                                         steps=second.steps, embeddings=embeddings)
+    else:  # its own prompts, or the same ones through the second checkpoint's text encoders
+        hr_conditioning = encode_prompts(hr.components, hr_prompt, hr_negative, request.clip_skip, device,
+                                         steps=second.steps, embeddings=hr.embeddings)
+    stage = runner.refiner_stage(refiner, hr_prompt, hr_negative, request.clip_skip, device, second.steps)
 
     first_steps = len(_timesteps(components, request, device))
     # progress over the whole job: every denoising step of both passes counts
@@ -99,9 +105,10 @@ def run(components, device, request: GenerationRequest, upscale_pixels: PixelUps
             except tiling.Cancelled:  # interrupted or skipped between two tiles
                 control.take_skip()
                 continue
-            start = torch.cat([runner.encode_image(vae, image, device) for image in upscaled])
-        second_pass = runner.BatchInputs(hr_conditioning, seeds, subseeds, hr_width, hr_height, start_latents=start)
-        images = runner.run_batch(components, device, second, second_pass, control,
+            start = torch.cat([runner.encode_image(hr.components.vae, image, device) for image in upscaled])
+        second_pass = runner.BatchInputs(hr_conditioning, seeds, subseeds, hr_width, hr_height, start_latents=start,
+                                         refiner=stage)
+        images = runner.run_batch(hr.components, device, second, second_pass, control,
                                   runner.step_reporter(clock, batch, offset=first_steps))
         if images is None:
             control.take_skip()

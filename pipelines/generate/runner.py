@@ -8,8 +8,9 @@ image equals the single run with its seed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -43,6 +44,42 @@ class InpaintPlan:
 
 
 @dataclass(frozen=True)
+class SecondModel:
+    """Another checkpoint a job runs on besides its own: the refiner (the steps after `switch_at`,
+    a share of the sampling steps) or hires fix's second pass. `embeddings`: textual inversions
+    bound to its own text encoders."""
+
+    components: Any
+    embeddings: Any = ()
+    switch_at: float = 1.0
+
+
+@dataclass(frozen=True)
+class RefinerStage:
+    """The refiner of one pass: its model, the prompts encoded with its own text encoders (SDXL
+    refiner: bigG only, aesthetic-score ids), and the share of the steps after which it takes over."""
+
+    components: Any
+    conditioning: PromptConditioning
+    switch_at: float
+
+    def switch_step(self, steps: int) -> int:
+        """The first of `steps` run on the refiner: A1111's switch by sampling steps, the first
+        step i with i / steps >= switch_at (`steps` itself, i.e. none, for 1.0)."""
+        return min(steps, math.ceil(round(self.switch_at * steps, 6)))
+
+
+def refiner_stage(refiner: SecondModel | None, prompt: str, negative_prompt: str, clip_skip: int, device,
+                  steps: int) -> RefinerStage | None:
+    """`refiner` ready for a pass of `steps` steps with these prompts; None without a refiner."""
+    if refiner is None:
+        return None
+    conditioning = encode_prompts(refiner.components, prompt, negative_prompt, clip_skip, device, steps=steps,
+                                  embeddings=refiner.embeddings)
+    return RefinerStage(refiner.components, conditioning, refiner.switch_at)
+
+
+@dataclass(frozen=True)
 class BatchInputs:
     """What `run_batch` samples one batch from, besides the model and the request.
 
@@ -50,7 +87,8 @@ class BatchInputs:
     ([a:b:0.5], [a|b]) switch the text at the steps A1111 does, over `request.steps`.
     `start_latents` (one per seed) start an img2img pass from latents instead of from
     `plan.image` (hires fix's second pass); with `decode=False` the final latents are
-    returned instead of images (hires fix's first pass)."""
+    returned instead of images (hires fix's first pass). `refiner`: the steps after its switch run on
+    its U-Net with its conditioning, from the same latents and scheduler state; it decodes."""
 
     conditioning: PromptConditioning
     seeds: Sequence[int]
@@ -60,6 +98,7 @@ class BatchInputs:
     plan: InpaintPlan | None = None
     start_latents: torch.Tensor | None = None
     decode: bool = True
+    refiner: RefinerStage | None = None
 
 
 # report_step(step, steps, latents=None): run_batch calls it after each step (1-based)
@@ -227,31 +266,44 @@ def run_batch(components, device, request: GenerationRequest, batch: BatchInputs
                 init_latents = init_latents * (1 - mask)
         timesteps = img2img_timesteps(scheduler, request.steps, request.denoising_strength)
         latents = scheduler.add_noise(init_latents, noise, timesteps[:1]) if len(timesteps) else init_latents
-    conditioning_latents = None
-    if unet.config.in_channels == 9:
-        conditioning_latents = inpaint_conditioning(vae, plan, width, height, device).repeat(len(seeds), 1, 1, 1)
-    blend_each_step = mask is not None and unet.config.in_channels == 4
+
+    def model_inputs(model):
+        """What `model`'s U-Net sees besides the latents (9 channels: mask and masked image), and
+        whether the mask is blended in after each step (a plain 4-channel U-Net)."""
+        extra_latents = None
+        if model.unet.config.in_channels == 9:
+            extra_latents = inpaint_conditioning(model.vae, plan, width, height, device).repeat(len(seeds), 1, 1, 1)
+        return extra_latents, mask is not None and model.unet.config.in_channels == 4
+
+    conditioning_latents, blend_each_step = model_inputs(components)
+    refiner = batch.refiner
+    switch = refiner.switch_step(len(timesteps)) if refiner is not None else None
 
     # 4. denoise
     use_cfg = request.cfg_scale != 1.0
 
-    def unet_inputs(step_cond):
+    def unet_inputs(step_cond, model):
         context = torch.cat([step_cond.uncond, step_cond.cond]) if use_cfg else step_cond.cond
-        context = context.to(unet.dtype).repeat_interleave(len(seeds), dim=0)
+        context = context.to(model.unet.dtype).repeat_interleave(len(seeds), dim=0)
         added = None
         if step_cond.pooled_cond is not None:
-            added = added_conditioning(components, step_cond.pooled_cond, step_cond.pooled_uncond, width, height,
+            added = added_conditioning(model, step_cond.pooled_cond, step_cond.pooled_uncond, width, height,
                                        use_cfg, len(seeds), device)
         return context, ({"added_cond_kwargs": added} if added is not None else {})
 
-    current = context = extra = None
+    model, current = components, None
+    context = extra = None
     for i, t in enumerate(timesteps):
         if control.stop_current:
             return None
+        if i == switch:  # the refiner takes over: same latents, same scheduler state, its own conditioning
+            model, conditioning, current = refiner.components, refiner.conditioning, None
+            unet = model.unet
+            conditioning_latents, blend_each_step = model_inputs(model)
         step_cond = conditioning.at(i, request.steps)
         if step_cond is not current:  # the prompt's text changed at this step
             current = step_cond
-            context, extra = unet_inputs(step_cond)
+            context, extra = unet_inputs(step_cond, model)
         guidance = request.cfg_scale
         if on_step is not None:  # extensions read the latents and may change this step's guidance
             guidance = on_step(step=i, steps=len(timesteps), timestep=t, sigma=sigma_at(scheduler, t),
@@ -280,7 +332,7 @@ def run_batch(components, device, request: GenerationRequest, batch: BatchInputs
     # 5. decode and put back what was not to be changed
     if not batch.decode:
         return latents
-    decoded = decode_latents(vae, latents, control)
+    decoded = decode_latents(model.vae, latents, control)  # the VAE of the model that finished
     return [finish_image(img, plan) for img in decoded]
 
 
@@ -351,17 +403,20 @@ def batch_seeds(request: GenerationRequest, batch: int) -> tuple[list[int], list
 
 
 def run(components, device, request: GenerationRequest, on_progress: ProgressCallback | None = None,
-        control: JobControl | None = None, embeddings=(), on_step=None, first_batch: int = 0):
+        control: JobControl | None = None, embeddings=(), on_step=None, first_batch: int = 0, *,
+        refiner: SecondModel | None = None):
     """Generate every batch of a request whose seeds are resolved; yields BatchOutput per batch.
 
     `embeddings`: textual inversions the prompts may name (`pipelines.generate.embeddings`).
-    `first_batch`: start there (a retry after running out of memory); seeds stay those of the batch."""
+    `first_batch`: start there (a retry after running out of memory); seeds stay those of the batch.
+    `refiner`: the checkpoint the steps after its `switch_at` run on."""
     control = control or JobControl()
     width, height = request.size_for(components.spec.native_resolution)
 
     # 1. conditioning, shared by every batch
     conditioning = encode_prompts(components, request.prompt, request.negative_prompt, request.clip_skip, device,
                                   steps=request.steps, embeddings=embeddings)
+    stage = refiner_stage(refiner, request.prompt, request.negative_prompt, request.clip_skip, device, request.steps)
     # 2. pixel-side inputs
     plan = plan_pixels(request, width, height)
 
@@ -370,7 +425,7 @@ def run(components, device, request: GenerationRequest, on_progress: ProgressCal
         if control.interrupted:
             break
         seeds, subseeds = batch_seeds(request, batch)
-        inputs = BatchInputs(conditioning, seeds, subseeds, width, height, plan=plan)
+        inputs = BatchInputs(conditioning, seeds, subseeds, width, height, plan=plan, refiner=stage)
         result = run_batch(components, device, request, inputs, control, step_reporter(clock, batch), on_step=on_step)
         if result is None:
             control.take_skip()

@@ -198,6 +198,9 @@ class Upscaling:
         prepared = self.generator.prepare(file, request, {"SD upscale overlap": int(options.overlap),
                                                           "SD upscale upscaler": chosen.name})
         result = prepared.result
+        if request.refiner_checkpoint:  # said, not silently dropped: the tiles run on one model
+            result.warnings.append("refiner_checkpoint: SD upscale runs every tile on the main checkpoint; "
+                                   "the refiner was not used")
         try:
             upscaled = upscalers.upscale_image(
                 request.init_image.convert("RGB"),
