@@ -475,7 +475,8 @@ def test_read_parameters_fills_fields_by_name(ui, engine):
                    # absent too, so off: no variation, no seed resize (the seed extras)
                    "subseed_strength": 0.0, "seed_resize_from_w": 0, "seed_resize_from_h": 0,
                    "tiling": False,  # absent: A1111 writes "Tiling: True" only when on
-                   "restore_faces": False}  # absent: "Face restoration: <model>" only when on
+                   "restore_faces": False,  # absent: "Face restoration: <model>" only when on
+                   "refiner_checkpoint": "None"}  # absent: "Refiner: name [hash]" only when one ran
     assert set(updates) <= set(fields.values()) | {ui.components["inpaint"]["sized_for"]}
     assert updates[ui.components["inpaint"]["sized_for"]] == "sd15"
     # txt2img has no denoising/mask fields: they are simply not touched
@@ -695,3 +696,28 @@ def test_tiling_checkbox_reaches_the_request_and_is_read_back(ui, engine):
     assert ui.read_parameters("img2img", text, last=None, checkpoint="sd15")[fields["tiling"]] is True
     plain = text.replace(", Tiling: True", "")  # A1111 leaves it out when off
     assert ui.read_parameters("img2img", plain, last=None, checkpoint="sd15")[fields["tiling"]] is False
+
+
+def test_refiner_and_hires_checkpoint_reach_the_request_and_are_read_back(ui, engine):
+    """A1111 1.6's Refiner accordion in every generation tab, and hires fix's checkpoint dropdown."""
+    for mode in ("txt2img", "img2img", "inpaint"):
+        assert ui.fields[mode]["refiner_checkpoint"].value == "None"
+        assert ui.fields[mode]["refiner_switch_at"].value == 0.8
+    assert ui.fields["txt2img"]["hr_checkpoint_name"].value == "Use same checkpoint"
+    ui.generate("txt2img", values(ui, "txt2img", prompt="p", steps=2, enable_hr=True), request=fake_request("s"))
+    assert (engine.requests[-1].refiner_checkpoint, engine.requests[-1].hr_checkpoint_name) == (None, None)
+    ui.generate("txt2img", values(ui, "txt2img", prompt="p", steps=2, refiner_checkpoint="sd15",
+                                  refiner_switch_at=0.6, enable_hr=True, hr_checkpoint_name="sd15"),
+                request=fake_request("s"))
+    request = engine.requests[-1]
+    assert (request.refiner_checkpoint, request.refiner_switch_at, request.hr_checkpoint_name) == ("sd15", 0.6, "sd15")
+    text = ("p\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 3, Size: 64x64, Denoising strength: 0.7, "
+            "Hires upscale: 2, Hires upscaler: Latent, Hires checkpoint: sd15 [0123456789], "
+            "Refiner: sd15 [0123456789], Refiner switch at: 0.6")
+    fields = ui.fields["txt2img"]
+    updates = ui.read_parameters("txt2img", text, last=None, checkpoint="sd15")
+    assert [updates[fields[name]] for name in ("refiner_checkpoint", "refiner_switch_at", "hr_checkpoint_name")] \
+        == ["sd15", 0.6, "sd15"]
+    plain = ui.read_parameters("txt2img", "p\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 3", last=None,
+                               checkpoint="sd15")
+    assert plain[fields["refiner_checkpoint"]] == "None"

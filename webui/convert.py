@@ -17,7 +17,7 @@ from PIL import Image
 
 from pipelines.core import infotext
 from pipelines.core.engine_api import ModelFileInfo
-from pipelines.core.request import GenerationRequest, RequestError, UpscaleRequest
+from pipelines.core.request import HR_SAME_CHECKPOINT, GenerationRequest, RequestError, UpscaleRequest
 
 REQUEST_FIELDS = frozenset(f.name for f in dataclasses.fields(GenerationRequest))
 
@@ -67,6 +67,9 @@ LABELS = {
     "restore_faces": "Restore faces",
     "face_restorer": "Face restoration model",
     "code_former_weight": "CodeFormer weight (0 = strongest, 1 = closest to the input)",
+    "refiner_checkpoint": "Refiner checkpoint",
+    "refiner_switch_at": "Switch at",
+    "hr_checkpoint_name": "Hires checkpoint",
     "image": "Input image",
     "upscaler": "Upscaler",
     "scale": "Scale by",
@@ -270,8 +273,14 @@ def ui_values_from_infotext(text: str, find_checkpoint: Callable[[str], ModelFil
             values["inpaint_area"] = INPAINT_AREAS[int(bool(value))]
         elif name == "inpainting_mask_invert":
             values["mask_mode"] = MASK_MODES[int(bool(value))]
+        elif name in OTHER_CHECKPOINTS:  # "name [hash]": the listed checkpoint, else the dropdown's "none"
+            found = _find_model(find_checkpoint, value, *_title_parts(value)) if value else None
+            values[name] = found.name if found is not None else OTHER_CHECKPOINTS[name]
         else:
             values[name] = value
+    values.setdefault("refiner_checkpoint", OTHER_CHECKPOINTS["refiner_checkpoint"])  # no "Refiner": none
+    if values.get("enable_hr"):  # hires fix without "Hires checkpoint": the first pass's
+        values.setdefault("hr_checkpoint_name", OTHER_CHECKPOINTS["hr_checkpoint_name"])
     model_hash, model_name = hints.get("model_hash"), hints.get("model_name")
     if model_hash or model_name:
         values[MODEL_HINT] = model_name or model_hash
@@ -279,6 +288,18 @@ def ui_values_from_infotext(text: str, find_checkpoint: Callable[[str], ModelFil
         if found is not None:
             values["checkpoint"] = found.name
     return values
+
+
+# request fields naming a second checkpoint, and their dropdowns' "none" choice
+OTHER_CHECKPOINTS = {"refiner_checkpoint": "None", "hr_checkpoint_name": HR_SAME_CHECKPOINT}
+
+
+def _title_parts(title: str) -> tuple[str | None, str]:
+    """(hash, name) of A1111's "name [hash]" title; (None, title) for a plain name."""
+    name, _, rest = title.rpartition(" [")
+    if name and rest.endswith("]"):
+        return rest[:-1].strip(), name.strip()
+    return None, title
 
 
 def _find_model(find_checkpoint: Callable[[str], ModelFileInfo | None] | None,

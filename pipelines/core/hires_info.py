@@ -1,4 +1,4 @@
-"""Hires fix in the infotext: the keys A1111 writes, and the request fields they restore.
+"""Hires fix and the refiner in the infotext: the keys A1111 writes, and the request fields they restore.
 
 No torch here (unlike `hires`), so `infotext` and the UI can use it when a pasted text is
 read back into the txt2img tab.
@@ -65,4 +65,21 @@ def fields_from_infotext(info: dict[str, str]) -> dict[str, object]:
     for key, field in (("Hires prompt", "hr_prompt"), ("Hires negative prompt", "hr_negative_prompt")):
         if info.get(key):
             fields[field] = info[key]
+    if info.get("Hires checkpoint", "").strip():  # "name [hash]" as written, for a caller to match
+        fields["hr_checkpoint_name"] = info["Hires checkpoint"].strip()
+    return fields
+
+
+def refiner_fields(info: dict[str, str]) -> dict[str, object]:
+    """refiner_checkpoint ("name [hash]" as written) and refiner_switch_at from "Refiner" and
+    "Refiner switch at" (a text without "Refiner" had no refiner: the UI's paste turns it off)."""
+    fields: dict[str, object] = {}
+    if info.get("Refiner", "").strip():
+        fields["refiner_checkpoint"] = info["Refiner"].strip()
+    try:
+        switch_at = float(info["Refiner switch at"])
+    except (KeyError, ValueError):
+        return fields
+    if in_limits("refiner_switch_at", switch_at):
+        fields["refiner_switch_at"] = switch_at
     return fields

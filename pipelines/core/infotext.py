@@ -366,4 +366,5 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
     elif has_params:  # absent means off
         fields["restore_faces"] = False
     fields.update(hires_info.fields_from_infotext(info))  # hires fix, when the text has it
+    fields.update(hires_info.refiner_fields(info))
     return fields

@@ -48,6 +48,7 @@ LIMITS: dict[str, tuple[float, float]] = {
     "tile_size": (0, 4096),
     "tile_overlap": (0, 256),
     "upscaler_2_visibility": (0.0, 1.0),
+    "refiner_switch_at": (0.0, 1.0),  # the share of the steps run before the refiner takes over (1: none)
     "code_former_weight": (0.0, 1.0),  # CodeFormer's fidelity: 0 strongest restoration, 1 closest to the input
     "gfpgan_visibility": (0.0, 1.0),  # Extras: how much of the restored faces shows (0: off)
     "codeformer_visibility": (0.0, 1.0),
@@ -133,6 +134,10 @@ class GenerationRequest:
     hr_schedule_type: str | None = None
     hr_prompt: str = ""  # "": the first pass's prompt
     hr_negative_prompt: str = ""
+    hr_checkpoint_name: str | None = None  # None (or HR_SAME_CHECKPOINT): the first pass's checkpoint
+    # the refiner (A1111 1.6): the steps after refiner_switch_at (a share of them) run on this checkpoint
+    refiner_checkpoint: str | None = None  # None (or "" / "None"): no refiner
+    refiner_switch_at: float = 0.8
     # extension arguments keyed by extension id
     extension_args: Mapping[str, Any] = field(default_factory=dict)
     save_images: bool = True
@@ -186,6 +191,18 @@ class GenerationRequest:
             raise RequestError("face_restorer", "must be a name from the face restorer list")
         _check_range("code_former_weight", _check_number("code_former_weight", self.code_former_weight))
         self._check_hires()
+        self._check_other_checkpoints()
+
+    def _check_other_checkpoints(self) -> None:
+        """refiner_checkpoint, hr_checkpoint_name: a model name, or None for "none" / "the first pass's"."""
+        for name, off in (("refiner_checkpoint", ("", "None", "none")),
+                          ("hr_checkpoint_name", ("", HR_SAME_CHECKPOINT))):
+            value = getattr(self, name)
+            if value in off:
+                object.__setattr__(self, name, None)
+            elif value is not None and not isinstance(value, str):
+                raise RequestError(name, "must be a name from the model list")
+        _check_range("refiner_switch_at", _check_number("refiner_switch_at", self.refiner_switch_at))
 
     def _check_seed_resize(self) -> None:
         """Values <= 0 mean off (A1111's API sends -1) and become 0; a size needs both sides."""

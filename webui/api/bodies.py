@@ -67,8 +67,10 @@ class GenerationFields(ApiModel):
         default_factory=dict,
         description="sd_model_checkpoint, sd_vae, CLIP_stop_at_last_layers: for this request only")
     override_settings_restore_afterwards: bool = True
-    refiner_checkpoint: Optional[str] = None
-    refiner_switch_at: Optional[float] = None
+    refiner_checkpoint: Optional[str] = Field(None, description="a checkpoint the steps after refiner_switch_at run "
+                                                                "on (SDXL refiner, or a model of the same latents)")
+    refiner_switch_at: Optional[float] = Field(None, description="share of the sampling steps (0..1) run before the "
+                                                                 "refiner takes over; absent: 0.8")
     disable_extra_networks: bool = False
     firstpass_image: Optional[str] = None
     comments: Optional[dict[str, Any]] = None
@@ -97,7 +99,8 @@ class Txt2ImgRequest(GenerationFields):
     hr_second_pass_steps: int = 0
     hr_resize_x: int = 0
     hr_resize_y: int = 0
-    hr_checkpoint_name: Optional[str] = None
+    hr_checkpoint_name: Optional[str] = Field(None, description='the checkpoint of the second pass; absent or '
+                                                                '"Use same checkpoint": the first pass\'s')
     hr_sampler_name: Optional[str] = None
     hr_scheduler: Optional[str] = None
     hr_prompt: str = ""

@@ -75,17 +75,12 @@ def _choice(field_name: str, value: int, choices: tuple[str, ...], labels: Itera
 def _unsupported(body: GenerationFields) -> list[str]:
     """Warnings for A1111 features that would change the picture but are not available here."""
     notes = []
-    if body.refiner_checkpoint not in (None, "", "None"):
-        notes.append("refiner_checkpoint: the refiner is not available on this server; ignored")
     if body.infotext:
         notes.append("infotext: not applied on this server; send the fields themselves")
     if not body.override_settings_restore_afterwards:
         notes.append("override_settings_restore_afterwards=false: override_settings only ever apply to "
                      "their own request here; use POST /sdapi/v1/options to change the defaults")
     if isinstance(body, Txt2ImgRequest) and body.enable_hr:
-        if body.hr_checkpoint_name not in (None, "", HR_SAME_CHECKPOINT):
-            notes.append("hr_checkpoint_name: the second pass uses the same checkpoint on this server; "
-                         f"ignored {body.hr_checkpoint_name!r}")
         if body.firstphase_width or body.firstphase_height:
             notes.append("firstphase_width/height: ignored; width and height are the first pass's size")
     if isinstance(body, Img2ImgRequest) and body.initial_noise_multiplier not in (None, 1, 1.0):
@@ -121,6 +116,7 @@ def prepare_generation(engine: EngineAPI, body: GenerationFields, options: ApiOp
         extension_args=scripts.with_script(extension_args(engine, body.alwayson_scripts, warnings), script),
     )
     fields.update(_face_fields(body, overrides, defaults, names))
+    fields.update(_other_checkpoints(engine, body))
     if isinstance(body, Img2ImgRequest):
         fields.update(_img2img_fields(body, warnings, upload_limits(engine)))
     if isinstance(body, Txt2ImgRequest) and body.enable_hr:
@@ -149,6 +145,21 @@ def _face_fields(body: GenerationFields, overrides: Mapping[str, Any], defaults:
     restore = body.restore_faces if body.restore_faces is not None else values["face_restoration"]
     return dict(restore_faces=restore, face_restorer=values["face_restoration_model"],
                 code_former_weight=values["code_former_weight"])
+
+
+def _other_checkpoints(engine: EngineAPI, body: GenerationFields) -> dict[str, Any]:
+    """The refiner (switching at refiner_switch_at; absent: 0.8, A1111's UI default) and hires fix's
+    checkpoint, as listed names; a 422 naming the field for a name the server does not list."""
+    fields: dict[str, Any] = {}
+    wanted = {"refiner_checkpoint": body.refiner_checkpoint}
+    if isinstance(body, Txt2ImgRequest) and body.enable_hr:
+        wanted["hr_checkpoint_name"] = body.hr_checkpoint_name
+    for name, value in wanted.items():
+        if value not in (None, "", "None", "none", HR_SAME_CHECKPOINT):
+            fields[name] = resolve_checkpoint_field(engine, name, value).name
+    if body.refiner_switch_at is not None:
+        fields["refiner_switch_at"] = body.refiner_switch_at
+    return fields
 
 
 def _size(engine: EngineAPI, body: GenerationFields, checkpoint: ModelFileInfo) -> dict[str, Any]:

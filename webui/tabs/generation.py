@@ -24,6 +24,7 @@ from webui.common import (
     QUEUED_GROUP,
     QUIET,
     Page,
+    checkpoint_infos,
     gallery_items,
     loaded_text,
     native_size,
@@ -167,6 +168,7 @@ class GenerationTabs:
         fields["tiling"] = gr.Checkbox(value=convert.request_default("tiling"), label=convert.LABELS["tiling"],
                                        elem_id=f"{p}_tiling", info="seamless: the picture repeats without a seam")
         self._face_restoration(fields, p)
+        self._refiner(fields, p)
         if mode == "txt2img":
             hires.build(self.engine, fields, p)
         else:
@@ -184,6 +186,18 @@ class GenerationTabs:
             fields["face_restorer"] = gr.Dropdown(["Automatic", *names], value="Automatic", allow_custom_value=True,
                                                   label=convert.LABELS["face_restorer"], elem_id=f"{p}_face_restorer")
             fields["code_former_weight"] = slider("code_former_weight", step=0.01, elem_id=f"{p}_code_former_weight")
+
+    def _refiner(self, fields: dict[str, Any], p: str) -> None:
+        """A1111 1.6's Refiner accordion: the checkpoint the last steps run on ("None": no refiner)
+        and the share of the steps after which it takes over."""
+        names = [info.name for info in checkpoint_infos(self.engine)]
+        with gr.Accordion("Refiner", open=False, elem_id=f"{p}_refiner"):
+            with gr.Row():
+                fields["refiner_checkpoint"] = gr.Dropdown(["None", *names], value="None",
+                                                           label=convert.LABELS["refiner_checkpoint"],
+                                                           elem_id=f"{p}_refiner_checkpoint")
+                fields["refiner_switch_at"] = slider("refiner_switch_at", step=0.01,
+                                                     elem_id=f"{p}_refiner_switch_at")
 
     def _wire(self, mode: str, brush_size: gr.Slider | None) -> None:
         ui = self.ui

@@ -3,8 +3,8 @@
 `build(engine, fields, prefix)` adds the accordion; its component names are
 `GenerationRequest` hr_* fields, so `convert.generation_request` passes them through
 unchanged. Every choice comes from the engine (upscalers: latent modes, then every upscaler)
-or from core's own names ("Use same sampler"/"Use same scheduler": the request reads them as
-"the first pass's").
+or from core's own names ("Use same checkpoint"/"Use same sampler"/"Use same scheduler": the
+request reads them as "the first pass's").
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any
 import gradio as gr
 
 from pipelines.core.engine_api import EngineAPI
-from pipelines.core.request import HR_DEFAULT_UPSCALER, HR_SAME_SAMPLER, HR_SAME_SCHEDULER
-from webui.common import engine_choices, pick, slider
+from pipelines.core.request import HR_DEFAULT_UPSCALER, HR_SAME_CHECKPOINT, HR_SAME_SAMPLER, HR_SAME_SCHEDULER
+from webui.common import checkpoint_infos, engine_choices, pick, slider
 
 
 def build(engine: EngineAPI, fields: dict[str, Any], prefix: str) -> None:
@@ -23,6 +23,7 @@ def build(engine: EngineAPI, fields: dict[str, Any], prefix: str) -> None:
     upscaler_names = engine_choices(engine.hires_upscaler_names, "hires upscaler names")
     samplers = [HR_SAME_SAMPLER, *engine_choices(engine.sampler_names, "sampler names")]
     schedules = [HR_SAME_SCHEDULER, *engine_choices(engine.schedule_types, "schedule types")]
+    checkpoints = [HR_SAME_CHECKPOINT, *(info.name for info in checkpoint_infos(engine))]
     p = prefix
     with gr.Accordion("Hires. fix", open=False, elem_id=f"{p}_hires"):
         fields["enable_hr"] = gr.Checkbox(False, label="Enable hires. fix (generate, upscale, then a second "
@@ -43,6 +44,8 @@ def build(engine: EngineAPI, fields: dict[str, Any], prefix: str) -> None:
             fields["hr_resize_y"] = slider("hr_resize_y", value=0, step=8, label="Resize height to",
                                            elem_id=f"{p}_hr_resize_y")
         with gr.Row():
+            fields["hr_checkpoint_name"] = gr.Dropdown(checkpoints, value=HR_SAME_CHECKPOINT,
+                                                       label="Hires checkpoint", elem_id=f"{p}_hr_checkpoint")
             fields["hr_sampler"] = gr.Dropdown(samplers, value=HR_SAME_SAMPLER, label="Hires sampling method",
                                                elem_id=f"{p}_hr_sampler")
             fields["hr_schedule_type"] = gr.Dropdown(schedules, value=HR_SAME_SCHEDULER,
