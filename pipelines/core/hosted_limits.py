@@ -70,8 +70,7 @@ def check_generation(request: GenerationRequest, limits: SpaceLimits, native: in
     checkpoint's resolution, the size of a request that gives none."""
     if request.steps > limits.max_steps:
         raise over_limit("steps", f"at most {limits.max_steps} steps, got {request.steps}", limits)
-    width = request.width or native
-    height = request.height or native
+    width, height = request.size_for(native)
     for name, value in (("width", width), ("height", height)):
         if value > limits.max_side:
             raise over_limit(name, f"at most {limits.max_side} pixels, got {value}", limits)
