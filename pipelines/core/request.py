@@ -16,6 +16,17 @@ from typing import Any, Mapping
 from PIL import Image
 
 from pipelines.core import samplers
+from pipelines.core.checks import (
+    RequestError,
+    check_choice,
+    check_flag,
+    check_int,
+    check_number,
+    check_range_of,
+    check_text,
+    within,
+)
+from pipelines.core.control import ControlUnit, check_units
 
 MODES = ("txt2img", "img2img", "inpaint")
 RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")
@@ -72,18 +83,6 @@ LATENT_UPSCALE_MODES: Mapping[str, tuple[str, bool]] = MappingProxyType({
 HR_DEFAULT_UPSCALER = "Latent"
 
 
-class RequestError(ValueError):
-    """A bad request field; `field` names it so UI and API can point at it."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-
-    def __reduce__(self):  # pickles (a ZeroGPU worker sends its errors back to the main process)
-        return (type(self), (self.field, self.message))
-
-
 @dataclass(frozen=True)
 class GenerationRequest:
     mode: str = "txt2img"
@@ -138,18 +137,20 @@ class GenerationRequest:
     # the refiner (A1111 1.6): the steps after refiner_switch_at (a share of them) run on this checkpoint
     refiner_checkpoint: str | None = None  # None (or "" / "None"): no refiner
     refiner_switch_at: float = 0.8
+    # ControlNet / T2I-Adapter units (core.control): images that steer the denoising
+    control_units: tuple[ControlUnit, ...] = ()
     # extension arguments keyed by extension id
     extension_args: Mapping[str, Any] = field(default_factory=dict)
     save_images: bool = True
 
     def __post_init__(self) -> None:
-        _check_choice("mode", self.mode, MODES)
-        _check_text("prompt", self.prompt)
-        _check_text("negative_prompt", self.negative_prompt)
+        check_choice("mode", self.mode, MODES)
+        check_text("prompt", self.prompt)
+        check_text("negative_prompt", self.negative_prompt)
         for name in ("seed", "subseed", "steps", "batch_size", "batch_count", "mask_blur",
                      "inpaint_full_res_padding", "clip_skip", "width", "height"):
             if getattr(self, name) is not None:
-                object.__setattr__(self, name, _check_int(name, getattr(self, name)))
+                object.__setattr__(self, name, check_int(name, getattr(self, name)))
         for name in ("seed", "subseed"):
             value = getattr(self, name)
             if not (value == -1 or 0 <= value <= MAX_SEED):
@@ -157,7 +158,7 @@ class GenerationRequest:
         for name in ("steps", "batch_size", "batch_count", "mask_blur", "inpaint_full_res_padding", "clip_skip"):
             _check_range(name, getattr(self, name))
         for name in ("cfg_scale", "denoising_strength", "subseed_strength"):
-            _check_range(name, _check_number(name, getattr(self, name)))
+            _check_range(name, check_number(name, getattr(self, name)))
         for name in ("width", "height"):
             value = getattr(self, name)
             if value is None:
@@ -166,14 +167,14 @@ class GenerationRequest:
             if value % 8:
                 raise RequestError(name, f"must be a multiple of 8, got {value}")
         self._check_seed_resize()
-        _check_choice("sampler", self.sampler, samplers.SAMPLER_NAMES)
-        _check_choice("schedule_type", self.schedule_type, samplers.SCHEDULE_TYPES)
+        check_choice("sampler", self.sampler, samplers.SAMPLER_NAMES)
+        check_choice("schedule_type", self.schedule_type, samplers.SCHEDULE_TYPES)
         allowed = samplers.allowed_schedule_types(self.sampler)
         if self.schedule_type not in allowed:
             raise RequestError("schedule_type", f"{self.sampler} does not support the {self.schedule_type} "
                                                 f"schedule; choose one of: {', '.join(allowed)}")
-        _check_choice("resize_mode", self.resize_mode, RESIZE_MODES)
-        _check_choice("inpainting_fill", self.inpainting_fill, INPAINT_FILLS)
+        check_choice("resize_mode", self.resize_mode, RESIZE_MODES)
+        check_choice("inpainting_fill", self.inpainting_fill, INPAINT_FILLS)
         if self.mode in ("img2img", "inpaint") and not isinstance(self.init_image, Image.Image):
             raise RequestError("init_image", f"{self.mode} needs an input image")
         if self.mode == "inpaint" and not isinstance(self.mask, Image.Image):
@@ -185,13 +186,14 @@ class GenerationRequest:
         if not isinstance(self.extension_args, Mapping):
             raise RequestError("extension_args", "must be a mapping of extension id to arguments")
         object.__setattr__(self, "extension_args", MappingProxyType(dict(self.extension_args)))
-        object.__setattr__(self, "tiling", _check_flag("tiling", self.tiling))
-        object.__setattr__(self, "restore_faces", _check_flag("restore_faces", self.restore_faces))
+        object.__setattr__(self, "tiling", check_flag("tiling", self.tiling))
+        object.__setattr__(self, "restore_faces", check_flag("restore_faces", self.restore_faces))
         if self.face_restorer is not None and not isinstance(self.face_restorer, str):
             raise RequestError("face_restorer", "must be a name from the face restorer list")
-        _check_range("code_former_weight", _check_number("code_former_weight", self.code_former_weight))
+        _check_range("code_former_weight", check_number("code_former_weight", self.code_former_weight))
         self._check_hires()
         self._check_other_checkpoints()
+        object.__setattr__(self, "control_units", check_units(self.control_units))
 
     def _check_other_checkpoints(self) -> None:
         """refiner_checkpoint, hr_checkpoint_name: a model name, or None for "none" / "the first pass's"."""
@@ -202,13 +204,13 @@ class GenerationRequest:
                 object.__setattr__(self, name, None)
             elif value is not None and not isinstance(value, str):
                 raise RequestError(name, "must be a name from the model list")
-        _check_range("refiner_switch_at", _check_number("refiner_switch_at", self.refiner_switch_at))
+        _check_range("refiner_switch_at", check_number("refiner_switch_at", self.refiner_switch_at))
 
     def _check_seed_resize(self) -> None:
         """Values <= 0 mean off (A1111's API sends -1) and become 0; a size needs both sides."""
         sides = ("seed_resize_from_w", "seed_resize_from_h")
         for name in sides:
-            value = _check_int(name, getattr(self, name))
+            value = check_int(name, getattr(self, name))
             object.__setattr__(self, name, max(value, 0))
             if value > 0:
                 _check_range(name, value)
@@ -227,27 +229,27 @@ class GenerationRequest:
             else:
                 raise RequestError("enable_hr", f"must be true or false, got {self.enable_hr!r}")
         for name in ("hr_second_pass_steps", "hr_resize_x", "hr_resize_y"):
-            object.__setattr__(self, name, _check_int(name, getattr(self, name)))
+            object.__setattr__(self, name, check_int(name, getattr(self, name)))
             _check_range(name, getattr(self, name))
         for name in ("hr_scale", "hr_denoising_strength"):
-            _check_range(name, _check_number(name, getattr(self, name)))
+            _check_range(name, check_number(name, getattr(self, name)))
         for name in ("hr_prompt", "hr_negative_prompt", "hr_upscaler"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, "" if name != "hr_upscaler" else HR_DEFAULT_UPSCALER)
-            _check_text(name, getattr(self, name))
+            check_text(name, getattr(self, name))
         if not self.hr_upscaler.strip():
             object.__setattr__(self, "hr_upscaler", HR_DEFAULT_UPSCALER)
         sampler = self.hr_sampler
         if sampler in ("", HR_SAME_SAMPLER):
             object.__setattr__(self, "hr_sampler", None)
         elif sampler is not None:
-            _check_choice("hr_sampler", sampler, samplers.SAMPLER_NAMES)
+            check_choice("hr_sampler", sampler, samplers.SAMPLER_NAMES)
         schedule = self.hr_schedule_type
         if schedule in ("", HR_SAME_SCHEDULER):
             schedule = None
             object.__setattr__(self, "hr_schedule_type", None)
         if schedule is not None:
-            _check_choice("hr_schedule_type", schedule, samplers.SCHEDULE_TYPES)
+            check_choice("hr_schedule_type", schedule, samplers.SCHEDULE_TYPES)
         if schedule is not None and self.enable_hr:  # a disabled hires fix never blocks a request
             sampler = self.hr_sampler or self.sampler
             allowed = samplers.allowed_schedule_types(sampler)
@@ -359,7 +361,7 @@ class UpscaleRequest:
 
     def __post_init__(self) -> None:
         for name in ("gfpgan_visibility", "codeformer_visibility", "codeformer_weight"):
-            _check_range(name, _check_number(name, getattr(self, name)))
+            _check_range(name, check_number(name, getattr(self, name)))
         if self.image is not None and not isinstance(self.image, Image.Image):
             raise RequestError("image", "an input image is needed")
         batch = tuple(self.images or ())
@@ -371,19 +373,19 @@ class UpscaleRequest:
         if self.upscaler_2 in ("", "None"):
             object.__setattr__(self, "upscaler_2", None)
         if self.upscaler_2 is not None:
-            _check_text("upscaler_2", self.upscaler_2)
-        _check_range("upscaler_2_visibility", _check_number("upscaler_2_visibility", self.upscaler_2_visibility))
+            check_text("upscaler_2", self.upscaler_2)
+        _check_range("upscaler_2_visibility", check_number("upscaler_2_visibility", self.upscaler_2_visibility))
         for name in ("tile_size", "tile_overlap"):
-            object.__setattr__(self, name, _check_int(name, getattr(self, name)))
+            object.__setattr__(self, name, check_int(name, getattr(self, name)))
             _check_range(name, getattr(self, name))
-        scale = _check_number("scale", self.scale)
+        scale = check_number("scale", self.scale)
         if not 1.0 <= scale <= 8.0:
             raise RequestError("scale", f"must be between 1 and 8, got {scale}")
         if (self.target_width is None) != (self.target_height is None):
             raise RequestError("target_width", "give both target width and height, or neither")
         for name in ("target_width", "target_height"):
             value = getattr(self, name)
-            if value is not None and not 8 <= _check_int(name, value) <= 8192:
+            if value is not None and not 8 <= check_int(name, value) <= 8192:
                 raise RequestError(name, f"must be between 8 and 8192, got {value}")
 
     @property
@@ -391,50 +393,15 @@ class UpscaleRequest:
         return ((self.image,) if self.image is not None else ()) + self.images
 
 
-def _check_text(name: str, value: Any) -> None:
-    if not isinstance(value, str):
-        raise RequestError(name, "must be text")
-
-
-def _check_int(name: str, value: Any) -> int:
-    if isinstance(value, float) and value.is_integer():
-        return int(value)  # sliders and JSON clients send 20.0 for 20
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise RequestError(name, f"must be a whole number, got {value!r}")
-    return value
-
-
-def _check_flag(name: str, value: Any) -> bool:
-    """A checkbox value: true or false (1 and 0 too, as JSON clients send them)."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, float)) and value in (0, 1):
-        return bool(value)
-    raise RequestError(name, f"must be true or false, got {value!r}")
-
-
-def _check_number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise RequestError(name, f"must be a number, got {value!r}")
-    return float(value)
+def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
+    """(width, height) of an image of `size` upscaled by `scale`, as the upscalers size it."""
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
 
 def in_limits(name: str, value: float | None) -> bool:
     """True when `value` lies within ``LIMITS[name]`` (None never does)."""
-    low, high = LIMITS[name]
-    return value is not None and low <= value <= high
+    return within(LIMITS, name, value)
 
 
 def _check_range(name: str, value: float) -> None:
-    if not in_limits(name, value):
-        low, high = LIMITS[name]
-        raise RequestError(name, f"must be between {low:g} and {high:g}, got {value:g}")
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...] | list[str]) -> None:
-    if value not in choices:
-        raise RequestError(name, f"unknown value {value!r}; choose one of: {', '.join(choices)}")
-
-def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
-    """(width, height) of an image of `size` upscaled by `scale`, as the upscalers size it."""
-    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+    check_range_of(LIMITS, name, value)

@@ -30,6 +30,10 @@ MODEL_KINDS: dict[str, ModelKind] = {
     "embeddings": ModelKind("embeddings", (".safetensors", ".pt", ".bin")),
     "gfpgan": ModelKind("GFPGAN", (".pth", ".pt", ".safetensors")),  # face restorers (and RestoreFormer)
     "codeformer": ModelKind("Codeformer", (".pth", ".pt", ".safetensors")),
+    # ControlNet and T2I-Adapter files (A1111's and Forge's folder; ComfyUI's is controlnet/)
+    "controlnet": ModelKind("ControlNet", (".safetensors", ".pth", ".pt", ".bin")),
+    # the weights of preprocessors that need a network (depth, pose, ...): see generate/control_preprocess.py
+    "annotators": ModelKind("ControlNet-annotators", (".safetensors", ".pth", ".pt", ".bin")),
 }
 
 
@@ -43,6 +47,8 @@ class Paths:
     embeddings_dir: Path | None = None
     gfpgan_dir: Path | None = None  # --gfpgan-models-path
     codeformer_dir: Path | None = None  # --codeformer-models-path
+    controlnet_dir: Path | None = None  # --controlnet-dir
+    annotators_dir: Path | None = None  # --controlnet-annotator-models-path
     data_dir: Path = REPO_ROOT / "data"  # caches (hashes) and user data
     outdir: Path = REPO_ROOT / "outputs"
     demo_dir: Path | None = DEMO_CHECKPOINT_DIR  # None: no demo fallback (tests of an empty folder)
@@ -57,6 +63,8 @@ class Paths:
             "embeddings": self.embeddings_dir,
             "gfpgan": self.gfpgan_dir,
             "codeformer": self.codeformer_dir,
+            "controlnet": self.controlnet_dir,
+            "annotators": self.annotators_dir,
         }.get(kind)
         if override is not None:
             return Path(override)
