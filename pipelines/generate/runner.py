@@ -19,6 +19,7 @@ from PIL import Image
 from pipelines.core.progress import JobControl, ProgressCallback, ProgressClock
 from pipelines.core.request import GenerationRequest, img2img_steps
 from pipelines.generate import images, schedulers
+from pipelines.generate.control import ControlSteps, LoadedControl
 from pipelines.generate.noise import noise_for_seed
 from pipelines.generate.prompts import PromptConditioning, encode_prompts
 from pipelines.models.families import AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE
@@ -88,7 +89,8 @@ class BatchInputs:
     `start_latents` (one per seed) start an img2img pass from latents instead of from
     `plan.image` (hires fix's second pass); with `decode=False` the final latents are
     returned instead of images (hires fix's first pass). `refiner`: the steps after its switch run on
-    its U-Net with its conditioning, from the same latents and scheduler state; it decodes."""
+    its U-Net with its conditioning, from the same latents and scheduler state; it decodes.
+    `controls`: ControlNet / T2I-Adapter units acting on the steps before any refiner switch."""
 
     conditioning: PromptConditioning
     seeds: Sequence[int]
@@ -99,6 +101,7 @@ class BatchInputs:
     start_latents: torch.Tensor | None = None
     decode: bool = True
     refiner: RefinerStage | None = None
+    controls: Sequence[LoadedControl] = ()
 
 
 # report_step(step, steps, latents=None): run_batch calls it after each step (1-based)
@@ -281,6 +284,7 @@ def run_batch(components, device, request: GenerationRequest, batch: BatchInputs
 
     # 4. denoise
     use_cfg = request.cfg_scale != 1.0
+    controls = ControlSteps(batch.controls, width, height, len(seeds), use_cfg, device)
 
     def unet_inputs(step_cond, model):
         context = torch.cat([step_cond.uncond, step_cond.cond]) if use_cfg else step_cond.cond
@@ -298,6 +302,7 @@ def run_batch(components, device, request: GenerationRequest, batch: BatchInputs
             return None
         if i == switch:  # the refiner takes over: same latents, same scheduler state, its own conditioning
             model, conditioning, current = refiner.components, refiner.conditioning, None
+            controls = ()  # control models fit the base model's U-Net, not the refiner's
             unet = model.unet
             conditioning_latents, blend_each_step = model_inputs(model)
         step_cond = conditioning.at(i, request.steps)
@@ -309,11 +314,13 @@ def run_batch(components, device, request: GenerationRequest, batch: BatchInputs
             guidance = on_step(step=i, steps=len(timesteps), timestep=t, sigma=sigma_at(scheduler, t),
                                latents=latents, guidance_scale=guidance)
         model_in = scheduler.scale_model_input(latents, t)
+        residuals = controls.residuals(i, len(timesteps), model_in, t, context, extra.get("added_cond_kwargs")) \
+            if controls else {}
         if conditioning_latents is not None:
             model_in = torch.cat([model_in, conditioning_latents], dim=1)
         if use_cfg:
             model_in = torch.cat([model_in, model_in])
-        prediction = unet(model_in.to(unet.dtype), t, encoder_hidden_states=context, **extra).sample.float()
+        prediction = unet(model_in.to(unet.dtype), t, encoder_hidden_states=context, **extra, **residuals).sample.float()
         if use_cfg:
             pred_uncond, pred_cond = prediction.chunk(2)
             prediction = pred_uncond + guidance * (pred_cond - pred_uncond)
@@ -404,12 +411,12 @@ def batch_seeds(request: GenerationRequest, batch: int) -> tuple[list[int], list
 
 def run(components, device, request: GenerationRequest, on_progress: ProgressCallback | None = None,
         control: JobControl | None = None, embeddings=(), on_step=None, first_batch: int = 0, *,
-        refiner: SecondModel | None = None):
+        refiner: SecondModel | None = None, controls: Sequence[LoadedControl] = ()):
     """Generate every batch of a request whose seeds are resolved; yields BatchOutput per batch.
 
     `embeddings`: textual inversions the prompts may name (`pipelines.generate.embeddings`).
     `first_batch`: start there (a retry after running out of memory); seeds stay those of the batch.
-    `refiner`: the checkpoint the steps after its `switch_at` run on."""
+    `refiner`: the checkpoint the steps after its `switch_at` run on. `controls`: ControlNet / T2I-Adapter units."""
     control = control or JobControl()
     width, height = request.size_for(components.spec.native_resolution)
 
@@ -425,7 +432,8 @@ def run(components, device, request: GenerationRequest, on_progress: ProgressCal
         if control.interrupted:
             break
         seeds, subseeds = batch_seeds(request, batch)
-        inputs = BatchInputs(conditioning, seeds, subseeds, width, height, plan=plan, refiner=stage)
+        inputs = BatchInputs(conditioning, seeds, subseeds, width, height, plan=plan, refiner=stage,
+                             controls=controls)
         result = run_batch(components, device, request, inputs, control, step_reporter(clock, batch), on_step=on_step)
         if result is None:
             control.take_skip()
