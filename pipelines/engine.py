@@ -18,23 +18,24 @@ from pathlib import Path
 
 from extensions.manager import ExtensionManager
 from pipelines.core import samplers
+from pipelines.core.control import ControlUnit, check_units
 from pipelines.core.hosted_limits import SpaceLimits, check_job, limits_for, queue_bound
 from pipelines.core.jobs import Job, JobQueue, WaitCallback
 from pipelines.core.merge_request import MergeRequest, MergeResult
 from pipelines.core.progress import JobControl, ProgressCallback
 from pipelines.core.request import GenerationRequest, GenerationResult, RequestError, UpscaleRequest
 from pipelines.core.settings import MODEL_KINDS, EngineSettings, Paths
-from pipelines.generate import embeddings, faces, lora, upscalers
+from pipelines.generate import control_preprocess, embeddings, faces, ip_adapter, lora, upscalers
 from pipelines.generate.generation import Generator, JobContext, grid_folder
 from pipelines.generate.upscaling import SdUpscaleOptions, Upscaling
 from pipelines.hosting import zerogpu
 from pipelines.models.checkpoint_file import CheckpointError
 from pipelines.models.device import choose_placement
-from pipelines.models.families import SDXL_REFINER
 from pipelines.models.inspection import describe_checkpoint
 from pipelines.models.manager import ModelManager
 from pipelines.models.merge import plan as plan_merge
 from pipelines.models.merge import run as run_merge
+from pipelines.models.names import default_file
 from pipelines.models.registry import ModelFile, ModelRegistry
 from pipelines.models.stores import HashCache
 
@@ -65,7 +66,7 @@ class Engine:
                                                   **{kind: faces.describe_face_file for kind in faces.FACE_KINDS}},
                                       fallbacks={kind: self.paths.fallback(kind) for kind in MODEL_KINDS})
         budget = int(self.settings.ram_budget_gb * GB) if self.settings.ram_budget_gb else None
-        self.manager = ModelManager(self.placement, budget)
+        self.manager = ModelManager(self.placement, budget, text_encoder_dir=self.paths.folder("text_encoders"))
         max_waiting = self.settings.max_queue_size
         if hosted_limits is not None:  # the demo's own bound on waiting jobs; --max-queue-size can only lower it
             max_waiting = queue_bound(hosted_limits, max_waiting)
@@ -75,7 +76,8 @@ class Engine:
         # extensions' hooks; none until the launcher calls extensions.discover(...)
         self.extensions = ExtensionManager(Path(self.paths.data_dir) / "extensions.json")
         self.generator = Generator(self.registry, self.manager, self.placement, Path(self.paths.outdir),
-                                   load=self._load, hires_upscaler=self.hires_upscaler, faces=self.faces)
+                                   load=self._load, hires_upscaler=self.hires_upscaler, faces=self.faces,
+                                   paths=self.paths)
         self.upscaling = Upscaling(self.registry, self.upscaler_models, self.generator)
         # each job's device work as a request-only function: on ZeroGPU it borrows the GPU for
         # the estimated time and runs in a worker process (see pipelines/hosting/zerogpu.py)
@@ -103,19 +105,12 @@ class Engine:
         return self.registry.find("checkpoints", name)
 
     def default_checkpoint(self) -> str | None:
-        files = self.list_checkpoints()
-        if self.settings.default_checkpoint:
-            wanted = self.find_checkpoint(Path(self.settings.default_checkpoint).name)
-            if wanted is not None:
-                return wanted.name
+        wanted = Path(self.settings.default_checkpoint).name if self.settings.default_checkpoint else None
+        file, missing = default_file(self.list_checkpoints(), wanted)
+        if missing:
             log.warning("--ckpt %s is not in %s; using the first checkpoint instead",
                         self.settings.default_checkpoint, self.paths.folder("checkpoints"))
-        usable = [f for f in files if "error" not in f.details]
-        # a general model first: an inpainting model or a refiner makes a poor txt2img default
-        general = [f for f in usable if not f.details.get("inpainting")
-                   and f.details.get("family_id") != SDXL_REFINER.name]
-        first = (general or usable or files or [None])[0]
-        return first.name if first else None
+        return file.name if file else None
 
     def resolve_checkpoint(self, name: str | None) -> ModelFile:
         wanted = name or self.default_checkpoint()
@@ -166,16 +161,8 @@ class Engine:
         return self.upscaling.hires_upscaler(name, control)
 
     def lora_listing(self, refresh: bool = False) -> list[dict]:
-        """The Lora folder for browsers and /sdapi/v1/loras: name, alias, path, metadata and
-        trigger words (kohya's ss_tag_frequency), what to write in a prompt."""
-        out = []
-        for f in self.registry.list("lora", refresh):
-            meta = lora.read_metadata(Path(f.path))
-            name = Path(f.name).stem
-            out.append({"name": name, "alias": meta.get("ss_output_name", name), "path": str(f.path),
-                        "metadata": {k: v for k, v in meta.items() if len(v) < 20000},
-                        "trigger_words": lora.trigger_words(meta), "prompt": f"<lora:{name}:1>"})
-        return out
+        """The Lora folder for browsers and /sdapi/v1/loras (`lora.listing`)."""
+        return lora.listing(self.registry.list("lora", refresh))
 
     def face_restorers(self, refresh: bool = False) -> list[dict]:
         """Face restorers of models/GFPGAN and models/Codeformer: [{name, cmd_dir}] (A1111's listing)."""
@@ -185,6 +172,21 @@ class Engine:
         """/sdapi/v1/embeddings: readable files of the embeddings folder as "loaded" (with
         their width and vector count), unreadable ones as "skipped"."""
         return embeddings.listing(self.registry.list("embeddings", refresh))
+
+    # --- control models (ControlNet / T2I-Adapter) --------------------------------------
+    @property
+    def max_control_units(self) -> int:
+        return self.settings.controlnet_max_units
+
+    def control_models(self, refresh: bool = False) -> list[ModelFile]:
+        return ip_adapter.control_model_list(self.registry, refresh)  # IP-Adapters too (image prompt units)
+
+    def control_preprocessors(self) -> list[dict]:
+        return control_preprocess.preprocessor_status(self.paths)
+
+    def preprocess_control(self, unit: ControlUnit, width: int, height: int, init_image=None):
+        return control_preprocess.prepare_control_image(unit, width, height, init_image, paths=self.paths,
+                                                        device=str(self.placement.device))
 
     # --- what is loaded ------------------------------------------------------------------
     def load_checkpoint(self, name: str) -> ModelFile:
@@ -301,8 +303,9 @@ class Engine:
 
     # --- work: each job is admitted, waits its turn in the queue, then runs ------------------
     def _admit(self, request: GenerationRequest | UpscaleRequest, sd_upscale_scale: float | None = None) -> None:
-        """Where every job enters, before it is queued (and every cell of a script, before it
-        runs): a hosted demo's limits, RequestError naming the field over them."""
+        """Where every job (and script cell) enters before it runs: RequestError naming the field over a limit."""
+        if isinstance(request, GenerationRequest):
+            check_units(request.control_units, self.max_control_units)
         if self._hosted_limits is None:
             return
         native = self._native_side(request) if isinstance(request, GenerationRequest) else 512

@@ -62,7 +62,8 @@ def refused(client, route: str, **fields) -> dict:
 def test_listing_and_script_info(client):
     listed = client.get("/sdapi/v1/scripts").json()
     common = ["x/y/z plot", "prompt matrix", "prompts from file or textbox"]
-    assert listed == {"txt2img": common, "img2img": [*common, "sd upscale", "loopback"]}
+    assert listed == {"txt2img": common, "img2img": [*common, "sd upscale", "loopback", "outpainting mk2",
+                                                     "poor man's outpainting"]}
     info = client.get("/sdapi/v1/script-info").json()
     by_mode = {(s["name"], s["is_img2img"]): s for s in info}
     assert set(by_mode) == {(n, False) for n in common} | {(n, True) for n in listed["img2img"]}
@@ -188,8 +189,23 @@ def test_unknown_and_unavailable_script_names(client):
     assert all(name in bad["error"] for name in ("'x/y/z plot'", "'prompt matrix'", "'prompts from file or textbox'"))
     bad = refused(client, "txt2img", script_name="loopback")  # an img2img script
     assert bad["field"] == "script_name" and "img2img" in bad["error"]
-    bad = refused(client, "img2img", init_images=[init_image()], script_name="Outpainting mk2")
-    assert bad["field"] == "script_name" and "outpainting" in bad["error"]
+    bad = refused(client, "img2img", init_images=[init_image()], script_name="Outpainting mk2",
+                  script_args=[None, 4])
+    assert bad["field"] == "script_args[1] (Pixels to expand)"
+    bad = refused(client, "img2img", init_images=[init_image()], script_name="Poor man's outpainting",
+                  script_args=[64, 4, 0, ["left", "sideways"]])
+    assert bad["field"] == "script_args" and "sideways" in bad["error"]
+
+
+def test_outpainting_scripts_grow_the_canvas(client):
+    images, info = call(client, "img2img", init_images=[init_image()], script_name="Poor man's outpainting",
+                        script_args=[32, 4, "original", ["right"]], steps=2, denoising_strength=0.8)
+    assert images[0].size == (96, 64)
+    assert "Outpaint: right 32" in info["infotexts"][0]
+    images, info = call(client, "img2img", init_images=[init_image()], script_name="outpainting mk2",
+                        script_args=[None, 16, 8, ["up", "down"], 1.0, 0.5], steps=2)
+    assert images[0].size == (64, 96)
+    assert any("script_args[5] (Color variation)" in w for w in info["warnings"])
 
 
 def test_unavailable_argument_is_reported(client):

@@ -213,3 +213,19 @@ def test_read_infotext_from_image_object_and_jpeg_exif():
     _image().save(buffer, format="JPEG")
     buffer.seek(0)
     assert read_infotext(buffer) is None
+
+
+def test_a_job_saves_in_the_format_and_name_its_save_options_say(engine):
+    """The Settings tab's / options' format, quality and file-name pattern reach the saved file."""
+    from pipelines.core.metadata_read import read_image_metadata
+    from pipelines.core.request import GenerationRequest
+    from pipelines.core.save_formats import SaveOptions
+
+    options = SaveOptions(format="jpg", quality=90, filename_pattern="[seed]-[prompt_words]")
+    result = engine.generate(GenerationRequest(prompt="a red circle", seed=41, steps=2, width=64, height=64,
+                                               save_options=options))
+    path = Path(result.paths[0])
+    assert path.suffix == ".jpg" and path.stem.endswith("-41-a red circle")
+    with Image.open(path) as saved:
+        assert saved.format == "JPEG"
+        assert read_image_metadata(saved).infotext == result.infotexts[0]

@@ -64,7 +64,7 @@ def sample(sampler, schedule_type, seeds, steps=6, base=SD15, latents=None):
 def test_names():
     assert S.SAMPLER_NAMES == (
         "DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2S a", "Euler a", "Euler", "LMS",
-        "Heun", "DPM2", "DPM2 a", "DDIM", "PLMS", "UniPC", "LCM",
+        "Heun", "DPM2", "DPM2 a", "DDIM", "PLMS", "UniPC", "LCM", "TCD",
     )
     assert S.SCHEDULE_TYPES == ("Automatic", "Uniform", "Karras", "Exponential", "SGM Uniform")
     assert set(S.SAMPLERS) == set(S.SAMPLER_NAMES)
@@ -135,7 +135,7 @@ def test_automatic_defaults_follow_a1111():
         "DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2M SDE": "Exponential",
         "DPM++ 2S a": "Karras", "DPM2": "Karras", "DPM2 a": "Karras",
         "Euler": "Uniform", "Euler a": "Uniform", "LMS": "Uniform", "Heun": "Uniform",
-        "DDIM": "Uniform", "PLMS": "Uniform", "UniPC": "Uniform", "LCM": "Uniform",
+        "DDIM": "Uniform", "PLMS": "Uniform", "UniPC": "Uniform", "LCM": "Uniform", "TCD": "Uniform",
     }
     for sampler, want in expected.items():
         assert S.resolve_schedule_type(sampler, "Automatic") == want

@@ -15,6 +15,9 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Protocol, runtime_checkable
 
+from PIL import Image
+
+from pipelines.core.control import ControlUnit
 from pipelines.core.hosted_limits import SpaceLimits
 from pipelines.core.jobs import Job, JobQueue, WaitCallback
 from pipelines.core.merge_request import MergeRequest, MergeResult
@@ -104,6 +107,25 @@ class EngineAPI(Protocol):
 
     def face_restorers(self, refresh: bool = False) -> list[dict]:
         """Face restorer models (models/GFPGAN, models/Codeformer) as A1111 lists them: [{name, cmd_dir}]."""
+
+    # --- control models: ControlNet / T2I-Adapter (core.control) -----------------------------
+    @property
+    def max_control_units(self) -> int:
+        """How many control units a request may have (the UI shows as many)."""
+
+    def control_models(self, refresh: bool = False) -> list[ModelFileInfo]:
+        """models/ControlNet's files; `details` holds family, control_type ("controlnet" |
+        "t2i_adapter") and an error for a file that is not a usable control model."""
+
+    def control_preprocessors(self) -> list[dict]:
+        """Every preprocessor of core.control_modules.PREPROCESSORS with what this machine has:
+        [{"name", "available": bool, "missing": "which file goes where" or ""}]."""
+
+    def preprocess_control(self, unit: ControlUnit, width: int, height: int,
+                           init_image: Image.Image | None = None) -> Image.Image:
+        """The map `unit`'s preprocessor makes of its image (or of `init_image` when it has none)
+        at width x height, as the job would use it: the UI's preview, /controlnet/detect.
+        RequestError naming the unit's field for a missing image, module or annotator file."""
 
     # --- what is loaded ----------------------------------------------------------------------
     def load_checkpoint(self, name: str) -> ModelFileInfo: ...

@@ -19,7 +19,7 @@ import json
 import re
 from typing import Any, Mapping
 
-from pipelines.core import hires_info, samplers
+from pipelines.core import control_infotext, hires_info, regions, samplers
 from pipelines.core.request import INPAINT_FILLS, MAX_SEED, in_limits
 
 NEGATIVE_PREFIX = "Negative prompt:"
@@ -71,6 +71,7 @@ def generation_params(request: Any, *, seed: int, subseed: int, width: int, heig
                       model_name: str | None, model_hash: str | None,
                       vae_name: str | None = None, vae_hash: str | None = None,
                       version: str | None, extra: Mapping[str, object] | None = None,
+                      control_titles: Mapping[int, str] | None = None,
                       ) -> dict[str, object]:
     """The `Key: value` pairs for one image of `request`, in A1111's key order.
 
@@ -86,6 +87,9 @@ def generation_params(request: Any, *, seed: int, subseed: int, width: int, heig
 
     RNG: our initial noise is A1111's "CPU" RNG source, and A1111 writes "RNG: CPU" for it,
     so A1111 users pasting our text get the same noise.
+
+    Control units: a "ControlNet <i>" entry each (`control_infotext`); `control_titles` gives
+    each unit's model as listed ("name [hash]"), by the unit's index in `request.control_units`.
     """
     strength = float(request.subseed_strength or 0.0)
     params: dict[str, object] = {
@@ -123,6 +127,12 @@ def generation_params(request: Any, *, seed: int, subseed: int, width: int, heig
         # ("original", the default, stays implicit as in A1111).
         if request.inpainting_fill != "original":
             params["Masked content"] = request.inpainting_fill
+        if getattr(request, "soft_inpainting", False):
+            params["Soft inpainting"] = "True"
+    params.update(cfg_cutoff_params(request))
+    params.update(deep_cache_params(request))
+    params.update(control_infotext.control_params(getattr(request, "control_units", ()), control_titles))
+    params.update(regions.request_infotext_params(request))
     for key, value in (extra or {}).items():
         params[key] = value
     params["Version"] = version
@@ -273,6 +283,54 @@ def _seed_resize_fields(info: Mapping[str, str], has_params: bool) -> dict[str, 
     return {}
 
 
+def cfg_cutoff_params(request: Any) -> dict[str, object]:
+    """A1111's keys for the CFG cutoff settings in use (only under CFG: without it nothing is skipped)."""
+    if request.cfg_scale == 1 or not (getattr(request, "s_min_uncond", 0) or getattr(request, "skip_early_cond", 0)):
+        return {}
+    every_step = request.s_min_uncond and request.s_min_uncond_all
+    params: dict[str, object] = {"NGMS": request.s_min_uncond or None, "NGMS all steps": "True" if every_step else None,
+                                 "Skip Early CFG": request.skip_early_cond or None}
+    return {key: value for key, value in params.items() if value is not None}
+
+
+def deep_cache_params(request: Any) -> dict[str, object]:
+    """DeepCache's settings when it is on (interval above 1); A1111's DeepCache extensions write no
+    interval, so these keys are ours."""
+    if getattr(request, "deepcache_interval", 1) <= 1:
+        return {}
+    return {"DeepCache interval": request.deepcache_interval, "DeepCache branch": request.deepcache_branch,
+            "DeepCache start": request.deepcache_start}
+
+
+def _deep_cache_fields(info: Mapping[str, str], has_params: bool) -> dict[str, Any]:
+    """DeepCache's settings from a text; a parameters line without them means off."""
+    interval = _to_int(info.get("DeepCache interval"))
+    if not in_limits("deepcache_interval", interval):
+        return {"deepcache_interval": 1} if has_params else {}
+    fields: dict[str, Any] = {"deepcache_interval": interval}
+    for key, name, read in (("DeepCache branch", "deepcache_branch", _to_int),
+                            ("DeepCache start", "deepcache_start", _to_float)):
+        value = read(info.get(key))
+        if in_limits(name, value):
+            fields[name] = value
+    return fields
+
+
+def _cutoff_fields(info: Mapping[str, str], has_params: bool) -> dict[str, Any]:
+    """CFG cutoff and soft inpainting from a text; absent keys mean off (A1111 leaves them out then)."""
+    fields: dict[str, Any] = {}
+    for key, name in (("NGMS", "s_min_uncond"), ("Skip Early CFG", "skip_early_cond")):
+        value = _to_float(info.get(key))
+        if in_limits(name, value):
+            fields[name] = value
+        elif has_params and key not in info:
+            fields[name] = 0.0
+    for key, name in (("NGMS all steps", "s_min_uncond_all"), ("Soft inpainting", "soft_inpainting")):
+        if key in info or has_params:
+            fields[name] = info.get(key, "").strip().casefold() == "true"
+    return fields
+
+
 def request_fields_from_infotext(text: str) -> dict[str, Any]:
     """GenerationRequest field values found in a pasted text; never raises.
 
@@ -367,4 +425,7 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
         fields["restore_faces"] = False
     fields.update(hires_info.fields_from_infotext(info))  # hires fix, when the text has it
     fields.update(hires_info.refiner_fields(info))
+    fields.update(_cutoff_fields(info, has_params))
+    fields.update(regions.fields_from_params(info))  # regional prompts: the Regional Prompter's keys
+    fields.update(_deep_cache_fields(info, has_params))
     return fields

@@ -17,7 +17,7 @@ COMFY_SAMPLERS = {
     "dpmpp_2s_ancestral": "DPM++ 2S a", "dpmpp_sde": "DPM++ SDE", "dpmpp_sde_gpu": "DPM++ SDE",
     "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_2m_sde_gpu": "DPM++ 2M SDE",
     "dpmpp_3m_sde": "DPM++ 3M SDE", "dpmpp_3m_sde_gpu": "DPM++ 3M SDE", "ddim": "DDIM",
-    "uni_pc": "UniPC", "uni_pc_bh2": "UniPC", "lcm": "LCM", "restart": "Restart",
+    "uni_pc": "UniPC", "uni_pc_bh2": "UniPC", "lcm": "LCM", "tcd": "TCD", "restart": "Restart",
 }
 # ComfyUI's scheduler -> A1111 schedule type ("normal" is the model's own sigma schedule,
 # which this app calls "Uniform").
@@ -29,7 +29,7 @@ COMFY_SCHEDULERS = {
 INVOKE_SAMPLERS = {
     "ddim": "DDIM", "lms": "LMS", "pndm": "PLMS", "heun": "Heun", "euler": "Euler", "euler_a": "Euler a",
     "kdpm_2": "DPM2", "kdpm_2_a": "DPM2 a", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE",
-    "dpmpp_sde": "DPM++ SDE", "unipc": "UniPC", "lcm": "LCM",
+    "dpmpp_sde": "DPM++ SDE", "unipc": "UniPC", "lcm": "LCM", "tcd": "TCD",
 }
 
 

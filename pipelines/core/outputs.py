@@ -24,9 +24,11 @@ from typing import IO
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from pipelines.core.save_formats import SaveOptions, name_part, write_exif_image
+
 _LOCK = threading.Lock()
 _NUMBER_RE = re.compile(r"^\.?(\d+)")  # final names and our hidden temp names
-_TEMP_RE = re.compile(r"^\.\d+\.png\.tmp$")
+_TEMP_RE = re.compile(r"^\.\d+\.(png|jpg|webp)\.tmp$")
 # A temp file untouched this long belongs to a writer that died mid-save (kill -9, power cut):
 # a live one writes and renames within seconds. Such leftovers are removed by the next save.
 STALE_TEMP_SECONDS = 3600
@@ -54,8 +56,8 @@ def _numbers_in(folder: Path) -> dict[int, list[str]]:
     return found
 
 
-def _temp_name(number: int) -> str:
-    return f".{number:05}.png.tmp"
+def _temp_name(number: int, suffix: str = ".png") -> str:
+    return f".{number:05}{suffix}.tmp"
 
 
 def _remove_stale_temps(folder: Path) -> None:
@@ -72,7 +74,7 @@ def _remove_stale_temps(folder: Path) -> None:
                 pass  # gone already, or not ours to remove: it only costs a number
 
 
-def _reserve(folder: Path) -> tuple[int, Path, int]:
+def _reserve(folder: Path, suffix: str = ".png") -> tuple[int, Path, int]:
     """Pick the next number and create its temp file exclusively; returns (number, temp, fd)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     with _LOCK:  # threads of this process queue here; O_EXCL guards against other processes
@@ -80,7 +82,7 @@ def _reserve(folder: Path) -> tuple[int, Path, int]:
         for _ in range(1000):
             taken = _numbers_in(folder)
             number = max(taken, default=-1) + 1
-            temp = folder / _temp_name(number)
+            temp = folder / _temp_name(number, suffix)
             try:
                 fd = os.open(temp, flags, 0o644)
             except FileExistsError:
@@ -130,26 +132,35 @@ def write_png(image: Image.Image, handle: IO[bytes], infotext: str | None) -> No
 
 
 def save_image(image: Image.Image, outdir: Path, folder: str, *, seed: int | None,
-               infotext: str | None, now: datetime | None = None) -> Path:
+               infotext: str | None, now: datetime | None = None, options: SaveOptions | None = None,
+               name_values: dict[str, str] | None = None) -> Path:
     """Save `image` as the next numbered PNG under outdir/folder/<date>/ and return its path.
 
-    The PNG carries `infotext` in a `parameters` text chunk. Raises OutputError (disk full,
-    permission, ...) with nothing left under the final name and no temp file.
+    The PNG carries `infotext` in a `parameters` text chunk (JPEG/WebP: the EXIF UserComment);
+    `options` picks the format, quality and file-name pattern (`name_values`: the pattern words'
+    values, `save_formats.pattern_values`; the seed alone by default). Raises OutputError (disk
+    full, permission, ...) with nothing left under the final name and no temp file.
     """
     if not _FOLDER_RE.match(folder) or folder in (".", ".."):
         raise ValueError(f"folder must be a plain folder name, got {folder!r}")
+    options = options or SaveOptions()
     date_dir = Path(outdir) / folder / (now or datetime.now()).strftime("%Y-%m-%d")
     try:
         date_dir.mkdir(parents=True, exist_ok=True)
-        number, temp, fd = _reserve(date_dir)
+        number, temp, fd = _reserve(date_dir, options.suffix)
     except OSError as error:
         raise OutputError(f"cannot save image in {date_dir}: {_describe(error)}", date_dir) from error
 
-    name = f"{number:05}-{int(seed)}.png" if seed is not None else f"{number:05}.png"
+    words = name_values if name_values is not None else {"seed": "" if seed is None else str(int(seed))}
+    part = name_part(options.filename_pattern, words)
+    name = f"{number:05}-{part}{options.suffix}" if part else f"{number:05}{options.suffix}"
     final = date_dir / name
     try:
         with os.fdopen(fd, "wb") as handle:
-            write_png(image, handle, infotext)
+            if options.format == "png":
+                write_png(image, handle, infotext)
+            else:
+                write_exif_image(image, handle, infotext, options)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, final)

@@ -27,11 +27,15 @@ from pipelines.core.checks import (
     within,
 )
 from pipelines.core.control import ControlUnit, check_units
+from pipelines.core.regions import DEFAULT_BASE_RATIO, Region, checked_request_regions
+from pipelines.core.result import GenerationResult  # noqa: F401 - re-exported: callers take it with the request
+from pipelines.core.save_formats import SaveOptions
 
 MODES = ("txt2img", "img2img", "inpaint")
 RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")
 INPAINT_FILLS = ("fill", "original", "latent noise", "latent nothing")  # A1111 order: 0..3
 MAX_SEED = 2**32 - 1
+OUTPAINT_SIDES = ("outpaint_left", "outpaint_right", "outpaint_up", "outpaint_down")
 
 # field -> (minimum, maximum); the UI builds its sliders from this table.
 LIMITS: dict[str, tuple[float, float]] = {
@@ -48,6 +52,15 @@ LIMITS: dict[str, tuple[float, float]] = {
     "mask_blur": (0, 64),
     "inpaint_full_res_padding": (0, 256),
     "clip_skip": (1, 12),
+    "s_min_uncond": (0.0, 15.0),  # NGMS: a sigma (SD's largest is about 14.6); 0: off
+    "skip_early_cond": (0.0, 1.0),  # Skip Early CFG: a share of the steps; 0: off
+    "deepcache_interval": (1, 10),  # DeepCache: the whole U-Net runs every Nth step; 1: off
+    "deepcache_branch": (0, 2),  # DeepCache: layers kept live besides the outermost (0: fastest)
+    "deepcache_start": (0.0, 1.0),  # DeepCache: share of the first steps that always run in full
+    "outpaint_left": (0, 1024),  # pixels the canvas grows by on that side (img2img / inpaint)
+    "outpaint_right": (0, 1024),
+    "outpaint_up": (0, 1024),
+    "outpaint_down": (0, 1024),
     # hires fix
     "hr_scale": (1.0, 4.0),
     "hr_second_pass_steps": (0, 150),  # 0: as many as the first pass
@@ -96,6 +109,14 @@ class GenerationRequest:
     seed_resize_from_h: int = 0
     steps: int = 20
     cfg_scale: float = 7.0
+    # CFG cutoff (generate/guidance.py): steps that run without the negative prompt's pass
+    s_min_uncond: float = 0.0
+    s_min_uncond_all: bool = False
+    skip_early_cond: float = 0.0
+    # DeepCache (generate/deep_cache.py): deep U-Net features reused between full steps
+    deepcache_interval: int = 1
+    deepcache_branch: int = 0
+    deepcache_start: float = 0.2
     sampler: str = "DPM++ 2M"
     schedule_type: str = "Automatic"
     width: int | None = None  # None: the checkpoint's native size
@@ -112,6 +133,13 @@ class GenerationRequest:
     inpaint_full_res: bool = False  # "only masked"
     inpaint_full_res_padding: int = 32
     inpainting_mask_invert: bool = False
+    # soft inpainting (differential diffusion): a grey mask value is how much that pixel may change
+    soft_inpainting: bool = False
+    # outpainting: grow the input's canvas by this many pixels per side and paint the new area
+    outpaint_left: int = 0
+    outpaint_right: int = 0
+    outpaint_up: int = 0
+    outpaint_down: int = 0
     # models
     checkpoint: str | None = None  # a name from the registry; None = server default
     vae: str | None = None
@@ -139,25 +167,34 @@ class GenerationRequest:
     refiner_switch_at: float = 0.8
     # ControlNet / T2I-Adapter units (core.control): images that steer the denoising
     control_units: tuple[ControlUnit, ...] = ()
+    # regional prompts (core.regions): boxes / masks with their own prompts, or the prompt's ADDCOL / ADDROW
+    regions: tuple[Region, ...] = ()
+    regional_mode: str = "Columns"  # the prompt syntax's first split (Regional Prompter's Matrix submode)
+    regional_ratios: str = ""  # "1,1", "1,2,1;2,1,1"; "": equal parts
+    regional_base_ratios: str = DEFAULT_BASE_RATIO  # with ADDBASE: the base prompt's share in each region
     # extension arguments keyed by extension id
     extension_args: Mapping[str, Any] = field(default_factory=dict)
     save_images: bool = True
+    save_options: SaveOptions = SaveOptions()  # format, quality, file names: the server's settings when built
 
     def __post_init__(self) -> None:
         check_choice("mode", self.mode, MODES)
         check_text("prompt", self.prompt)
         check_text("negative_prompt", self.negative_prompt)
         for name in ("seed", "subseed", "steps", "batch_size", "batch_count", "mask_blur",
-                     "inpaint_full_res_padding", "clip_skip", "width", "height"):
+                     "inpaint_full_res_padding", "clip_skip", "width", "height", "deepcache_interval",
+                     "deepcache_branch", *OUTPAINT_SIDES):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, check_int(name, getattr(self, name)))
         for name in ("seed", "subseed"):
             value = getattr(self, name)
             if not (value == -1 or 0 <= value <= MAX_SEED):
                 raise RequestError(name, f"must be -1 (random) or between 0 and {MAX_SEED}, got {value}")
-        for name in ("steps", "batch_size", "batch_count", "mask_blur", "inpaint_full_res_padding", "clip_skip"):
+        for name in ("steps", "batch_size", "batch_count", "mask_blur", "inpaint_full_res_padding", "clip_skip",
+                     "deepcache_interval", "deepcache_branch", *OUTPAINT_SIDES):
             _check_range(name, getattr(self, name))
-        for name in ("cfg_scale", "denoising_strength", "subseed_strength"):
+        for name in ("cfg_scale", "denoising_strength", "subseed_strength", "s_min_uncond", "skip_early_cond",
+                     "deepcache_start"):
             _check_range(name, check_number(name, getattr(self, name)))
         for name in ("width", "height"):
             value = getattr(self, name)
@@ -186,14 +223,27 @@ class GenerationRequest:
         if not isinstance(self.extension_args, Mapping):
             raise RequestError("extension_args", "must be a mapping of extension id to arguments")
         object.__setattr__(self, "extension_args", MappingProxyType(dict(self.extension_args)))
-        object.__setattr__(self, "tiling", check_flag("tiling", self.tiling))
-        object.__setattr__(self, "restore_faces", check_flag("restore_faces", self.restore_faces))
+        for name in ("tiling", "soft_inpainting", "restore_faces", "s_min_uncond_all"):
+            object.__setattr__(self, name, check_flag(name, getattr(self, name)))
+        if self.outpaints:
+            grown = next(n for n in OUTPAINT_SIDES if getattr(self, n))
+            if self.mode == "txt2img":
+                raise RequestError(grown, "outpainting grows an input image: use img2img or inpaint")
+            width, height, _ = self.outpaint_canvas()
+            if not (in_limits("width", width) and in_limits("height", height)):
+                raise RequestError(grown, f"the canvas would be {width}x{height}; each side must be between "
+                                          f"{LIMITS['width'][0]} and {LIMITS['width'][1]}")
+        if self.soft_inpainting and self.mode != "inpaint":
+            raise RequestError("soft_inpainting", "is for inpaint: a mask's grey values say how much pixels change")
         if self.face_restorer is not None and not isinstance(self.face_restorer, str):
             raise RequestError("face_restorer", "must be a name from the face restorer list")
         _check_range("code_former_weight", check_number("code_former_weight", self.code_former_weight))
         self._check_hires()
         self._check_other_checkpoints()
         object.__setattr__(self, "control_units", check_units(self.control_units))
+        object.__setattr__(self, "regions", checked_request_regions(self))
+        if not isinstance(self.save_options, SaveOptions):
+            raise RequestError("save_options", "must be the server's save settings (SaveOptions)")
 
     def _check_other_checkpoints(self) -> None:
         """refiner_checkpoint, hr_checkpoint_name: a model name, or None for "none" / "the first pass's"."""
@@ -277,8 +327,21 @@ class GenerationRequest:
 
     def size_for(self, native_resolution: int) -> tuple[int, int]:
         """(width, height) of the first pass: the request's, or the checkpoint's native
-        resolution for a side it leaves None."""
+        resolution for a side it leaves None; an outpainting request's grown canvas."""
+        if self.outpaints:
+            return self.outpaint_canvas()[:2]
         return self.width or native_resolution, self.height or native_resolution
+
+    def outpaint_canvas(self) -> tuple[int, int, tuple[int, int, int, int]]:
+        """(width, height, (left, right, up, down)) of the grown canvas, as A1111's "Outpainting mk2"
+        grows it: the input image's own size plus the sides, rounded up to multiples of 8 on a
+        growing side (right / down when both sides of an axis grow)."""
+        left, right, up, down = (getattr(self, name) for name in OUTPAINT_SIDES)
+        width, height = self.init_image.width + left + right, self.init_image.height + up + down
+        extra_w, extra_h = -width % 8, -height % 8
+        right, left = (right + extra_w, left) if right or not left else (right, left + extra_w)
+        down, up = (down + extra_h, up) if down or not up else (down, up + extra_h)
+        return width + extra_w, height + extra_h, (left, right, up, down)
 
     def hires_size(self, width: int, height: int) -> tuple[int, int]:
         """The second pass's size for a first pass of width x height (multiples of 8).
@@ -295,6 +358,10 @@ class GenerationRequest:
         else:
             w, h = width * self.hr_scale, height * self.hr_scale
         return max(8, int(w) // 8 * 8), max(8, int(h) // 8 * 8)
+
+    @property
+    def outpaints(self) -> bool:
+        return any(getattr(self, name) for name in OUTPAINT_SIDES)
 
     @property
     def images_total(self) -> int:
@@ -316,31 +383,6 @@ def img2img_steps(steps: int, strength: float) -> int:
     return min(int(steps * strength), steps)
 
 
-@dataclass
-class GenerationResult:
-    images: list[Image.Image] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=list)
-    subseeds: list[int] = field(default_factory=list)
-    infotexts: list[str] = field(default_factory=list)
-    paths: list[str] = field(default_factory=list)  # where each image was saved ("" when not)
-    warnings: list[str] = field(default_factory=list)
-    interrupted: bool = False
-    request: GenerationRequest | None = None
-    # the job's memory plan: estimated peak, free memory, mode, whether it was retried
-    memory: dict | None = None
-
-    def take_in(self, other: "GenerationResult", *, images: bool = True) -> None:
-        """Fold in one generation of a script's job: its new warnings and, unless `images` is
-        False, its images with their seeds, subseeds, infotexts and paths (in step)."""
-        self.warnings.extend(w for w in other.warnings if w not in self.warnings)
-        if images:
-            self.images += other.images
-            self.seeds += other.seeds
-            self.subseeds += other.subseeds
-            self.infotexts += other.infotexts
-            self.paths += other.paths
-
-
 @dataclass(frozen=True)
 class UpscaleRequest:
     image: Image.Image | None = None
@@ -349,6 +391,7 @@ class UpscaleRequest:
     target_width: int | None = None  # both set: resize to exactly this size instead of by scale
     target_height: int | None = None
     save_images: bool = True
+    save_options: SaveOptions = SaveOptions()
     images: tuple[Image.Image, ...] = ()  # a batch: upscaled after `image`, each the same way
     upscaler_2: str | None = None  # blended into the first upscaler's result
     upscaler_2_visibility: float = 0.0

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 
 SAMPLER_NAMES: tuple[str, ...] = (
     "DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2S a", "Euler a", "Euler", "LMS", "Heun",
-    "DPM2", "DPM2 a", "DDIM", "PLMS", "UniPC", "LCM",
+    "DPM2", "DPM2 a", "DDIM", "PLMS", "UniPC", "LCM", "TCD",
 )
 SCHEDULE_TYPES: tuple[str, ...] = ("Automatic", "Uniform", "Karras", "Exponential", "SGM Uniform")
 
@@ -30,6 +30,7 @@ SCHEDULE_TYPES: tuple[str, ...] = ("Automatic", "Uniform", "Karras", "Exponentia
 # "Normal" is numerically the same thing for SD's discrete schedule). It is what
 # "Automatic" means for Euler, Euler a, LMS, Heun, DDIM, PLMS, UniPC and LCM, and every
 # sampler supports it, so it is offered for all (DPM++ 2M without Karras, for example).
+# LCM and TCD take their timesteps from their distillation grid whatever the schedule.
 UNIFORM = "Uniform"
 
 # Schedule type -> scheduler config overrides. A schedule type is allowed for a
@@ -156,6 +157,11 @@ SAMPLERS: Mapping[str, SamplerSpec] = MappingProxyType({
     ),
     # LCM re-noises between steps (like A1111's LCM sampler).
     "LCM": _row("LCMScheduler", spacing=None, schedules=(), stochastic=True),
+    # TCD (Trajectory Consistency Distillation): A1111 1.10 has none; "TCD" (alias "tcd") is
+    # what A1111's TCD sampler extensions and ComfyUI's "tcd" call it. Like LCM it picks its
+    # timesteps from the distillation grid, and its gamma (diffusers' step ``eta``, 0.3 by
+    # default, as TCD's authors recommend) re-noises a share of each step: stochastic.
+    "TCD": _row("TCDScheduler", spacing=None, schedules=(), stochastic=True),
 })
 
 assert tuple(SAMPLERS) == SAMPLER_NAMES
@@ -178,6 +184,7 @@ SAMPLER_ALIASES: Mapping[str, tuple[str, str | None]] = MappingProxyType({
     "plms": ("PLMS", None),
     "unipc": ("UniPC", None),
     "lcm": ("LCM", None),
+    "tcd": ("TCD", None),
     "k_dpmpp_2m_ka": ("DPM++ 2M", "Karras"),
     "k_dpmpp_sde_ka": ("DPM++ SDE", "Karras"),
     "k_dpmpp_2m_sde_exp": ("DPM++ 2M SDE", "Exponential"),

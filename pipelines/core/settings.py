@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipelines.core.control import DEFAULT_MAX_UNITS
 from pipelines.core.jobs import DEFAULT_MAX_WAITING
 from pipelines.core.uploads import DEFAULT_MAX_UPLOAD_MB, DEFAULT_MAX_UPLOAD_MEGAPIXELS
 
@@ -33,7 +34,15 @@ MODEL_KINDS: dict[str, ModelKind] = {
     # ControlNet and T2I-Adapter files (A1111's and Forge's folder; ComfyUI's is controlnet/)
     "controlnet": ModelKind("ControlNet", (".safetensors", ".pth", ".pt", ".bin")),
     # the weights of preprocessors that need a network (depth, pose, ...): see generate/control_preprocess.py
+    # text encoders kept apart from their denoiser (SD 3: clip_l, clip_g, t5xxl), Forge's and ComfyUI's folder
+    "text_encoders": ModelKind("text_encoder", (".safetensors",)),
     "annotators": ModelKind("ControlNet-annotators", (".safetensors", ".pth", ".pt", ".bin")),
+    # tiny autoencoders (TAESD / TAESDXL decoders) for previews and fast decodes: A1111's folder
+    "vae_approx": ModelKind("VAE-approx", (".pth", ".safetensors")),
+    # IP-Adapters (image prompts) and the CLIP vision encoders they read: ComfyUI's folders (A1111's
+    # ControlNet extension keeps ip-adapter_* files in models/ControlNet: see models/ip_adapter_files.py)
+    "ipadapter": ModelKind("ipadapter", (".safetensors", ".bin", ".pth")),
+    "clip_vision": ModelKind("clip_vision", (".safetensors", ".bin")),
 }
 
 
@@ -49,6 +58,8 @@ class Paths:
     codeformer_dir: Path | None = None  # --codeformer-models-path
     controlnet_dir: Path | None = None  # --controlnet-dir
     annotators_dir: Path | None = None  # --controlnet-annotator-models-path
+    ipadapter_dir: Path | None = None
+    clip_vision_dir: Path | None = None
     data_dir: Path = REPO_ROOT / "data"  # caches (hashes) and user data
     outdir: Path = REPO_ROOT / "outputs"
     demo_dir: Path | None = DEMO_CHECKPOINT_DIR  # None: no demo fallback (tests of an empty folder)
@@ -65,6 +76,8 @@ class Paths:
             "codeformer": self.codeformer_dir,
             "controlnet": self.controlnet_dir,
             "annotators": self.annotators_dir,
+            "ipadapter": self.ipadapter_dir,
+            "clip_vision": self.clip_vision_dir,
         }.get(kind)
         if override is not None:
             return Path(override)
@@ -79,6 +92,7 @@ class Paths:
 @dataclass(frozen=True)
 class EngineSettings:
     device: str = "auto"  # auto | cpu | cuda | mps
+    controlnet_max_units: int = DEFAULT_MAX_UNITS  # --controlnet-max-units: units per request (and in the UI)
     precision: str = "auto"  # auto | full | half | bf16
     no_half_vae: bool = False
     attention: str = "auto"  # auto | xformers | sdpa | sliced

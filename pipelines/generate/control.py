@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from pipelines.core.control import CONTROL_MODES, ControlUnit
+from pipelines.generate.control_preprocess import inpaint_control_tensor
 
 PROMPT_FIRST, CONTROL_FIRST = CONTROL_MODES[1], CONTROL_MODES[2]
 
@@ -51,17 +52,16 @@ def map_tensor(image: Image.Image, mask: Image.Image | None, width: int, height:
     image = image.convert("RGB")
     if image.size != (width, height):
         image = image.resize((width, height), Image.LANCZOS)
-    array = np.asarray(image, dtype=np.float32) / 255.0
     if mask is not None:
-        keep = np.asarray(mask.convert("L").resize((width, height), Image.NEAREST), dtype=np.float32) < 127.5
-        array = np.where(keep[..., None], array, -1.0).astype(np.float32)
-    return torch.from_numpy(array).permute(2, 0, 1)[None]
+        return torch.from_numpy(inpaint_control_tensor(image, mask.convert("L").resize((width, height), Image.NEAREST)))
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
 
 
 class ControlSteps:
     """The units of one batch at one pass's size, giving each U-Net call its residuals.
 
-    `batch`: images per batch; `use_cfg`: the U-Net's batch is [uncond x batch, cond x batch]."""
+    `batch`: images per batch; `use_cfg`: the U-Net's batch is [uncond x batch, cond x batch] (a step
+    that skips the unconditional pass, `residuals(cfg=False)`, gets the prompt's half alone)."""
 
     def __init__(self, controls: Sequence[LoadedControl], width: int, height: int, batch: int, use_cfg: bool,
                  device):
@@ -75,14 +75,14 @@ class ControlSteps:
     def __bool__(self) -> bool:
         return bool(self.controls)
 
-    def _cond_only(self, control: LoadedControl) -> bool:
-        return self.use_cfg and control.unit.control_mode == CONTROL_FIRST
+    def _cond_only(self, control: LoadedControl, cfg: bool) -> bool:
+        return cfg and control.unit.control_mode == CONTROL_FIRST
 
     @torch.no_grad()
     def _adapter_features(self, control: LoadedControl, image: torch.Tensor) -> list[torch.Tensor]:
         features = control.model(image.to(control.model.dtype))
         features = [f * control.unit.weight for f in features]
-        if self._cond_only(control):
+        if self._cond_only(control, self.use_cfg):
             return [torch.cat([torch.zeros_like(f).repeat_interleave(self.batch, 0),
                                f.repeat_interleave(self.batch, 0)]) for f in features]
         rows = self.batch * (2 if self.use_cfg else 1)
@@ -90,19 +90,22 @@ class ControlSteps:
 
     @torch.no_grad()
     def residuals(self, step: int, steps: int, latents: torch.Tensor, timestep, context: torch.Tensor,
-                  added: dict | None) -> dict:
+                  added: dict | None, cfg: bool | None = None) -> dict:
         """The U-Net keyword arguments of every unit acting on this step (empty when none does).
 
         `latents`: the scaled latents of the batch (4 channels, before any CFG doubling or inpaint
-        channels); `context` and `added`: the U-Net's own text conditioning for this step."""
+        channels); `context` and `added`: the U-Net's own text conditioning for this step; `cfg`:
+        whether this step runs both halves (default: `use_cfg`)."""
+        cfg = self.use_cfg if cfg is None else cfg
         down = mid = intrablock = None
         for control, image, features in zip(self.controls, self.images, self.features):
             if not acts_at(control.unit, step, steps):
                 continue
             if features is not None:
-                intrablock = add_up(intrablock, features)
+                intrablock = add_up(intrablock, features if cfg or not self.use_cfg
+                                    else [f[self.batch:] for f in features])
                 continue
-            got_down, got_mid = self._controlnet(control, image, latents, timestep, context, added)
+            got_down, got_mid = self._controlnet(control, image, latents, timestep, (context, added), cfg)
             down = add_up(down, got_down)
             mid = got_mid if mid is None else mid + got_mid
         out: dict = {}
@@ -112,10 +115,11 @@ class ControlSteps:
             out["down_intrablock_additional_residuals"] = [f.clone() for f in intrablock]  # the U-Net pops them
         return out
 
-    def _controlnet(self, control: LoadedControl, image, latents, timestep, context, added):
+    def _controlnet(self, control: LoadedControl, image, latents, timestep, conditioning, cfg: bool):
         model, unit = control.model, control.unit
-        cond_only = self._cond_only(control)
-        sample = latents if cond_only or not self.use_cfg else torch.cat([latents, latents])
+        context, added = conditioning
+        cond_only = self._cond_only(control, cfg)
+        sample = latents if cond_only or not cfg else torch.cat([latents, latents])
         if cond_only:  # the prompt's half of the U-Net's conditioning
             context = context[self.batch:]
             added = {key: value[self.batch:] for key, value in added.items()} if added else None

@@ -18,14 +18,26 @@ from pathlib import Path
 from typing import Any, Callable
 
 from extensions.hooks import JobHooks
-from pipelines.core import hires_info, infotext, outputs, samplers
+from pipelines.core import hires_info, infotext, outputs, samplers, save_formats
 from pipelines.core.jobs import Job
 from pipelines.core.progress import JobControl, Progress, ProgressCallback
 from pipelines.core.request import GenerationRequest, GenerationResult, RequestError
-from pipelines.generate import embeddings, hires, lora, runner, seamless, upscalers
+from pipelines.core.settings import Paths
+from pipelines.generate import (
+    control_units,
+    embeddings,
+    flow_runner,
+    hires,
+    ip_adapter,
+    lora,
+    outpaint,
+    runner,
+    seamless,
+    upscalers,
+)
 from pipelines.models import memory
 from pipelines.models.device import Placement
-from pipelines.models.families import BY_NAME
+from pipelines.models.families import BY_NAME, SD3
 from pipelines.models.manager import ModelManager
 from pipelines.models.registry import ModelFile, ModelRegistry
 
@@ -96,7 +108,7 @@ class Generator:
 
     def __init__(self, registry: ModelRegistry, manager: ModelManager, placement: Placement, outdir: Path, *,
                  load: Callable[[ModelFile], Any], hires_upscaler: Callable[[str, JobControl | None], Any],
-                 faces: Any = None):
+                 faces: Any = None, paths: Paths | None = None):
         self.registry = registry
         self.manager = manager
         self.placement = placement
@@ -104,6 +116,7 @@ class Generator:
         self.load = load  # the engine's load: marks the checkpoint as loading and hashes it meanwhile
         self.hires_upscaler = hires_upscaler  # a latent mode name, or an Upscaler (RequestError when unknown)
         self.faces = faces  # faces.FaceRestoration: restore_faces (None: a RequestError when asked)
+        self.paths = paths or Paths()  # the preprocessors' annotator folders
 
     # --- the model a job runs on ---------------------------------------------------------------
     def prepare(self, file: ModelFile, request: GenerationRequest, extra: dict | None = None) -> PreparedModel:
@@ -244,14 +257,27 @@ class Generator:
     def run(self, file: ModelFile, request: GenerationRequest, context: JobContext) -> GenerationResult:
         """txt2img/img2img/inpaint (with hires fix when asked) of a request whose seeds are resolved."""
         hooks, control = context.hooks, context.control
+        request, outpainting = outpaint.as_inpaint(request)  # outpainting is inpainting on a grown canvas
         other_files = self.other_files(file, request)  # bad names fail before anything loads
-        prepared = self.prepare(file, request)
+        prepared = self.prepare(file, request, outpainting)
         components, result, extra = prepared.components, prepared.result, prepared.extra
         others = self.load_others(other_files, request, prepared)
         crowded = self.crowded([file.name, *(o.file.name for o in others.values())], result.warnings)
         refiner, hr_model = others.get("refiner_checkpoint"), others.get("hr_checkpoint_name")
         refiner = refiner.second(request.refiner_switch_at) if refiner is not None else None
         width, height = request.size_for(components.spec.native_resolution)
+        flow = components.spec.family.name == SD3.name  # a flow-matching transformer: its own loop
+        if flow:
+            self.check_flow_request(request, others)
+            extra.update(flow_runner.infotext_params(components))
+        _, prompt_units = ip_adapter.split_units(request.control_units, self.registry)
+        controls = control_units.prepare(request, registry=self.registry, load_control=self.control_loader(components),
+                                         paths=self.paths, family=components.spec.family.name,
+                                         size=(width, height), device=str(self.placement.device),
+                                         skip={index for index, _ in prompt_units})
+        image_prompts = ip_adapter.prepare_image_prompts(request, prompt_units, registry=self.registry,
+                                                         unet=components.unet, device=self.placement.device)
+        control_titles = {**controls.titles, **image_prompts.titles}
         hr_upscaler = self.hires_upscaler(request.hr_upscaler, control) if request.enable_hr else None
         restore_faces = self.face_restoration(request, extra)
         if request.enable_hr:
@@ -261,22 +287,32 @@ class Generator:
         plan = max((memory.plan_job(c, self.placement, *size, request.batch_size, request.cfg_scale != 1.0)
                     for c in [components, *(o.components for o in others.values())]), key=lambda p: p.working_bytes)
 
-        def batches(first_batch: int):
+        def batches(first_batch: int, prompt_steps):
+            if flow:
+                upscale = lambda image, size: upscalers.upscale_image(image, hr_upscaler, target_size=size)  # noqa: E731
+                if request.enable_hr:
+                    return flow_runner.run_hires(components, self.placement.device, request, upscale, context.track,
+                                                 control, first_batch=first_batch)
+                return flow_runner.run(components, self.placement.device, request, context.track, control,
+                                       first_batch=first_batch)
             if request.enable_hr:
                 return hires.run(components, self.placement.device, request,
                                  lambda image, size: upscalers.upscale_image(image, hr_upscaler, target_size=size),
                                  context.track, control, embeddings=prepared.embeddings, first_batch=first_batch,
-                                 hr_model=hr_model.second() if hr_model is not None else None, refiner=refiner)
+                                 hr_model=hr_model.second() if hr_model is not None else None, refiner=refiner,
+                                 controls=controls.loaded, image_prompts=prompt_steps)
             return runner.run(components, self.placement.device, request, context.track, control,
                               embeddings=prepared.embeddings, on_step=hooks.step_hook(request),
-                              first_batch=first_batch, refiner=refiner)
+                              first_batch=first_batch, refiner=refiner, controls=controls.loaded,
+                              image_prompts=prompt_steps)
 
         next_batch = 0
         try:
             while True:
                 try:
-                    with self.held(prepared, list(others.values()), request, plan, crowded):
-                        for batch in batches(next_batch):
+                    with self.held(prepared, list(others.values()), request, plan, crowded), \
+                            ip_adapter.applied(components.unet, image_prompts.prompts) as prompt_steps:
+                        for batch in batches(next_batch, prompt_steps):
                             for image, seed, subseed in zip(batch.images, batch.seeds, batch.subseeds):
                                 image = restore_faces(image, result.warnings)
                                 image, fields = hooks.after_image(image, request=request, seed=seed,
@@ -284,7 +320,7 @@ class Generator:
                                 params = infotext.generation_params(
                                     request, seed=seed, subseed=subseed, width=width, height=height,
                                     model_name=file.stem, model_hash=file.short_hash, version=VERSION,
-                                    extra={**extra, **fields})
+                                    extra={**extra, **fields}, control_titles=control_titles)
                                 self.record(result, request, image, (seed, subseed), params,
                                             OUTPUT_FOLDERS[request.mode])
                             next_batch = batch.index + 1
@@ -305,6 +341,22 @@ class Generator:
                 result.warnings.append(note)
         result.interrupted = control.interrupted
         return result
+
+    @staticmethod
+    def check_flow_request(request: GenerationRequest, others: dict) -> None:
+        """What SD 3's loop does not do yet is refused by name, never dropped without a word."""
+        if others:
+            field_name = next(iter(others))
+            raise RequestError(field_name, "SD 3 checkpoints run without a refiner or a second hires checkpoint "
+                                           "on this server yet")
+        if any(unit.active for unit in request.control_units):
+            raise RequestError("control_units", "ControlNet and IP-Adapter units are not available for SD 3 yet")
+
+    def control_loader(self, components) -> Callable[[ModelFile], Any]:
+        """Loads a control model for `components`' U-Net from the model cache (device and precision
+        of the placement); an SDXL one splits its embedding input as that U-Net does."""
+        width = components.unet.config.get("addition_time_embed_dim")
+        return lambda file: self.manager.get_control(file.path, time_ids_width=width)
 
     def face_restoration(self, request: GenerationRequest, extra: dict) -> Callable:
         """`restore(image, warnings) -> image` for this job: the request's face restorer on every
@@ -342,16 +394,21 @@ class Generator:
         result.seeds.append(seed)
         result.subseeds.append(subseed)
         result.infotexts.append(text)
-        result.paths.append(self.save(image, folder, text, request, result, seed=seed))
+        names = save_formats.pattern_values(request.prompt, request.negative_prompt, params,
+                                            batch_number=len(result.images) - 1)
+        result.paths.append(self.save(image, folder, text, request, result, seed=seed, name_values=names))
 
     def save(self, image, folder: str, text: str, request, result: GenerationResult, *,
-             seed: int | None = None) -> str:
-        """Save `image` under the outputs folder when the request asks for it; the path, or ""
-        (not asked, or failed: then a warning in `result`, and the image still goes back)."""
-        if not request.save_images:
+             seed: int | None = None, name_values: dict[str, str] | None = None) -> str:
+        """Save `image` under the outputs folder when the request asks for it, in the format and
+        with the file name its save options say; the path, or "" (not asked, a grid while grids are
+        not saved, or failed: then a warning in `result`, and the image still goes back)."""
+        options = request.save_options
+        if not request.save_images or (folder.endswith("-grids") and not options.save_grids):
             return ""
         try:
-            return str(outputs.save_image(image, self.outdir, folder, seed=seed, infotext=text))
+            return str(outputs.save_image(image, self.outdir, folder, seed=seed, infotext=text, options=options,
+                                          name_values=name_values))
         except outputs.OutputError as exc:
             # the image still goes back to the user; the failure is said, not swallowed
             message = f"image not saved: {exc}"

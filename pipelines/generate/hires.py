@@ -20,8 +20,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipelines.core.progress import JobControl, ProgressCallback, ProgressClock
+from pipelines.core.regions import layout_of
 from pipelines.core.request import LATENT_UPSCALE_MODES, GenerationRequest, img2img_steps
-from pipelines.generate import runner, schedulers, seamless, tiling
+from pipelines.generate import regions, runner, schedulers, seamless, tiling
+from pipelines.generate.ip_adapter import ImagePromptSteps
 from pipelines.generate.prompts import encode_prompts
 
 PixelUpscale = Callable[[Image.Image, tuple[int, int]], Image.Image]
@@ -56,28 +58,37 @@ def upscale_latents(latents: torch.Tensor, mode: str, width: int, height: int) -
 def run(components, device, request: GenerationRequest, upscale_pixels: PixelUpscale,
         on_progress: ProgressCallback | None = None, control: JobControl | None = None, embeddings=(),
         first_batch: int = 0, *, hr_model: runner.SecondModel | None = None,
-        refiner: runner.SecondModel | None = None) -> Iterator[runner.BatchOutput]:
+        refiner: runner.SecondModel | None = None, controls=(),
+        image_prompts: ImagePromptSteps | None = None) -> Iterator[runner.BatchOutput]:
     """`runner.run` for a txt2img request with `enable_hr`: yields one BatchOutput per batch
     with the second pass's images. `embeddings`: textual inversions the prompts may name.
     `hr_model`: the checkpoint of the second pass (hr_checkpoint_name; None: the first pass's).
     `refiner`: switched to within the second pass (A1111's default "Hires fix: refiner for the
-    second pass"), after its share of that pass's steps."""
+    second pass"), after its share of that pass's steps. `controls` (runner.run's) act on both passes,
+    on the second one at its size, unless `hr_model` is of another family (their layers would not fit)."""
     control = control or JobControl()
     width, height = request.size_for(components.spec.native_resolution)
     hr_width, hr_height = request.hires_size(width, height)
     second = second_pass_request(request)
 
-    conditioning = encode_prompts(components, request.prompt, request.negative_prompt, request.clip_skip, device,
-                                  steps=request.steps, embeddings=embeddings)
+    conditioning = regions.encode_conditioning(components, layout_of(request), request.prompt,
+                                               request.negative_prompt, request.clip_skip, device,
+                                               steps=request.steps, embeddings=embeddings)
     hr_prompt = request.hr_prompt or request.prompt
     hr_negative = request.hr_negative_prompt or request.negative_prompt
+    hr_layout = layout_of(request, hr_prompt)  # regional prompts: the second pass keeps the layout
     hr = hr_model or runner.SecondModel(components, embeddings)
     if hr_model is None and (hr_prompt, hr_negative) == (request.prompt, request.negative_prompt):
         hr_conditioning = conditioning
     else:  # its own prompts, or the same ones through the second checkpoint's text encoders
-        hr_conditioning = encode_prompts(hr.components, hr_prompt, hr_negative, request.clip_skip, device,
-                                         steps=second.steps, embeddings=hr.embeddings)
-    stage = runner.refiner_stage(refiner, hr_prompt, hr_negative, request.clip_skip, device, second.steps)
+        hr_conditioning = regions.encode_conditioning(hr.components, hr_layout, hr_prompt, hr_negative,
+                                                      request.clip_skip, device, steps=second.steps,
+                                                      embeddings=hr.embeddings)
+    refiner_prompt = hr_layout.base_prompt if hr_layout is not None else hr_prompt
+    stage = runner.refiner_stage(refiner, refiner_prompt, hr_negative, request.clip_skip, device, second.steps)
+    same_family = hr.components.spec.family.name == components.spec.family.name
+    hr_controls = controls if same_family else ()
+    hr_image_prompts = image_prompts if hr_model is None else None  # the adapters sit in the first pass's U-Net
 
     first_steps = len(_timesteps(components, request, device))
     # progress over the whole job: every denoising step of both passes counts
@@ -89,9 +100,11 @@ def run(components, device, request: GenerationRequest, upscale_pixels: PixelUps
             break
         seeds, subseeds = runner.batch_seeds(request, batch)
 
-        first_pass = runner.BatchInputs(conditioning, seeds, subseeds, width, height, decode=False)
-        latents = runner.run_batch(components, device, request, first_pass, control,
-                                   runner.step_reporter(clock, batch, offset=0))
+        first_pass = runner.BatchInputs(conditioning, seeds, subseeds, width, height, decode=False, controls=controls,
+                                       image_prompts=image_prompts)
+        with regions.applied(components.unet, conditioning, len(seeds)):
+            latents = runner.run_batch(components, device, request, first_pass, control,
+                                       runner.step_reporter(clock, batch, offset=0))
         if latents is None:
             control.take_skip()
             continue
@@ -107,9 +120,10 @@ def run(components, device, request: GenerationRequest, upscale_pixels: PixelUps
                 continue
             start = torch.cat([runner.encode_image(hr.components.vae, image, device) for image in upscaled])
         second_pass = runner.BatchInputs(hr_conditioning, seeds, subseeds, hr_width, hr_height, start_latents=start,
-                                         refiner=stage)
-        images = runner.run_batch(hr.components, device, second, second_pass, control,
-                                  runner.step_reporter(clock, batch, offset=first_steps))
+                                         refiner=stage, controls=hr_controls, image_prompts=hr_image_prompts)
+        with regions.applied(hr.components.unet, hr_conditioning, len(seeds)):
+            images = runner.run_batch(hr.components, device, second, second_pass, control,
+                                      runner.step_reporter(clock, batch, offset=first_steps))
         if images is None:
             control.take_skip()
             continue
@@ -146,7 +160,9 @@ def sd_upscale(components, device, request: GenerationRequest, upscaled: Image.I
     ys = tiling.positions(canvas_h, tile_h, overlap)
     xs = tiling.positions(canvas_w, tile_w, overlap)
     tiles = [(y, x) for y in ys for x in xs]
-    conditioning = encode_prompts(components, request.prompt, request.negative_prompt, request.clip_skip, device,
+    layout = layout_of(request)  # tiles are crops: a layout's regions do not fit them, its base prompt does
+    prompt = layout.base_prompt if layout is not None else request.prompt
+    conditioning = encode_prompts(components, prompt, request.negative_prompt, request.clip_skip, device,
                                   steps=request.steps, embeddings=embeddings)
     total = request.images_total
     tile_steps = max(img2img_steps(request.steps, request.denoising_strength), 1)

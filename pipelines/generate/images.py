@@ -104,7 +104,7 @@ def mask_to_l(mask: Image.Image) -> Image.Image:
 
 
 def prepare_mask(mask: Image.Image, width: int, height: int, *, blur: int, invert: bool,
-                 resize_mode: str | int) -> Image.Image:
+                 resize_mode: str | int, soft: bool = False) -> Image.Image:
     """The processing mask ("L", width x height, 255 = repaint), in A1111's order:
 
     1. any mode -> L (alpha for transparent masks), binarised at 128 so soft brush edges and
@@ -114,10 +114,11 @@ def prepare_mask(mask: Image.Image, width: int, height: int, *, blur: int, inver
        with sigma = mask_blur before resizing; Pillow's GaussianBlur radius is that sigma);
     4. resized to width x height with the image's resize mode so it stays aligned with the
        image resized by `resize_image`.
+    `soft` (soft inpainting) keeps step 1's grey values: how much each pixel may change.
     """
     _check_size(width, height)
     arr = np.asarray(mask_to_l(mask))
-    binary = np.where(arr >= 128, 255, 0).astype(np.uint8)
+    binary = arr.astype(np.uint8) if soft else np.where(arr >= 128, 255, 0).astype(np.uint8)
     if invert:
         binary = 255 - binary
     result = Image.fromarray(binary)

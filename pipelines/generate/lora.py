@@ -110,6 +110,19 @@ def read_metadata(path: Path) -> dict[str, str]:
     return {str(k): str(v) for k, v in meta.items()}
 
 
+def listing(files) -> list[dict]:
+    """The Lora folder's files for browsers and /sdapi/v1/loras: name, alias, path, metadata and
+    trigger words (kohya's ss_tag_frequency), what to write in a prompt."""
+    out = []
+    for f in files:
+        meta = read_metadata(Path(f.path))
+        name = Path(f.name).stem
+        out.append({"name": name, "alias": meta.get("ss_output_name", name), "path": str(f.path),
+                    "metadata": {k: v for k, v in meta.items() if len(v) < 20000},
+                    "trigger_words": trigger_words(meta), "prompt": f"<lora:{name}:1>"})
+    return out
+
+
 def trigger_words(metadata: dict[str, str], limit: int = 20) -> list[str]:
     """Most frequent training tags from kohya's ``ss_tag_frequency`` (the LoRA's trigger words)."""
     raw = metadata.get("ss_tag_frequency")

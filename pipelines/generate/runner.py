@@ -17,10 +17,15 @@ import torch
 from PIL import Image
 
 from pipelines.core.progress import JobControl, ProgressCallback, ProgressClock
+from pipelines.core.regions import layout_of
 from pipelines.core.request import GenerationRequest, img2img_steps
-from pipelines.generate import images, schedulers
+from pipelines.generate import deep_cache, images, regions, schedulers
+from pipelines.generate import guidance as guidance_rules
 from pipelines.generate.control import ControlSteps, LoadedControl
+from pipelines.generate.ip_adapter import ImagePromptSteps
 from pipelines.generate.noise import noise_for_seed
+from pipelines.generate.pixels import to_image, to_tensor
+from pipelines.generate.previews import preview_of
 from pipelines.generate.prompts import PromptConditioning, encode_prompts
 from pipelines.models.families import AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE
 
@@ -102,6 +107,7 @@ class BatchInputs:
     decode: bool = True
     refiner: RefinerStage | None = None
     controls: Sequence[LoadedControl] = ()
+    image_prompts: ImagePromptSteps | None = None  # IP-Adapters inside the base U-Net (ip_adapter.applied)
 
 
 # report_step(step, steps, latents=None): run_batch calls it after each step (1-based)
@@ -116,7 +122,7 @@ def plan_pixels(request: GenerationRequest, width: int, height: int) -> InpaintP
     if request.mode == "img2img":
         return InpaintPlan(image=images.resize_image(init, width, height, request.resize_mode))
     original = images.resize_image(init, width, height, request.resize_mode)
-    mask = images.prepare_mask(request.mask, width, height, blur=request.mask_blur,
+    mask = images.prepare_mask(request.mask, width, height, blur=request.mask_blur, soft=request.soft_inpainting,
                                invert=request.inpainting_mask_invert, resize_mode=request.resize_mode)
     plan = InpaintPlan(image=original, original=original, mask=mask, overlay_mask=mask)
     if request.inpaint_full_res:
@@ -131,16 +137,6 @@ def plan_pixels(request: GenerationRequest, width: int, height: int) -> InpaintP
     if request.inpainting_fill == "fill":
         plan.image = images.fill_masked(plan.image, plan.mask)
     return plan
-
-
-def to_tensor(image: Image.Image, device, dtype) -> torch.Tensor:
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1)[None].to(device=device, dtype=dtype)
-
-
-def to_image(sample: torch.Tensor) -> Image.Image:
-    array = ((sample.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return Image.fromarray(array.permute(1, 2, 0).cpu().numpy())
 
 
 @torch.no_grad()
@@ -171,10 +167,18 @@ def decode_latents(vae, latents: torch.Tensor, control: JobControl | None = None
     return [to_image(s) for s in samples]
 
 
-def latent_mask(mask: Image.Image, latent_w: int, latent_h: int, device) -> torch.Tensor:
-    """The repaint mask at latent size, rounded to 0/1 (A1111 rounds the blurred mask)."""
+def latent_mask(mask: Image.Image, latent_w: int, latent_h: int, device, soft: bool = False) -> torch.Tensor:
+    """The repaint mask at latent size, rounded to 0/1 (A1111 rounds the blurred mask); `soft`:
+    its grey values kept (soft inpainting: how much each latent pixel may change)."""
     small = np.asarray(mask.resize((latent_w, latent_h), Image.BILINEAR), dtype=np.float32) / 255.0
-    return torch.from_numpy(np.around(small))[None, None].to(device)
+    return torch.from_numpy(small if soft else np.around(small))[None, None].to(device)
+
+
+def free_pixels(mask: torch.Tensor, step: int, steps: int, soft: bool) -> torch.Tensor:
+    """Where step `step` of `steps` may change the latents (1) or keeps the original's (0).
+    Soft inpainting (differential diffusion): a pixel of mask value m joins for the last share m of
+    the steps, so its change grows with m; a hard mask is the same at every step."""
+    return (mask >= 1 - step / steps).to(mask.dtype) if soft else mask
 
 
 def inpaint_conditioning(vae, plan: InpaintPlan | None, width: int, height: int, device) -> torch.Tensor:
@@ -262,7 +266,7 @@ def run_batch(components, device, request: GenerationRequest, batch: BatchInputs
     else:
         init_latents = encode_image(vae, plan.image, device).repeat(len(seeds), 1, 1, 1)
         if plan.mask is not None:
-            mask = latent_mask(plan.mask, width // 8, height // 8, device)
+            mask = latent_mask(plan.mask, width // 8, height // 8, device, soft=request.soft_inpainting)
             if request.inpainting_fill == "latent noise":
                 init_latents = init_latents * (1 - mask) + noise * mask
             elif request.inpainting_fill == "latent nothing":
@@ -272,11 +276,11 @@ def run_batch(components, device, request: GenerationRequest, batch: BatchInputs
 
     def model_inputs(model):
         """What `model`'s U-Net sees besides the latents (9 channels: mask and masked image), and
-        whether the mask is blended in after each step (a plain 4-channel U-Net)."""
+        whether the mask is blended in after each step (a plain 4-channel U-Net, or soft inpainting)."""
         extra_latents = None
         if model.unet.config.in_channels == 9:
             extra_latents = inpaint_conditioning(model.vae, plan, width, height, device).repeat(len(seeds), 1, 1, 1)
-        return extra_latents, mask is not None and model.unet.config.in_channels == 4
+        return extra_latents, mask is not None and (model.unet.config.in_channels == 4 or request.soft_inpainting)
 
     conditioning_latents, blend_each_step = model_inputs(components)
     refiner = batch.refiner
@@ -285,54 +289,68 @@ def run_batch(components, device, request: GenerationRequest, batch: BatchInputs
     # 4. denoise
     use_cfg = request.cfg_scale != 1.0
     controls = ControlSteps(batch.controls, width, height, len(seeds), use_cfg, device)
+    image_prompts = batch.image_prompts
+    cutoff = guidance_rules.CfgCutoff.of(request)
 
-    def unet_inputs(step_cond, model):
-        context = torch.cat([step_cond.uncond, step_cond.cond]) if use_cfg else step_cond.cond
+    def unet_inputs(step_cond, model, cfg: bool):
+        context = torch.cat([step_cond.uncond, step_cond.cond]) if cfg else step_cond.cond
         context = context.to(model.unet.dtype).repeat_interleave(len(seeds), dim=0)
         added = None
         if step_cond.pooled_cond is not None:
             added = added_conditioning(model, step_cond.pooled_cond, step_cond.pooled_uncond, width, height,
-                                       use_cfg, len(seeds), device)
+                                       cfg, len(seeds), device)
         return context, ({"added_cond_kwargs": added} if added is not None else {})
 
     model, current = components, None
     context = extra = None
-    for i, t in enumerate(timesteps):
-        if control.stop_current:
-            return None
-        if i == switch:  # the refiner takes over: same latents, same scheduler state, its own conditioning
-            model, conditioning, current = refiner.components, refiner.conditioning, None
-            controls = ()  # control models fit the base model's U-Net, not the refiner's
-            unet = model.unet
-            conditioning_latents, blend_each_step = model_inputs(model)
-        step_cond = conditioning.at(i, request.steps)
-        if step_cond is not current:  # the prompt's text changed at this step
-            current = step_cond
-            context, extra = unet_inputs(step_cond, model)
-        guidance = request.cfg_scale
-        if on_step is not None:  # extensions read the latents and may change this step's guidance
-            guidance = on_step(step=i, steps=len(timesteps), timestep=t, sigma=sigma_at(scheduler, t),
-                               latents=latents, guidance_scale=guidance)
-        model_in = scheduler.scale_model_input(latents, t)
-        residuals = controls.residuals(i, len(timesteps), model_in, t, context, extra.get("added_cond_kwargs")) \
-            if controls else {}
-        if conditioning_latents is not None:
-            model_in = torch.cat([model_in, conditioning_latents], dim=1)
-        if use_cfg:
-            model_in = torch.cat([model_in, model_in])
-        prediction = unet(model_in.to(unet.dtype), t, encoder_hidden_states=context, **extra, **residuals).sample.float()
-        if use_cfg:
-            pred_uncond, pred_cond = prediction.chunk(2)
-            prediction = pred_uncond + guidance * (pred_cond - pred_uncond)
-        latents = schedulers.step(scheduler, prediction, t, latents, generators)
-        if blend_each_step:
-            # keep the unmasked area on the original image's noisy trajectory
-            if i + 1 < len(timesteps):
-                known = scheduler.add_noise(init_latents, noise, timesteps[i + 1 : i + 2])
-            else:
-                known = init_latents
-            latents = known * (1 - mask) + latents * mask
-        report_step(i + 1, len(timesteps), latents=latents)
+    # DeepCache: the base U-Net's deep features reused between full steps (the refiner runs uncached)
+    with deep_cache.applied(components.unet, deep_cache.DeepCacheSettings.of(request)) as feature_cache:
+        for i, t in enumerate(timesteps):
+            if control.stop_current:
+                return None
+            if i == switch:  # the refiner takes over: same latents, same scheduler state, its own conditioning
+                model, conditioning, current = refiner.components, refiner.conditioning, None
+                controls = ()  # control models fit the base model's U-Net, not the refiner's
+                image_prompts = None  # so do the IP-Adapters, which sit inside it
+                unet = model.unet
+                conditioning_latents, blend_each_step = model_inputs(model)
+            step_cond = conditioning.at(i, request.steps)
+            # CFG cutoff (NGMS, Skip Early CFG): some steps run on the prompt alone
+            cfg = use_cfg and guidance_rules.use_uncond(i, len(timesteps), sigma_at(scheduler, t), cutoff)
+            if current is None or current[0] is not step_cond or current[1] != cfg:  # text or CFG halves changed
+                current = (step_cond, cfg)
+                context, extra = unet_inputs(step_cond, model, cfg)
+            guidance = request.cfg_scale
+            if on_step is not None:  # extensions read the latents and may change this step's guidance
+                guidance = on_step(step=i, steps=len(timesteps), timestep=t, sigma=sigma_at(scheduler, t),
+                                   latents=latents, guidance_scale=guidance)
+            model_in = scheduler.scale_model_input(latents, t)
+            residuals = controls.residuals(i, len(timesteps), model_in, t, context, extra.get("added_cond_kwargs"),
+                                           cfg) if controls else {}
+            if conditioning_latents is not None:
+                model_in = torch.cat([model_in, conditioning_latents], dim=1)
+            if cfg:
+                model_in = torch.cat([model_in, model_in])
+            step_extra = extra if image_prompts is None else {  # the image embeddings join SDXL's added inputs
+                **extra, **image_prompts.unet_kwargs(i, len(timesteps), len(seeds), cfg,
+                                                     extra.get("added_cond_kwargs"))}
+            if feature_cache is not None:
+                feature_cache.step(i, len(timesteps))
+            prediction = unet(model_in.to(unet.dtype), t, encoder_hidden_states=context, **step_extra, **residuals)
+            prediction = prediction.sample.float()
+            if cfg:
+                pred_uncond, pred_cond = prediction.chunk(2)
+                prediction = pred_uncond + guidance * (pred_cond - pred_uncond)
+            latents = schedulers.step(scheduler, prediction, t, latents, generators)
+            if blend_each_step:
+                # keep the unmasked area on the original image's noisy trajectory
+                if i + 1 < len(timesteps):
+                    known = scheduler.add_noise(init_latents, noise, timesteps[i + 1 : i + 2])
+                else:
+                    known = init_latents
+                free = free_pixels(mask, i, len(timesteps), request.soft_inpainting)  # took part in step i
+                latents = known * (1 - free) + latents * free
+            report_step(i + 1, len(timesteps), latents=latents)
     if control.stop_current:
         return None
 
@@ -341,25 +359,6 @@ def run_batch(components, device, request: GenerationRequest, batch: BatchInputs
         return latents
     decoded = decode_latents(model.vae, latents, control)  # the VAE of the model that finished
     return [finish_image(img, plan) for img in decoded]
-
-
-# Approximate latent -> RGB map of the SD VAE (a linear fit, A1111's "Approx cheap" idea):
-# good enough to watch an image form, at latent resolution and at no decoding cost.
-LATENT_RGB = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473))
-
-
-def latent_preview(latents: torch.Tensor) -> Image.Image | None:
-    """The first image of a batch as a cheap RGB preview (None for non-4-channel latents)."""
-    if latents.shape[1] != len(LATENT_RGB):
-        return None
-    factors = torch.tensor(LATENT_RGB, dtype=torch.float32)
-    rgb = torch.einsum("chw,cr->rhw", latents[0].detach().float().cpu(), factors)
-    return to_image(rgb.clamp(-1, 1))
-
-
-def preview_of(latents: torch.Tensor | None):
-    """A deferred preview for Progress.preview: nothing is computed unless it is called."""
-    return None if latents is None else (lambda: latent_preview(latents))
 
 
 def sigma_at(scheduler, t) -> float | None:
@@ -411,7 +410,8 @@ def batch_seeds(request: GenerationRequest, batch: int) -> tuple[list[int], list
 
 def run(components, device, request: GenerationRequest, on_progress: ProgressCallback | None = None,
         control: JobControl | None = None, embeddings=(), on_step=None, first_batch: int = 0, *,
-        refiner: SecondModel | None = None, controls: Sequence[LoadedControl] = ()):
+        refiner: SecondModel | None = None, controls: Sequence[LoadedControl] = (),
+        image_prompts: ImagePromptSteps | None = None):
     """Generate every batch of a request whose seeds are resolved; yields BatchOutput per batch.
 
     `embeddings`: textual inversions the prompts may name (`pipelines.generate.embeddings`).
@@ -421,9 +421,11 @@ def run(components, device, request: GenerationRequest, on_progress: ProgressCal
     width, height = request.size_for(components.spec.native_resolution)
 
     # 1. conditioning, shared by every batch
-    conditioning = encode_prompts(components, request.prompt, request.negative_prompt, request.clip_skip, device,
-                                  steps=request.steps, embeddings=embeddings)
-    stage = refiner_stage(refiner, request.prompt, request.negative_prompt, request.clip_skip, device, request.steps)
+    layout = layout_of(request)  # regional prompts: the base prompt conditions the batch, regions their parts
+    conditioning = regions.encode_conditioning(components, layout, request.prompt, request.negative_prompt,
+                                               request.clip_skip, device, steps=request.steps, embeddings=embeddings)
+    prompt = layout.base_prompt if layout is not None else request.prompt
+    stage = refiner_stage(refiner, prompt, request.negative_prompt, request.clip_skip, device, request.steps)
     # 2. pixel-side inputs
     plan = plan_pixels(request, width, height)
 
@@ -433,8 +435,10 @@ def run(components, device, request: GenerationRequest, on_progress: ProgressCal
             break
         seeds, subseeds = batch_seeds(request, batch)
         inputs = BatchInputs(conditioning, seeds, subseeds, width, height, plan=plan, refiner=stage,
-                             controls=controls)
-        result = run_batch(components, device, request, inputs, control, step_reporter(clock, batch), on_step=on_step)
+                             controls=controls, image_prompts=image_prompts)
+        with regions.applied(components.unet, conditioning, len(seeds)):  # the U-Net's own afterwards
+            result = run_batch(components, device, request, inputs, control, step_reporter(clock, batch),
+                               on_step=on_step)
         if result is None:
             control.take_skip()
             continue

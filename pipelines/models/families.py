@@ -31,8 +31,13 @@ OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: open_clip names
 SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
 SDXL_CLIP_G_PREFIX = "conditioner.embedders.1.model."
 REFINER_CLIP_G_PREFIX = "conditioner.embedders.0.model."
-# every text encoder prefix above starts with one of these (LDM's and SGM's names)
-TEXT_ENCODER_ROOTS = ("cond_stage_model.", "conditioner.")
+# SD 3 / 3.5 single files (SAI's layout): MMDiT under the U-Net prefix, encoders under their own.
+SD3_TEXT_ENCODERS_PREFIX = "text_encoders."
+SD3_CLIP_L_PREFIX = SD3_TEXT_ENCODERS_PREFIX + "clip_l.transformer."
+SD3_CLIP_G_PREFIX = SD3_TEXT_ENCODERS_PREFIX + "clip_g.transformer."
+SD3_T5_PREFIX = SD3_TEXT_ENCODERS_PREFIX + "t5xxl.transformer."
+# every text encoder prefix above starts with one of these (LDM's, SGM's and SD3's names)
+TEXT_ENCODER_ROOTS = ("cond_stage_model.", "conditioner.", SD3_TEXT_ENCODERS_PREFIX)
 DIFFUSERS_INDEX = "model_index.json"  # a folder holding it is one diffusers model, not single files
 
 
@@ -72,6 +77,10 @@ class Family:
     # SD 2.x: epsilon and v files have identical weights; the 768 ones are v-prediction
     prediction_undecidable: bool = False
     v_resolution: int | None = None  # native size of the v-prediction variant
+    # Flow-matching families (SD 3.x): latents are (z - shift) * scale, and the sampler's
+    # timestep shift (Forge's "Shift") comes from the model's scheduler config.
+    latent_shift_factor: float = 0.0
+    flow_shift: float | None = None
 
     def resolution_for(self, prediction_type: str, inpainting: bool, declared: int | None = None) -> int:
         """The size a model of this family was trained at: what its file declares, else the
@@ -161,8 +170,28 @@ SDXL_REFINER = Family(
     time_ids="size_crop_aesthetic",
 )
 
+SD3 = Family(
+    name="sd3",
+    label="SD 3",
+    markers=(UNET_PREFIX + "joint_blocks.0.context_block.adaLN_modulation.1.bias",),
+    # both CLIPs are stored in transformers' layout; penultimate layer, final norm skipped (diffusers'
+    # SD3Pipeline), pooled projections of both concatenated; T5-XXL (see sd3_prompts) after them
+    text_encoders=(
+        TextEncoderSpec(prefix=SD3_CLIP_L_PREFIX, layout="hf_clip", pad_token=CLIP_L,
+                        layer="penultimate_raw", pooled=True),
+        TextEncoderSpec(prefix=SD3_CLIP_G_PREFIX, layout="hf_clip", pad_token="!",
+                        layer="penultimate_raw", pooled=True, hidden_act="gelu"),
+    ),
+    native_resolution=1024,
+    latent_scaling_factor=1.5305,  # SD3's VAE config
+    latent_shift_factor=0.0609,
+    unet_head_width=64,  # MMDiT attention heads are 64 wide (the transformer's width / 64 heads)
+    scheduler={"num_train_timesteps": 1000, "shift": 3.0},  # FlowMatchEulerDiscreteScheduler
+    flow_shift=3.0,
+)
+
 # Most specific first: an SDXL file has no `cond_stage_model.` keys, but order keeps it obvious.
-FAMILIES: tuple[Family, ...] = (SDXL, SDXL_REFINER, SD2, SD1)
+FAMILIES: tuple[Family, ...] = (SD3, SDXL, SDXL_REFINER, SD2, SD1)
 BY_NAME = {f.name: f for f in FAMILIES}
 
 # SDXL aesthetic-score conditioning of the refiner (A1111's and diffusers' defaults)

@@ -10,6 +10,7 @@ from pipelines.models.checkpoint_file import CheckpointError, CheckpointHeader, 
 from pipelines.models.diffusers_folder import inspect_diffusers_folder
 from pipelines.models.families import detect_family
 from pipelines.models.prediction import resolve_prediction
+from pipelines.models.sd3_files import inspect_sd3, inspect_sd3_folder, is_sd3_file, is_sd3_folder, sd3_variant
 from pipelines.models.spec import ModelSpec, declared_resolution
 
 # the human-facing fields of safetensors metadata: modelspec keys first, then common variants
@@ -27,7 +28,11 @@ LISTED_METADATA_CHARS = 2000  # longer values (kohya's tag frequencies, ...) sta
 def inspect_checkpoint(header: CheckpointHeader) -> ModelSpec:
     """Family, variant, prediction type and component configs, from names and shapes alone."""
     if header.format == "diffusers":
+        if is_sd3_folder(header.path):  # a transformer/ pipeline, not a unet/ one
+            return inspect_sd3_folder(header.path)
         return inspect_diffusers_folder(header.path)
+    if is_sd3_file(header.shapes):  # an MMDiT, not a U-Net: its own module reads it
+        return inspect_sd3(header)
     family = detect_family(header.shapes)
     try:
         unet = infer_unet_config(header.shapes, family)
@@ -71,6 +76,7 @@ def describe_checkpoint(path: Path) -> dict:
         "prediction": spec.prediction_type,
         "prediction_source": spec.prediction_source,
         "ema": spec.ema,
+        **({"variant": sd3_variant(spec.unet_config)} if spec.family.name == "sd3" else {}),
         "format": header.format,
         "demo": header.metadata.get("sdui.demo") == "true",  # the shipped demo model: the UI says so
         **metadata_card(header.metadata),

@@ -8,11 +8,14 @@ A file is checked (header, family, shapes) before anything is evicted, so a corr
 truncated file fails with a message and leaves the cache as it was. Room is made before
 loading, from the size the header announces, so the budget holds at the peak too.
 Separate VAE files are cached on their own (a few, LRU), keyed by file and by the latent
-scaling factor of the checkpoint family they serve.
+scaling factor of the checkpoint family they serve. ControlNet and T2I-Adapter modules are
+cached too (LRU, counted in the same budget, evicted before checkpoints: they serve one and
+reload in a fraction of its time).
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -22,11 +25,13 @@ import psutil
 import torch
 
 from pipelines.models import memory
-from pipelines.models.build import load_components, load_vae
+from pipelines.models.build import load_vae
 from pipelines.models.checkpoint_file import read_header
+from pipelines.models.control_files import check_control_file, load_control_model
 from pipelines.models.device import Placement, apply_attention
 from pipelines.models.families import TEXT_ENCODER_ROOTS, UNET_PREFIX, VAE_PREFIX
 from pipelines.models.inspection import inspect_checkpoint
+from pipelines.models.sd3_build import check_sd3_parts, is_sd3_checkpoint, load_checkpoint_components
 from pipelines.models.spec import Components, modules_nbytes
 
 # the weights a loaded model holds (not a full file's EMA copy or training state)
@@ -50,9 +55,19 @@ class LoadedVae:
     offload_hooks: list = field(default_factory=list)
 
 
+@dataclass
+class LoadedControl:  # a ControlNet or T2I-Adapter
+    path: Path
+    module: torch.nn.Module
+    nbytes: int
+    offload_hooks: list = field(default_factory=list)
+
+
 class ModelManager:
-    def __init__(self, placement: Placement, budget_bytes: int | None = None, max_vaes: int = 2):
+    def __init__(self, placement: Placement, budget_bytes: int | None = None, max_vaes: int = 2,
+                 text_encoder_dir: Path | None = None):
         self.placement = placement
+        self.text_encoder_dir = text_encoder_dir  # SD 3's separate encoders (models/text_encoder)
         if budget_bytes is None:
             budget_bytes = int(psutil.virtual_memory().total * 0.5)
             if placement.device.type == "cuda":
@@ -61,6 +76,7 @@ class ModelManager:
         self.max_vaes = max_vaes
         self._cache: OrderedDict[tuple, LoadedModel] = OrderedDict()
         self._vaes: OrderedDict[tuple, LoadedVae] = OrderedDict()
+        self._controls: OrderedDict[tuple, LoadedControl] = OrderedDict()
         self._lock = threading.RLock()
 
     @staticmethod
@@ -92,24 +108,31 @@ class ModelManager:
                 return self._cache[key]
             header = read_header(path)
             inspect_checkpoint(header)  # a broken or unknown file fails here, before any eviction
+            sd3 = is_sd3_checkpoint(header)
+            if sd3:
+                check_sd3_parts(header, self.text_encoder_dir)  # missing encoders fail before any eviction too
             self._evict_for(self._estimate(header))
-            components = load_components(path, self.placement.dtype, self.placement.vae_dtype, header=header,
-                                         unet_channels_last=self.placement.channels_last,
-                                         vae_channels_last=self.placement.vae_channels_last)
-            apply_attention(components.unet, self.placement.attention)
+            components = load_checkpoint_components(path, self.placement.dtype, self.placement.vae_dtype,
+                                                    header=header, text_encoder_dir=self.text_encoder_dir,
+                                                    unet_channels_last=self.placement.channels_last,
+                                                    vae_channels_last=self.placement.vae_channels_last)
+            if not sd3:  # xformers / sliced processors are the U-Net's; the MMDiT keeps diffusers' joint SDPA
+                apply_attention(components.unet, self.placement.attention)
             hooks = memory.place(components, self.placement)
             model = LoadedModel(name=name, components=components, nbytes=components.nbytes(), offload_hooks=hooks)
             self._cache[key] = model
             return model
 
     def _total(self) -> int:
-        return sum(m.nbytes for m in self._cache.values()) + sum(v.nbytes for v in self._vaes.values())
+        return sum(m.nbytes for m in self._cache.values()) + sum(
+            v.nbytes for v in [*self._vaes.values(), *self._controls.values()])
 
     def _evict_for(self, incoming: int) -> None:
         evicted = False
-        while self._cache and self._total() + incoming > self.budget_bytes:
-            self._cache.popitem(last=False)
-            evicted = True
+        for cache in (self._controls, self._cache):  # control models first: each serves a checkpoint
+            while cache and self._total() + incoming > self.budget_bytes:
+                cache.popitem(last=False)
+                evicted = True
         if evicted:
             self._release()
 
@@ -133,10 +156,37 @@ class ModelManager:
             self._vaes[key] = LoadedVae(Path(path), module, modules_nbytes([module]), hooks)
             return module
 
+    # --- ControlNets and T2I-Adapters -----------------------------------------------------------
+    def get_control(self, path: Path, time_ids_width: int | None = None) -> torch.nn.Module:
+        """A control model file's module at the U-Net's dtype, where the U-Net runs.
+        `time_ids_width`: the SDXL U-Net's `addition_time_embed_dim` (see control_files)."""
+        key = (*self._key(path), time_ids_width)
+        with self._lock:
+            if key in self._controls:
+                self._controls.move_to_end(key)
+                return self._controls[key].module
+            header = read_header(path)
+            spec = check_control_file(header, time_ids_width)  # a file that cannot load fails before eviction
+            self._evict_for(self._estimate_weights(header, spec.prefix))
+            module = load_control_model(path, dtype=self.placement.dtype, time_ids_width=time_ids_width)
+            if self.placement.channels_last:
+                module.to(memory_format=torch.channels_last)
+            if hasattr(module, "set_attn_processor"):  # a ControlNet attends like the U-Net; an adapter does not
+                apply_attention(module, self.placement.attention)
+            hooks = memory.offload([module], self.placement.device, self.placement.offload)
+            self._controls[key] = LoadedControl(Path(path), module, modules_nbytes([module]), hooks)
+            return module
+
+    def _estimate_weights(self, header, prefix: str) -> int:
+        """Bytes the tensors under `prefix` take at the run dtype (old ControlNet .pth files
+        carry a whole SD model beside `control_model.`)."""
+        itemsize = torch.empty((), dtype=self.placement.dtype).element_size()
+        return sum(math.prod(shape) * itemsize for key, shape in header.shapes.items() if key.startswith(prefix))
+
     def after_job(self) -> None:
         """--medvram: move every model back to the CPU; release what the job left behind."""
         with self._lock:
-            for entry in [*self._cache.values(), *self._vaes.values()]:
+            for entry in [*self._cache.values(), *self._vaes.values(), *self._controls.values()]:
                 memory.offload_all(entry.offload_hooks)
         self._release()
 
@@ -154,6 +204,7 @@ class ModelManager:
         with self._lock:
             self._cache.clear()
             self._vaes.clear()
+            self._controls.clear()
             self._release()
 
     def loaded_names(self) -> list[str]:
@@ -175,11 +226,13 @@ class ModelManager:
             models = [{"name": m.name, "bytes": m.nbytes, "family": m.components.spec.description}
                       for m in reversed(self._cache.values())]
             vaes = [{"name": v.path.name, "bytes": v.nbytes} for v in reversed(self._vaes.values())]
+            controls = [{"name": c.path.name, "bytes": c.nbytes} for c in reversed(self._controls.values())]
             total = self._total()
         info = {
             "device": str(self.placement.device),
             "models": models,
             "vaes": vaes,
+            "control_models": controls,
             "cache_bytes": total,
             "budget_bytes": self.budget_bytes,
             "process_rss_bytes": psutil.Process().memory_info().rss,

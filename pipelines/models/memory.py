@@ -36,6 +36,7 @@ import torch
 
 from pipelines.core.request import RequestError
 from pipelines.models.device import Placement
+from pipelines.models.sd3_files import transformer_working_bytes
 
 U_WORK = 56  # resnet/attention/feed-forward buffers, in units of C_0 * h * w (measured 49-61)
 V_WORK = 7  # decoder buffers at full resolution, in units of C_up * H * W (measured 5.0-8.5)
@@ -123,7 +124,8 @@ def low_memory(components, placement: Placement) -> Iterator[None]:
     processors = unet.attn_processors
     vae.enable_tiling()
     vae.enable_slicing()
-    unet.set_attention_slice("auto")
+    slicing = hasattr(unet, "set_attention_slice")  # SD 3's transformer chunks its feed-forward instead
+    unet.set_attention_slice("auto") if slicing else unet.enable_forward_chunking()
     modules = [*components.text_encoders, unet, vae]
     offloaded = placement.device.type == "cuda" and placement.offload == "none"
     hooks = offload(modules, placement.device, "medvram") if offloaded else []
@@ -134,6 +136,8 @@ def low_memory(components, placement: Placement) -> Iterator[None]:
             offload_all(hooks)
             remove_offload(modules, placement.device)
         unet.set_attn_processor(processors)
+        if not slicing:
+            unet.disable_forward_chunking()
         vae.disable_slicing()
         vae.disable_tiling()
 
@@ -175,9 +179,12 @@ def estimate_working_bytes(components, width: int, height: int, batch: int, cfg:
     unet_cfg, vae_cfg = components.unet.config, components.vae.config
     h, w = height // 8, width // 8
     rows = batch * (2 if cfg else 1)
-    channels = list(unet_cfg.block_out_channels)
-    skips = sum(c * (h * w) // (4 ** level) * (unet_cfg.layers_per_block + 1) for level, c in enumerate(channels))
-    unet_bytes = rows * _itemsize(unet_dtype) * (skips + U_WORK * channels[0] * h * w)
+    if hasattr(unet_cfg, "block_out_channels"):
+        channels = list(unet_cfg.block_out_channels)
+        skips = sum(c * (h * w) // (4 ** level) * (unet_cfg.layers_per_block + 1) for level, c in enumerate(channels))
+        unet_bytes = rows * _itemsize(unet_dtype) * (skips + U_WORK * channels[0] * h * w)
+    else:  # a transformer denoiser (SD 3)
+        unet_bytes = transformer_working_bytes(unet_cfg, width, height, rows, _itemsize(unet_dtype))
     pixels, images = height * width, batch
     if low_memory:
         tile = int(getattr(vae_cfg, "sample_size", 512) or 512)

@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from pathlib import PurePosixPath
 from typing import Protocol, TypeVar
 
+from pipelines.models.families import SDXL_REFINER
+
 MIN_HASH_DIGITS = 8  # the legacy hash's length; shorter hex strings are too ambiguous to be a hash
 _HEX = re.compile(r"[0-9a-f]+")
 
@@ -85,3 +87,17 @@ def _by_hash(files: list[F], digits: str) -> F | None:
         if digits in (file.sha256, file.legacy_hash):
             return file
     return next((f for f in files if f.sha256 and f.sha256.startswith(digits)), None)
+
+
+def default_file(files: list[F], wanted: str | None) -> tuple[F | None, bool]:
+    """The checkpoint used when a request names none: `wanted` (--ckpt) when listed, else the first
+    general model: an inpainting model or a refiner makes a poor txt2img default. Also whether
+    `wanted` was asked for and is missing."""
+    if wanted:
+        found = find_listed(files, wanted, a1111_names=True)
+        if found is not None:
+            return found, False
+    usable = [f for f in files if "error" not in f.details]
+    general = [f for f in usable if not f.details.get("inpainting")
+               and f.details.get("family_id") != SDXL_REFINER.name]
+    return (general or usable or files or [None])[0], bool(wanted)

@@ -22,6 +22,7 @@ from pathlib import Path, PurePosixPath
 
 from pipelines.core.prediction_types import PREDICTION_TYPES
 from pipelines.core.settings import MODEL_KINDS
+from pipelines.models.control_files import describe_control_file
 from pipelines.models.families import BY_NAME, DIFFUSERS_INDEX
 from pipelines.models.names import find_listed
 from pipelines.models.prediction import normalise_prediction
@@ -176,7 +177,8 @@ class ModelRegistry:
     def __init__(self, folders: dict[str, Path], hash_cache: HashCache,
                  describers: dict[str, Callable[[Path], dict]] | None = None,
                  options: CheckpointOptions | None = None, fallbacks: dict[str, Path | None] | None = None):
-        describers = describers or {}
+        # ControlNet/T2I-Adapter details (family, type, layout) come with every listing; a caller may override
+        describers = {"controlnet": describe_control_file, **(describers or {})}
         fallbacks = fallbacks or {}
         self.listings = {
             kind: FolderListing(folders[kind], MODEL_KINDS[kind].extensions, describers.get(kind),

@@ -2,9 +2,10 @@
 
 Three ways to serve it, all taking the same engine the web UI uses (one fair job queue):
 
-- `create_api(engine, auth=None, options=None) -> APIRouter`: just the /sdapi/v1 routes.
+- `create_api(engine, auth=None, options=None) -> APIRouter`: just the /sdapi/v1 routes
+  (`create_controlnet_api(engine, auth=None)`: sd-webui-controlnet's /controlnet routes).
 - `mount_api(app, engine, auth=None, options=None, docs=True) -> APIRouter`: adds them to an
-  existing FastAPI app (for `--api`: Gradio's app, e.g. `blocks.app` after
+  existing FastAPI app, with the /controlnet routes (for `--api`: Gradio's app, e.g. `blocks.app` after
   `blocks.launch(prevent_thread_lock=True)`, or a parent app Gradio is mounted into), plus
   `/docs` and `/openapi.json` for the API behind the same auth. An unprotected
   `/openapi.json` the app already had is replaced by the protected one.
@@ -31,9 +32,9 @@ from pipelines.core.engine_api import EngineAPI
 from .errors import route_class
 from .extensions import extension_router
 from .options import ApiOptions
-from .routes import PREFIX, create_api
+from .routes import PREFIX, create_api, create_controlnet_api
 
-__all__ = ["ApiOptions", "create_api", "create_app", "mount_api", "PREFIX"]
+__all__ = ["ApiOptions", "create_api", "create_app", "create_controlnet_api", "mount_api", "PREFIX"]
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +43,16 @@ VERSION = "1.10-compatible"
 
 
 def docs_router(api: APIRouter, auth: list[tuple[str, str]] | None, *, docs_path: str = "/docs",
-                openapi_path: str = "/openapi.json") -> APIRouter:
-    """/docs (Swagger UI) and /openapi.json describing the API's routes, behind `auth`."""
+                openapi_path: str = "/openapi.json", more: tuple[APIRouter, ...] = ()) -> APIRouter:
+    """/docs (Swagger UI) and /openapi.json describing the API's routes (and `more` routers'), behind `auth`."""
     router = APIRouter(route_class=route_class(auth))
     schema: dict[str, Any] = {}
 
     @router.get(openapi_path, include_in_schema=False)
     def openapi():
         if not schema:
-            schema.update(get_openapi(title=TITLE, version=VERSION, routes=api.routes,
+            routes = [route for router in (api, *more) for route in router.routes]
+            schema.update(get_openapi(title=TITLE, version=VERSION, routes=routes,
                                       description="AUTOMATIC1111-compatible: same fields, defaults and answers."))
         return JSONResponse(schema)
 
@@ -66,12 +68,14 @@ def mount_api(app: FastAPI, engine: EngineAPI, *, auth: list[tuple[str, str]] | 
               ) -> APIRouter:
     """Add the API (and, with `docs`, its protected /docs and /openapi.json) to `app`."""
     api = create_api(engine, auth=auth, options=options, cmd_flags=cmd_flags)
+    controlnet = create_controlnet_api(engine, auth=auth)
     before = list(app.router.routes)
     replaced: list = []
     app.include_router(api)
+    app.include_router(controlnet)
     app.include_router(extension_router(engine, auth))  # /ext/<id>/...: extensions' own routes
     if docs:
-        extra = docs_router(api, auth)
+        extra = docs_router(api, auth, more=(controlnet,))
         taken = {route.path for route in extra.routes}
         replaced = [r for r in before if getattr(r, "path", None) in taken]
         if replaced:

@@ -58,7 +58,8 @@ class GenerationFields(ApiModel):
     do_not_save_grid: bool = False
     eta: Optional[float] = None
     denoising_strength: float = 0.75
-    s_min_uncond: Optional[float] = None
+    s_min_uncond: Optional[float] = Field(None, description="NGMS: below this sigma every other step skips the "
+                                                            "negative prompt's pass (0 or absent: off)")
     s_churn: Optional[float] = None
     s_tmax: Optional[float] = None
     s_tmin: Optional[float] = None
@@ -88,6 +89,16 @@ class GenerationFields(ApiModel):
                                           'ones this server lacks are listed in info.warnings')
     infotext: Optional[str] = None
     force_task_id: Optional[str] = None
+    regions: Optional[list[Any]] = Field(
+        None, description='regional prompts: [{"prompt": "...", "box": [left, top, right, bottom] as shares (0..1) '
+                          'of the image, or "mask": a base64 picture of the image\'s size (white = the region), '
+                          '"weight": 0..1 (the rest is the base prompt\'s)}]; `prompt` is the base prompt')
+    regional_mode: str = Field("Columns", description='the prompt\'s ADDCOL / ADDROW layout: "Columns" (rows of '
+                                                      'cells, Regional Prompter\'s default) or "Rows"')
+    regional_ratios: str = Field("", description='sizes of the layout\'s parts as Regional Prompter reads them: '
+                                                 '"1,2" or "1,2,1;1,1"; "": equal')
+    regional_base_ratios: str = Field("0.2", description="with ADDBASE: the base prompt's share in each region "
+                                                         "(one number, or one per region)")
 
 
 class Txt2ImgRequest(GenerationFields):
@@ -124,6 +135,13 @@ class Img2ImgRequest(GenerationFields):
     initial_noise_multiplier: Optional[float] = None
     latent_mask: Optional[str] = None
     include_init_images: bool = Field(False, description="echo init_images and mask in `parameters`")
+    soft_inpainting: bool = Field(False, description="with a mask: its grey values say how much each pixel may "
+                                                     "change (differential diffusion)")
+    outpaint_left: int = Field(0, description="outpainting: grow the canvas by this many pixels on the left "
+                                              "and paint the new area (also outpaint_right/up/down)")
+    outpaint_right: int = 0
+    outpaint_up: int = 0
+    outpaint_down: int = 0
 
 
 class GenerationResponse(BaseModel):
@@ -171,3 +189,23 @@ class ProgressResponse(BaseModel):
     current_image: Optional[str] = None
     textinfo: Optional[str] = None
     jobs_ahead: Optional[int] = None  # not in A1111: jobs before the caller's own, null when it has none
+
+
+class ControlNetDetectRequest(ApiModel):
+    """sd-webui-controlnet's POST /controlnet/detect: run one preprocessor on images."""
+
+    controlnet_module: str = Field("none", description="a name (or alias) from GET /controlnet/module_list")
+    controlnet_input_images: list[Any] = Field(default_factory=list, description="base64 images")
+    controlnet_processor_res: float = Field(-1, description="the map's short side; -1: the module's default")
+    controlnet_threshold_a: float = Field(-1, description="-1: the module's default")
+    controlnet_threshold_b: float = Field(-1, description="-1: the module's default")
+    controlnet_masks: list[Any] = Field(default_factory=list, description="base64 masks, one per image (inpaint)")
+    low_vram: bool = Field(False, description="accepted, no effect")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _images_alias(cls, data: Any) -> Any:
+        # the webuiapi client sends the images as `controlnet_images`
+        if isinstance(data, dict) and "controlnet_images" in data and "controlnet_input_images" not in data:
+            data = {**data, "controlnet_input_images": data["controlnet_images"]}
+        return data

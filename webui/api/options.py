@@ -2,12 +2,17 @@
 
 One small object per API instance. Changing it affects later API requests that do not name
 their own checkpoint/VAE/clip skip, and nothing else: not a job that is running or waiting
-(its request was built before), not the web UI (each browser session has its own choices).
+(its request was built before), not a browser session's own choices.
 
-Besides those three, A1111's commonly used option keys (`KNOWN_OPTIONS`) are checked, kept and
-read back; those this server cannot honour (JPEG output, a GPU noise source, ...) are reported by
-POST as having no effect, with the reason. Keys this server does not know at all are kept and
-echoed too (A1111 clients set and read back their own), and reported as having no effect.
+The server's saved settings (`pipelines.core.user_settings.SETTINGS`: output format, clip
+skip, VAE, theme, ...) live in one `SettingsStore`, the one the web UI's Settings tab edits:
+once `use_store` binds it (the router does, with the engine's store), a POST here changes
+and saves them and the tab shows the change, and the other way round.
+
+Besides those, A1111's commonly used option keys (`KNOWN_OPTIONS`) are checked, kept and
+read back; those this server cannot honour (a GPU noise source, ...) are reported by POST as
+having no effect, with the reason. Keys this server does not know at all are kept and echoed
+too (A1111 clients set and read back their own), and reported as having no effect.
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from pipelines.core.checks import RequestError
 from pipelines.core.engine_api import EngineAPI
+from pipelines.core.user_settings import SETTINGS, SettingsStore, check_setting, vae_setting_choices
 
-from .errors import bad_field
-from .names import parse_clip_skip, resolve_checkpoint_field
+from .errors import ApiError, bad_field
+from .names import resolve_checkpoint_field
 
 SCOPE_NOTE = ("server defaults for later API requests that do not set these themselves; "
               "running and queued jobs and the web UI are not affected")
@@ -95,11 +102,6 @@ class OptionSpec:
 # A1111 option keys clients commonly set, beyond the model settings handled by ApiOptions itself.
 KNOWN_OPTIONS: dict[str, OptionSpec] = {
     "samples_save": OptionSpec(True, parse_bool),  # false: save_images=true saves nothing (A1111)
-    "samples_format": OptionSpec("png", one_of("png", "jpg", "jpeg", "webp", "avif", "gif", "bmp", "tiff"),
-                                 unless("png", "images are saved as PNG only (they carry the parameters "
-                                               "chunk); other formats are not written by this server")),
-    "jpeg_quality": OptionSpec(80, int_between(1, 100),
-                               never("images are saved as PNG only, so no JPEG quality applies")),
     "send_seed": OptionSpec(True, parse_bool, never("a web UI setting in A1111 (what 'send to' buttons carry); "
                                                     "API requests carry their own seed")),
     "eta_noise_seed_delta": OptionSpec(0, int_between(0, 2**32 - 1),
@@ -119,18 +121,25 @@ KNOWN_OPTIONS: dict[str, OptionSpec] = {
 
 class ApiOptions:
     def __init__(self, sd_model_checkpoint: str | None = None, sd_vae: str = "Automatic",
-                 clip_stop_at_last_layers: int = 1):
+                 clip_stop_at_last_layers: int = 1, store: SettingsStore | None = None):
         self._lock = threading.Lock()
         self._values: dict[str, Any] = {
             "sd_model_checkpoint": sd_model_checkpoint,  # a listed name; None: the engine's default
-            "sd_vae": sd_vae,
-            "CLIP_stop_at_last_layers": clip_stop_at_last_layers,
             **{key: spec.default for key, spec in KNOWN_OPTIONS.items()},
         }
+        if store is None:  # settings of its own, in memory, until use_store binds the server's
+            store = SettingsStore(None)
+            store.update({"sd_vae": sd_vae, "CLIP_stop_at_last_layers": clip_stop_at_last_layers},
+                         choices={"sd_vae": [sd_vae]})
+        self.store = store
+
+    def use_store(self, store: SettingsStore) -> None:
+        """Read and write the server's saved settings (the Settings tab's) from now on."""
+        self.store = store
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            return dict(self._values)
+            return {**self._values, **self.store.values()}
 
     def public(self, engine: EngineAPI) -> dict[str, Any]:
         """GET /options: the checkpoint as A1111's title "name [hash]"."""
@@ -148,16 +157,18 @@ class ApiOptions:
         if not isinstance(changes, Mapping):
             raise bad_field("body", "expected a JSON object of option names and values")
         accepted: dict[str, Any] = {}
+        settings: dict[str, Any] = {}
         no_effect: dict[str, str] = {}
         for key, value in changes.items():
             if key == "sd_model_checkpoint":
                 accepted[key] = resolve_checkpoint_field(engine, key, value).name
-            elif key == "sd_vae":
-                accepted[key] = checked_vae(engine, key, value)
-            elif key == "CLIP_stop_at_last_layers":
-                accepted[key] = parse_clip_skip(key, value)
             elif key == "sd_checkpoint_hash":
                 no_effect[key] = READ_ONLY
+            elif key in SETTINGS:
+                settings[key] = checked_setting(engine, key, value)
+                reason = SETTINGS[key].pending
+                if reason and settings[key] != SETTINGS[key].default:
+                    no_effect[key] = reason
             elif key in KNOWN_OPTIONS:
                 accepted[key] = KNOWN_OPTIONS[key].parse(key, value)
                 reason = KNOWN_OPTIONS[key].no_effect(accepted[key])
@@ -167,22 +178,35 @@ class ApiOptions:
                 accepted[key] = value
                 no_effect[key] = UNKNOWN_KEY
         with self._lock:
-            extra = {k for k in (*self._values, *accepted) if k not in KNOWN_OPTIONS} - {
-                "sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers"}
+            extra = {k for k in (*self._values, *accepted) if k not in KNOWN_OPTIONS} - {"sd_model_checkpoint"}
             if len(extra) > MAX_EXTRA_KEYS:
                 raise bad_field("body", f"this server keeps at most {MAX_EXTRA_KEYS} options it does not know")
+            try:
+                self.store.update(settings, choices={"sd_vae": [settings.get("sd_vae")]})
+            except OSError as exc:  # the disk refused: nothing was changed, the saved file is intact
+                raise ApiError(500, f"settings not saved: {exc.strerror or exc}") from None
             self._values.update(accepted)
-        return {"updated": {k: v for k, v in accepted.items() if k not in no_effect},
+        changed = {**accepted, **settings}
+        return {"updated": {k: v for k, v in changed.items() if k not in no_effect},
                 "ignored": sorted(no_effect), "no_effect": no_effect, "scope": SCOPE_NOTE}
 
 
+def checked_setting(engine: EngineAPI, key: str, value: Any) -> Any:
+    """A saved setting's value checked (the VAE against the engine's list); 422 naming `key`."""
+    if key == "sd_vae":
+        return checked_vae(engine, key, value)
+    try:
+        return check_setting(key, value)
+    except RequestError as exc:
+        raise bad_field(exc.field, exc.message) from None
+
+
 def checked_vae(engine: EngineAPI, field_name: str, value: Any) -> str:
-    """One of the engine's VAE choices that is not a separate file ("Automatic", "None")."""
+    """One of `vae_setting_choices`; a 422 naming `field_name` otherwise."""
     choices = engine.vae_choices()
     if value not in choices:
         raise bad_field(field_name, f"unknown VAE {value!r}; choose one of: {', '.join(choices)}")
-    files = {f.name for f in engine.list_vaes()}
-    built_in = [choice for choice in choices if choice not in files]
+    built_in = vae_setting_choices(engine)
     if value not in built_in:
         raise bad_field(field_name, "choosing a separate VAE file is not supported yet; "
                                     f"use one of: {', '.join(built_in)}")

@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from pipelines.core.engine_api import EngineAPI
+from pipelines.core.request import INPAINT_FILLS
 
 from .errors import bad_field
 
 MODES = ("txt2img", "img2img")
 SD_UPSCALE = "sd_upscale"  # the engine's own job, not an extension
-# A1111's outpainting scripts: refused by name until outpainting exists
-OUTPAINTING = ("outpainting mk2", "poor man's outpainting")
+REQUEST_FIELDS = "request"  # the script's arguments are request fields (A1111's outpainting scripts)
+DIRECTIONS = ("left", "right", "up", "down")  # A1111's outpainting directions -> GenerationRequest.outpaint_<side>
 
 # A1111's X/Y/Z axis types in order (scripts/xyz_grid.py `axis_options`); the second item is the
 # only mode that lists it (None: both). An axis type is an index into the mode's own list.
@@ -175,6 +176,30 @@ def _axis(axis: str, default: int) -> tuple[Arg, Arg, Arg]:
 _MARGINS = "grid margins are not available here"
 
 
+def _outpaint_finish(values: dict, ctx: Context) -> dict:
+    """Pixels to expand, on each chosen direction -> outpaint_left/right/up/down."""
+    pixels, chosen = values.pop("pixels"), values.pop("direction")
+    unknown = [d for d in chosen if d.lower() not in DIRECTIONS]
+    if unknown:
+        raise ValueError(f"unknown outpainting direction(s) {', '.join(map(repr, unknown))}; "
+                         f"choose from {', '.join(DIRECTIONS)}")
+    sides = {d.lower() for d in chosen}
+    return {**values, **{f"outpaint_{side}": pixels if side in sides else 0 for side in DIRECTIONS}}
+
+
+_OWN_FILL = "this server fills the new area its own way (edge stretch, blur and a little noise)"
+
+
+def _outpainting(title: str, blur: int, *middle: Arg, tail: tuple[Arg, ...] = ()) -> Script:
+    """A1111's outpainting scripts: their arguments become the request's outpaint fields."""
+    return Script(title, ("img2img",), REQUEST_FIELDS, (
+        *middle,
+        Arg("Pixels to expand", "pixels", number(int, 8, 256), 128, 8, 256, 8),
+        Arg("Mask blur", "mask_blur", number(int, 0, 64), blur, 0, 64, 1),
+        *tail,
+    ), finish=_outpaint_finish)
+
+
 def _matrix_finish(values: dict, ctx: Context) -> dict:
     values["negative"] = values.pop("prompt_type") == "negative"
     return values
@@ -224,6 +249,17 @@ SCRIPTS: dict[str, Script] = {s.title.lower(): s for s in (
         Arg("Append interrogated prompt at each iteration", "append_interrogation", choice("None", "CLIP", "DeepBooru"),
             "None", choices=lambda ctx: ["None", "CLIP", "DeepBooru"]),
     )),
+    _outpainting("Outpainting mk2", 8, Arg("Info", None, lambda value, ctx: value, None), tail=(
+        Arg("Outpainting direction", "direction", to_text_list, list(DIRECTIONS), choices=lambda ctx: list(DIRECTIONS)),
+        Arg("Fall-off exponent (lower=higher detail)", None, number(float, 0.0, 4.0), 1.0, 0, 4, 0.01,
+            unavailable=_OWN_FILL),
+        Arg("Color variation", None, number(float, 0.0, 1.0), 0.05, 0, 1, 0.01, unavailable=_OWN_FILL),
+    )),
+    _outpainting("Poor man's outpainting", 4, tail=(
+        Arg("Masked content", "inpainting_fill", indexed(lambda ctx: list(INPAINT_FILLS)), "fill",
+            choices=lambda ctx: list(INPAINT_FILLS)),
+        Arg("Outpainting direction", "direction", to_text_list, list(DIRECTIONS), choices=lambda ctx: list(DIRECTIONS)),
+    )),
 )}
 
 # errors the extensions raise about their named arguments -> the positional argument to name
@@ -232,6 +268,10 @@ _ERROR_FIELDS = {"xyz-plot": {"x_type": 0, "x_values": 1, "y_type": 3, "y_values
                  "loopback": {"loops": 0, "final_denoising_strength": 1, "denoising_curve": 2,
                               "append_interrogation": 3},
                  SD_UPSCALE: {"overlap": 1, "upscaler": 2, "scale": 3}}
+# request-field scripts by name: the pixels argument names each side's error
+_ERROR_FIELDS["outpainting mk2"] = {**{f"outpaint_{side}": 1 for side in DIRECTIONS}, "mask_blur": 2}
+_ERROR_FIELDS["poor man's outpainting"] = {**{f"outpaint_{side}": 0 for side in DIRECTIONS}, "mask_blur": 1,
+                                           "inpainting_fill": 2}
 
 
 def arg_field(index: int, arg: Arg) -> str:
@@ -264,8 +304,6 @@ def choose(engine: EngineAPI, name: str | None, script_args: list[Any], mode: st
     if name in (None, "", "None"):
         return None
     key = str(name).strip().lower()
-    if key in OUTPAINTING:
-        raise bad_field("script_name", f"{name!r} is not available yet: outpainting is not implemented on this server")
     script = SCRIPTS.get(key)
     known = ", ".join(repr(s.title.lower()) for s in scripts_for(mode))
     if script is None:
@@ -290,17 +328,22 @@ def choose(engine: EngineAPI, name: str | None, script_args: list[Any], mode: st
         if arg.name is not None:
             values[arg.name] = converted
     if script.finish is not None:
-        values = script.finish(values, ctx)
+        try:
+            values = script.finish(values, ctx)
+        except ValueError as exc:
+            raise bad_field("script_args", str(exc)) from None
     _check_extension(engine, script)
-    names = {(name if script.target == SD_UPSCALE else f"extension_args.{script.target}.{name}"):
-             arg_field(i, script.args[i]) for name, i in _ERROR_FIELDS.get(script.target, {}).items()}
-    if script.target != SD_UPSCALE:
+    own = script.target in (SD_UPSCALE, REQUEST_FIELDS)  # errors name request fields, not extension arguments
+    fields = _ERROR_FIELDS.get(key if script.target == REQUEST_FIELDS else script.target, {})
+    names = {(name if own else f"extension_args.{script.target}.{name}"): arg_field(i, script.args[i])
+             for name, i in fields.items()}
+    if not own:
         names[f"extension_args.{script.target}"] = "script_args"
     return Chosen(script=script, target=script.target, args=values, names=names)
 
 
 def _check_extension(engine: EngineAPI, script: Script) -> None:
-    if script.target == SD_UPSCALE:
+    if script.target in (SD_UPSCALE, REQUEST_FIELDS):
         return
     ext = engine.extensions.get(script.target)
     if ext is None:
@@ -316,7 +359,7 @@ def _check_extension(engine: EngineAPI, script: Script) -> None:
 def listing(engine: EngineAPI) -> dict[str, list[str]]:
     """GET /scripts: the selectable scripts per mode (A1111's lowercase names) that can run here."""
     def runnable(script: Script) -> bool:
-        if script.target == SD_UPSCALE:
+        if script.target in (SD_UPSCALE, REQUEST_FIELDS):
             return True
         ext = engine.extensions.get(script.target)
         return ext is not None and ext.active
@@ -343,8 +386,9 @@ def _describe(arg: Arg, ctx: Context) -> dict[str, Any]:
 
 
 def with_script(extension_args: Mapping[str, Any], chosen: Chosen | None) -> dict[str, Any]:
-    """The request's extension arguments with the chosen script's (SD upscale is not one)."""
+    """The request's extension arguments with the chosen script's (SD upscale and the request-field
+    scripts are not extensions)."""
     found = dict(extension_args)
-    if chosen is not None and chosen.target != SD_UPSCALE:
+    if chosen is not None and chosen.target not in (SD_UPSCALE, REQUEST_FIELDS):
         found[chosen.target] = chosen.args
     return found

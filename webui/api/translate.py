@@ -14,13 +14,14 @@ from typing import Any, Iterable, Mapping
 from PIL import Image
 
 from pipelines.core import infotext as infotexts
-from pipelines.core import samplers
+from pipelines.core import regions, samplers, user_settings
 from pipelines.core.engine_api import EngineAPI, ModelFileInfo
 from pipelines.core.request import (
     HR_DEFAULT_UPSCALER,
     HR_SAME_CHECKPOINT,
     HR_SAME_SAMPLER,
     INPAINT_FILLS,
+    OUTPAINT_SIDES,
     RESIZE_MODES,
     GenerationRequest,
     RequestError,
@@ -29,7 +30,7 @@ from pipelines.core.request import (
 from pipelines.core.styles import apply_styles, style_database
 from pipelines.core.uploads import UploadLimits
 
-from . import scripts
+from . import controlnet, scripts
 from .bodies import ExtrasSingleImageRequest, GenerationFields, Img2ImgRequest, Txt2ImgRequest
 from .errors import ApiError, bad_field
 from .extensions import extension_args
@@ -60,9 +61,15 @@ class Prepared:
     styles: list[str] = field(default_factory=list)  # applied to the prompts, in order
     started: datetime.datetime = field(default_factory=datetime.datetime.now)
     sd_upscale: dict[str, Any] | None = None  # script_name "sd upscale": engine.sd_upscale's options
+    control_args: tuple[int, ...] = ()  # each control unit's index in alwayson_scripts.controlnet.args
 
     def api_field(self, request_field: str) -> str:
-        return self.names.get(request_field, request_field)
+        return api_field_of(request_field, self.names, self.control_args)
+
+
+def api_field_of(request_field: str, names: Mapping[str, str], control_args: tuple[int, ...]) -> str:
+    """The A1111 field a request field (or the engine's error about it) came from."""
+    return controlnet.api_field(request_field, control_args) or names.get(request_field, request_field)
 
 
 def _choice(field_name: str, value: int, choices: tuple[str, ...], labels: Iterable[str]) -> str:
@@ -105,20 +112,33 @@ def prepare_generation(engine: EngineAPI, body: GenerationFields, options: ApiOp
     defaults = options.snapshot()
     checkpoint, vae, clip_skip = _model_settings(engine, overrides, defaults, names)
     sampler, schedule_type, names["sampler"] = parse_sampler(body)
+    controlnet_value, other_scripts = controlnet.split_scripts(body.alwayson_scripts)
+    try:
+        regional = _regional_fields(body, other_scripts, warnings, upload_limits(engine))
+    except RequestError as exc:
+        raise bad_field(exc.field, exc.message) from None
+    control = controlnet.control_units(engine, controlnet_value, has_init_image=isinstance(body, Img2ImgRequest),
+                                       limits=upload_limits(engine), warnings=warnings)
     fields: dict[str, Any] = dict(
         mode="txt2img", prompt=body.prompt, negative_prompt=body.negative_prompt, seed=body.seed,
         subseed=body.subseed, subseed_strength=body.subseed_strength, steps=body.steps,
         cfg_scale=body.cfg_scale, sampler=sampler, schedule_type=schedule_type,
+        s_min_uncond=body.s_min_uncond or 0.0,
         seed_resize_from_w=body.seed_resize_from_w, seed_resize_from_h=body.seed_resize_from_h,
         **_size(engine, body, checkpoint), batch_size=body.batch_size, batch_count=body.n_iter,
         checkpoint=checkpoint.name, vae=vae, clip_skip=clip_skip, tiling=bool(body.tiling),
         save_images=bool(body.save_images and not body.do_not_save_samples and defaults.get("samples_save", True)),
-        extension_args=scripts.with_script(extension_args(engine, body.alwayson_scripts, warnings), script),
+        save_options=user_settings.save_options(defaults),
+        extension_args=scripts.with_script(extension_args(engine, other_scripts, warnings), script),
+        control_units=control.units,
     )
+    fields.update(regional)  # regional prompts (may rewrite the prompt: the extension's Use base / common)
     fields.update(_face_fields(body, overrides, defaults, names))
     fields.update(_other_checkpoints(engine, body))
     if isinstance(body, Img2ImgRequest):
         fields.update(_img2img_fields(body, warnings, upload_limits(engine)))
+    if script is not None and script.target == scripts.REQUEST_FIELDS:  # A1111's outpainting scripts
+        fields.update(script.args)
     if isinstance(body, Txt2ImgRequest) and body.enable_hr:
         fields.update(_hires_fields(body))
         names.update(hr_denoising_strength="denoising_strength", hr_sampler="hr_sampler_name",
@@ -128,10 +148,30 @@ def prepare_generation(engine: EngineAPI, body: GenerationFields, options: ApiOp
     try:
         request = GenerationRequest(**fields)
     except RequestError as exc:
-        raise bad_field(names.get(exc.field, exc.field), exc.message) from None
+        raise bad_field(api_field_of(exc.field, names, control.arg_indices), exc.message) from None
     return Prepared(request=request, checkpoint=checkpoint, warnings=warnings, names=names,
-                    styles=list(body.styles or []),
+                    styles=list(body.styles or []), control_args=control.arg_indices,
                     sd_upscale=script.args if script is not None and script.target == scripts.SD_UPSCALE else None)
+
+
+def _regional_fields(body: GenerationFields, other_scripts: dict[str, Any], warnings: list[str],
+                     limits: UploadLimits) -> dict[str, Any]:
+    """Regional prompts: the body's `regions` and `regional_*`, or the Regional Prompter extension's
+    `alwayson_scripts` arguments (taken out of `other_scripts`, so they are not an unknown extension)."""
+    def decode_mask(name: str, text: Any) -> Image.Image:
+        return decode_image(name, text, limits)
+
+    fields = {"regions": regions.regions_from_entries(body.regions, decode_mask), "regional_mode": body.regional_mode,
+              "regional_ratios": body.regional_ratios, "regional_base_ratios": body.regional_base_ratios}
+    title = regions.SCRIPT_TITLE.lower()
+    key = next((k for k in other_scripts if isinstance(k, str) and k.strip().lower() == title), None)
+    if key is not None:
+        value = other_scripts.pop(key)
+        args = value.get("args", []) if isinstance(value, Mapping) else value
+        extension, notes = regions.fields_from_script_args(body.prompt, args)
+        fields.update(extension)
+        warnings.extend(notes)
+    return fields
 
 
 def _face_fields(body: GenerationFields, overrides: Mapping[str, Any], defaults: Mapping[str, Any],
@@ -255,7 +295,9 @@ def _img2img_fields(body: Img2ImgRequest, warnings: list[str], limits: UploadLim
     if body.resize_mode == 3:
         warnings.append("resize_mode 3 (latent upscale) is not available; the image was resized in pixels (0)")
     values: dict[str, Any] = dict(mode="inpaint" if mask is not None else "img2img", init_image=init,
-                                  denoising_strength=body.denoising_strength, resize_mode=resize_mode)
+                                  denoising_strength=body.denoising_strength, resize_mode=resize_mode,
+                                  soft_inpainting=body.soft_inpainting,
+                                  **{side: getattr(body, side) for side in OUTPAINT_SIDES})
     if mask is not None:
         blur = body.mask_blur if body.mask_blur is not None else body.mask_blur_x
         if body.mask_blur is None and body.mask_blur_x != body.mask_blur_y:

@@ -1,7 +1,8 @@
 """The /sdapi/v1 routes over an injected engine, assembled from one module per group:
 generation (txt2img, img2img), extras (extra-single-image, png-info), progress (progress,
 interrupt, skip), options (options, cmd-flags), listings (models, samplers, upscalers, styles, ...), system
-(memory, extensions) and merge (merge-checkpoints).
+(memory, extensions) and merge (merge-checkpoints). `create_controlnet_api` gives
+sd-webui-controlnet's routes, under /controlnet as the extension serves them.
 
 Generation and extras run in threads of their own pool (`JobThreads`), sized to the engine
 queue's capacity: a job waits in the engine's one fair queue (shared with the web UI) without
@@ -21,6 +22,8 @@ from pipelines.core.engine_api import EngineAPI
 from ..errors import route_class
 from ..options import ApiOptions
 from ..translate import max_body_bytes
+from .controlnet import PREFIX as CONTROLNET_PREFIX
+from .controlnet import add_controlnet_routes
 from .extras import add_extras_routes
 from .generation import add_generation_routes
 from .job_threads import JobThreads
@@ -53,4 +56,12 @@ def create_api(engine: EngineAPI, *, auth: list[tuple[str, str]] | None = None,
     add_listing_routes(router, engine)
     add_system_routes(router, engine)
     add_merge_routes(router, engine, threads)
+    return router
+
+
+def create_controlnet_api(engine: EngineAPI, *, auth: list[tuple[str, str]] | None = None) -> APIRouter:
+    """An APIRouter with sd-webui-controlnet's /controlnet routes over `engine`, behind `auth`."""
+    router = APIRouter(prefix=CONTROLNET_PREFIX, route_class=route_class(auth, max_body_bytes(engine)),
+                       tags=["controlnet"])
+    add_controlnet_routes(router, engine)
     return router

@@ -1,4 +1,5 @@
-"""GET/POST /options (the API's server defaults) and GET /cmd-flags (how the server runs)."""
+"""GET/POST /options (the API's server defaults, with the server's saved settings: the web UI's
+Settings tab edits the same ones) and GET /cmd-flags (how the server runs)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Body
 
 from pipelines.core.engine_api import EngineAPI
+from pipelines.core.user_settings import server_settings
 
 from ..options import ApiOptions
 
@@ -29,11 +31,14 @@ def public_flags(flags: dict[str, Any] | None) -> dict[str, Any]:
 
 def add_option_routes(router: APIRouter, engine: EngineAPI, options: ApiOptions,
                       cmd_flags: dict[str, Any] | None) -> None:
+    options.use_store(server_settings(engine))  # one source of truth with the Settings tab
     @router.get("/options")
     def get_options():
-        """The API's server defaults: sd_model_checkpoint (title), sd_checkpoint_hash, sd_vae,
-        CLIP_stop_at_last_layers, A1111's common keys (samples_save, samples_format, jpeg_quality,
-        send_seed, eta_noise_seed_delta, randn_source, enable_pnginfo, face_restoration,
+        """The API's server defaults: sd_model_checkpoint (title), sd_checkpoint_hash, the saved
+        settings (samples_format, jpeg_quality, samples_filename_pattern, grid_save,
+        show_progress_every_n_steps, default_sampler, default_width, default_height,
+        CLIP_stop_at_last_layers, sd_vae, theme), A1111's common keys (samples_save, send_seed,
+        eta_noise_seed_delta, randn_source, enable_pnginfo, face_restoration,
         face_restoration_model, code_former_weight) and every other key a client has set."""
         return options.public(engine)
 
@@ -42,8 +47,8 @@ def add_option_routes(router: APIRouter, engine: EngineAPI, options: ApiOptions,
         """Change the API's server defaults (all or nothing: a bad value is a 422 naming its key).
         Running and queued jobs and the web UI are not affected. Every key is kept and read back by
         GET, but only some change what this server does: the reply's `updated` lists those,
-        `ignored` the others, and `no_effect` says why for each (PNG is the only format written,
-        keys this server does not know, ...).
+        `ignored` the others, and `no_effect` says why for each (keys this server does not know,
+        settings not applied yet, ...). The saved settings are written to the data folder.
         `samples_save: false` makes `save_images: true` save nothing, as in A1111."""
         return options.update(engine, body)
 
