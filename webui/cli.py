@@ -1,20 +1,21 @@
 """Command line of `launch.py`: A1111 flag names -> Paths / EngineSettings / Gradio launch().
 
 Importing this module does nothing heavy. Start-up order (`main()`): torch and the engine are
-imported in a thread while Gradio is imported here (the two biggest costs overlap), the UI is
-served, and only then is the default checkpoint loaded, in the background: the page says
-"Loading model…" and a job submitted meanwhile waits for that load.
+imported in a thread while Gradio is imported here (the two biggest costs overlap), the default
+checkpoint starts loading in the background, the UI is built and served (with `--api`, the REST
+API is mounted before the server accepts a connection): the page says "Loading model…" from the
+start and a job submitted meanwhile waits for that load.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import socket
 import sys
 import threading
-import time
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,6 +23,7 @@ from typing import Any, Sequence
 from starlette.middleware import Middleware
 
 from extensions.manager import SHIPPED_DIR
+from pipelines.core.control import DEFAULT_MAX_UNITS
 from pipelines.core.engine_api import EngineAPI
 from pipelines.core.hosted_limits import ZERO_GPU_NOTE
 from pipelines.core.jobs import DEFAULT_MAX_WAITING
@@ -84,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="GFPGAN / RestoreFormer face restorer folder (default: <models-dir>/GFPGAN)")
     folders.add_argument("--codeformer-models-path", type=Path, default=None, metavar="DIR",
                          help="CodeFormer face restorer folder (default: <models-dir>/Codeformer)")
+    folders.add_argument("--controlnet-dir", type=Path, default=None, metavar="DIR",
+                         help="ControlNet / T2I-Adapter folder (default: <models-dir>/ControlNet; "
+                              "ComfyUI's models/controlnet works too)")
+    folders.add_argument("--controlnet-annotator-models-path", type=Path, default=None, metavar="DIR",
+                         help="weights of the preprocessors that need a network, e.g. depth "
+                              "(default: <models-dir>/ControlNet-annotators)")
+    folders.add_argument("--controlnet-max-units", type=int, default=DEFAULT_MAX_UNITS, metavar="N",
+                         help=f"ControlNet units per request and in the UI (default {DEFAULT_MAX_UNITS})")
     folders.add_argument("--ckpt", default=None, metavar="PATH",
                          help="checkpoint to use by default (a file in the checkpoint folder, or its name)")
     folders.add_argument("--hf-checkpoint", default=os.environ.get("SDUI_HF_CHECKPOINT") or None,
@@ -121,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for flag in ("max_queue_size", "max_upload_mb", "max_upload_megapixels"):
-        if getattr(args, flag) < (1 if flag == "max_queue_size" else 0.001):
+    for flag in ("max_queue_size", "max_upload_mb", "max_upload_megapixels", "controlnet_max_units"):
+        if getattr(args, flag) < (1 if flag in ("max_queue_size", "controlnet_max_units") else 0.001):
             parser.error(f"--{flag.replace('_', '-')}: must be positive, got {getattr(args, flag):g}")
     for flag in ("gradio_auth", "api_auth"):
         value = getattr(args, flag)
@@ -169,6 +179,8 @@ def paths_from_args(args: argparse.Namespace, space: bool = False) -> Paths:
         embeddings_dir=args.embeddings_dir,
         gfpgan_dir=args.gfpgan_models_path,
         codeformer_dir=args.codeformer_models_path,
+        controlnet_dir=args.controlnet_dir,
+        annotators_dir=args.controlnet_annotator_models_path,
         data_dir=data_dir,
         outdir=outdir,
     )
@@ -195,6 +207,7 @@ def settings_from_args(args: argparse.Namespace, space: bool = False) -> EngineS
         default_checkpoint=args.ckpt,
         hosted=space,
         max_queue_size=args.max_queue_size,
+        controlnet_max_units=args.controlnet_max_units,
         max_upload_mb=args.max_upload_mb,
         max_upload_megapixels=args.max_upload_megapixels,
     )
@@ -286,6 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .app import UIOptions, build_ui  # heavy: Gradio (already imported above, while torch loaded)
     from .space import add_notice, apply_space_ui, notice_text  # heavy: Gradio
 
+    # Loading starts before the page is built, so the header says "Loading model…" from the first page on.
+    preload(engine)
     blocks = build_ui(engine, UIOptions())
     if limits is not None:
         apply_space_ui(blocks, limits)
@@ -296,25 +311,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     # refuse those ("This application is currently busy") while jobs wait.
     blocks.queue(default_concurrency_limit=1, max_size=None)
     kwargs = {**launch_kwargs(args, paths, space), **blocks.webui.launch_kwargs()}
-    if not args.api:
-        blocks.launch(**kwargs, prevent_thread_lock=True)
-        preload(engine)
-        blocks.block_thread()
-        return 0
-    from .api import mount_api  # heavy: FastAPI routes, only when serving the API
-
-    # quiet: the URL line is printed once the API is mounted, so a client that reads it finds
-    # /sdapi/v1 there at once
+    if args.api:
+        kwargs["app_kwargs"] = {**kwargs["app_kwargs"], "lifespan": api_lifespan(engine, args, space)}
+    # quiet: Gradio's own lines would suggest `share=True` in code; these say the flag
     blocks.launch(**kwargs, prevent_thread_lock=True, quiet=True)
-    mount_api(blocks.app, engine, auth=api_credentials(args, space), options=api_options(space),
-              cmd_flags=vars(args))
-    print(f"* Running on local URL:  {blocks.protocol}://{blocks.server_name}:{blocks.server_port}", flush=True)
-    if getattr(blocks, "share_url", None):
-        print(f"* Running on public URL: {blocks.share_url}", flush=True)
-    print("REST API: /sdapi/v1/ (docs at /docs)", flush=True)
-    preload(engine)
+    for line in serving_lines(blocks, args, space):
+        print(line, flush=True)
     blocks.block_thread()
     return 0
+
+
+def api_lifespan(engine: EngineAPI, args: argparse.Namespace, space: bool = False):
+    """A FastAPI lifespan that mounts the REST API on Gradio's app as the server starts, before
+    it accepts a connection: /sdapi/v1 answers as soon as / does."""
+    from .api import mount_api  # heavy: FastAPI routes, only when serving the API
+
+    @contextlib.asynccontextmanager
+    async def mount(app):
+        mount_api(app, engine, auth=api_credentials(args, space), options=api_options(space), cmd_flags=vars(args))
+        yield
+
+    return mount
+
+
+def serving_lines(blocks: Any, args: argparse.Namespace, space: bool = False) -> list[str]:
+    """What the console says once the page is served (in place of Gradio's own lines)."""
+    lines = [f"* Running on local URL:  {blocks.protocol}://{blocks.server_name}:{blocks.server_port}"]
+    if getattr(blocks, "share_url", None):
+        lines.append(f"* Running on public URL: {blocks.share_url}")
+    elif not space:
+        lines.append("* To create a public link, start with --share.")
+    if args.api:
+        lines.append("REST API: /sdapi/v1/ (docs at /docs)")
+    return lines
 
 
 def freeze_startup_objects() -> None:
@@ -342,19 +371,16 @@ def start_engine(paths: Paths, settings: EngineSettings) -> Future:
 
 
 def preload(engine: EngineAPI) -> threading.Thread | None:
-    """Load the default checkpoint in the background once the server answers; say when it is ready."""
-    started = time.monotonic()
-
+    """Load the default checkpoint in the background (the server starts meanwhile); say when it is ready."""
     def done(name: str, seconds: float, error: BaseException | None) -> None:
         if error is None:
-            print(f"Model loaded: {name} in {seconds:.1f}s ({time.monotonic() - started:.1f}s after serving)",
-                  flush=True)
+            print(f"Model loaded: {name} in {seconds:.1f}s", flush=True)
         else:
             print(f"Model {name} could not be loaded: {error}", file=sys.stderr, flush=True)
 
     thread = engine.preload(on_done=done)
     if thread is not None:
-        print("Loading the default checkpoint in the background; the UI is up meanwhile.", flush=True)
+        print("Loading the default checkpoint in the background; the UI starts meanwhile.", flush=True)
     return thread
 
 

@@ -4,7 +4,8 @@ Every generation tab hands its component values over *by name* (Gradio's `inputs
 `generation_request()` turns that mapping into a `GenerationRequest`. Names are either
 `GenerationRequest` fields, passed through unchanged, or one of the few UI-only names in
 `UI_ONLY_FIELDS`, which are translated here (an editor value into init image + mask, radio
-labels into booleans).
+labels into booleans), or a ControlNet unit's `controlnet_<i>_<field>` (collected into
+`control_units`, see "ControlNet units" below).
 """
 
 from __future__ import annotations
@@ -18,6 +19,13 @@ from PIL import Image
 from pipelines.core import infotext
 from pipelines.core.engine_api import ModelFileInfo
 from pipelines.core.request import HR_SAME_CHECKPOINT, GenerationRequest, RequestError, UpscaleRequest
+from webui.control_fields import (
+    control_unit_where,
+    control_units,
+    control_values_from_infotext,
+    split_control_field,
+)
+from webui.images import flatten  # noqa: F401 - the tabs call it as convert.flatten
 
 REQUEST_FIELDS = frozenset(f.name for f in dataclasses.fields(GenerationRequest))
 
@@ -84,6 +92,9 @@ def request_default(name: str) -> Any:
 
 
 def error_message(exc: RequestError) -> str:
+    unit = control_unit_where(exc.field)
+    if unit is not None:
+        return f"{unit}: {exc.message}"
     label = LABELS.get(exc.field)
     where = f"{label} ({exc.field})" if label else exc.field
     return f"{where}: {exc.message}"
@@ -98,8 +109,13 @@ def _seed(name: str, value: Any) -> Any:
 def generation_request(mode: str, fields: Mapping[str, Any]) -> GenerationRequest:
     """Build a validated request from component values keyed by name (raises RequestError)."""
     values: dict[str, Any] = {}
+    unit_values: dict[int, dict[str, Any]] = {}
     for name, value in fields.items():
-        if name == "inpaint_image":
+        unit_field = split_control_field(name)
+        if unit_field is not None:
+            index, field = unit_field
+            unit_values.setdefault(index, {})[field] = value
+        elif name == "inpaint_image":
             values["init_image"], values["mask"] = editor_image_and_mask(value)
         elif name == "inpaint_area":
             values["inpaint_full_res"] = _choice_index(name, value, INPAINT_AREAS) == 1
@@ -119,6 +135,8 @@ def generation_request(mode: str, fields: Mapping[str, Any]) -> GenerationReques
         values["checkpoint"] = None
     if isinstance(values.get("init_image"), Image.Image) and values["init_image"].mode != "RGB":
         values["init_image"] = flatten(values["init_image"])
+    if unit_values:
+        values["control_units"] = control_units(unit_values)
     values["mode"] = mode
     return GenerationRequest(**values)
 
@@ -148,15 +166,6 @@ def _choice_index(name: str, value: Any, choices: tuple[str, ...]) -> int:
     if value not in choices:
         raise RequestError(name, f"unknown value {value!r}; choose one of: {', '.join(choices)}")
     return choices.index(value)
-
-
-def flatten(image: Image.Image) -> Image.Image:
-    """RGB copy of an image; transparent parts become white."""
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def editor_image_and_mask(value: Any) -> tuple[Image.Image | None, Image.Image | None]:
@@ -254,14 +263,15 @@ def engine_line(description: Mapping[str, Any] | None) -> str:
 
 # --- Pasted parameters -------------------------------------------------------------------
 
-def ui_values_from_infotext(text: str, find_checkpoint: Callable[[str], ModelFileInfo | None] | None = None
-                            ) -> dict[str, Any] | None:
+def ui_values_from_infotext(text: str, find_checkpoint: Callable[[str], ModelFileInfo | None] | None = None,
+                            control_models: Iterable[ModelFileInfo] | None = None) -> dict[str, Any] | None:
     """UI component values (by name) from an A1111 parameters text; None when it has none.
 
     `find_checkpoint` is the engine's (`EngineAPI.find_checkpoint`, the one home of A1111's
     name rules); the checkpoint it finds for the text's "Model hash" (first) or "Model"
     becomes "checkpoint". `MODEL_HINT` carries the model the text named, so the caller can say
-    when it is not there.
+    when it is not there. "ControlNet i" entries fill unit i's components (not its image); a
+    unit's model is matched in `control_models` (the engine's list), else kept as the text names it.
     """
     fields = infotext.request_fields_from_infotext(text or "")
     hints = {key: fields.pop(key) for key in ("model_name", "model_hash", "vae_name", "vae_hash") if key in fields}
@@ -281,6 +291,7 @@ def ui_values_from_infotext(text: str, find_checkpoint: Callable[[str], ModelFil
     values.setdefault("refiner_checkpoint", OTHER_CHECKPOINTS["refiner_checkpoint"])  # no "Refiner": none
     if values.get("enable_hr"):  # hires fix without "Hires checkpoint": the first pass's
         values.setdefault("hr_checkpoint_name", OTHER_CHECKPOINTS["hr_checkpoint_name"])
+    values.update(control_values_from_infotext(text, control_models or ()))
     model_hash, model_name = hints.get("model_hash"), hints.get("model_name")
     if model_hash or model_name:
         values[MODEL_HINT] = model_name or model_hash
@@ -313,4 +324,3 @@ def _find_model(find_checkpoint: Callable[[str], ModelFileInfo | None] | None,
             if found is not None:
                 return found
     return None
-
