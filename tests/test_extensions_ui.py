@@ -48,7 +48,7 @@ def values(ui, mode, **overrides):
 def test_tabs_sections_and_isolated_failures(ui_with_extensions):
     blocks, manager = ui_with_extensions
     labels = [block.label for block in blocks.blocks.values() if isinstance(block, gr.Tab)]
-    assert labels[-2:] == ["My tab", "Extensions"]
+    assert labels[-4:] == ["My tab", "Extensions", "Image browser", "Settings"]
     ui = blocks.webui
     mapped = {v for v in ui.components["extension_fields"].values()}
     assert ("xyz-plot", "x_type") in mapped and ("prompt-matrix", "enabled") in mapped

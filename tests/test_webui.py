@@ -12,6 +12,7 @@ import gradio as gr
 import pytest
 from PIL import Image
 
+from pipelines.core.control import DEFAULT_MAX_UNITS
 from pipelines.core.jobs import JobQueue
 from pipelines.core.merge_request import MergeResult
 from pipelines.core.progress import JobControl, Progress
@@ -61,6 +62,8 @@ class FakeEngine:
         self.steps_hook = steps_hook  # called with (request, control) before each step
         self.error: Exception | None = None
         self.prediction_types: dict[str, str | None] = {}
+        self.control_files: list = []  # FakeCheckpoint-like entries a test puts in models/ControlNet
+        self.previews: list = []  # (unit, width, height) of each preprocess_control call
 
     @property
     def hosted_limits(self):
@@ -119,6 +122,24 @@ class FakeEngine:
 
     def face_restorers(self, refresh: bool = False) -> list[dict]:
         return [{"name": "GFPGAN", "cmd_dir": "models/GFPGAN"}]
+
+    # --- control models ------------------------------------------------------------------------
+    @property
+    def max_control_units(self) -> int:
+        return DEFAULT_MAX_UNITS
+
+    def control_models(self, refresh: bool = False) -> list:
+        return list(self.control_files)
+
+    def control_preprocessors(self) -> list[dict]:
+        return [{"name": name, "available": True, "missing": ""} for name in ("none", "canny", "invert")]
+
+    def preprocess_control(self, unit, width, height, init_image=None):
+        image = unit.image if unit.image is not None else init_image
+        if image is None:
+            raise RequestError("image", "the unit has no image")
+        self.previews.append((unit, width, height))
+        return image.convert("RGB").resize((width, height))
 
     # --- what is loaded ----------------------------------------------------------------------
     def load_checkpoint(self, name):
@@ -250,8 +271,13 @@ def ui(engine):
 def test_build_ui_has_the_tabs_header_and_footer(engine):
     blocks = build_ui(engine)
     assert isinstance(blocks, gr.Blocks)
-    labels = [block.label for block in blocks.blocks.values() if isinstance(block, gr.Tab)]
-    assert labels == ["txt2img", "img2img", "Inpaint", "Upscale", "PNG Info", "Checkpoints", "Merge"]
+    labels = [block.label for block in blocks.blocks.values()
+              if isinstance(block, gr.Tab) and (block.elem_id or "").startswith("tab_")]
+    assert labels == ["txt2img", "img2img", "Inpaint", "Upscale", "PNG Info", "Checkpoints", "Merge",
+                      "Image browser", "Settings"]
+    units = [block.label for block in blocks.blocks.values()
+             if isinstance(block, gr.Tab) and "_controlnet_unit_" in (block.elem_id or "")]
+    assert units == [f"ControlNet Unit {i}" for i in range(3)] * 3  # txt2img, img2img, Inpaint
     ui = blocks.webui
     header = ui.components["checkpoint"]
     assert header.choices == [("sd15", "sd15"), ("sdxl", "sdxl")]
@@ -333,7 +359,7 @@ def test_inpaint_without_painting_names_the_mask(ui):
 
 @pytest.mark.parametrize("overrides, field", [
     ({"steps": 500}, "steps"),
-    ({"width": 100}, "width"),
+    ({"width": 4096}, "width"),  # 100 is no error: it snaps to 104, as A1111's step-8 slider
     ({"cfg_scale": 99}, "cfg_scale"),
     ({"sampler": "Nope"}, "sampler"),
     ({"seed": -5}, "seed"),

@@ -18,17 +18,21 @@ is a `gr.State`. Interrupt/Skip use `WebUI.jobs`, a `JobRegistry` keyed by
 
 from __future__ import annotations
 
+import json
 from functools import partial
 from typing import Any, Callable
+from urllib.parse import quote
 
 import gradio as gr
 
 from pipelines.core.engine_api import EngineAPI
 from pipelines.core.uploads import UploadLimits
 from webui.common import (
+    GALLERY_HEIGHT,
     GENERATE_GROUP,
     GENERATION_MODES,
     QUIET,
+    TOOL_ICONS,
     JobRunner,
     UIOptions,
     constant,
@@ -37,19 +41,116 @@ from webui.common import (
 )
 from webui.jobs import JobRegistry
 from webui.tabs import extensions, pnginfo
+from webui.tabs.browser import BrowserTab
 from webui.tabs.checkpoints import CheckpointsTab
 from webui.tabs.generation import GenerationTabs
 from webui.tabs.header import Header
 from webui.tabs.merge import MergeTab
+from webui.tabs.settings import SettingsTab
 from webui.tabs.upscale import UpscaleTab
 from webui.uploads import guard_uploads
 
-CSS = """
+BASE_CSS = """
 #header { align-items: end; }
 #loaded_line { font-size: 0.9em; opacity: 0.8; }
 #footer { font-size: 0.85em; opacity: 0.7; text-align: center; }
 .tool-button { max-width: 3em; min-width: 3em !important; }
+/* a thumbnail is square and as wide as its column: cap it so that it fits the gallery's height */
+.sdui-gallery .gallery-item { display: flex; justify-content: center; }
+.sdui-gallery .thumbnail-lg { width: min(100%, {thumb}px); height: auto; }
+/* a failed job leaves the images the user had in sight (the toast says what failed) */
+.sdui-gallery [data-testid=status-tracker]:has(> .error) { display: none; }
 """
+# the page's script: tooltips on the tool buttons, A1111's Ctrl+Enter (Generate) and Escape
+# (Interrupt the running job), typed values that snap to their slider's step, and a mask
+# editor's Undo that takes back strokes but never the image (Gradio's history holds the upload)
+SCRIPT = """
+() => {
+  const tips = %(tips)s;
+  const label = () => {
+    for (const [cls, tip] of Object.entries(tips)) {
+      document.querySelectorAll('.' + cls).forEach(b => {
+        if (!b.title) { b.title = tip; b.setAttribute('aria-label', tip); }
+      });
+    }
+  };
+  new MutationObserver(label).observe(document.body, {childList: true, subtree: true});
+  label();
+  const shown = ids => ids.map(id => document.getElementById(id)).find(e => e && e.offsetParent !== null);
+  const modes = %(modes)s;
+  document.addEventListener('keydown', e => {
+    const generate = shown(modes.map(m => m + '_generate'));
+    if (!generate) return;
+    if (e.key === 'Enter' && (e.ctrlKey || e.metaKey) && !generate.disabled) {
+      e.preventDefault();
+      generate.click();
+    } else if (e.key === 'Escape' && generate.disabled) {
+      document.getElementById(generate.id.replace(/_generate$/, '_interrupt')).click();
+    }
+  });
+  document.addEventListener('change', e => {
+    const box = e.target;
+    if (!(box instanceof HTMLInputElement) || box.type !== 'number' || !box.closest('.sdui-snap')) return;
+    const step = parseFloat(box.step), low = parseFloat(box.min) || 0, value = parseFloat(box.value);
+    if (!(step > 0) || Number.isNaN(value)) return;
+    const snapped = Math.floor((value - low) / step + 0.5) * step + low;
+    if (snapped !== value) {
+      box.value = snapped;
+      box.dispatchEvent(new Event('input', {bubbles: true}));
+    }
+  }, true);
+  const strokes = new WeakMap();  // mask editor -> strokes Undo may take back
+  const editorOf = e => e.target instanceof Element ? e.target.closest('.sdui-mask-editor') : null;
+  const painting = editor => [...editor.querySelectorAll('button[aria-label=Brush], button[aria-label=Erase]')]
+    .some(b => b.classList.contains('highlight'));
+  document.addEventListener('pointerdown', e => {
+    const editor = editorOf(e);
+    if (editor && e.target.tagName === 'CANVAS' && painting(editor)) {
+      strokes.set(editor, (strokes.get(editor) || 0) + 1);
+    }
+  }, true);
+  const newImage = e => {  // an upload, a drop or a paste: the image itself
+    const editor = editorOf(e);
+    if (editor && (e.type !== 'change' || e.target.type === 'file')) strokes.set(editor, 0);
+  };
+  for (const kind of ['change', 'drop', 'paste']) document.addEventListener(kind, newImage, true);
+  document.addEventListener('click', e => {
+    const editor = editorOf(e);
+    const button = editor && e.target.closest('button');
+    if (!button) return;
+    const label = button.getAttribute('aria-label'), count = strokes.get(editor) || 0;
+    if (label === 'Undo') {
+      if (count === 0) { e.stopImmediatePropagation(); e.preventDefault(); } else strokes.set(editor, count - 1);
+    } else if (label === 'Redo' && !button.disabled) {
+      strokes.set(editor, count + 1);
+    } else if (label === 'Clear canvas') {
+      strokes.set(editor, 0);
+    }
+  }, true);
+}
+"""
+
+
+def page_css() -> str:
+    """The page's CSS: layout, galleries that fit their height, the tool buttons' icons."""
+    icons = "".join(f".tool-icon-{name}::before {{ content: ''; display: inline-block; width: 1.5em; "
+                    f"height: 1.5em; background-color: currentColor; -webkit-mask: {_svg_mask(path)}; "
+                    f"mask: {_svg_mask(path)}; }}\n" for name, (path, _tip) in TOOL_ICONS.items())
+    # room for the gallery's top bar and padding
+    return BASE_CSS.replace("{thumb}", str(GALLERY_HEIGHT - 64)) + icons
+
+
+def _svg_mask(path: str) -> str:
+    """An SVG path (24x24 box) as a CSS mask image: drawn in the text's colour, any theme."""
+    svg = f"<svg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 24 24'><path fill-rule='evenodd' d='{path}'/></svg>"
+    return f'url("data:image/svg+xml,{quote(svg)}") center / contain no-repeat'
+
+
+def page_script() -> str:
+    tips = {f"tool-icon-{name}": tip for name, (_path, tip) in TOOL_ICONS.items()}
+    return SCRIPT.replace("%(tips)s", json.dumps(tips)).replace("%(modes)s", json.dumps(list(GENERATION_MODES)))
+
+
 TAB_LABELS = {"txt2img": "txt2img", "img2img": "img2img", "inpaint": "Inpaint"}
 
 
@@ -82,6 +183,8 @@ class WebUI:
         self.upscale_tab = UpscaleTab(self)
         self.merge_tab = MergeTab(self)
         self.checkpoints_tab = CheckpointsTab(engine, partial(loaded_text, engine), partial(default_checkpoint, engine))
+        self.browser_tab = BrowserTab(self)
+        self.settings_tab = SettingsTab(self)
 
     @property
     def jobs(self) -> JobRegistry:
@@ -90,7 +193,8 @@ class WebUI:
     # Arguments for Blocks.launch() that gradio 6 no longer takes in the Blocks constructor.
     def launch_kwargs(self) -> dict[str, Any]:
         # every waiting job holds a handler thread: Gradio's usual 40 on top of those
-        return {"theme": _theme(), "css": CSS, "max_threads": 40 + (self.queue_capacity() or 0)}
+        return {"theme": _theme(), "css": page_css(), "js": page_script(),
+                "max_threads": 40 + (self.queue_capacity() or 0)}
 
     def queue_capacity(self) -> int | None:
         return self.runner.capacity()
@@ -119,6 +223,11 @@ class WebUI:
                 with gr.Tab("Merge", id="merge", elem_id="tab_merge") as tabs["merge"]:
                     self.merge_tab.build()
                 extensions.build_tabs(self, tabs, blocks)  # extensions' own tabs, then the Extensions tab
+                with gr.Tab("Image browser", id="browser", elem_id="tab_browser") as tabs["browser"]:
+                    self.browser_tab.build(tab_switcher, tabs["browser"])  # after the tabs it sends to
+                with gr.Tab("Settings", id="settings", elem_id="tab_settings") as tabs["settings"]:
+                    self.settings_tab.build(blocks)
+            self._wire_gallery_sends(tab_switcher)
             self.components["footer"] = gr.Markdown(self.header.footer_text(), elem_id="footer")
             self._wire_tab_selection(tabs)
             self.header.wire(blocks)
@@ -126,6 +235,12 @@ class WebUI:
         blocks.webui = self  # type: ignore[attr-defined]
         self.blocks = blocks
         return blocks
+
+    def _wire_gallery_sends(self, tab_switcher: gr.Tabs) -> None:
+        """The "Send to" rows under the galleries; every target tab exists by now."""
+        for source in (*GENERATION_MODES, "upscale"):
+            parts = self.components[source]
+            pnginfo.wire_gallery_sends(self, tab_switcher, parts["send"], parts["gallery"], parts["last"])
 
     def _wire_tab_selection(self, tabs: dict[str, gr.Tab]) -> None:
         """Each tab says it is on screen; a generation tab also catches up with the checkpoint's size."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -23,6 +24,8 @@ from pipelines.core.engine_api import EngineAPI, ModelFileInfo
 from pipelines.core.hosted_limits import ZeroGPUError
 from pipelines.core.jobs import JobCancelled, QueueFull
 from pipelines.core.request import LIMITS, GenerationResult, RequestError
+from pipelines.core.save_formats import SaveOptions
+from pipelines.core.user_settings import server_settings
 from webui import convert
 from webui.jobs import JobRegistry
 
@@ -34,6 +37,43 @@ CONTROL_GROUP = "control"  # Interrupt/Skip: never wait behind the running job
 GENERATION_MODES = ("txt2img", "img2img", "inpaint")
 # an event that changes the page quietly and is no endpoint of the Gradio API
 QUIET = {"show_progress": "hidden", "api_visibility": "undocumented"}
+GALLERY_HEIGHT = 480  # px; webui.app's CSS fits every thumbnail inside it
+GENERATE_LABEL = "Generate"
+BUSY_LABEL = "Generating…"  # the Generate button while the tab's job runs
+# Tool buttons draw an inline SVG (no emoji font needed; webui.app's CSS) and carry a tooltip
+# (set by webui.app's script from their class): name -> (SVG path data, 24x24 box; tooltip).
+TOOL_ICONS = {
+    # a die showing five: its outline, with the pips cut out (even-odd fill)
+    "dice": ("M5 3h14a2 2 0 0 1 2 2v14a2 2 0 0 1-2 2H5a2 2 0 0 1-2-2V5a2 2 0 0 1 2-2z"
+             + "".join(f"M{x} {y - 1.5}a1.5 1.5 0 1 0 0 3a1.5 1.5 0 1 0 0-3z"
+                       for x, y in ((8, 8), (16, 8), (12, 12), (8, 16), (16, 16))),
+             "Random seed (-1): a new seed for every generation"),
+    "reuse": ("M12 4a8 8 0 1 1-7.4 5h2.2A6 6 0 1 0 12 6v3L7.5 5L12 1z",
+              "Reuse the seed of the selected image"),
+    "refresh": ("M17.6 6.4A8 8 0 1 0 20 12h-2a6 6 0 1 1-1.8-4.2L13 11h7V4z",
+                "Refresh the list (files added since the page opened)"),
+}
+
+
+def tool_button(icon: str, elem_id: str, **kwargs) -> gr.Button:
+    """A small button showing one of `TOOL_ICONS`, with its tooltip."""
+    return gr.Button("", elem_id=elem_id, elem_classes=["tool-button", f"tool-icon-{icon}"], scale=0,
+                     min_width=48, **kwargs)
+
+
+def output_gallery(elem_id: str, columns: int) -> gr.Gallery:
+    """A results gallery; webui.app's CSS keeps every thumbnail whole inside its height.
+    `type="filepath"`: "Send to" reads the saved file, metadata included."""
+    return gr.Gallery(label="Output", columns=columns, height=GALLERY_HEIGHT, format="png", object_fit="contain",
+                      elem_id=elem_id, elem_classes="sdui-gallery", interactive=False, type="filepath")
+
+
+def busy_button() -> gr.Button:
+    return gr.Button(BUSY_LABEL, interactive=False)
+
+
+def idle_button() -> gr.Button:
+    return gr.Button(GENERATE_LABEL, interactive=True)
 
 
 @dataclass(frozen=True)
@@ -252,6 +292,15 @@ def default_checkpoint(engine: EngineAPI, names: list[str]) -> str | None:
     return names[0] if names else None
 
 
+def snap_size(value: Any) -> Any:
+    """A width/height to the nearest multiple of 8, as A1111's step-8 sliders do (a request
+    holds the strict rule and the range, `GenerationRequest`); anything not a number is left
+    for the request to name."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    return int(math.floor(value / 8 + 0.5) * 8)  # halves up, as the page's script
+
+
 def native_size(engine: EngineAPI, checkpoint: str | None) -> int:
     """The checkpoint's native width/height, as the width and height sliders allow it."""
     try:
@@ -279,3 +328,14 @@ def loaded_text(engine: EngineAPI, starting: str | None = None) -> str:
     except Exception:
         log.exception("loaded checkpoints failed")
         return ""
+
+
+def selected_infotext(last: dict, index: int) -> str:
+    """The infotext of the image at `index` of a tab's last result (the first one when out of range)."""
+    infotexts = last.get("infotexts") or []
+    return infotexts[index] if 0 <= index < len(infotexts) else (infotexts[0] if infotexts else "")
+
+
+def saving(engine: EngineAPI) -> SaveOptions:
+    """How a job built now saves its images: the Settings tab's (the same as /sdapi/v1/options')."""
+    return server_settings(engine).save_options()

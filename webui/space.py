@@ -36,19 +36,19 @@ def no_checkpoint_text(paths: Paths, hosted: bool) -> str:
     if hosted:
         how = (f"add a `.safetensors` checkpoint (SD 1.x, SD 2.x or SDXL) to `{where}` in this Space's "
                "repository (Files → Add file → Upload, or `git lfs` push), then restart the Space "
-               "or press 🔄 Refresh in the Checkpoints tab")
+               "or press Refresh in the Checkpoints tab")
     else:
-        how = (f"put a `.safetensors` checkpoint (SD 1.x, SD 2.x or SDXL) in `{folder}` and press 🔄 Refresh "
+        how = (f"put a `.safetensors` checkpoint (SD 1.x, SD 2.x or SDXL) in `{folder}` and press Refresh "
                "in the Checkpoints tab, or start with `--ckpt-dir DIR` / `--models-dir DIR` "
                "to use an existing A1111 folder")
-    return f"⚠️ **No checkpoint found.** To generate images, {how}."
+    return f"**No checkpoint found.** To generate images, {how}."
 
 
 def hosted_text(limits: SpaceLimits, space: str | None = None, waiting: int | None = None) -> str:
     """The hosted-demo note; `waiting`: the queue's bound when --max-queue-size lowered it."""
     name = f" `{space}`" if space else ""
     hardware = "a CPU" if limits.hardware == "cpu" else "a GPU"
-    return (f"🌐 **Hosted demo**{name} on {hardware}, shared by everyone who opens it: one job runs at a "
+    return (f"**Hosted demo**{name} on {hardware}, shared by everyone who opens it: one job runs at a "
             f"time and at most {waiting or limits.queue_max_size} wait. Limits: {limits.summary()}. "
             "Generated images are saved on the Space and are not private; without persistent storage "
             "they are lost when it restarts. For no limits, run it on your own machine: "
@@ -63,7 +63,7 @@ def notice_text(engine: EngineAPI, hosted: bool, limits: SpaceLimits | None = No
     if hosted and limits is not None:
         parts.append(hosted_text(limits, space, engine.queue.max_waiting))
     if hosted and engine.on_zero_gpu:
-        parts.append(f"⚡ {ZERO_GPU_NOTE}")
+        parts.append(f"{ZERO_GPU_NOTE}")
     try:
         has_checkpoint = bool(engine.list_checkpoints())
     except Exception:

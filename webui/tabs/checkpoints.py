@@ -45,7 +45,7 @@ def _text(value: Any) -> str:
 def checkpoint_row(info: ModelFileInfo) -> list[str]:
     details = info.details or {}
     error = details.get("error")
-    family = f"⚠ unreadable: {error}" if error else _text(info.family or details.get("family"))
+    family = f"unreadable: {error}" if error else _text(info.family or details.get("family"))
     prediction = _text(details.get("prediction"))
     if prediction and details.get("prediction_source") == "user override":
         prediction += " (override)"
@@ -205,7 +205,7 @@ class CheckpointsTab:
     def build(self, tab, checkpoint, loaded, concurrency_id: str) -> None:
         rows = self.rows()
         with gr.Row():
-            refresh = gr.Button("🔄 Refresh", elem_id="checkpoints_refresh", scale=0, min_width=120)
+            refresh = gr.Button("Refresh", elem_id="checkpoints_refresh", scale=0, min_width=120)
             search = gr.Textbox(label="Search by name", elem_id="checkpoints_search", scale=2)
             sort = gr.Radio(SORTS, value="Name", label="Sort", elem_id="checkpoints_sort", scale=1)
         with gr.Row():

@@ -32,7 +32,7 @@ NEEDS_RESTART = ("Hooks follow at once; UI sections, tabs and API routes of a ne
 
 def _failure_notice(ext: Any, where: str, exc: BaseException, manager: Any) -> None:
     message = manager.fail(ext, where, exc)
-    gr.Markdown(f"⚠️ {message}", elem_classes="extension-error")
+    gr.Markdown(f"**Error:** {message}", elem_classes="extension-error")
 
 
 def add_sections(ui: Page, mode: str, fields: dict) -> None:
@@ -108,7 +108,7 @@ def build_extensions_tab(ui: Page, manager: Any) -> None:
         choice = gr.Dropdown(ids, value=None, label="Extension", elem_id="extensions_choice", scale=3)
         enable = gr.Button("Enable", elem_id="extensions_enable", scale=0, min_width=100)
         disable = gr.Button("Disable", elem_id="extensions_disable", scale=0, min_width=100)
-        reload = gr.Button("🔄 Reload", elem_id="extensions_reload", scale=0, min_width=100)
+        reload = gr.Button("Reload", elem_id="extensions_reload", scale=0, min_width=100)
     status = gr.Markdown("", elem_id="extensions_status")
     parts = dict(table=table, choice=choice, enable=enable, disable=disable, reload=reload, status=status)
     if manager.allow_install:

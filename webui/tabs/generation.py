@@ -21,22 +21,31 @@ from pipelines.core.request import INPAINT_FILLS, MAX_SEED, RESIZE_MODES, Reques
 from webui import convert
 from webui.common import (
     CONTROL_GROUP,
+    GENERATE_LABEL,
     QUEUED_GROUP,
     QUIET,
     Page,
+    busy_button,
     checkpoint_infos,
     gallery_items,
+    idle_button,
     loaded_text,
     native_size,
+    output_gallery,
     pick,
     request_error,
+    saving,
+    selected_infotext,
     show_notices,
     slider,
+    snap_size,
+    tool_button,
     unchanged,
 )
-from webui.tabs import extensions, hires, networks
+from webui.tabs import controlnet, extensions, hires, networks, pnginfo
 
 BRUSH_COLORS = ["#ffffff", "#000000"]  # white paints the mask; black takes it back
+BRUSH_SHARE = 24 / 512  # the brush's width as a share of the image's longer side (24 px at 512)
 
 
 class GenerationTabs:
@@ -81,11 +90,11 @@ class GenerationTabs:
                 fields["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=2,
                                                        elem_id=f"{p}_neg_prompt")
             with gr.Column(scale=1, min_width=180):
-                generate = gr.Button("Generate", variant="primary", size="lg", elem_id=f"{p}_generate")
+                generate = gr.Button(GENERATE_LABEL, variant="primary", size="lg", elem_id=f"{p}_generate")
                 with gr.Row():
                     interrupt = gr.Button("Interrupt", size="sm", elem_id=f"{p}_interrupt")
                     skip = gr.Button("Skip", size="sm", elem_id=f"{p}_skip")
-                read_params = gr.Button("↙️ Read parameters", size="sm", elem_id=f"{p}_read_params")
+                read_params = gr.Button("Read parameters", size="sm", elem_id=f"{p}_read_params")
         networks.build(self.engine, fields, p)  # styles, LoRA and embeddings pickers
         with gr.Row(equal_height=False):
             with gr.Column(scale=1):
@@ -94,23 +103,22 @@ class GenerationTabs:
                 with gr.Row(equal_height=True):
                     fields["seed"] = gr.Number(value=-1, label="Seed", precision=0, minimum=-1, maximum=MAX_SEED,
                                                elem_id=f"{p}_seed", scale=4)
-                    random_seed = gr.Button("🎲", elem_id=f"{p}_random_seed", elem_classes="tool-button",
-                                            scale=0, min_width=48)
-                    reuse_seed = gr.Button("♻️", elem_id=f"{p}_reuse_seed", elem_classes="tool-button",
-                                           scale=0, min_width=48)
+                    random_seed = tool_button("dice", f"{p}_random_seed")
+                    reuse_seed = tool_button("reuse", f"{p}_reuse_seed")
                 seed_extras(fields, p)
+                controlnet.add_units(ui, mode, fields)  # controlnet_<i>_* fields: request.control_units
                 extensions.add_sections(ui, mode, fields)  # their values become request.extension_args
             with gr.Column(scale=1):
-                gallery = gr.Gallery(label="Output", columns=ui.options.gallery_columns, height=480,
-                                     format="png", object_fit="contain", elem_id=f"{p}_gallery",
-                                     interactive=False)
+                gallery = output_gallery(f"{p}_gallery", ui.options.gallery_columns)
+                send = pnginfo.send_buttons(mode)  # wired by the app once every tab is built
                 infotext = gr.Textbox(label="Generation parameters", lines=4, interactive=False,
                                       elem_id=f"{p}_infotext", buttons=["copy"])
         last = gr.State(value=None)  # {"seeds": [...], "infotexts": [...], "selected": i}
         ui.fields[mode] = fields
         ui.components[mode] = dict(generate=generate, interrupt=interrupt, skip=skip, gallery=gallery,
                                    infotext=infotext, last=last, random_seed=random_seed,
-                                   reuse_seed=reuse_seed, read_params=read_params, sized_for=gr.State(sized_for))
+                                   reuse_seed=reuse_seed, read_params=read_params, sized_for=gr.State(sized_for),
+                                   send=send)
         self._wire(mode, brush_size)
 
     def _image_inputs(self, mode: str, fields: dict[str, Any]) -> gr.Slider | None:
@@ -125,7 +133,7 @@ class GenerationTabs:
                 label="Image (paint the part to change)", type="pil", image_mode="RGBA",
                 sources=["upload", "clipboard"], format="png", height=420, layers=False,
                 transforms=(), brush=gr.Brush(default_size=24, colors=BRUSH_COLORS, color_mode="defaults"),
-                elem_id=f"{p}_image",
+                elem_id=f"{p}_image", elem_classes="sdui-mask-editor",  # Undo keeps the image: webui.app
             )
             brush_size = gr.Slider(1, 200, value=24, step=1, label="Brush size", elem_id=f"{p}_brush_size")
             fields["mask_blur"] = slider("mask_blur", elem_id=f"{p}_mask_blur", step=1)
@@ -159,8 +167,10 @@ class GenerationTabs:
         fields["steps"] = slider("steps", step=1, elem_id=f"{p}_steps")
         with gr.Row():
             with gr.Column(scale=3):
-                fields["width"] = slider("width", value=native, step=8, elem_id=f"{p}_width")
-                fields["height"] = slider("height", value=native, step=8, elem_id=f"{p}_height")
+                # sdui-snap: a typed size snaps to the step (webui.app's script), as A1111's sliders
+                fields["width"] = slider("width", value=native, step=8, elem_id=f"{p}_width", elem_classes="sdui-snap")
+                fields["height"] = slider("height", value=native, step=8, elem_id=f"{p}_height",
+                                          elem_classes="sdui-snap")
             with gr.Column(scale=1, min_width=140):
                 fields["batch_count"] = slider("batch_count", step=1, elem_id=f"{p}_batch_count")
                 fields["batch_size"] = slider("batch_size", step=1, elem_id=f"{p}_batch_size")
@@ -203,12 +213,16 @@ class GenerationTabs:
         ui = self.ui
         fields, parts = ui.fields[mode], ui.components[mode]
         last, seed = parts["last"], fields["seed"]
-        parts["generate"].click(
+        # The button says a job runs (and takes no click) until it ends, whatever the outcome
+        # (Gradio's page runs .then only after a success: .failure too).
+        job = parts["generate"].click(busy_button, outputs=parts["generate"], queue=False, **QUIET).then(
             self.generate_handler(mode), inputs_kwargs=fields,
             outputs=[parts["gallery"], parts["infotext"], last, ui.components["loaded"]],
             show_progress="full", show_progress_on=[parts["gallery"]], concurrency_id=QUEUED_GROUP,
             concurrency_limit=ui.runner.capacity(), api_name=mode,
         )
+        job.then(idle_button, outputs=parts["generate"], queue=False, **QUIET)
+        job.failure(idle_button, outputs=parts["generate"], queue=False, **QUIET)
         # Own unlimited group: never waits behind the running job (queue=True so gr.Info shows).
         parts["interrupt"].click(ui.runner.interrupt, concurrency_id=CONTROL_GROUP, concurrency_limit=None,
                                  **QUIET)
@@ -225,6 +239,9 @@ class GenerationTabs:
         if brush_size is not None:
             brush_size.change(self.brush_update, inputs_kwargs={"size": brush_size},
                               outputs=fields["inpaint_image"], **QUIET)
+            # a new image gets a brush in proportion, on the slider and in the editor
+            fields["inpaint_image"].upload(self.brush_for_image, inputs_kwargs={"editor": fields["inpaint_image"]},
+                                           outputs=[brush_size, fields["inpaint_image"]], **QUIET)
         parts["read_params"].click(
             self.read_parameters_handler(mode),
             inputs_kwargs={"prompt": fields["prompt"], "last": last, "checkpoint": fields["checkpoint"]},
@@ -245,7 +262,8 @@ class GenerationTabs:
         """Validate, run on the engine under this session's JobControl, return the tab outputs."""
         try:
             fields, extension_args = extensions.split_fields(self.ui, fields)
-            req = convert.generation_request(mode, fields)
+            fields.update({name: snap_size(fields[name]) for name in ("width", "height") if name in fields})
+            req = convert.generation_request(mode, fields).replace(save_options=saving(self.engine))
             if extension_args:
                 req = req.replace(extension_args={**req.extension_args, **extension_args})
         except RequestError as exc:
@@ -278,7 +296,8 @@ class GenerationTabs:
         text = prompt or ""
         if not text.strip() and last:
             text = selected_infotext(last, last.get("selected", 0))
-        values = convert.ui_values_from_infotext(text, find_checkpoint=self.engine.find_checkpoint)
+        values = convert.ui_values_from_infotext(text, find_checkpoint=self.engine.find_checkpoint,
+                                                 control_models=self.engine.control_models())
         if values is None:
             gr.Info("No generation parameters found: paste a text with a 'Steps: ...' line into the prompt.")
             return {}
@@ -318,6 +337,15 @@ class GenerationTabs:
         return int(seeds[index] if 0 <= index < len(seeds) else seeds[0])
 
     @staticmethod
+    def brush_for_image(editor: dict | None = None):
+        """The brush size for the editor's image: `BRUSH_SHARE` of its longer side."""
+        background = (editor or {}).get("background")
+        if background is None:
+            return gr.skip(), gr.skip()
+        size = brush_size_for(background.size)
+        return size, GenerationTabs.brush_update(size)
+
+    @staticmethod
     def brush_update(size: float):
         return gr.update(brush=gr.Brush(default_size=int(size), colors=BRUSH_COLORS, color_mode="defaults"))
 
@@ -334,7 +362,6 @@ def seed_extras(fields: dict[str, Any], p: str) -> None:
             fields["seed_resize_from_h"] = slider("seed_resize_from_h", step=8, elem_id=f"{p}_seed_resize_from_h")
 
 
-def selected_infotext(last: dict, index: int) -> str:
-    """The infotext of the image at `index` of the last result (the first one when out of range)."""
-    infotexts = last.get("infotexts") or []
-    return infotexts[index] if 0 <= index < len(infotexts) else (infotexts[0] if infotexts else "")
+def brush_size_for(size: tuple[int, int]) -> int:
+    """A brush as wide as `BRUSH_SHARE` of the image's longer side (at least 1 px)."""
+    return max(1, round(max(size) * BRUSH_SHARE))

@@ -21,6 +21,7 @@ from webui.common import (
     checkpoint_infos,
     engine_choices,
     request_error,
+    tool_button,
     unchanged,
 )
 
@@ -53,7 +54,7 @@ class MergeTab:
                 with gr.Row():
                     for name, label in zip(MODEL_FIELDS, MODEL_LABELS):
                         fields[name] = gr.Dropdown(names, value=None, label=label, elem_id=f"merge_{name}")
-                    refresh = gr.Button("🔄", elem_classes=["tool-button"], elem_id="merge_refresh")
+                    refresh = tool_button("refresh", "merge_refresh")
                 fields["custom_name"] = gr.Textbox(label="Custom name (optional)", elem_id="merge_custom_name",
                                                    placeholder="a file name; empty: named after the inputs")
                 fields["multiplier"] = gr.Slider(0, 1, value=0.3, step=0.05, label="Multiplier (M)",

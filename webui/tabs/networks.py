@@ -143,7 +143,7 @@ def build(engine: EngineAPI, fields: dict, prefix: str) -> dict:
             parts["embedding"] = gr.Dropdown(embedding_names(engine), value=None, label="Embedding",
                                              elem_id=f"{p}_embedding", scale=3)
             parts["insert_embedding"] = gr.Button("Insert", size="sm", elem_id=f"{p}_insert_embedding", scale=1)
-            parts["refresh_networks"] = gr.Button("🔄 Refresh", size="sm", elem_id=f"{p}_refresh_networks",
+            parts["refresh_networks"] = gr.Button("Refresh", size="sm", elem_id=f"{p}_refresh_networks",
                                                   scale=1)
 
     parts["apply_styles"].click(lambda pr, ng, names: apply_styles(engine, pr, ng, names),

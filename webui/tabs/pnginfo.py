@@ -4,7 +4,9 @@
 `gr.Tabs` the "Send to" buttons switch. Reading is `pipelines.core.metadata_read` (this app's,
 A1111's, ComfyUI's, InvokeAI's and Fooocus' metadata, all in A1111 terms); sending reuses the
 "Read parameters" path (`ui.read_parameters`) on the A1111 text shown in the tab, so
-whatever the user edits there is what gets sent.
+whatever the user edits there is what gets sent. The "Send to" rows under the galleries
+(`send_buttons`, `wire_gallery_sends`) send the selected image the same way, with the
+parameters saved in it.
 
 The image arrives as the uploaded file's path (`type="filepath"`): Gradio then hands over
 the file as uploaded, with its text chunks and EXIF intact.
@@ -19,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from pipelines.core.metadata_read import ImageMetadata, read_image_metadata
 from webui import convert
-from webui.common import QUIET, Page
+from webui.common import QUIET, Page, selected_infotext
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,68 @@ def build(ui: Page, tabs: gr.Tabs) -> None:
         button.click(_constant_tab(mode), outputs=[tabs, current_tab], **QUIET).then(
             send_handler(ui, mode), inputs_kwargs={"text": infotext, "image": image, "checkpoint": checkpoint},
             outputs=targets, **QUIET)
+
+
+def send_buttons(source: str) -> dict[str, gr.Button]:
+    """The "Send to" row under `source`'s gallery: img2img, Inpaint, Upscale (and txt2img from img2img)."""
+    with gr.Row(elem_id=f"{source}_send_row"):
+        return {mode: gr.Button(label, elem_id=f"{source}_send_{mode}", size="sm", min_width=100)
+                for mode, label in TARGETS if mode != "txt2img" or source == "img2img"}
+
+
+def wire_gallery_sends(ui: Page, tabs: gr.Tabs, buttons: dict[str, gr.Button], gallery: gr.Gallery,
+                       last: gr.State) -> None:
+    """Each button sends the gallery's selected image (`last["selected"]`) and its parameters
+    to its tab; once every target tab is built."""
+    checkpoint, current_tab = ui.components["checkpoint"], ui.components["current_tab"]
+    for mode, button in buttons.items():
+        # Switch first, then fill: Gradio drops values sent to a tab that is not mounted.
+        button.click(_gallery_tab(mode), inputs_kwargs={"gallery": gallery}, outputs=[tabs, current_tab],
+                     **QUIET).success(
+            gallery_send_handler(ui, mode), inputs_kwargs={"gallery": gallery, "last": last,
+                                                           "checkpoint": checkpoint},
+            outputs=_target_components(ui, mode), **QUIET)
+
+
+def _gallery_tab(mode: str):
+    def select(gallery=None):
+        if not gallery:
+            raise gr.Error("Nothing to send yet: the gallery is empty.", print_exception=False)
+        return gr.Tabs(selected=mode), mode
+
+    select.__name__ = f"gallery_show_{mode}"
+    return select
+
+
+def gallery_send_handler(ui: Page, mode: str):
+    def send(gallery=None, last: dict | None = None, checkpoint: str | None = None) -> dict:
+        path = selected_path(gallery, (last or {}).get("selected", 0))
+        text = _saved_infotext(path) or (selected_infotext(last, last.get("selected", 0)) if last else "")
+        return send_values(ui, mode, text, path, checkpoint)
+
+    send.__name__ = f"gallery_send_{mode}"
+    return send
+
+
+def selected_path(gallery: list | None, index: int | None) -> str | None:
+    """The file of the gallery's item at `index` (the first one when out of range); Gradio hands
+    a gallery over as [(path, caption)]."""
+    items = list(gallery or [])
+    if not items:
+        return None
+    item = items[index] if isinstance(index, int) and 0 <= index < len(items) else items[0]
+    return str(item[0] if isinstance(item, (tuple, list)) else item)
+
+
+def _saved_infotext(path: str | None) -> str:
+    """The parameters saved in the image file ("" when it has none)."""
+    if not path:
+        return ""
+    try:
+        return read_image_metadata(path).infotext or ""
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        log.info("cannot read the parameters of %s: %s", path, exc)
+        return ""
 
 
 def _constant_tab(mode: str):

@@ -9,6 +9,7 @@ the UI-only `source` (which sub-tab: one image, several files, a folder), `batch
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,15 @@ from webui.common import (
     Page,
     engine_choices,
     gallery_items,
+    output_gallery,
     pick,
     request_error,
+    saving,
     show_notices,
     slider,
     unchanged,
 )
+from webui.tabs import pnginfo
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +104,14 @@ class UpscaleTab:
                     interrupt = gr.Button("Interrupt", elem_id="upscale_interrupt", scale=1)
                 sd_fields, sd_button = self._sd_upscale_options(names)
             with gr.Column():
-                gallery = gr.Gallery(label="Output", columns=1, height=480, format="png", object_fit="contain",
-                                     elem_id="upscale_gallery", interactive=False)
+                gallery = output_gallery("upscale_gallery", 1)
+                send = pnginfo.send_buttons("upscale")  # wired by the app once every tab is built
                 info = gr.Textbox(label="Info", lines=2, interactive=False, elem_id="upscale_info")
+        last = gr.State(None)  # {"selected": i}: the image "Send to" takes
+        gallery.select(select_image, outputs=last, **QUIET)
         ui.fields["upscale"] = fields
-        ui.components["upscale"] = dict(button=button, gallery=gallery, info=info, interrupt=interrupt)
+        ui.components["upscale"] = dict(button=button, gallery=gallery, info=info, interrupt=interrupt,
+                                        send=send, last=last)
         fields["source"].change(
             lambda chosen: tuple(gr.update(visible=chosen == name) for name in SOURCES),
             inputs=fields["source"], outputs=[fields["image"], fields["batch_files"], fields["batch_folder"]],
@@ -157,7 +164,7 @@ class UpscaleTab:
     # --- handlers ---------------------------------------------------------------------------
     def upscale(self, request: gr.Request = None, progress=gr.Progress(), **fields) -> tuple:
         try:
-            req = upscale_request(fields)
+            req = dataclasses.replace(upscale_request(fields), save_options=saving(self.engine))
         except RequestError as exc:
             raise request_error(exc) from None
         result = self.ui.runner.run("Upscale", request, progress if request is not None else None,
@@ -186,7 +193,7 @@ class UpscaleTab:
                   for k, v in values.items()}
         try:
             req = GenerationRequest(mode="img2img", init_image=convert.flatten(image), checkpoint=checkpoint or None,
-                                    **values)
+                                    save_options=saving(self.engine), **values)
         except RequestError as exc:
             raise request_error(exc) from None
         result = self.ui.runner.run(
@@ -198,6 +205,10 @@ class UpscaleTab:
         show_notices(result)
         infotexts = list(result.infotexts or [])
         return gallery_items(result), (infotexts[0] if infotexts else "")
+
+
+def select_image(evt: gr.SelectData) -> dict:
+    return {"selected": evt.index if isinstance(evt.index, int) else 0}
 
 
 def _open_images(files: Any) -> list[Image.Image]:
