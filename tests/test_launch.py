@@ -67,14 +67,14 @@ def test_ui_answers_while_the_model_loads_and_a_job_waits_for_the_load(tmp_path,
 
     write_tiny_sd1_checkpoint(tmp_path / "models" / "Stable-diffusion" / "tiny.safetensors")
     release, loads = threading.Event(), []
-    real_load = pipelines.models.manager.load_components
+    real_load = pipelines.models.manager.load_checkpoint_components
 
     def slow_load(*args, **kwargs):
         loads.append(args[0])
         assert release.wait(60), "the test never released the load"
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(pipelines.models.manager, "load_components", slow_load)
+    monkeypatch.setattr(pipelines.models.manager, "load_checkpoint_components", slow_load)
     engine = make_engine(tmp_path / "models", tmp_path)
     blocks = build_ui(engine, UIOptions())
     blocks.queue(default_concurrency_limit=1)
