@@ -59,3 +59,24 @@ def test_outpainting_limits_name_the_field():
     with pytest.raises(RequestError) as error:
         request(outpaint_up=-8)
     assert error.value.field == "outpaint_up"
+
+
+def test_the_page_sends_outpainting_and_soft_inpainting():
+    """img2img and Inpaint carry the Outpainting sliders and Inpaint the Soft inpainting box, by field name."""
+    from test_webui import FakeEngine, fake_request, values
+
+    from webui.app import build_ui
+
+    engine = FakeEngine()
+    ui = build_ui(engine).webui
+    assert "soft_inpainting" not in ui.fields["img2img"] and "outpaint_left" not in ui.fields["txt2img"]
+    ui.generate("img2img", values(ui, "img2img", init_image=source(), outpaint_right=32, outpaint_up=16,
+                                  width=64, height=64, steps=2), request=fake_request("s"))
+    sent = engine.requests[-1]
+    assert (sent.outpaint_right, sent.outpaint_up, sent.size_for(512)) == (32, 16, (96, 80))
+    layer = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    layer.paste((255, 255, 255, 128), (10, 10, 40, 40))
+    editor = {"background": source().convert("RGBA"), "layers": [layer], "composite": None}
+    ui.generate("inpaint", values(ui, "inpaint", inpaint_image=editor, soft_inpainting=True, width=64, height=64,
+                                  steps=2), request=fake_request("s"))
+    assert engine.requests[-1].soft_inpainting is True

@@ -502,6 +502,7 @@ def test_read_parameters_fills_fields_by_name(ui, engine):
                    "subseed_strength": 0.0, "seed_resize_from_w": 0, "seed_resize_from_h": 0,
                    "tiling": False,  # absent: A1111 writes "Tiling: True" only when on
                    "restore_faces": False,  # absent: "Face restoration: <model>" only when on
+                   "soft_inpainting": False,  # absent: "Soft inpainting: True" only when on
                    "refiner_checkpoint": "None"}  # absent: "Refiner: name [hash]" only when one ran
     assert set(updates) <= set(fields.values()) | {ui.components["inpaint"]["sized_for"]}
     assert updates[ui.components["inpaint"]["sized_for"]] == "sd15"

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from pipelines.core.request import INPAINT_FILLS, MAX_SEED, RESIZE_MODES, RequestError
+from pipelines.core.request import INPAINT_FILLS, MAX_SEED, OUTPAINT_SIDES, RESIZE_MODES, RequestError
 from webui import convert
 from webui.common import (
     CONTROL_GROUP,
@@ -151,6 +151,16 @@ class GenerationTabs:
         if mode != "txt2img":
             fields["resize_mode"] = gr.Radio(list(RESIZE_MODES), value=convert.request_default("resize_mode"),
                                              label="Resize mode", elem_id=f"{p}_resize_mode")
+            if mode == "inpaint":
+                fields["soft_inpainting"] = gr.Checkbox(
+                    False, label=convert.LABELS["soft_inpainting"], elem_id=f"{p}_soft_inpainting",
+                    info="grey in the mask changes a pixel part of the way (differential diffusion)")
+            with gr.Accordion("Outpainting", open=False, elem_id=f"{p}_outpaint"):
+                gr.Markdown("Grows the canvas by these pixels and paints the new area; the picture's own size plus "
+                            "the sides becomes the output size.")
+                with gr.Row():
+                    for side in OUTPAINT_SIDES:
+                        fields[side] = slider(side, step=8, elem_id=f"{p}_{side}", min_width=120)
         return brush_size
 
     def _sampling(self, mode: str, fields: dict[str, Any], native: int) -> None:
