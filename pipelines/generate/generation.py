@@ -52,6 +52,9 @@ def grid_folder(mode: str) -> str:
     return OUTPUT_FOLDERS[mode].replace("images", "grids")
 
 
+GRID_FOLDERS = frozenset(grid_folder(mode) for mode in OUTPUT_FOLDERS)  # skipped when grids are not saved
+
+
 @dataclass(frozen=True)
 class JobContext:
     """One running job's handles: its queue entry (progress, interrupt), its extensions' hooks
@@ -404,7 +407,7 @@ class Generator:
         with the file name its save options say; the path, or "" (not asked, a grid while grids are
         not saved, or failed: then a warning in `result`, and the image still goes back)."""
         options = request.save_options
-        if not request.save_images or (folder.endswith("-grids") and not options.save_grids):
+        if not request.save_images or (folder in GRID_FOLDERS and not options.save_grids):
             return ""
         try:
             return str(outputs.save_image(image, self.outdir, folder, seed=seed, infotext=text, options=options,
