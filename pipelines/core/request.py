@@ -22,14 +22,15 @@ from pipelines.core.checks import (
     check_flag,
     check_int,
     check_number,
-    check_range_of,
     check_text,
-    within,
 )
 from pipelines.core.control import ControlUnit, check_units
+from pipelines.core.limits import LIMITS, in_limits  # noqa: F401 - re-exported: the UI's sliders read them here
+from pipelines.core.limits import check_limit as _check_range
 from pipelines.core.regions import DEFAULT_BASE_RATIO, Region, checked_request_regions
 from pipelines.core.result import GenerationResult  # noqa: F401 - re-exported: callers take it with the request
 from pipelines.core.save_formats import SaveOptions
+from pipelines.core.upscale_request import UpscaleRequest, scaled_size  # noqa: F401 - re-exported with the request
 
 MODES = ("txt2img", "img2img", "inpaint")
 RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")
@@ -37,47 +38,6 @@ INPAINT_FILLS = ("fill", "original", "latent noise", "latent nothing")  # A1111 
 MAX_SEED = 2**32 - 1
 OUTPAINT_SIDES = ("outpaint_left", "outpaint_right", "outpaint_up", "outpaint_down")
 
-# field -> (minimum, maximum); the UI builds its sliders from this table.
-LIMITS: dict[str, tuple[float, float]] = {
-    "steps": (1, 150),
-    "cfg_scale": (1.0, 30.0),
-    "width": (64, 2048),
-    "height": (64, 2048),
-    "batch_size": (1, 8),
-    "batch_count": (1, 100),
-    "denoising_strength": (0.0, 1.0),
-    "subseed_strength": (0.0, 1.0),
-    "seed_resize_from_w": (0, 2048),  # 0: off
-    "seed_resize_from_h": (0, 2048),
-    "mask_blur": (0, 64),
-    "inpaint_full_res_padding": (0, 256),
-    "clip_skip": (1, 12),
-    "s_min_uncond": (0.0, 15.0),  # NGMS: a sigma (SD's largest is about 14.6); 0: off
-    "skip_early_cond": (0.0, 1.0),  # Skip Early CFG: a share of the steps; 0: off
-    "deepcache_interval": (1, 10),  # DeepCache: the whole U-Net runs every Nth step; 1: off
-    "deepcache_branch": (0, 2),  # DeepCache: layers kept live besides the outermost (0: fastest)
-    "deepcache_start": (0.0, 1.0),  # DeepCache: share of the first steps that always run in full
-    "outpaint_left": (0, 1024),  # pixels the canvas grows by on that side (img2img / inpaint)
-    "outpaint_right": (0, 1024),
-    "outpaint_up": (0, 1024),
-    "outpaint_down": (0, 1024),
-    # hires fix
-    "hr_scale": (1.0, 4.0),
-    "hr_second_pass_steps": (0, 150),  # 0: as many as the first pass
-    "hr_resize_x": (0, 4096),  # 0: from hr_scale (or from the other side's aspect)
-    "hr_resize_y": (0, 4096),
-    "hr_denoising_strength": (0.0, 1.0),
-    "hr_size": (64, 4096),  # the second pass's width and height
-    # neural upscalers (0: the whole image in one pass)
-    "tile_size": (0, 4096),
-    "tile_overlap": (0, 256),
-    "upscaler_2_visibility": (0.0, 1.0),
-    "refiner_switch_at": (0.0, 1.0),  # the share of the steps run before the refiner takes over (1: none)
-    "code_former_weight": (0.0, 1.0),  # CodeFormer's fidelity: 0 strongest restoration, 1 closest to the input
-    "gfpgan_visibility": (0.0, 1.0),  # Extras: how much of the restored faces shows (0: off)
-    "codeformer_visibility": (0.0, 1.0),
-    "codeformer_weight": (0.0, 1.0),  # Extras' spelling of code_former_weight (A1111's field names)
-}
 # The first choice of the hires fix's sampler, schedule type and checkpoint lists, in A1111's
 # words: "the first pass's". A request's hr_sampler / hr_schedule_type set to one means None.
 HR_SAME_SAMPLER = "Use same sampler"
@@ -381,70 +341,3 @@ def img2img_steps(steps: int, strength: float) -> int:
     """How many of `steps` an img2img pass runs: the tail of the schedule that denoising
     strength selects (diffusers' convention, as A1111's)."""
     return min(int(steps * strength), steps)
-
-
-@dataclass(frozen=True)
-class UpscaleRequest:
-    image: Image.Image | None = None
-    upscaler: str = "Lanczos"
-    scale: float = 2.0
-    target_width: int | None = None  # both set: resize to exactly this size instead of by scale
-    target_height: int | None = None
-    save_images: bool = True
-    save_options: SaveOptions = SaveOptions()
-    images: tuple[Image.Image, ...] = ()  # a batch: upscaled after `image`, each the same way
-    upscaler_2: str | None = None  # blended into the first upscaler's result
-    upscaler_2_visibility: float = 0.0
-    tile_size: int = 256  # neural upscalers: tile edge in input pixels, 0 = whole image
-    tile_overlap: int = 16
-    # face restoration after upscaling, as A1111's Extras: models/GFPGAN's, then models/Codeformer's
-    gfpgan_visibility: float = 0.0
-    codeformer_visibility: float = 0.0
-    codeformer_weight: float = 0.0  # A1111's Extras default (strongest restoration)
-
-    def __post_init__(self) -> None:
-        for name in ("gfpgan_visibility", "codeformer_visibility", "codeformer_weight"):
-            _check_range(name, check_number(name, getattr(self, name)))
-        if self.image is not None and not isinstance(self.image, Image.Image):
-            raise RequestError("image", "an input image is needed")
-        batch = tuple(self.images or ())
-        if not all(isinstance(i, Image.Image) for i in batch):
-            raise RequestError("images", "every item of the batch must be an image")
-        object.__setattr__(self, "images", batch)
-        if self.image is None and not batch:
-            raise RequestError("image", "an input image is needed")
-        if self.upscaler_2 in ("", "None"):
-            object.__setattr__(self, "upscaler_2", None)
-        if self.upscaler_2 is not None:
-            check_text("upscaler_2", self.upscaler_2)
-        _check_range("upscaler_2_visibility", check_number("upscaler_2_visibility", self.upscaler_2_visibility))
-        for name in ("tile_size", "tile_overlap"):
-            object.__setattr__(self, name, check_int(name, getattr(self, name)))
-            _check_range(name, getattr(self, name))
-        scale = check_number("scale", self.scale)
-        if not 1.0 <= scale <= 8.0:
-            raise RequestError("scale", f"must be between 1 and 8, got {scale}")
-        if (self.target_width is None) != (self.target_height is None):
-            raise RequestError("target_width", "give both target width and height, or neither")
-        for name in ("target_width", "target_height"):
-            value = getattr(self, name)
-            if value is not None and not 8 <= check_int(name, value) <= 8192:
-                raise RequestError(name, f"must be between 8 and 8192, got {value}")
-
-    @property
-    def all_images(self) -> tuple[Image.Image, ...]:
-        return ((self.image,) if self.image is not None else ()) + self.images
-
-
-def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
-    """(width, height) of an image of `size` upscaled by `scale`, as the upscalers size it."""
-    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
-
-
-def in_limits(name: str, value: float | None) -> bool:
-    """True when `value` lies within ``LIMITS[name]`` (None never does)."""
-    return within(LIMITS, name, value)
-
-
-def _check_range(name: str, value: float) -> None:
-    check_range_of(LIMITS, name, value)
