@@ -20,7 +20,9 @@ import re
 from typing import Any, Mapping
 
 from pipelines.core import control_infotext, hires_info, regions, samplers
+from pipelines.core.infotext_options import cfg_cutoff_params, cutoff_fields, deep_cache_fields, deep_cache_params
 from pipelines.core.request import INPAINT_FILLS, MAX_SEED, in_limits
+from pipelines.core.text_numbers import to_float, to_int
 
 NEGATIVE_PREFIX = "Negative prompt:"
 
@@ -250,21 +252,6 @@ def parse_infotext(text: str) -> dict[str, str]:
 
 # --- pasting into a request ---------------------------------------------------------------
 
-def _to_int(value: str | None) -> int | None:
-    number = _to_float(value)
-    return int(number) if number is not None and number.is_integer() else None
-
-
-def _to_float(value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        number = float(value.strip())
-    except ValueError:
-        return None
-    return number if number == number and abs(number) != float("inf") else None
-
-
 def _canonical(value: str, choices: tuple[str, ...]) -> str | None:
     folded = value.strip().casefold()
     for choice in choices:
@@ -275,60 +262,12 @@ def _canonical(value: str, choices: tuple[str, ...]) -> str | None:
 
 def _seed_resize_fields(info: Mapping[str, str], has_params: bool) -> dict[str, int]:
     """seed_resize_from_w/h from "Seed resize from: WxH"; off (0) when a parameters line lacks it."""
-    width, height = _to_int(info.get("Seed resize from-1")), _to_int(info.get("Seed resize from-2"))
+    width, height = to_int(info.get("Seed resize from-1")), to_int(info.get("Seed resize from-2"))
     if in_limits("seed_resize_from_w", width) and in_limits("seed_resize_from_h", height) and min(width, height) >= 8:
         return {"seed_resize_from_w": width, "seed_resize_from_h": height}
     if has_params and "Seed resize from" not in info:
         return {"seed_resize_from_w": 0, "seed_resize_from_h": 0}
     return {}
-
-
-def cfg_cutoff_params(request: Any) -> dict[str, object]:
-    """A1111's keys for the CFG cutoff settings in use (only under CFG: without it nothing is skipped)."""
-    if request.cfg_scale == 1 or not (getattr(request, "s_min_uncond", 0) or getattr(request, "skip_early_cond", 0)):
-        return {}
-    every_step = request.s_min_uncond and request.s_min_uncond_all
-    params: dict[str, object] = {"NGMS": request.s_min_uncond or None, "NGMS all steps": "True" if every_step else None,
-                                 "Skip Early CFG": request.skip_early_cond or None}
-    return {key: value for key, value in params.items() if value is not None}
-
-
-def deep_cache_params(request: Any) -> dict[str, object]:
-    """DeepCache's settings when it is on (interval above 1); A1111's DeepCache extensions write no
-    interval, so these keys are ours."""
-    if getattr(request, "deepcache_interval", 1) <= 1:
-        return {}
-    return {"DeepCache interval": request.deepcache_interval, "DeepCache branch": request.deepcache_branch,
-            "DeepCache start": request.deepcache_start}
-
-
-def _deep_cache_fields(info: Mapping[str, str], has_params: bool) -> dict[str, Any]:
-    """DeepCache's settings from a text; a parameters line without them means off."""
-    interval = _to_int(info.get("DeepCache interval"))
-    if not in_limits("deepcache_interval", interval):
-        return {"deepcache_interval": 1} if has_params else {}
-    fields: dict[str, Any] = {"deepcache_interval": interval}
-    for key, name, read in (("DeepCache branch", "deepcache_branch", _to_int),
-                            ("DeepCache start", "deepcache_start", _to_float)):
-        value = read(info.get(key))
-        if in_limits(name, value):
-            fields[name] = value
-    return fields
-
-
-def _cutoff_fields(info: Mapping[str, str], has_params: bool) -> dict[str, Any]:
-    """CFG cutoff and soft inpainting from a text; absent keys mean off (A1111 leaves them out then)."""
-    fields: dict[str, Any] = {}
-    for key, name in (("NGMS", "s_min_uncond"), ("Skip Early CFG", "skip_early_cond")):
-        value = _to_float(info.get(key))
-        if in_limits(name, value):
-            fields[name] = value
-        elif has_params and key not in info:
-            fields[name] = 0.0
-    for key, name in (("NGMS all steps", "s_min_uncond_all"), ("Soft inpainting", "soft_inpainting")):
-        if key in info or has_params:
-            fields[name] = info.get(key, "").strip().casefold() == "true"
-    return fields
 
 
 def request_fields_from_infotext(text: str) -> dict[str, Any]:
@@ -345,7 +284,7 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
     fields: dict[str, Any] = {"prompt": info["Prompt"], "negative_prompt": info["Negative prompt"]}
     has_params = len(info) > 2
 
-    steps = _to_int(info.get("Steps"))
+    steps = to_int(info.get("Steps"))
     if in_limits("steps", steps):
         fields["steps"] = steps
 
@@ -362,47 +301,47 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
         if schedule is not None:
             fields["schedule_type"] = schedule
 
-    cfg = _to_float(info.get("CFG scale"))
+    cfg = to_float(info.get("CFG scale"))
     if in_limits("cfg_scale", cfg):
         fields["cfg_scale"] = cfg
 
     for key, field in (("Seed", "seed"), ("Variation seed", "subseed")):
-        seed = _to_int(info.get(key))
+        seed = to_int(info.get(key))
         if seed is not None and (seed == -1 or 0 <= seed <= MAX_SEED):
             fields[field] = seed
 
-    strength = _to_float(info.get("Variation seed strength"))
+    strength = to_float(info.get("Variation seed strength"))
     if in_limits("subseed_strength", strength):
         fields["subseed_strength"] = strength
     elif has_params and "Variation seed strength" not in info:
         fields["subseed_strength"] = 0.0
 
-    width, height = _to_int(info.get("Size-1")), _to_int(info.get("Size-2"))
+    width, height = to_int(info.get("Size-1")), to_int(info.get("Size-2"))
     if (in_limits("width", width) and in_limits("height", height)
             and width % 8 == 0 and height % 8 == 0):
         fields["width"], fields["height"] = width, height
 
     fields.update(_seed_resize_fields(info, has_params))
 
-    denoise = _to_float(info.get("Denoising strength"))
+    denoise = to_float(info.get("Denoising strength"))
     if in_limits("denoising_strength", denoise):
         fields["denoising_strength"] = denoise
 
-    clip_skip = _to_int(info.get("Clip skip"))
+    clip_skip = to_int(info.get("Clip skip"))
     if in_limits("clip_skip", clip_skip):
         fields["clip_skip"] = clip_skip
     elif has_params and "Clip skip" not in info:
         fields["clip_skip"] = 1
 
     # Inpainting settings, only when the text has them.
-    blur = _to_int(info.get("Mask blur"))
+    blur = to_int(info.get("Mask blur"))
     if in_limits("mask_blur", blur):
         fields["mask_blur"] = blur
     if "Mask mode" in info:
         fields["inpainting_mask_invert"] = info["Mask mode"].strip().casefold() == "inpaint not masked"
     if "Inpaint area" in info:
         fields["inpaint_full_res"] = info["Inpaint area"].strip().casefold() == "only masked"
-    padding = _to_int(info.get("Masked area padding"))
+    padding = to_int(info.get("Masked area padding"))
     if in_limits("inpaint_full_res_padding", padding):
         fields["inpaint_full_res_padding"] = padding
     if "Masked content" in info:
@@ -425,7 +364,7 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
         fields["restore_faces"] = False
     fields.update(hires_info.fields_from_infotext(info))  # hires fix, when the text has it
     fields.update(hires_info.refiner_fields(info))
-    fields.update(_cutoff_fields(info, has_params))
+    fields.update(cutoff_fields(info, has_params))
     fields.update(regions.fields_from_params(info))  # regional prompts: the Regional Prompter's keys
-    fields.update(_deep_cache_fields(info, has_params))
+    fields.update(deep_cache_fields(info, has_params))
     return fields
