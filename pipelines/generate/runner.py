@@ -12,19 +12,26 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 
 from pipelines.core.progress import JobControl, ProgressCallback, ProgressClock
 from pipelines.core.regions import layout_of
 from pipelines.core.request import GenerationRequest, img2img_steps
-from pipelines.generate import deep_cache, images, regions, schedulers
+from pipelines.generate import deep_cache, regions, schedulers
 from pipelines.generate import guidance as guidance_rules
 from pipelines.generate.control import ControlSteps, LoadedControl
+from pipelines.generate.inpaint import (  # noqa: F401 - re-exported: hires and the flow runner take them here
+    InpaintPlan,
+    finish_image,
+    free_pixels,
+    inpaint_conditioning,
+    latent_mask,
+    plan_pixels,
+)
 from pipelines.generate.ip_adapter import ImagePromptSteps
 from pipelines.generate.noise import noise_for_seed
-from pipelines.generate.pixels import to_image, to_tensor
+from pipelines.generate.pixels import VAE_NAN_NOTE, decode_latents, encode_image  # noqa: F401 - re-exported
 from pipelines.generate.previews import preview_of
 from pipelines.generate.prompts import PromptConditioning, encode_prompts
 from pipelines.models.families import AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE
@@ -36,17 +43,6 @@ class BatchOutput:
     seeds: list[int]
     subseeds: list[int]
     index: int = 0  # which batch of the request
-
-
-@dataclass
-class InpaintPlan:
-    """Pixel-side inputs of img2img/inpaint, at the processing size."""
-
-    image: Image.Image  # what gets encoded (resized, maybe cropped/filled)
-    original: Image.Image | None = None  # the full input at output size, for the final composite
-    mask: Image.Image | None = None  # blurred "L" mask at processing size, white = repaint
-    overlay_mask: Image.Image | None = None  # blurred mask at output size
-    crop_box: tuple[int, int, int, int] | None = None  # only-masked: region of `original`
 
 
 @dataclass(frozen=True)
@@ -112,88 +108,6 @@ class BatchInputs:
 
 # report_step(step, steps, latents=None): run_batch calls it after each step (1-based)
 StepReporter = Callable[..., None]
-
-
-def plan_pixels(request: GenerationRequest, width: int, height: int) -> InpaintPlan | None:
-    """Resize the input image and prepare the mask (steps 1-2 of img2img/inpaint)."""
-    if request.mode == "txt2img":
-        return None
-    init = request.init_image.convert("RGB")
-    if request.mode == "img2img":
-        return InpaintPlan(image=images.resize_image(init, width, height, request.resize_mode))
-    original = images.resize_image(init, width, height, request.resize_mode)
-    mask = images.prepare_mask(request.mask, width, height, blur=request.mask_blur, soft=request.soft_inpainting,
-                               invert=request.inpainting_mask_invert, resize_mode=request.resize_mode)
-    plan = InpaintPlan(image=original, original=original, mask=mask, overlay_mask=mask)
-    if request.inpaint_full_res:
-        sharp = images.prepare_mask(request.mask, width, height, blur=0,
-                                    invert=request.inpainting_mask_invert, resize_mode=request.resize_mode)
-        box = images.crop_region(sharp, request.inpaint_full_res_padding)
-        if box is not None:
-            box = images.expand_to_aspect(box, width, height, original.width, original.height)
-            plan.crop_box = box
-            plan.image = original.crop(box).resize((width, height), Image.LANCZOS)
-            plan.mask = mask.crop(box).resize((width, height), Image.LANCZOS)
-    if request.inpainting_fill == "fill":
-        plan.image = images.fill_masked(plan.image, plan.mask)
-    return plan
-
-
-@torch.no_grad()
-def encode_image(vae, image: Image.Image, device) -> torch.Tensor:
-    pixels = to_tensor(image, device, vae.dtype)
-    latents = vae.encode(pixels).latent_dist.mean
-    return latents.float() * vae.config.scaling_factor
-
-
-VAE_NAN_NOTE = ("A tensor with NaNs or infinities was produced in the VAE decode at {dtype}; "
-                "decoded again in float32 (use --no-half-vae to always decode in float32)")
-
-
-@torch.no_grad()
-def decode_latents(vae, latents: torch.Tensor, control: JobControl | None = None) -> list[Image.Image]:
-    """Latents -> images. A half-precision decode that overflows (NaN/inf, which would be
-    saved as a black image) is done again in float32 and the job says so (control.notes)."""
-    samples = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
-    if vae.dtype != torch.float32 and not torch.isfinite(samples).all():
-        half = vae.dtype
-        vae.to(torch.float32)  # jobs run one at a time, so the shared module can switch dtype
-        try:
-            samples = vae.decode((latents / vae.config.scaling_factor).float()).sample
-        finally:
-            vae.to(half)
-        if control is not None:
-            control.note(VAE_NAN_NOTE.format(dtype=str(half).replace("torch.", "")))
-    return [to_image(s) for s in samples]
-
-
-def latent_mask(mask: Image.Image, latent_w: int, latent_h: int, device, soft: bool = False) -> torch.Tensor:
-    """The repaint mask at latent size, rounded to 0/1 (A1111 rounds the blurred mask); `soft`:
-    its grey values kept (soft inpainting: how much each latent pixel may change)."""
-    small = np.asarray(mask.resize((latent_w, latent_h), Image.BILINEAR), dtype=np.float32) / 255.0
-    return torch.from_numpy(small if soft else np.around(small))[None, None].to(device)
-
-
-def free_pixels(mask: torch.Tensor, step: int, steps: int, soft: bool) -> torch.Tensor:
-    """Where step `step` of `steps` may change the latents (1) or keeps the original's (0).
-    Soft inpainting (differential diffusion): a pixel of mask value m joins for the last share m of
-    the steps, so its change grows with m; a hard mask is the same at every step."""
-    return (mask >= 1 - step / steps).to(mask.dtype) if soft else mask
-
-
-def inpaint_conditioning(vae, plan: InpaintPlan | None, width: int, height: int, device) -> torch.Tensor:
-    """What a 9-channel inpainting U-Net sees besides the latents: the mask and the image with
-    the masked part grey. Without a mask (txt2img/img2img) everything counts as masked."""
-    if plan is None or plan.mask is None:
-        mask_image = Image.new("L", (width, height), 255)
-        source = Image.new("RGB", (width, height), (128, 128, 128))
-    else:
-        mask_image, source = plan.mask, plan.image
-    keep = (np.asarray(mask_image, dtype=np.float32) < 127.5)[..., None]
-    masked = Image.fromarray((np.asarray(source.convert("RGB"), dtype=np.float32) * keep
-                              + 127.5 * (1 - keep)).round().astype(np.uint8))
-    mask = latent_mask(mask_image, width // 8, height // 8, device)
-    return torch.cat([mask, encode_image(vae, masked, device)], dim=1)
 
 
 def img2img_timesteps(scheduler, steps: int, strength: float):
@@ -368,17 +282,6 @@ def sigma_at(scheduler, t) -> float | None:
         return None
     alpha = float(alphas[min(max(int(round(float(t))), 0), len(alphas) - 1)])
     return ((1 - alpha) / alpha) ** 0.5
-
-
-def finish_image(generated: Image.Image, plan: InpaintPlan | None) -> Image.Image:
-    if plan is None or plan.mask is None:
-        return generated
-    if plan.crop_box is not None:
-        x1, y1, x2, y2 = plan.crop_box
-        canvas = plan.original.copy()
-        canvas.paste(generated.resize((x2 - x1, y2 - y1), Image.LANCZOS), (x1, y1))
-        generated = canvas
-    return images.composite(generated, plan.original, plan.overlay_mask)
 
 
 def step_reporter(clock: ProgressClock, batch_index: int, offset: int | None = None) -> StepReporter:
