@@ -79,10 +79,10 @@ def inside(box: tuple[int, int, int, int], shape: tuple[int, int]) -> np.ndarray
 @pytest.fixture(scope="module")
 def face_models(models_dir, tmp_path_factory) -> Path:
     """A models folder with the tiny checkpoints and a tiny restorer in models/GFPGAN, beside
-    facexlib's detector weights as A1111 keeps them (not a restorer: left out of the list)."""
+    facexlib's parser weights as A1111 keeps them (not a restorer: left out of the list)."""
     root = tmp_path_factory.mktemp("face_models")
     write_tiny_restoreformer(root / "GFPGAN" / "RestoreFormer.safetensors")
-    (root / "GFPGAN" / "detection_Resnet50_Final.pth").write_bytes(b"not a restorer")
+    (root / "GFPGAN" / "parsing_parsenet.pth").write_bytes(b"not a restorer")  # no detector: the cascade looks
     return root
 
 
@@ -168,6 +168,7 @@ def test_a_picture_without_a_face_says_so(face_engine):
     result = face_engine.generate(req(restore_faces=True))  # the real detector: noise has no face
     assert "restore_faces: no face was found in the image" in result.warnings
     assert parse_infotext(result.infotexts[0])["Face restoration"] == "RestoreFormer"
+    assert any("Haar cascade finds frontal faces only" in w for w in result.warnings)  # which detector looked, said
 
 
 def test_no_restorer_or_an_unknown_one_is_a_clear_error(engine, face_engine):

@@ -220,3 +220,69 @@ def test_merge_tab_calls_the_engine_by_name():
     with pytest.raises(gr.Error, match="custom_name"):
         ui.merge_tab.merge(primary_model_name="sd15", secondary_model_name="sdxl", custom_name="a/b")
     assert len(engine.merges) == 1
+
+
+# --- pickled inputs (.ckpt / .pt) -------------------------------------------------------------------
+
+def write_pickles(folder, *, zip_format: bool = True):
+    """b as A1111's .ckpt (zip, under "state_dict"), c as an old-style (pre-zip) pickle, the VAE as .pt."""
+    b, c = inputs(folder.parent, "b", "c")
+    torch.save({"state_dict": b, "global_step": 7}, folder / "pb.ckpt")
+    torch.save(c, folder / "pc-old.ckpt", _use_new_zipfile_serialization=False)
+    vae, _ = tensors(folder.parent / "VAE" / "tiny-vae.safetensors")
+    torch.save(vae, folder.parent / "VAE" / "tiny-vae.pt")
+
+
+def test_ckpt_and_pt_inputs_merge_one_at_a_time_through_the_weights_only_reader(merge_engine, merge_models):
+    folder = merge_models / "Stable-diffusion"
+    write_pickles(folder)
+    seen = []
+    result = merge_engine.merge_checkpoints(
+        MergeRequest("a", "pb.ckpt", "pc-old.ckpt", interp_method="Add difference", multiplier=0.5, save_as_half=False,
+                     custom_name="from-pickles", bake_in_vae="tiny-vae.pt"), on_progress=seen.append)
+    merged, meta = tensors(result.path)
+    a, b, c = inputs(merge_models, "a", "b", "c")
+    vae, _ = tensors(merge_models / "VAE" / "tiny-vae.safetensors")
+    for key, value in merged.items():
+        if key.startswith("first_stage_model."):
+            assert torch.equal(value, vae[key[len("first_stage_model."):]].float()), key
+        elif a[key].is_floating_point():
+            assert torch.equal(value, a[key] + (b[key] - c[key]) * 0.5), key
+        else:
+            assert torch.equal(value, a[key]), key
+    assert sorted(result.warnings) == sorted(
+        f"{name} is a pickle, which cannot be streamed: it was read whole (weights only) and copied to a "
+        "temporary .safetensors first" for name in ("pb.ckpt", "pc-old.ckpt", "tiny-vae.pt"))
+    assert seen[-1].fraction == 1.0 and seen[-1].steps == len(a) + len(b) + len(c) + len(vae)  # copies counted
+    recipe = json.loads(meta["sd_merge_recipe"])
+    assert recipe["secondary_model_hash"] == sha256_file(folder / "pb.ckpt")
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # the temporary copies are gone
+    assert merge_engine.find_checkpoint("from-pickles") is not None
+
+
+class OpensAFile:
+    """Unpickled by a plain pickle load, this opens (creates) a file: code run from a checkpoint."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_a_pickle_with_code_and_a_diffusers_folder_are_refused_naming_the_field(merge_engine, merge_models,
+                                                                               tmp_path):
+    folder = merge_models / "Stable-diffusion"
+    marker = tmp_path / "code-ran"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "hook": OpensAFile(marker)}, folder / "evil.ckpt")
+    (folder / "pipeline").mkdir()
+    (folder / "pipeline" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    for fields, field, words in [
+        ({"primary_model_name": "a", "secondary_model_name": "evil.ckpt"}, "secondary_model_name", "evil.ckpt"),
+        ({"primary_model_name": "pipeline", "secondary_model_name": "a"}, "primary_model_name", "diffusers folder"),
+        ({"primary_model_name": "a", "secondary_model_name": "b", "tertiary_model_name": "pipeline",
+          "interp_method": "Add difference"}, "tertiary_model_name", "diffusers folder")]:
+        with pytest.raises(RequestError) as caught:
+            merge_engine.merge_checkpoints(MergeRequest(**fields))
+        assert caught.value.field == field and words in caught.value.message, caught.value
+    assert not marker.exists()  # weights_only refused it before anything ran, and nothing retried without

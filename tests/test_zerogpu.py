@@ -154,6 +154,31 @@ def test_duration_grows_with_steps_size_batch_and_hires():
     assert generation_seconds(weak) < generation_seconds(weak.replace(denoising_strength=0.9)) <= seconds
 
 
+def test_duration_counts_the_refiners_model_and_face_restoration():
+    base = GenerationRequest(steps=20, width=1024, height=1024, batch_size=2)
+    seconds = generation_seconds(base)
+    refined = generation_seconds(base.replace(refiner_checkpoint="refiner.safetensors", refiner_switch_at=0.8))
+    assert refined == pytest.approx(seconds + zerogpu.SECOND_MODEL_SECONDS)  # its steps are among the 20
+    assert generation_seconds(base.replace(refiner_checkpoint="refiner.safetensors",
+                                           refiner_switch_at=1.0)) == seconds  # never switched to: not loaded
+    hires = base.replace(enable_hr=True, hr_scale=1.5)
+    assert generation_seconds(hires.replace(hr_checkpoint_name="other.safetensors")) == pytest.approx(
+        generation_seconds(hires) + zerogpu.SECOND_MODEL_SECONDS)
+    both = hires.replace(hr_checkpoint_name="other.safetensors", refiner_checkpoint="refiner.safetensors")
+    assert generation_seconds(both) == pytest.approx(generation_seconds(hires) + 2 * zerogpu.SECOND_MODEL_SECONDS)
+    # face restoration: loading once, then every image of the job
+    faces = generation_seconds(base.replace(restore_faces=True)) - seconds
+    more = generation_seconds(base.replace(restore_faces=True, batch_count=3)) - generation_seconds(
+        base.replace(batch_count=3))
+    assert faces == pytest.approx(zerogpu.FACE_LOAD_SECONDS + 2 * zerogpu.FACE_SECONDS)
+    assert more == pytest.approx(zerogpu.FACE_LOAD_SECONDS + 6 * zerogpu.FACE_SECONDS)
+    image = Image.new("RGB", (512, 512))
+    extras = UpscaleRequest(image=image, scale=2)
+    both_restorers = UpscaleRequest(image=image, scale=2, gfpgan_visibility=1.0, codeformer_visibility=0.5)
+    assert zerogpu.upscale_seconds(both_restorers) == pytest.approx(
+        zerogpu.upscale_seconds(extras) + 2 * (zerogpu.FACE_LOAD_SECONDS + zerogpu.FACE_SECONDS))
+
+
 def test_duration_is_clamped_to_what_zero_gpu_grants():
     tiny = GenerationRequest(steps=1, width=64, height=64)
     huge = GenerationRequest(steps=150, width=2048, height=2048, batch_size=8)

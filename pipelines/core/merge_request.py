@@ -8,6 +8,9 @@ primary A, secondary B, tertiary C, `interp_method`, `multiplier` M, `save_as_ha
 - "Add difference":   A + (B - C) * M
 - "No interpolation": A as it is (to bake in a VAE or convert to fp16)
 
+Inputs are single-file checkpoints from the listing: `.safetensors` (streamed) or `.ckpt` pickles
+(read with weights only and copied to a temporary `.safetensors`, one at a time: a pickle cannot be
+streamed); a diffusers folder or a GGUF file is refused with a message naming its field.
 The result is a `.safetensors` file in the checkpoints folder, named `custom_name` (a plain
 file name, never a path) or after its inputs as A1111 names it; an existing file is replaced
 only with `overwrite`.

@@ -8,19 +8,21 @@ its architecture ("GFPGAN", "CodeFormer", "RestoreFormer": the names A1111 clien
 The facexlib detector/parser weights A1111 keeps in the same folders are not restorers and
 are left out of the list.
 
-Faces are found with OpenCV's Haar cascade for frontal faces, which ships inside the
-opencv-python-headless wheel: nothing is downloaded. Each face box is widened by a margin to
-a square, resized to the restorer's 512x512, restored, resized back and pasted with a
-feathered mask, so everything outside the widened boxes stays as it was.
+Faces are found by RetinaFace when facexlib's detector file is in those folders
+(`face_detect`: boxes and five landmarks), each warped onto the FFHQ template, restored and
+warped back (`face_align`). Without that file, OpenCV's Haar cascade for frontal faces (inside
+the opencv-python-headless wheel: nothing is downloaded) finds boxes; each box is widened by a
+margin to a square, resized to 512x512, restored, resized back. Either way the face is pasted
+with a feathered mask, so everything outside the face square stays as it was.
 
-No torch, spandrel or cv2 at import time: they load on first use.
+Spandrel and cv2 load on first use.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -30,15 +32,14 @@ import numpy as np
 from PIL import Image
 
 from pipelines.core.request import RequestError
-from pipelines.generate import upscalers
+from pipelines.generate import face_detect, upscalers
+from pipelines.generate.face_align import FACE_SIZE, Face, alignment, feather_mask, paste_aligned, warp_face
 
 log = logging.getLogger(__name__)
 
 FACE_KINDS = ("gfpgan", "codeformer")  # core.settings.MODEL_KINDS: models/GFPGAN, models/Codeformer
 NOT_RESTORERS = ("detection_", "parsing_")  # facexlib's weights, kept beside the restorers by A1111
-FACE_SIZE = 512  # what GFPGAN, CodeFormer and RestoreFormer were trained on
 MARGIN = 0.4  # each side of a detected face box grows by this fraction of the box
-FEATHER = 0.12  # the paste mask fades in over this fraction of the crop's side
 CASCADE = "haarcascade_frontalface_default.xml"
 
 
@@ -160,14 +161,6 @@ def crop_box(face: tuple[int, int, int, int], size: tuple[int, int]) -> tuple[in
     return left, top, left + side, top + side
 
 
-def feather_mask(side: int) -> Image.Image:
-    """An "L" mask of side x side: 255 inside, fading linearly to 0 over FEATHER of the side at the edges."""
-    ramp = max(1.0, side * FEATHER)
-    distance = np.minimum(np.arange(side), np.arange(side)[::-1]).astype(np.float32) + 0.5
-    edge = np.clip(distance / ramp, 0.0, 1.0)
-    return Image.fromarray((np.minimum.outer(edge, edge) * 255).round().astype(np.uint8), "L")
-
-
 def paste_face(image: Image.Image, restored: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
     """`restored` (any size) resized into the square `box` of `image` through a feathered mask."""
     left, top, right, _ = box
@@ -200,19 +193,35 @@ def run_model(model, face: Image.Image, code_former_weight: float) -> Image.Imag
     return Image.fromarray((out * 255).round().astype(np.uint8), "RGB")
 
 
-def restore(image: Image.Image, model, code_former_weight: float = 0.5,
-            faces: list[tuple[int, int, int, int]] | None = None) -> tuple[Image.Image, int]:
-    """Every face of `image` restored and pasted back: (new image, faces restored).
-    `faces`: boxes as (left, top, width, height); None: detect them."""
-    faces = detect_faces(image) if faces is None else faces
+def restore_each(image: Image.Image, faces: list[Face], restore_one: Callable[[Image.Image], Image.Image]
+                 ) -> Image.Image:
+    """Each face through `restore_one` (a FACE_SIZE RGB square in, a square out) and pasted back:
+    aligned on the FFHQ template when the face has landmarks, else its widened box."""
     out = image
     for face in faces:
-        box = crop_box(face, image.size)
-        crop = out.crop(box).convert("RGB").resize((FACE_SIZE, FACE_SIZE), Image.Resampling.LANCZOS)
-        out = paste_face(out, run_model(model, crop, code_former_weight), box)
+        if face.landmarks is not None:
+            matrix = alignment(face.landmarks)
+            out = paste_aligned(out, restore_one(warp_face(out, matrix)), matrix)
+        else:
+            box = crop_box(face.box, image.size)
+            crop = out.crop(box).convert("RGB").resize((FACE_SIZE, FACE_SIZE), Image.Resampling.LANCZOS)
+            out = paste_face(out, restore_one(crop), box)
     if faces and out is not image:
         out.info = dict(image.info)
-    return out, len(faces)
+    return out
+
+
+def as_faces(found: Iterable[Face | tuple]) -> list[Face]:
+    """Faces, with plain (left, top, width, height) boxes (the Haar cascade's) taken as landmark-less faces."""
+    return [f if isinstance(f, Face) else Face(tuple(f)) for f in found]
+
+
+def restore(image: Image.Image, model, code_former_weight: float = 0.5,
+            faces: list[Face | tuple[int, int, int, int]] | None = None) -> tuple[Image.Image, int]:
+    """Every face of `image` restored and pasted back: (new image, faces restored).
+    `faces`: Faces or (left, top, width, height) boxes; None: the Haar cascade finds them."""
+    faces = as_faces(detect_faces(image) if faces is None else faces)
+    return restore_each(image, faces, lambda crop: run_model(model, crop, code_former_weight)), len(faces)
 
 
 class FaceRestoration:
@@ -222,6 +231,7 @@ class FaceRestoration:
         self.registry = registry
         self.folders = {kind: Path(folders[kind]) for kind in FACE_KINDS}  # of every model kind: the face ones
         self.models = upscalers.UpscalerModels(device, capacity=1, loader=load_face_model)
+        self.detectors = upscalers.UpscalerModels(device, capacity=1, loader=face_detect.load_retinaface)
 
     def restorers(self, refresh: bool = False) -> list[FaceRestorer]:
         files = [(kind, f) for kind in FACE_KINDS for f in self.registry.list(kind, refresh)]
@@ -272,10 +282,42 @@ class FaceRestoration:
             image = Image.blend(image.convert("RGB"), restored, visibility) if visibility < 1 else restored
         return image
 
+    def detector_file(self) -> Path | None:
+        """facexlib's RetinaFace file in the face folders, ResNet-50 before MobileNet-0.25; None: none there."""
+        found = {Path(f.path).name.casefold(): Path(f.path) for kind in FACE_KINDS for f in self.registry.list(kind)}
+        return next((found[layout.file.casefold()] for layout in face_detect.LAYOUTS
+                     if layout.file.casefold() in found), None)
+
+    def find_faces(self, image: Image.Image, warnings: list[str] | None = None) -> list[Face]:
+        """The faces of `image`: RetinaFace's (with landmarks) when its file is there and reads,
+        else the Haar cascade's boxes. `warnings` hears of the detector when it matters: a detector
+        file that cannot be used, or the cascade (frontal faces only) finding nothing."""
+        path = self.detector_file()
+        if path is not None:
+            try:
+                return face_detect.detect(self.detectors.get(path), image)
+            except face_detect.DetectorLoadError as exc:
+                log.warning("face detector left out: %s", exc)
+                note(warnings, f"restore_faces: {exc}; OpenCV's Haar cascade looked for faces instead")
+        faces = as_faces(detect_faces(image))
+        if not faces and path is None:
+            note(warnings, "restore_faces: OpenCV's Haar cascade finds frontal faces only; with facexlib's "
+                           f"{face_detect.RESNET50.file} in {self.folders['gfpgan']}, RetinaFace looks instead")
+        return faces
+
     def restore(self, image: Image.Image, restorer: FaceRestorer, code_former_weight: float = 0.5,
-                faces: list[tuple[int, int, int, int]] | None = None) -> tuple[Image.Image, int]:
+                faces: list[Face | tuple[int, int, int, int]] | None = None,
+                warnings: list[str] | None = None) -> tuple[Image.Image, int]:
+        """Every face of `image` restored (None: found by `find_faces`): (new image, faces restored)."""
         try:
             model = self.models.get(restorer.path)
         except upscalers.UpscalerLoadError as exc:
             raise RequestError("face_restorer", str(exc)) from None
+        faces = as_faces(self.find_faces(image, warnings) if faces is None else faces)
         return restore(image, model, code_former_weight, faces)
+
+
+def note(warnings: list[str] | None, message: str) -> None:
+    """Add a warning once (a job restores faces in every image of its batch)."""
+    if warnings is not None and message not in warnings:
+        warnings.append(message)

@@ -372,7 +372,7 @@ class Generator:
         extra["Face restoration"] = restorer.name
 
         def restore(image, warnings: list) -> Any:
-            restored, found = self.faces.restore(image, restorer, request.code_former_weight)
+            restored, found = self.faces.restore(image, restorer, request.code_former_weight, warnings=warnings)
             if not found and "restore_faces: no face was found in the image" not in warnings:
                 warnings.append("restore_faces: no face was found in the image")
             return restored

@@ -11,14 +11,18 @@ per job, and keeps its queue, checks and extension hooks in the main process.
 Duration (seconds) asked for one job, clamped to [MIN_SECONDS, MAX_SECONDS]:
 
     OVERHEAD_SECONDS                                          model to the GPU, text encoders, VAE
+    + SECOND_MODEL_SECONDS × other checkpoints                 the refiner, hires fix's checkpoint
     + images × STEP_SECONDS × Σ over passes (steps × megapixels)
     + images × UPSCALE_SECONDS × upscaled megapixels           hires upscaler, Extras, SD upscale
+    + FACE_LOAD_SECONDS + images × FACE_SECONDS                restore_faces (Extras: per restorer)
 
 where images = batch size × batch count, an img2img pass runs steps × denoising strength steps
 (as diffusers does), hires fix adds its second pass at the hires size, and SD upscale runs one
-img2img pass per tile. STEP_SECONDS is SDXL's cost per UNet step (CFG doubles the batch) on a
-ZeroGPU slice with a margin; SD 1.x is faster, so the estimate errs long, which costs queue
-priority but not an aborted job.
+img2img pass per tile. The refiner's steps are the last (1 - refiner_switch_at) of each pass's
+steps, already counted there (its U-Net costs about what the base's does); what it adds is a
+second model moved to the GPU and its own prompt encoding. STEP_SECONDS is SDXL's cost per UNet
+step (CFG doubles the batch) on a ZeroGPU slice with a margin; SD 1.x is faster, so the estimate
+errs long, which costs queue priority but not an aborted job.
 
 Elsewhere (no `spaces` package, or not on ZeroGPU) `lend` returns the function unchanged and
 `spaces` is never imported. Nothing here imports torch or gradio (`spaces` itself imports gradio,
@@ -38,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from pipelines.core.hosted_limits import ZeroGPUError
-from pipelines.core.request import GenerationRequest, UpscaleRequest, scaled_size
+from pipelines.core.request import HR_SAME_CHECKPOINT, GenerationRequest, UpscaleRequest, scaled_size
 from pipelines.hosting.space import on_zero_gpu
 
 log = logging.getLogger(__name__)
@@ -48,6 +52,9 @@ MAX_SECONDS = 120  # longer asks are refused for most visitors ("illegal duratio
 OVERHEAD_SECONDS = 10.0
 STEP_SECONDS = 0.25  # one UNet step on one megapixel of one image
 UPSCALE_SECONDS = 2.0  # one megapixel of output of a neural upscaler (ESRGAN & co.)
+SECOND_MODEL_SECONDS = 6.0  # another checkpoint to the GPU (an SDXL refiner is ~4.5 GB in fp16) and its prompts
+FACE_LOAD_SECONDS = 3.0  # the face detector and restorer to the GPU, once per job
+FACE_SECONDS = 1.0  # detecting, aligning and restoring the faces of one image (a few 512x512 passes)
 MEGAPIXEL = 1_000_000
 
 
@@ -103,7 +110,30 @@ def generation_seconds(request: GenerationRequest, native_resolution: int = 512)
         step_work += hr_steps * _megapixels(hr_width, hr_height)
         upscaled = _megapixels(hr_width, hr_height)
     images = request.batch_size * request.batch_count
-    return OVERHEAD_SECONDS + images * (STEP_SECONDS * step_work + UPSCALE_SECONDS * upscaled)
+    return (OVERHEAD_SECONDS + SECOND_MODEL_SECONDS * other_checkpoints(request) + face_seconds(request, images)
+            + images * (STEP_SECONDS * step_work + UPSCALE_SECONDS * upscaled))
+
+
+def other_checkpoints(request: GenerationRequest) -> int:
+    """How many checkpoints besides the job's own run: a refiner that takes over before the end,
+    hires fix's own checkpoint (one, when it is the refiner too). A name that turns out to be the
+    job's own checkpoint still counts: names are matched to files by the registry, not here,
+    and the estimate may err long."""
+    names = set()
+    if request.refiner_checkpoint and request.refiner_switch_at < 1:
+        names.add(request.refiner_checkpoint)
+    if request.enable_hr and request.hr_checkpoint_name not in (None, HR_SAME_CHECKPOINT):
+        names.add(request.hr_checkpoint_name)
+    return len(names)
+
+
+def face_seconds(request: GenerationRequest | UpscaleRequest, images: int) -> float:
+    """Face restoration's share: the models to the GPU once per restorer, then a per-image cost."""
+    if isinstance(request, UpscaleRequest):
+        restorers = (request.gfpgan_visibility > 0) + (request.codeformer_visibility > 0)
+    else:
+        restorers = int(bool(request.restore_faces))
+    return restorers * (FACE_LOAD_SECONDS + images * FACE_SECONDS)
 
 
 def upscale_seconds(request: UpscaleRequest) -> float:
@@ -115,7 +145,8 @@ def upscale_seconds(request: UpscaleRequest) -> float:
             output += _megapixels(request.target_width, request.target_height)
         else:
             output += _megapixels(image.width, image.height) * request.scale ** 2
-    return OVERHEAD_SECONDS + passes * UPSCALE_SECONDS * output
+    return (OVERHEAD_SECONDS + passes * UPSCALE_SECONDS * output
+            + face_seconds(request, len(request.all_images)))
 
 
 def _tiles(length: int, tile: int, overlap: int) -> int:
@@ -133,7 +164,8 @@ def sd_upscale_seconds(request: GenerationRequest, scale: float, overlap: int,
     tiles = _tiles(width, tile_w, overlap) * _tiles(height, tile_h, overlap)
     step_work = tiles * _img2img_steps(request.steps, request.denoising_strength) * _megapixels(tile_w, tile_h)
     images = request.batch_size * request.batch_count
-    return OVERHEAD_SECONDS + UPSCALE_SECONDS * _megapixels(width, height) + images * STEP_SECONDS * step_work
+    return (OVERHEAD_SECONDS + UPSCALE_SECONDS * _megapixels(width, height) + images * STEP_SECONDS * step_work
+            + face_seconds(request, images))
 
 
 # --- lending the GPU -------------------------------------------------------------------------------
