@@ -139,7 +139,9 @@ class ScriptContext:
     extension_id: str
     generate: Callable[..., GenerationResult]  # generate(request, on_progress=None) inside this job
     save: Callable[[Image.Image, str], str]  # save(grid, infotext) -> path ("" when not saved)
-    report_progress: Callable[[int, int], None]  # report_progress(done_cells, total_cells)
+    # report_progress(done_cells, total_cells); call (0, total) before the first cell so the job's
+    # progress (step k of cell i of n, ETA) counts every cell from the start
+    report_progress: Callable[[int, int], None]
     is_interrupted: Callable[[], bool]
     warnings: list[str] = field(default_factory=list)  # shown to the user with the result
 

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
-from pipelines.core.progress import Progress
-
 from . import api
+from .script_progress import ScriptProgress
 
 if TYPE_CHECKING:  # annotations only: the manager imports this module
     from .manager import Extension, ExtensionManager
@@ -130,14 +129,18 @@ class JobHooks:
         if chosen is None:
             return None
         ext, script = chosen
+        progress = ScriptProgress(on_progress)  # the cells' steps as one job's: cell i of n, ETA
 
-        def report(done: int, total: int) -> None:
-            if on_progress is not None:
-                on_progress(Progress(step=done, steps=max(total, 1), batch_index=0, batch_count=1,
-                                     elapsed=0.0, eta=None))
+        def generate_cell(cell: api.GenerationRequest, on_progress: Callable | None = None) -> api.GenerationResult:
+            def heard(report: Any) -> None:
+                progress.cell_step(report)
+                if on_progress is not None:  # the script's own listener, if it passed one
+                    on_progress(report)
+
+            return generate(cell, on_progress=heard)
 
         ctx = api.ScriptContext(request=request, args=self._args(request, ext), extension_id=ext.id,
-                                generate=generate, save=save, report_progress=report,
+                                generate=generate_cell, save=save, report_progress=progress.cells,
                                 is_interrupted=lambda: bool(control is not None and control.interrupted))
         try:
             result = script["run"](ctx)

@@ -60,6 +60,21 @@ BASE_CSS = """
 .sdui-gallery .thumbnail-lg { width: min(100%, {thumb}px); height: auto; }
 /* a failed job leaves the images the user had in sight (the toast says what failed) */
 .sdui-gallery [data-testid=status-tracker]:has(> .error) { display: none; }
+/* a slider's label keeps its words on one line: where label and number box do not fit side by
+   side, the box moves under the label (instead of the label wrapping a word per line) */
+.head:has(+ .slider_input_container) > label { flex: 1 0 auto; max-width: 100%; }
+.head:has(+ .slider_input_container) > .tab-like-container { margin-left: auto; }
+/* a narrow slider's track gives way, so its max value stays in sight (Outpainting's four sliders) */
+.slider_input_container input[type=range] { min-width: 0; }
+/* "Clip skip" and its box side by side in the header */
+#clip_skip { min-width: min(230px, 100%) !important; }
+/* tables: columns share the width (column_widths), long names and paths wrap inside them */
+#checkpoints_table td, #extensions_table td { overflow-wrap: anywhere; }
+/* ...but on a phone they would be squeezed a letter wide: there the table keeps a readable
+   width and scrolls sideways inside its box */
+@media (max-width: 1100px) {
+  #checkpoints_table .table-wrap, #extensions_table .table-wrap { min-width: 1200px; }
+}
 """
 # the page's script: tooltips on the tool buttons, A1111's Ctrl+Enter (Generate) and Escape
 # (Interrupt the running job), typed values that snap to their slider's step, and a mask
@@ -213,7 +228,7 @@ class WebUI:
                     with gr.Tab(TAB_LABELS[mode], id=mode, elem_id=f"tab_{mode}") as tabs[mode]:
                         self.generation.build(mode, initial)
                 with gr.Tab("Upscale", id="upscale", elem_id="tab_upscale") as tabs["upscale"]:
-                    self.upscale_tab.build()
+                    self.upscale_tab.build(initial)
                 with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo") as tabs["pnginfo"]:
                     pnginfo.build(self, tab_switcher)  # after the tabs its "Send to" buttons fill
                 with gr.Tab("Checkpoints", id="checkpoints", elem_id="tab_checkpoints") as tabs["checkpoints"]:
@@ -243,7 +258,8 @@ class WebUI:
             pnginfo.wire_gallery_sends(self, tab_switcher, parts["send"], parts["gallery"], parts["last"])
 
     def _wire_tab_selection(self, tabs: dict[str, gr.Tab]) -> None:
-        """Each tab says it is on screen; a generation tab also catches up with the checkpoint's size."""
+        """Each tab says it is on screen; a generation tab also catches up with the checkpoint's size,
+        the Upscale tab its SD upscale tiles."""
         current_tab = self.components["current_tab"]
         for mode, tab in tabs.items():
             if mode in GENERATION_MODES:
@@ -251,6 +267,11 @@ class WebUI:
                            inputs_kwargs={"checkpoint": self.components["checkpoint"],
                                           "sized_for": self.components[mode]["sized_for"]},
                            outputs=[current_tab, *self.generation.sizing_components(mode)], **QUIET)
+            elif mode == "upscale":
+                tab.select(self.select_upscale_tab,
+                           inputs_kwargs={"checkpoint": self.components["checkpoint"],
+                                          "sized_for": self.components["upscale"]["sized_for"]},
+                           outputs=[current_tab, *self.upscale_tab.sizing_components()], **QUIET)
             else:
                 tab.select(constant(mode), outputs=current_tab, **QUIET)
 
@@ -282,6 +303,9 @@ class WebUI:
 
     def tab_select_handler(self, mode: str) -> Callable[..., dict]:
         return self.generation.tab_select_handler(mode)
+
+    def select_upscale_tab(self, checkpoint: str | None = None, sized_for: str | None = None) -> dict:
+        return {self.components["current_tab"]: "upscale", **self.upscale_tab.resize(checkpoint, sized_for)}
 
     def upscale(self, request: gr.Request = None, progress=gr.Progress(), **fields) -> tuple:
         return self.upscale_tab.upscale(request, progress, **fields)

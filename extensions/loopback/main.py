@@ -94,6 +94,7 @@ def run(ctx: ScriptContext) -> GenerationResult:
     loops, batches = args["loops"], request.batch_count
     result = GenerationResult(request=request)
     shown, seed, done = [], request.seed, 0
+    ctx.report_progress(0, loops * batches)  # the job's progress counts every loop from the start
     for _ in range(batches):
         image, fill = request.init_image, request.inpainting_fill
         last = None

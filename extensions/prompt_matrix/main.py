@@ -63,6 +63,7 @@ def run(ctx: ScriptContext) -> GenerationResult:
         raise RequestError(f"extension_args.{ID}", f"at most {MAX_PARTS} optional parts ({2 ** MAX_PARTS} images)")
     result = GenerationResult(request=request)
     firsts = []
+    ctx.report_progress(0, len(prompts))  # the job's progress counts every prompt from the start
     for i, prompt in enumerate(prompts):
         if ctx.is_interrupted():
             result.interrupted = True

@@ -174,6 +174,7 @@ def plan(request: GenerationRequest, args: dict) -> list[GenerationRequest]:
 def run(ctx: ScriptContext) -> GenerationResult:
     cells = plan(ctx.request, read_args(ctx.args))
     result = GenerationResult(request=ctx.request)
+    ctx.report_progress(0, len(cells))  # the job's progress counts every line from the start
     for done, cell in enumerate(cells, 1):
         if ctx.is_interrupted():
             result.interrupted = True

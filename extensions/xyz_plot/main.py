@@ -81,6 +81,7 @@ def run(ctx: ScriptContext) -> GenerationResult:
     result = GenerationResult(request=ctx.request)
     firsts: dict = {}
     done = 0
+    ctx.report_progress(0, len(cells))  # the job's progress counts every cell from the start
     for key, cell in cells.items():
         if ctx.is_interrupted():
             result.interrupted = True

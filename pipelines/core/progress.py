@@ -19,6 +19,7 @@ class Progress:
     eta: float | None  # seconds left for the whole job, None until one step is timed
     # a rough picture of the current latents, made only when someone asks (API /progress)
     preview: Callable[[], Any] | None = field(default=None, compare=False, repr=False)
+    unit: str = "Batch"  # what a "batch" is to the user: a script's grid counts "Cell"s
 
     @property
     def fraction(self) -> float:
@@ -28,7 +29,7 @@ class Progress:
     def describe(self) -> str:
         text = f"Step {self.step}/{self.steps}"
         if self.batch_count > 1:
-            text = f"Batch {self.batch_index + 1}/{self.batch_count}, {text}"
+            text = f"{self.unit} {self.batch_index + 1}/{self.batch_count}, {text}"
         if self.eta is not None:
             text += f", ETA {self.eta:.0f}s"
         return text
@@ -47,7 +48,8 @@ class ProgressClock:
     resumes there), counted as finished so the ETA covers only what is left."""
 
     def __init__(self, steps_per_batch: int, batch_count: int, on_progress: ProgressCallback | None,
-                 *, first_batch: int = 0):
+                 *, first_batch: int = 0, unit: str = "Batch"):
+        self.unit = unit
         self.steps_per_batch = max(int(steps_per_batch), 1)
         self.batch_count = batch_count
         self.on_progress = on_progress
@@ -68,7 +70,7 @@ class ProgressClock:
         remaining = max(self.steps_per_batch * self.batch_count - self.done, 0)
         progress = Progress(step=min(step, self.steps_per_batch), steps=self.steps_per_batch,
                             batch_index=batch_index, batch_count=self.batch_count, elapsed=elapsed,
-                            eta=elapsed / self.done * remaining, preview=preview)
+                            eta=elapsed / self.done * remaining, preview=preview, unit=self.unit)
         if self.on_progress:
             self.on_progress(progress)
         return progress

@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 HEADERS = ["Name", "Family", "Resolution", "Prediction", "Size", "Short hash", "Modified",
            "Title", "Author", "License", "Trigger words"]
+# shares of the table's width: long names and titles wrap inside their column instead of
+# pushing the table past the page (Gradio sizes columns to their longest cell otherwise)
+COLUMN_WIDTHS = ["14%", "7%", "9%", "9%", "7%", "9%", "9%", "11%", "8%", "7%", "10%"]
 SORTS = ["Name", "Newest first"]
 # dropdown label -> what set_prediction_type takes (None: what the file says)
 PREDICTIONS = {"Automatic": None, "epsilon": EPSILON, "v-prediction": V_PREDICTION}
@@ -120,8 +123,17 @@ class CheckpointsTab:
         rows = [checkpoint_row(i) for i in filter_and_sort(infos, query, sort)]
         return rows or None, gr.update(choices=names, value=value), gr.update(choices=names), self.loaded_text()
 
-    def show(self, query: str | None = "", sort: str | None = None):
-        return self.rows(query, sort) or None, self.loaded_text(), self.memory()
+    def show(self, query: str | None = "", sort: str | None = None, current: str | None = None,
+             chosen: str | None = None):
+        """The tab comes on screen: fresh rows, and the session's checkpoint (the header's) in
+        the dropdown unless the user picked one here."""
+        return (self.rows(query, sort) or None, self.loaded_text(), self.memory(),
+                gr.update() if chosen else gr.update(value=self.preselected(current)))
+
+    def preselected(self, current: str | None = None) -> str | None:
+        """What the dropdown shows before the user picks: `current` when listed, else the default."""
+        names = [i.name for i in self.infos()]
+        return current if current in names else self.default_checkpoint(names)
 
     def filter(self, query: str | None = "", sort: str | None = None):
         return self.rows(query, sort) or None
@@ -209,7 +221,7 @@ class CheckpointsTab:
             search = gr.Textbox(label="Search by name", elem_id="checkpoints_search", scale=2)
             sort = gr.Radio(SORTS, value="Name", label="Sort", elem_id="checkpoints_sort", scale=1)
         with gr.Row():
-            choice = gr.Dropdown(choices=[i.name for i in self.infos()], value=None, label="Checkpoint",
+            choice = gr.Dropdown(choices=[i.name for i in self.infos()], value=self.preselected(), label="Checkpoint",
                                  elem_id="checkpoints_choice", scale=3)
             load = gr.Button("Load", variant="primary", elem_id="checkpoints_load", scale=0, min_width=100)
             unload = gr.Button("Unload", elem_id="checkpoints_unload", scale=0, min_width=100)
@@ -218,7 +230,8 @@ class CheckpointsTab:
                                      elem_id="checkpoints_prediction", scale=1)
         memory = gr.Markdown(self.memory(), elem_id="checkpoints_memory")
         table = gr.Dataframe(value=rows or None, headers=HEADERS, interactive=False, datatype="str",
-                             elem_id="checkpoints_table", wrap=False, column_count=len(HEADERS))
+                             elem_id="checkpoints_table", wrap=True, column_count=len(HEADERS),
+                             column_widths=COLUMN_WIDTHS)
         status = gr.Markdown("Select a row or pick a name, then **Load**.", elem_id="checkpoints_status")
         self.components.update(refresh=refresh, search=search, sort=sort, choice=choice, load=load,
                                unload=unload, hash=hash_button, prediction=prediction, memory=memory,
@@ -237,4 +250,5 @@ class CheckpointsTab:
                           api_visibility="undocumented")
         prediction.input(self.set_prediction, inputs_kwargs={"name": choice, "choice": prediction, **view},
                          outputs=[table, status], api_visibility="undocumented")
-        tab.select(self.show, inputs_kwargs=view, outputs=[table, loaded, memory], **QUIET)
+        tab.select(self.show, inputs_kwargs={**view, "current": checkpoint, "chosen": choice},
+                   outputs=[table, loaded, memory, choice], **QUIET)

@@ -26,6 +26,9 @@ from webui.common import QUIET, Page
 log = logging.getLogger(__name__)
 
 HEADERS = ("ID", "Name", "Version", "API", "Status", "Details", "Folder")
+# shares of the table's width: long text wraps inside its column instead of pushing the
+# table past the page (Gradio sizes columns to their longest cell otherwise)
+COLUMN_WIDTHS = ["11%", "13%", "7%", "6%", "8%", "35%", "20%"]
 NEEDS_RESTART = ("Hooks follow at once; UI sections, tabs and API routes of a newly enabled extension appear "
                  "after a restart.")
 
@@ -102,7 +105,8 @@ def notify_failures(manager: Any) -> None:
 def build_extensions_tab(ui: Page, manager: Any) -> None:
     gr.Markdown(f"Extension API **{API_VERSION}**. {NEEDS_RESTART}", elem_id="extensions_intro")
     table = gr.Dataframe(value=rows(manager) or None, headers=list(HEADERS), interactive=False, datatype="str",
-                         wrap=True, column_count=len(HEADERS), elem_id="extensions_table")
+                         wrap=True, column_count=len(HEADERS), column_widths=COLUMN_WIDTHS,
+                         elem_id="extensions_table")
     ids = [e["id"] for e in manager.list()]
     with gr.Row():
         choice = gr.Dropdown(ids, value=None, label="Extension", elem_id="extensions_choice", scale=3)

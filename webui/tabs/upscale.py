@@ -5,6 +5,11 @@
 engine by name, like the generation tabs: component names are `UpscaleRequest` fields, plus
 the UI-only `source` (which sub-tab: one image, several files, a folder), `batch_files`,
 `batch_folder` and `upscale_mode`, translated here and in `webui.convert`.
+
+SD upscale's tiles start at the checkpoint's native size and follow the session's checkpoint
+as the generation tabs' sizes do (`sized_for`: Gradio drops updates to a tab not on screen, so
+the tab catches up when selected). An image dropped in with generation parameters starts the
+SD upscale prompt from its own, unless the user has written one.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 
+from pipelines.core.metadata_read import read_image_metadata
 from pipelines.core.request import GenerationRequest, RequestError, UpscaleRequest
 from webui import convert
 from webui.common import (
@@ -26,6 +32,7 @@ from webui.common import (
     Page,
     engine_choices,
     gallery_items,
+    native_size,
     output_gallery,
     pick,
     request_error,
@@ -41,6 +48,7 @@ log = logging.getLogger(__name__)
 SOURCES = ("Single image", "Batch", "Batch from folder")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 SD_UPSCALE_SAMPLER = "Euler a"  # what the SD upscale accordion starts with
+TILE_OVERLAP_SHARE = 64 / 512  # A1111's SD upscale: 64 px shared by its 512 px tiles
 # What an SD upscale request takes from the accordion (the rest are its own settings).
 SD_UPSCALE_FIELDS = ("prompt", "negative_prompt", "steps", "sampler", "denoising_strength", "cfg_scale",
                      "seed", "width", "height")
@@ -56,7 +64,8 @@ class UpscaleTab:
         self.ui = ui
         self.engine = ui.engine
 
-    def build(self) -> None:
+    def build(self, sized_for: str | None = None) -> None:
+        """The tab's components and events; SD upscale's tiles native to checkpoint `sized_for`."""
         ui = self.ui
         names = [n for n in engine_choices(self.engine.upscaler_names, "upscaler names") if n != "None"]
         fields: dict[str, Any] = {}
@@ -102,16 +111,18 @@ class UpscaleTab:
                 with gr.Row():
                     button = gr.Button("Upscale", variant="primary", elem_id="upscale_button", scale=3)
                     interrupt = gr.Button("Interrupt", elem_id="upscale_interrupt", scale=1)
-                sd_fields, sd_button = self._sd_upscale_options(names)
+                sd_fields, sd_button = self._sd_upscale_options(names, native_size(self.engine, sized_for))
             with gr.Column():
                 gallery = output_gallery("upscale_gallery", 1)
                 send = pnginfo.send_buttons("upscale")  # wired by the app once every tab is built
                 info = gr.Textbox(label="Info", lines=2, interactive=False, elem_id="upscale_info")
         last = gr.State(None)  # {"selected": i}: the image "Send to" takes
         gallery.select(select_image, outputs=last, **QUIET)
+        sized_for = gr.State(sized_for)  # the checkpoint the tiles were sized for
+        prompted = gr.State(None)  # {"prompt": ..., "negative_prompt": ...} the last image put in
         ui.fields["upscale"] = fields
         ui.components["upscale"] = dict(button=button, gallery=gallery, info=info, interrupt=interrupt,
-                                        send=send, last=last)
+                                        send=send, last=last, sized_for=sized_for, prompted=prompted)
         fields["source"].change(
             lambda chosen: tuple(gr.update(visible=chosen == name) for name in SOURCES),
             inputs=fields["source"], outputs=[fields["image"], fields["batch_files"], fields["batch_folder"]],
@@ -127,10 +138,36 @@ class UpscaleTab:
                         concurrency_id=QUEUED_GROUP, concurrency_limit=ui.runner.capacity(), api_name="sd_upscale")
         ui.fields["sd_upscale"] = sd_inputs
         interrupt.click(ui.runner.interrupt, concurrency_id=CONTROL_GROUP, concurrency_limit=None, **QUIET)
+        prompts = [sd_fields["prompt"], sd_fields["negative_prompt"]]
+        fields["image"].change(prompt_from_image, inputs=[fields["image"], *prompts, prompted],
+                               outputs=[*prompts, prompted], queue=False, **QUIET)
+        # a checkpoint picked while this tab is on screen resizes the tiles now (else on selection)
+        checkpoint = ui.components["checkpoint"]
+        checkpoint.input(self.on_checkpoint_pick, inputs_kwargs={
+            "checkpoint": checkpoint, "sized_for": sized_for, "current_tab": ui.components["current_tab"]},
+            outputs=self.sizing_components(), queue=False, **QUIET)
 
-    def _sd_upscale_options(self, names: list[str]) -> tuple[dict[str, Any], gr.Button]:
+    # --- tiles follow the checkpoint ----------------------------------------------------------
+    def sizing_components(self) -> list:
+        sd = self.ui.fields["sd_upscale"]
+        return [sd["width"], sd["height"], sd["sd_overlap"], self.ui.components["upscale"]["sized_for"]]
+
+    def resize(self, checkpoint: str | None, sized_for: str | None = None) -> dict:
+        """{component: value} setting the tiles (and their overlap) to the checkpoint's native
+        size, if not yet."""
+        if not checkpoint or checkpoint == sized_for:
+            return {}
+        native = native_size(self.engine, checkpoint)
+        width, height, overlap, state = self.sizing_components()
+        return {width: native, height: native, overlap: tile_overlap(native), state: checkpoint}
+
+    def on_checkpoint_pick(self, checkpoint: str | None = None, sized_for: str | None = None,
+                           current_tab: str | None = None) -> dict:
+        return self.resize(checkpoint, sized_for) if current_tab == "upscale" else {}
+
+    def _sd_upscale_options(self, names: list[str], native: int) -> tuple[dict[str, Any], gr.Button]:
         """An accordion under the upscale controls: img2img the upscaled image tile by tile with the
-        header's checkpoint (A1111's "SD upscale" script)."""
+        header's checkpoint (A1111's "SD upscale" script), in tiles of `native` pixels to start with."""
         samplers = engine_choices(self.engine.sampler_names, "sampler names")
         fields: dict[str, Any] = {}
         with gr.Accordion("SD upscale (upscale, then img2img tile by tile)", open=False, elem_id="sd_upscale"):
@@ -142,12 +179,13 @@ class UpscaleTab:
                                                     elem_id="sd_upscale_upscaler")
                 fields["sd_scale"] = gr.Slider(1, 4, value=2, step=0.05, label="Scale by",
                                                elem_id="sd_upscale_scale")
-                fields["sd_overlap"] = gr.Slider(0, 256, value=64, step=8, label="Tile overlap",
+                fields["sd_overlap"] = gr.Slider(0, 256, value=tile_overlap(native), step=8, label="Tile overlap",
                                                  elem_id="sd_upscale_overlap")
             with gr.Row():
-                fields["width"] = slider("width", value=512, step=8, label="Tile width", elem_id="sd_upscale_width")
-                fields["height"] = slider("height", value=512, step=8, label="Tile height",
-                                          elem_id="sd_upscale_height")
+                fields["width"] = slider("width", value=native, step=8, label="Tile width",
+                                         elem_id="sd_upscale_width", elem_classes="sdui-snap")
+                fields["height"] = slider("height", value=native, step=8, label="Tile height",
+                                          elem_id="sd_upscale_height", elem_classes="sdui-snap")
             with gr.Row():
                 fields["sampler"] = gr.Dropdown(samplers, value=pick(SD_UPSCALE_SAMPLER, samplers),
                                                 label="Sampling method", elem_id="sd_upscale_sampler")
@@ -205,6 +243,36 @@ class UpscaleTab:
         show_notices(result)
         infotexts = list(result.infotexts or [])
         return gallery_items(result), (infotexts[0] if infotexts else "")
+
+
+def tile_overlap(tile: int) -> int:
+    """SD upscale's overlap for tiles of `tile` px: A1111's share of its tile, on the slider's step of 8."""
+    return max(8, int(round(tile * TILE_OVERLAP_SHARE / 8)) * 8)
+
+
+def prompt_from_image(image: Image.Image | None = None, prompt: str | None = "", negative_prompt: str | None = "",
+                      prompted: dict | None = None) -> tuple:
+    """An image put into the tab: its own prompts (A1111, ComfyUI, ... parameters saved in it)
+    go into SD upscale's boxes where the box is empty or still holds the previous image's;
+    what the user wrote stays. Returns (prompt, negative prompt, what this image put in)."""
+    found = image_prompts(image)
+    if found is None:
+        return gr.update(), gr.update(), prompted
+    before = prompted or {}
+    boxes = {"prompt": prompt or "", "negative_prompt": negative_prompt or ""}
+    kept = {name: not (text.strip() == "" or text == before.get(name)) for name, text in boxes.items()}
+    new = {name: boxes[name] if kept[name] else found[name] for name in boxes}
+    return new["prompt"], new["negative_prompt"], {name: found[name] for name in boxes}
+
+
+def image_prompts(image: Image.Image | None) -> dict | None:
+    """{"prompt", "negative_prompt"} from an image's saved generation parameters; None without."""
+    if not isinstance(image, Image.Image):
+        return None
+    meta = read_image_metadata(image)
+    if not meta.found or not meta.fields.get("Prompt", "").strip():
+        return None
+    return {"prompt": meta.fields["Prompt"], "negative_prompt": meta.fields.get("Negative prompt", "")}
 
 
 def select_image(evt: gr.SelectData) -> dict:
