@@ -1,7 +1,11 @@
-"""The ControlNet units' components in the generation tabs: their names, and UI values <-> ControlUnit.
+"""The ControlNet units' and image prompts' components in the generation tabs: their names, and
+UI values <-> ControlUnit.
 
 Pure translations like `webui.convert` (no gradio, no torch); `convert.generation_request` and
-`convert.ui_values_from_infotext` call these for the `controlnet_<i>_<field>` components.
+`convert.ui_values_from_infotext` call these for the `controlnet_<i>_<field>` components and the
+`image_prompt_<i>_<field>` ones (the "Image prompt (IP-Adapter)" accordion, `webui.tabs.image_prompts`).
+An image prompt is a ControlUnit with an ip-adapter module (sd-webui-controlnet's way); the API's
+`image_prompts` entries have the same fields and are translated by the same `image_prompt_unit`.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from PIL import Image
 
 from pipelines.core import control_infotext, control_modules, infotext
 from pipelines.core.control import NO_MODEL, NO_MODULE, ControlUnit
+from pipelines.core.control_modules import IMAGE_PROMPT_MODULES
 from pipelines.core.engine_api import ModelFileInfo
 from pipelines.core.request import RequestError
 from webui.images import flatten
@@ -52,7 +57,13 @@ def unit_title(index: int) -> str:
 
 def control_unit_where(field: str) -> str | None:
     """"ControlNet Unit i: Label (field)" for a unit component's name or the engine's
-    `control_units[i].field`; None for a field of no unit."""
+    `control_units[i].field`, "Image prompt i: Label (field)" for an image prompt's component;
+    None for a field of no unit."""
+    if field == "control_units":
+        return "ControlNet units and image prompts (control_units)"
+    prompt = split_image_prompt_field(field)
+    if prompt is not None:
+        return f"{image_prompt_title(prompt[0])}: {IMAGE_PROMPT_LABELS[prompt[1]]} ({prompt[1]})"
     match = _ENGINE_UNIT_FIELD.match(field)
     found = (int(match.group(1)), match.group(2) or "") if match else split_control_field(field)
     if found is None:
@@ -112,15 +123,135 @@ def control_unit(index: int, values: Mapping[str, Any]) -> ControlUnit:
         raise RequestError(control_field(index, exc.field), exc.message) from None
 
 
+# --- image prompts (IP-Adapter) ---------------------------------------------------------------------
+
+IMAGE_PROMPT_MODULE = "ip-adapter-auto"  # the engine reads the image with the encoder whose widths fit
+# an image prompt's fields (the UI's `image_prompt_<i>_<field>`, the API's `image_prompts[i].<field>`)
+# and the ControlUnit field each becomes
+IMAGE_PROMPT_FIELDS = {"image": "image", "model": "model", "weight": "weight", "start": "guidance_start",
+                       "end": "guidance_end"}
+IMAGE_PROMPT_LABELS = {"image": "Image", "model": "IP-Adapter model", "weight": "Weight", "start": "Start",
+                       "end": "End"}
+_UNIT_TO_PROMPT = {unit: prompt for prompt, unit in IMAGE_PROMPT_FIELDS.items()}
+_PROMPT_NAME = re.compile(r"image_prompt_(\d+)_(\w+)$")
+NO_ADAPTER_HELP = ("put IP-Adapter files (e.g. ip-adapter_sd15.safetensors) into {adapters} (or the ControlNet "
+                   "folder) and the CLIP vision encoder they read into {encoders}")
+
+
+def image_prompt_field(index: int, field: str) -> str:
+    return f"image_prompt_{index}_{field}"
+
+
+def split_image_prompt_field(name: str) -> tuple[int, str] | None:
+    """(prompt index, field) of an image prompt component's name; None for any other name."""
+    match = _PROMPT_NAME.match(name)
+    if match is None or match.group(2) not in IMAGE_PROMPT_FIELDS:
+        return None
+    return int(match.group(1)), match.group(2)
+
+
+def image_prompt_title(index: int) -> str:
+    return f"Image prompt {index + 1}"
+
+
+def image_prompt_unit(values: Mapping[str, Any]) -> ControlUnit:
+    """One image prompt's ControlUnit from its fields by name; a RequestError names the prompt's own
+    field (`image`, `model`, `weight`, `start`, `end`), which the caller prefixes."""
+    unknown = sorted(set(values) - set(IMAGE_PROMPT_FIELDS))
+    if unknown:
+        raise RequestError(unknown[0], f"unknown field; an image prompt has {', '.join(IMAGE_PROMPT_FIELDS)}")
+    fields = {IMAGE_PROMPT_FIELDS[name]: value for name, value in values.items() if value is not None}
+    if fields.get("image") is None:
+        raise RequestError("image", "an image prompt needs an image")
+    if fields.get("model") in (None, "", NO_MODEL):
+        raise RequestError("model", "choose an IP-Adapter model")
+    if isinstance(fields["image"], Image.Image) and fields["image"].mode != "RGB":
+        fields["image"] = flatten(fields["image"])
+    try:
+        return ControlUnit(module=IMAGE_PROMPT_MODULE, **fields)
+    except RequestError as exc:
+        raise RequestError(_UNIT_TO_PROMPT.get(exc.field, exc.field), exc.message) from None
+
+
+def image_prompt_units(prompt_values: Mapping[int, Mapping[str, Any]]) -> tuple[ControlUnit, ...]:
+    """The UI's image prompts with an image, in order, as units (they follow the ControlNet units in
+    `control_units`); a bad value names the prompt's component (`image_prompt_<i>_<field>`)."""
+    units = []
+    for index in sorted(prompt_values):
+        values = prompt_values[index]
+        if values.get("image") is None:
+            continue  # an empty prompt: the model dropdown's first adapter is no wish to use it
+        try:
+            units.append(image_prompt_unit(values))
+        except RequestError as exc:
+            raise RequestError(image_prompt_field(index, exc.field), exc.message) from None
+    return tuple(units)
+
+
+def is_image_prompt_model(info: ModelFileInfo) -> bool:
+    """A usable IP-Adapter of the engine's control model list (`details.control_type`)."""
+    details = info.details or {}
+    return details.get("control_type") == "ip_adapter" and not details.get("error")
+
+
+def image_prompt_models(infos: Iterable[ModelFileInfo]) -> list[tuple[str, str]]:
+    """(label, value) of the adapter dropdown: each usable IP-Adapter by its title ("stem [hash]") and
+    the family it was made for; its value the file's name."""
+    choices = []
+    for info in filter(is_image_prompt_model, infos):
+        family = info.details.get("family_label")
+        choices.append((f"{control_infotext.control_model_title(info)}" + (f" ({family})" if family else ""),
+                        info.name))
+    return choices
+
+
+def image_prompt_status(infos: Iterable[ModelFileInfo], adapters: Any, encoders: Any) -> str:
+    """Markdown for the accordion: what is missing for image prompts and where the files go
+    (`adapters`, `encoders`: the folders); "" when every adapter has its encoder."""
+    adapters_found = [info for info in infos if is_image_prompt_model(info)]
+    if not adapters_found:
+        return "**No IP-Adapter model found:** " + NO_ADAPTER_HELP.format(adapters=f"`{adapters}`",
+                                                                           encoders=f"`{encoders}`") + "."
+    missing = [info.details["missing"] for info in adapters_found if info.details.get("missing")]
+    return "\n\n".join(f"**No image encoder:** {why} (on this server: `{encoders}`)." for why in missing)
+
+
+def image_prompt_values_from_unit(index: int, unit: Mapping[str, Any], infos: list[ModelFileInfo]) -> dict[str, Any]:
+    """Image prompt `index`'s component values from a pasted unit's fields (its image is not in the text)."""
+    values = {image_prompt_field(index, prompt): unit[field] for prompt, field in IMAGE_PROMPT_FIELDS.items()
+              if field in unit and prompt != "image"}
+    model = values.get(image_prompt_field(index, "model"))
+    if model not in (None, NO_MODEL):
+        found = control_infotext.match_control_model(infos, model)
+        values[image_prompt_field(index, "model")] = found.name if found is not None else model
+    return values
+
+
+def _is_pasted_image_prompt(unit: Mapping[str, Any], infos: list[ModelFileInfo]) -> bool:
+    if not unit.get("enabled"):
+        return False
+    row = known_preprocessor(str(unit.get("module", NO_MODULE)))
+    if row is not None and row.name in IMAGE_PROMPT_MODULES:
+        return True
+    found = control_infotext.match_control_model(infos, str(unit.get("model", NO_MODEL)))
+    return found is not None and is_image_prompt_model(found)
 
 
 def control_values_from_infotext(text: str, control_models: Iterable[ModelFileInfo]) -> dict[str, Any]:
     """Unit components' values from the text's "ControlNet i" entries: each unit the text has is
     enabled with its settings, a unit it skips (before a later one) is switched off; the image
-    is left alone (the text has none) and units after the last one are not touched."""
+    is left alone (the text has none) and units after the last one are not touched. An entry that
+    is an image prompt (an ip-adapter module or model) fills the next image prompt instead, and its
+    ControlNet unit is switched off."""
     infos = list(control_models)
     values: dict[str, Any] = {}
+    prompts = 0
     for index, unit in enumerate(control_infotext.units_from_params(infotext.parse_infotext(text or ""))):
+        if _is_pasted_image_prompt(unit, infos):
+            values.update(image_prompt_values_from_unit(prompts, unit, infos))
+            values[control_field(index, "enabled")] = False
+            prompts += 1
+            continue
         for name, value in unit.items():
             if name in ("image", "mask"):
                 continue

@@ -19,11 +19,14 @@ from PIL import Image
 from pipelines.core import infotext
 from pipelines.core.engine_api import ModelFileInfo
 from pipelines.core.request import HR_SAME_CHECKPOINT, GenerationRequest, RequestError, UpscaleRequest
+from webui import region_fields
 from webui.control_fields import (
     control_unit_where,
     control_units,
     control_values_from_infotext,
+    image_prompt_units,
     split_control_field,
+    split_image_prompt_field,
 )
 from webui.images import flatten  # noqa: F401 - the tabs call it as convert.flatten
 
@@ -97,7 +100,7 @@ def request_default(name: str) -> Any:
 
 
 def error_message(exc: RequestError) -> str:
-    unit = control_unit_where(exc.field)
+    unit = control_unit_where(exc.field) or region_fields.region_where(exc.field)
     if unit is not None:
         return f"{unit}: {exc.message}"
     label = LABELS.get(exc.field)
@@ -115,11 +118,19 @@ def generation_request(mode: str, fields: Mapping[str, Any]) -> GenerationReques
     """Build a validated request from component values keyed by name (raises RequestError)."""
     values: dict[str, Any] = {}
     unit_values: dict[int, dict[str, Any]] = {}
+    prompt_values: dict[int, dict[str, Any]] = {}  # image prompts (IP-Adapter)
+    region_values: dict[int, dict[str, Any]] = {}  # drawn regions
     for name, value in fields.items():
         unit_field = split_control_field(name)
+        prompt_field = split_image_prompt_field(name)
+        region_field = region_fields.split_region_field(name)
         if unit_field is not None:
             index, field = unit_field
             unit_values.setdefault(index, {})[field] = value
+        elif prompt_field is not None:
+            prompt_values.setdefault(prompt_field[0], {})[prompt_field[1]] = value
+        elif region_field is not None:
+            region_values.setdefault(region_field[0], {})[region_field[1]] = value
         elif name == "inpaint_image":
             values["init_image"], values["mask"] = editor_image_and_mask(value)
         elif name == "inpaint_area":
@@ -140,8 +151,10 @@ def generation_request(mode: str, fields: Mapping[str, Any]) -> GenerationReques
         values["checkpoint"] = None
     if isinstance(values.get("init_image"), Image.Image) and values["init_image"].mode != "RGB":
         values["init_image"] = flatten(values["init_image"])
-    if unit_values:
-        values["control_units"] = control_units(unit_values)
+    if unit_values or prompt_values:  # the image prompts after the ControlNet units: they count as units
+        values["control_units"] = control_units(unit_values) + image_prompt_units(prompt_values)
+    if region_values:
+        values["regions"] = region_fields.regions_from_ui(region_values, values.get("width"), values.get("height"))
     values["mode"] = mode
     return GenerationRequest(**values)
 
@@ -288,6 +301,8 @@ def ui_values_from_infotext(text: str, find_checkpoint: Callable[[str], ModelFil
             values["inpaint_area"] = INPAINT_AREAS[int(bool(value))]
         elif name == "inpainting_mask_invert":
             values["mask_mode"] = MASK_MODES[int(bool(value))]
+        elif name == "regions":  # box regions into the accordion's rows (the text has no masks)
+            values.update(region_fields.region_values(value, region_fields.REGION_ROWS))
         elif name in OTHER_CHECKPOINTS:  # "name [hash]": the listed checkpoint, else the dropdown's "none"
             found = _find_model(find_checkpoint, value, *_title_parts(value)) if value else None
             values[name] = found.name if found is not None else OTHER_CHECKPOINTS[name]

@@ -31,6 +31,7 @@ from pipelines.generate import (
     ip_adapter,
     lora,
     outpaint,
+    regions,
     runner,
     seamless,
     upscalers,
@@ -281,6 +282,9 @@ class Generator:
         image_prompts = ip_adapter.prepare_image_prompts(request, prompt_units, registry=self.registry,
                                                          unet=components.unet, device=self.placement.device)
         control_titles = {**controls.titles, **image_prompts.titles}
+        for note in [*ip_adapter.unused_notes(request, prompt_units), *regions.unused_notes(request, flow)]:
+            if note not in result.warnings:  # where the image prompts or the layout do not act: said
+                result.warnings.append(note)
         hr_upscaler = self.hires_upscaler(request.hr_upscaler, control) if request.enable_hr else None
         restore_faces = self.face_restoration(request, extra)
         if request.enable_hr:

@@ -6,7 +6,11 @@ image prompt, and its image (the job's input image when it has none) is the prom
 models/ControlNet and fitting the U-Net, a CLIP vision encoder from models/clip_vision fitting the
 adapter) before anything loads, then loads the adapters and encodes the images as diffusers'
 pipelines do: the encoder's image embedding (base adapters) with zeros as the negative, or its
-penultimate hidden states (plus, full face) with those of an all-zero image as the negative.
+penultimate hidden states (plus, full face) with those of an all-zero image as the negative. The
+embeddings of an image are kept across jobs (`embedding_slot`, keyed by the encoder file's version
+and the image's pixels), so the same image prompt is encoded once. The listing (`control_model_list`)
+says which encoder each adapter reads or which one is missing; `unused_notes` says where a job's
+image prompts do not act (the refiner's steps, hires fix on another checkpoint).
 `applied(unet, prompts)` puts the adapters into the cached U-Net for the job (diffusers' own
 IP-Adapter attention processors and image projection) and restores the very same processors and
 projection afterwards; its `ImagePromptSteps.unet_kwargs` gives each U-Net call the embeddings and
@@ -18,8 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -86,14 +92,28 @@ def in_control_folder_as_adapter(file: ModelFile) -> bool:
 
 def control_model_list(registry: ModelRegistry, refresh: bool = False) -> list[ModelFile]:
     """The control models a unit may name (the engine's `control_models`): models/ControlNet's files,
-    its IP-Adapters described as such instead of refused, then models/ipadapter's."""
+    its IP-Adapters described as such instead of refused, then models/ipadapter's. An adapter's
+    details also say which encoder of models/clip_vision it reads (`image_encoder`), or, when none
+    there fits, which one is `missing` and where it goes (the UI says so before a job fails)."""
     listed = []
     for file in registry.list(CONTROL_KIND, refresh):
-        listed.append(dataclasses.replace(file, details=describe_ip_adapter_file(file.path))
+        listed.append(dataclasses.replace(file, details=adapter_details(registry, file, refresh))
                       if in_control_folder_as_adapter(file) else file)
     for file in registry.list(ADAPTER_KIND, refresh):
-        listed.append(dataclasses.replace(file, details=describe_ip_adapter_file(file.path)))
+        listed.append(dataclasses.replace(file, details=adapter_details(registry, file, refresh)))
     return listed
+
+
+def adapter_details(registry: ModelRegistry, file: ModelFile, refresh: bool = False) -> dict:
+    """`describe_ip_adapter_file` plus the encoder it reads: {"image_encoder": name} or {"missing": why}."""
+    details = describe_ip_adapter_file(file.path)
+    if details.get("error"):
+        return details
+    spec = inspect_ip_adapter_file(file.path)  # cached by the file's version: the describe above read it
+    found = fitting_encoder(registry, spec, refresh)
+    if found is not None:
+        return {**details, "image_encoder": found[0].name}
+    return {**details, "missing": f"{file.name} needs {spec.encoder_needed()}: put that file into models/clip_vision"}
 
 
 def is_image_prompt(unit: ControlUnit, registry: ModelRegistry) -> bool:
@@ -138,19 +158,27 @@ def adapter_spec(registry: ModelRegistry, index: int, unit: ControlUnit, unet) -
     return file, spec
 
 
-def find_encoder_file(registry: ModelRegistry, index: int, unit: ControlUnit, adapter: tuple[ModelFile, IPAdapterSpec]
-                      ) -> tuple[ModelFile, EncoderSpec]:
-    """The first CLIP vision encoder in models/clip_vision whose widths fit the adapter."""
-    file, spec = adapter
-    seen = []
-    for candidate in registry.list(ENCODER_KIND):
+def fitting_encoder(registry: ModelRegistry, spec: IPAdapterSpec, refresh: bool = False
+                    ) -> tuple[ModelFile, EncoderSpec] | None:
+    """The first CLIP vision encoder in models/clip_vision whose widths fit the adapter; None when none does."""
+    for candidate in registry.list(ENCODER_KIND, refresh):
         try:
             encoder = inspect_encoder_file(candidate.path)
         except (CheckpointError, OSError):
             continue
         if encoder.fits(spec):
             return candidate, encoder
-        seen.append(candidate.name)
+    return None
+
+
+def find_encoder_file(registry: ModelRegistry, index: int, unit: ControlUnit, adapter: tuple[ModelFile, IPAdapterSpec]
+                      ) -> tuple[ModelFile, EncoderSpec]:
+    """`fitting_encoder`, or a RequestError naming the unit's model and where the encoder goes."""
+    file, spec = adapter
+    found = fitting_encoder(registry, spec)
+    if found is not None:
+        return found
+    seen = [candidate.name for candidate in registry.list(ENCODER_KIND)]
     there = f" (models/clip_vision has {', '.join(seen)}, which do not fit)" if seen else ""
     raise RequestError(unit_field(index, "model"),
                        f"{unit.module} with {file.name} needs {spec.encoder_needed()}: put that file into "
@@ -182,13 +210,33 @@ def encode_image_prompt(encoder, processor, image: Image.Image, hidden_states: b
     return embeds[None], negative[None]
 
 
+EMBEDDING_CACHE_SIZE = 32  # image prompt embeddings kept across jobs (a few KB to a few MB each)
+
+
+@lru_cache(maxsize=EMBEDDING_CACHE_SIZE)
+def embedding_slot(key: tuple) -> dict:
+    """An empty holder per (encoder file version, image, kind, dtype, device), filled on first use: the
+    same image with the same encoder is encoded once across jobs, and its encoder need not even load."""
+    return {}
+
+
+def image_digest(image: Image.Image) -> str:
+    return hashlib.sha256(b"%s %dx%d " % (image.mode.encode(), *image.size) + image.tobytes()).hexdigest()
+
+
+def embedding_key(encoder_file: ModelFile, image: Image.Image, hidden_states: bool, dtype, device) -> tuple:
+    return (str(encoder_file.path), encoder_file.size, encoder_file.mtime, image_digest(image), hidden_states,
+            str(dtype), str(device))
+
+
 def prepare_image_prompts(request, units: Indexed, *, registry: ModelRegistry, unet, device,
                           load_encoder: Callable[..., Any] = load_image_encoder,
                           load_adapter: Callable[..., tuple] = load_ip_adapter) -> JobImagePrompts:
     """The image prompt units of `request` (from `split_units`) loaded and encoded for `unet`.
 
     Every unit is checked (adapter, encoder, image) before anything loads. `load_encoder(path, dtype)`
-    and `load_adapter(path, dtype)`: the model cache's loaders (default: from the file)."""
+    and `load_adapter(path, dtype)`: the model cache's loaders (default: from the file). Embeddings
+    come from `embedding_slot` when this image was encoded by this encoder before."""
     checked = []
     for index, unit in units:
         adapter = adapter_spec(registry, index, unit, unet)
@@ -196,16 +244,34 @@ def prepare_image_prompts(request, units: Indexed, *, registry: ModelRegistry, u
                         prompt_image(index, unit, request.init_image)))
     job, encoders = JobImagePrompts(), {}
     for index, unit, (file, spec), (encoder_file, encoder_spec), image in checked:
-        key = str(encoder_file.path)
-        if key not in encoders:  # units sharing an encoder load it once
-            encoders[key] = load_encoder(encoder_file.path, unet.dtype).to(device)
-        embeds, negative = encode_image_prompt(encoders[key], image_processor(encoder_spec), image,
-                                               spec.hidden_states, device)
+        slot = embedding_slot(embedding_key(encoder_file, image, spec.hidden_states, unet.dtype, device))
+        if not slot:
+            key = str(encoder_file.path)
+            if key not in encoders:  # units sharing an encoder load it once
+                encoders[key] = load_encoder(encoder_file.path, unet.dtype).to(device)
+            slot["embeds"], slot["negative"] = encode_image_prompt(encoders[key], image_processor(encoder_spec),
+                                                                   image, spec.hidden_states, device)
         _, state = load_adapter(file.path, unet.dtype)
-        job.prompts.append(ImagePrompt(unit, state, embeds, negative))
+        job.prompts.append(ImagePrompt(unit, state, slot["embeds"], slot["negative"]))
         registry.ensure_hash(file)  # once per file (cached): the infotext names it "name [hash]"
         job.titles[index] = control_model_title(file)
     return job
+
+
+def unused_notes(request, units: Indexed) -> list[str]:
+    """Where a job's image prompts (`split_units`' second list) do not act, for `result.warnings`: the
+    refiner's steps and hires fix's second pass on another checkpoint (the adapters sit inside the
+    first checkpoint's U-Net and fit no other)."""
+    if not units:
+        return []
+    notes = []
+    if request.refiner_checkpoint and request.refiner_switch_at < 1:
+        notes.append(f"Image prompts (IP-Adapter) act until the refiner takes over (Switch at "
+                     f"{request.refiner_switch_at:g}), not on the refiner's steps ({request.refiner_checkpoint})")
+    if request.enable_hr and request.hr_checkpoint_name and request.hr_checkpoint_name != request.checkpoint:
+        notes.append(f"Image prompts (IP-Adapter) act in hires fix's first pass only: the second pass runs on "
+                     f"{request.hr_checkpoint_name}, which the adapters do not sit in")
+    return notes
 
 
 # --- the job -----------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ encoding at the step the runner asked for last (prompt editing works per region)
 `applied(unet, conditioning, images)` installs the attention processors on the U-Net's
 cross-attention layers for a block and puts the U-Net's own back when it ends, also after an
 error or an interrupt: the cached model is unchanged afterwards. It does nothing for a plain
-`PromptConditioning`, so callers need no `if`.
+`PromptConditioning`, so callers need no `if`. `unused_notes` and `tiles_note` say where a layout
+does not act (the refiner's steps, SD 3, SD upscale's tiles), for the result's warnings.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipelines.core.regions import Layout
+from pipelines.core.regions import Layout, layout_of
 from pipelines.generate.prompts import Conditioning, PromptConditioning, encode_prompts
 
 
@@ -78,6 +79,29 @@ def encode_conditioning(components, layout: Layout | None, prompt: str, negative
         return encode_prompts(components, prompt, negative_prompt, clip_skip, device, steps=steps,
                               embeddings=embeddings)
     return encode_layout(components, layout, negative_prompt, clip_skip, device, steps, embeddings)
+
+
+def unused_notes(request, flow: bool = False) -> list[str]:
+    """Where a request's layout (its `regions` or the prompt's ADDCOL / ADDROW) does not act, for
+    `result.warnings`: the refiner's steps (it runs on the base prompt over the whole picture) and
+    `flow` models (SD 3: its transformer has no per-region attention here yet)."""
+    layout = layout_of(request)
+    if layout is None:
+        return []
+    if flow:
+        return ["Regional prompts are not available for SD 3 checkpoints yet: the layout was not applied "
+                "(regions left out, the prompt used as written)"]
+    if request.refiner_checkpoint and request.refiner_switch_at < 1:
+        return [f"Regional prompts act until the refiner takes over (Switch at {request.refiner_switch_at:g}); "
+                f"the refiner's steps follow the base prompt over the whole picture"]
+    return []
+
+
+def tiles_note(request) -> str | None:
+    """SD upscale's note for a request with a layout: its tiles are crops, which the regions do not fit."""
+    if layout_of(request) is None:
+        return None
+    return "SD upscale: regional prompts do not fit its tiles (parts of the picture); each tile used the base prompt"
 
 
 # --- where each region acts ------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from pipelines.core.request import (
     RequestError,
     UpscaleRequest,
 )
-from pipelines.generate import hires, lora, tiling, upscalers
+from pipelines.generate import hires, lora, regions, tiling, upscalers
 from pipelines.generate.generation import VERSION, Generator, JobContext
 from pipelines.models.registry import ModelFile, ModelRegistry
 
@@ -197,10 +197,16 @@ class Upscaling:
         control = context.control
         prepared = self.generator.prepare(file, request, {"SD upscale overlap": int(options.overlap),
                                                           "SD upscale upscaler": chosen.name})
+        # Size is the picture made; the tile it was sampled in is said beside it
+        tile_w, tile_h = request.size_for(prepared.components.spec.native_resolution)
+        prepared.extra["SD upscale tile"] = f"{tile_w}x{tile_h}"
         result = prepared.result
         if request.refiner_checkpoint:  # said, not silently dropped: the tiles run on one model
             result.warnings.append("refiner_checkpoint: SD upscale runs every tile on the main checkpoint; "
                                    "the refiner was not used")
+        tiles_note = regions.tiles_note(request)  # the layout's regions do not fit the tiles: said
+        if tiles_note:
+            result.warnings.append(tiles_note)
         try:
             upscaled = upscalers.upscale_image(
                 request.init_image.convert("RGB"),
@@ -214,8 +220,7 @@ class Upscaling:
                                                          upscaled, int(options.overlap), context.track, control,
                                                          embeddings=prepared.embeddings):
                 params = infotext.generation_params(
-                    request, seed=seed, subseed=subseed, width=request.width or image.width,
-                    height=request.height or image.height, model_name=file.stem,
+                    request, seed=seed, subseed=subseed, width=image.width, height=image.height, model_name=file.stem,
                     model_hash=file.short_hash, version=VERSION, extra=prepared.extra)
                 self.generator.record(result, request, image, (seed, subseed), params, "img2img-images")
         result.interrupted = control.interrupted

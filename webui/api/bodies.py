@@ -89,6 +89,10 @@ class GenerationFields(ApiModel):
                                           'ones this server lacks are listed in info.warnings')
     infotext: Optional[str] = None
     force_task_id: Optional[str] = None
+    image_prompts: Optional[list[Any]] = Field(
+        None, description='image prompts (IP-Adapter): [{"image": base64, "model": an IP-Adapter from GET '
+                          '/controlnet/model_list, "weight": 0..2 (1), "start": 0..1 (0), "end": 0..1 (1)}]; they '
+                          'follow the alwayson_scripts.controlnet units and count as units')
     regions: Optional[list[Any]] = Field(
         None, description='regional prompts: [{"prompt": "...", "box": [left, top, right, bottom] as shares (0..1) '
                           'of the image, or "mask": a base64 picture of the image\'s size (white = the region), '

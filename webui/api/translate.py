@@ -30,7 +30,7 @@ from pipelines.core.request import (
 from pipelines.core.styles import apply_styles, style_database
 from pipelines.core.uploads import UploadLimits
 
-from . import controlnet, scripts
+from . import controlnet, image_prompts, scripts
 from .bodies import ExtrasSingleImageRequest, GenerationFields, Img2ImgRequest, Txt2ImgRequest
 from .errors import ApiError, bad_field
 from .extensions import extension_args
@@ -68,8 +68,10 @@ class Prepared:
 
 
 def api_field_of(request_field: str, names: Mapping[str, str], control_args: tuple[int, ...]) -> str:
-    """The A1111 field a request field (or the engine's error about it) came from."""
-    return controlnet.api_field(request_field, control_args) or names.get(request_field, request_field)
+    """The A1111 field a request field (or the engine's error about it) came from; units after the
+    ControlNet ones are the body's `image_prompts`."""
+    return (image_prompts.api_field(request_field, len(control_args))
+            or controlnet.api_field(request_field, control_args) or names.get(request_field, request_field))
 
 
 def _choice(field_name: str, value: int, choices: tuple[str, ...], labels: Iterable[str]) -> str:
@@ -119,6 +121,8 @@ def prepare_generation(engine: EngineAPI, body: GenerationFields, options: ApiOp
         raise bad_field(exc.field, exc.message) from None
     control = controlnet.control_units(engine, controlnet_value, has_init_image=isinstance(body, Img2ImgRequest),
                                        limits=upload_limits(engine), warnings=warnings)
+    prompt_units = image_prompts.image_prompt_units(engine, body.image_prompts, limits=upload_limits(engine),
+                                                    control_count=len(control.units))
     fields: dict[str, Any] = dict(
         mode="txt2img", prompt=body.prompt, negative_prompt=body.negative_prompt, seed=body.seed,
         subseed=body.subseed, subseed_strength=body.subseed_strength, steps=body.steps,
@@ -130,7 +134,7 @@ def prepare_generation(engine: EngineAPI, body: GenerationFields, options: ApiOp
         save_images=bool(body.save_images and not body.do_not_save_samples and defaults.get("samples_save", True)),
         save_options=user_settings.save_options(defaults),
         extension_args=scripts.with_script(extension_args(engine, other_scripts, warnings), script),
-        control_units=control.units,
+        control_units=control.units + prompt_units,  # image prompts after the ControlNet units
     )
     fields.update(regional)  # regional prompts (may rewrite the prompt: the extension's Use base / common)
     fields.update(_face_fields(body, overrides, defaults, names))

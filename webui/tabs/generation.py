@@ -42,7 +42,7 @@ from webui.common import (
     tool_button,
     unchanged,
 )
-from webui.tabs import controlnet, extensions, hires, networks, pnginfo
+from webui.tabs import controlnet, extensions, hires, image_prompts, networks, pnginfo, regions
 
 BRUSH_COLORS = ["#ffffff", "#000000"]  # white paints the mask; black takes it back
 BRUSH_SHARE = 24 / 512  # the brush's width as a share of the image's longer side (24 px at 512)
@@ -107,6 +107,8 @@ class GenerationTabs:
                     reuse_seed = tool_button("reuse", f"{p}_reuse_seed")
                 seed_extras(fields, p)
                 controlnet.add_units(ui, mode, fields)  # controlnet_<i>_* fields: request.control_units
+                image_prompts.add_prompts(ui, mode, fields)  # image_prompt_<i>_*: more control_units (IP-Adapter)
+                regions.add_regions(ui, mode, fields, sized_for)  # regional_*, region_<i>_*: the layout
                 extensions.add_sections(ui, mode, fields)  # their values become request.extension_args
             with gr.Column(scale=1):
                 gallery = output_gallery(f"{p}_gallery", ui.options.gallery_columns)
@@ -195,17 +197,21 @@ class GenerationTabs:
             fields["denoising_strength"] = slider("denoising_strength", step=0.01, elem_id=f"{p}_denoising")
 
     def _face_restoration(self, fields: dict[str, Any], p: str) -> None:
-        """"Restore faces" (A1111's checkbox), with the model and CodeFormer's weight beside it."""
+        """"Restore faces" (A1111's checkbox, in sight); the model and CodeFormer's weight in a
+        closed accordion under it."""
         names = [r["name"] for r in self.engine.face_restorers()]
-        with gr.Row():
-            fields["restore_faces"] = gr.Checkbox(
-                value=convert.request_default("restore_faces"), label=convert.LABELS["restore_faces"],
-                elem_id=f"{p}_restore_faces",
-                info="find faces and restore them (GFPGAN / CodeFormer / RestoreFormer)" if names
-                else "no face restoration model: put one in models/GFPGAN or models/Codeformer")
-            fields["face_restorer"] = gr.Dropdown(["Automatic", *names], value="Automatic", allow_custom_value=True,
-                                                  label=convert.LABELS["face_restorer"], elem_id=f"{p}_face_restorer")
-            fields["code_former_weight"] = slider("code_former_weight", step=0.01, elem_id=f"{p}_code_former_weight")
+        fields["restore_faces"] = gr.Checkbox(
+            value=convert.request_default("restore_faces"), label=convert.LABELS["restore_faces"],
+            elem_id=f"{p}_restore_faces",
+            info="find faces and restore them (GFPGAN / CodeFormer / RestoreFormer)" if names
+            else "no face restoration model: put one in models/GFPGAN or models/Codeformer")
+        with gr.Accordion("Face restoration options", open=False, elem_id=f"{p}_face_restoration"):
+            with gr.Row():
+                fields["face_restorer"] = gr.Dropdown(["Automatic", *names], value="Automatic",
+                                                      allow_custom_value=True, label=convert.LABELS["face_restorer"],
+                                                      elem_id=f"{p}_face_restorer")
+                fields["code_former_weight"] = slider("code_former_weight", step=0.01,
+                                                      elem_id=f"{p}_code_former_weight")
 
     def _refiner(self, fields: dict[str, Any], p: str) -> None:
         """A1111 1.6's Refiner accordion: the checkpoint the last steps run on ("None": no refiner)
