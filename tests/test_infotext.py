@@ -183,7 +183,8 @@ def test_bad_values_and_unknown_keys_are_ignored_without_raising():
     assert fields == {"prompt": "p", "negative_prompt": "", "subseed_strength": 0.0,
                       "seed_resize_from_w": 0, "seed_resize_from_h": 0, "tiling": False,
                       "restore_faces": False, "s_min_uncond": 0.0, "s_min_uncond_all": False,
-                      "skip_early_cond": 0.0, "soft_inpainting": False, "deepcache_interval": 1}  # absent: off
+                      "skip_early_cond": 0.0, "soft_inpainting": False, "deepcache_interval": 1,
+                      "tiny_vae_decode": False}  # absent: off
     assert request_fields_from_infotext("") == {"prompt": "", "negative_prompt": ""}
     assert parse_infotext("Steps: 1, Seed: 2, Sampler: \"unterminated")["Sampler"] == '"unterminated'
 

@@ -52,13 +52,13 @@ def ours(components, **fields) -> tuple[list, list[str]]:
     return [np.asarray(image, dtype=np.float64) for out in outputs for image in out.images], control.notes
 
 
-def reference(components, t5: bool, seed: int = SEED, cfg: float = 4.5) -> np.ndarray:
+def reference(components, t5: bool, seed: int = SEED, cfg: float = 4.5, shift: float = 3.0) -> np.ndarray:
     """diffusers' SD3Pipeline on the same modules, fed our initial noise for the seed."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     encoders, tokenizers = components.text_encoders, components.tokenizers
     pipe = StableDiffusion3Pipeline(
-        transformer=components.unet, vae=components.vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=components.unet, vae=components.vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
         text_encoder=encoders[0], tokenizer=tokenizers[0], text_encoder_2=encoders[1], tokenizer_2=tokenizers[1],
         text_encoder_3=encoders[2] if t5 else None, tokenizer_3=tokenizers[2] if t5 else None)
     pipe.set_progress_bar_config(disable=True)
@@ -165,7 +165,7 @@ def test_img2img_keeps_the_input_at_low_strength_and_interrupt_stops(components)
 def test_diffusers_folder_and_fp8_file_load_offline_and_generate(components, tmp_path):
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
-    from pipelines.models.sd3_build import load_checkpoint_components
+    from pipelines.models.flux_build import load_checkpoint_components
 
     encoders, tokenizers = components.text_encoders, components.tokenizers
     folder = tmp_path / "sd3-diffusers"
@@ -206,6 +206,14 @@ def test_memory_estimate_grows_with_size_and_is_gigabytes_for_sd35_large_at_1024
     at_1024 = transformer_working_bytes(large, 1024, 1024, rows=2, itemsize=2)
     assert transformer_working_bytes(large, 512, 512, rows=2, itemsize=2) < at_1024 / 3
     assert 1 << 30 < at_1024 < 16 << 30
+
+
+def test_shift_setting_acts_as_the_schedulers_shift(components):
+    control = JobControl()
+    (out,) = list(flow_runner.run(components, torch.device("cpu"), request(), control=control, shift=1.0))
+    image = np.asarray(out.images[0], dtype=np.float64)
+    assert psnr(image, reference(components, True, shift=1.0)) >= 40
+    assert psnr(image, ours(components)[0][0]) < 40  # not the model's own 3.0
 
 
 def test_infotext_says_the_shift_and_when_t5_was_not_used(components):

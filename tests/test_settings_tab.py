@@ -231,9 +231,10 @@ def test_a_new_page_starts_with_the_saved_sampler_vae_and_clip_skip(ui):
 
 
 def test_pending_settings_say_so_on_the_page(ui):
-    info = ui.components["settings"]["show_progress_every_n_steps"].info
-    assert "show_progress_every_n_steps" in info and "not applied yet" in info
-    for honoured in ("theme", "samples_format", "jpeg_quality", "grid_save"):
+    info = ui.components["settings"]["default_width"].info
+    assert "default_width" in info and "not applied yet" in info
+    for honoured in ("theme", "samples_format", "jpeg_quality", "grid_save", "show_progress_every_n_steps",
+                     "show_progress_type"):
         assert "not applied yet" not in (ui.components["settings"][honoured].info or "")
 
 

@@ -64,6 +64,7 @@ class FakeEngine:
         self.prediction_types: dict[str, str | None] = {}
         self.control_files: list = []  # FakeCheckpoint-like entries a test puts in models/ControlNet
         self.previews: list = []  # (unit, width, height) of each preprocess_control call
+        self.recommended: list = []  # (checkpoint, prompt) of each recommended_settings call
 
     @property
     def hosted_limits(self):
@@ -119,6 +120,25 @@ class FakeEngine:
 
     def embedding_listing(self, refresh: bool = False):
         return {"loaded": {}, "skipped": {}}
+
+    def recommended_settings(self, checkpoint, prompt):
+        """A few-step LoRA for <lora:fast8...> (settings this engine offers) or <lora:hyper...> (DDIM,
+        which it does not), a checkpoint named "...lightning..."; else None."""
+        self.recommended.append((checkpoint, prompt))
+        lowered = (prompt or "").lower()
+        if "<lora:fast8" in lowered:
+            return {"sampler": "Euler", "schedule_type": "Karras", "steps": 8, "cfg_scale": 1.0,
+                    "why": "Fast 8-step LoRA: Euler, Karras, 8 steps, CFG 1", "source": "fast8.safetensors",
+                    "source_kind": "lora"}
+        if "<lora:hyper" in lowered:
+            return {"sampler": "DDIM", "schedule_type": "SGM Uniform", "steps": 8, "cfg_scale": 1.0,
+                    "why": "Hyper-SD 8-step LoRA: DDIM, SGM Uniform (trailing), 8 steps, CFG 1",
+                    "source": "Hyper-SD15-8steps-lora.safetensors", "source_kind": "lora"}
+        if checkpoint and "lightning" in checkpoint.lower():
+            return {"sampler": "Euler", "schedule_type": "Automatic", "steps": 4, "cfg_scale": 1.0,
+                    "why": "SDXL-Lightning: Euler, 4 steps as trained (1, 2, 4 or 8), CFG 1",
+                    "source": checkpoint, "source_kind": "checkpoint"}
+        return None
 
     def face_restorers(self, refresh: bool = False) -> list[dict]:
         return [{"name": "GFPGAN", "cmd_dir": "models/GFPGAN"}]
@@ -503,6 +523,7 @@ def test_read_parameters_fills_fields_by_name(ui, engine):
                    "tiling": False,  # absent: A1111 writes "Tiling: True" only when on
                    "restore_faces": False,  # absent: "Face restoration: <model>" only when on
                    "soft_inpainting": False,  # absent: "Soft inpainting: True" only when on
+                   "tiny_vae_decode": False,  # absent: the full VAE decoded
                    "refiner_checkpoint": "None"}  # absent: "Refiner: name [hash]" only when one ran
     assert set(updates) <= set(fields.values()) | {ui.components["inpaint"]["sized_for"]}
     assert updates[ui.components["inpaint"]["sized_for"]] == "sd15"

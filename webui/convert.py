@@ -87,6 +87,8 @@ LABELS = {
     "refiner_switch_at": "Switch at",
     "hr_checkpoint_name": "Hires checkpoint",
     "image": "Input image",
+    "distilled_cfg_scale": "Distilled CFG Scale",
+    "shift": "Shift",
     "upscaler": "Upscaler",
     "scale": "Scale by",
     "target_width": "Target width",

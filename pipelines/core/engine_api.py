@@ -108,6 +108,13 @@ class EngineAPI(Protocol):
     def face_restorers(self, refresh: bool = False) -> list[dict]:
         """Face restorer models (models/GFPGAN, models/Codeformer) as A1111 lists them: [{name, cmd_dir}]."""
 
+    def recommended_settings(self, checkpoint: str | None, prompt: str) -> dict | None:
+        """"Use recommended settings": what a few-step model wants (LCM, TCD, Hyper-SD, Lightning,
+        Turbo) for the first such LoRA the prompt's <lora:...> tags name, else for `checkpoint`:
+        {"sampler", "schedule_type", "steps", "cfg_scale", "why", "source" (the listed file name),
+        "source_kind" ("lora" | "checkpoint")}; None when neither is one. RequestError naming
+        "checkpoint" for a name the listing does not have."""
+
     # --- control models: ControlNet / T2I-Adapter (core.control) -----------------------------
     @property
     def max_control_units(self) -> int:

@@ -20,7 +20,14 @@ import re
 from typing import Any, Mapping
 
 from pipelines.core import control_infotext, hires_info, regions, samplers
-from pipelines.core.infotext_options import cfg_cutoff_params, cutoff_fields, deep_cache_fields, deep_cache_params
+from pipelines.core.infotext_options import (
+    cfg_cutoff_params,
+    cutoff_fields,
+    deep_cache_fields,
+    deep_cache_params,
+    tiny_decode_fields,
+    tiny_decode_params,
+)
 from pipelines.core.request import INPAINT_FILLS, MAX_SEED, in_limits
 from pipelines.core.text_numbers import to_float, to_int
 
@@ -99,6 +106,9 @@ def generation_params(request: Any, *, seed: int, subseed: int, width: int, heig
         "Sampler": request.sampler,
         "Schedule type": request.schedule_type,
         "CFG scale": request.cfg_scale,
+        # flow models' keys, where Forge writes them: the runner passes the values in `extra`
+        "Distilled CFG Scale": None,
+        "Shift": None,
         "Seed": seed,
         # A1111 writes the restorer's name here; the engine passes the one it resolved in `extra`
         "Face restoration": (getattr(request, "face_restorer", None) or "Automatic")
@@ -133,6 +143,7 @@ def generation_params(request: Any, *, seed: int, subseed: int, width: int, heig
             params["Soft inpainting"] = "True"
     params.update(cfg_cutoff_params(request))
     params.update(deep_cache_params(request))
+    params.update(tiny_decode_params(request))
     params.update(control_infotext.control_params(getattr(request, "control_units", ()), control_titles))
     params.update(regions.request_infotext_params(request))
     for key, value in (extra or {}).items():
@@ -304,6 +315,10 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
     cfg = to_float(info.get("CFG scale"))
     if in_limits("cfg_scale", cfg):
         fields["cfg_scale"] = cfg
+    for key, field in (("Distilled CFG Scale", "distilled_cfg_scale"), ("Shift", "shift")):  # Forge's flow keys
+        value = to_float(info.get(key))
+        if in_limits(field, value):
+            fields[field] = value
 
     for key, field in (("Seed", "seed"), ("Variation seed", "subseed")):
         seed = to_int(info.get(key))
@@ -367,4 +382,5 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
     fields.update(cutoff_fields(info, has_params))
     fields.update(regions.fields_from_params(info))  # regional prompts: the Regional Prompter's keys
     fields.update(deep_cache_fields(info, has_params))
+    fields.update(tiny_decode_fields(info, has_params))
     return fields

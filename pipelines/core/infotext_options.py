@@ -44,6 +44,21 @@ def deep_cache_fields(info: Mapping[str, str], has_params: bool) -> dict[str, An
     return fields
 
 
+TINY_DECODE_KEY, TINY_DECODE_VALUE = "VAE decoder", "TAESD"  # ours: A1111 has no fast final decode
+
+
+def tiny_decode_params(request: Any) -> dict[str, object]:
+    """The fast final decode (TAESD instead of the full VAE) when the request asks for it."""
+    return {TINY_DECODE_KEY: TINY_DECODE_VALUE} if getattr(request, "tiny_vae_decode", False) else {}
+
+
+def tiny_decode_fields(info: Mapping[str, str], has_params: bool) -> dict[str, Any]:
+    """The fast final decode from a text; a parameters line without the key means the full VAE."""
+    if TINY_DECODE_KEY in info:
+        return {"tiny_vae_decode": info[TINY_DECODE_KEY].strip().upper().startswith(TINY_DECODE_VALUE)}
+    return {"tiny_vae_decode": False} if has_params else {}
+
+
 def cutoff_fields(info: Mapping[str, str], has_params: bool) -> dict[str, Any]:
     """CFG cutoff and soft inpainting from a text; absent keys mean off (A1111 leaves them out then)."""
     fields: dict[str, Any] = {}

@@ -11,6 +11,8 @@ from pipelines.core.checks import check_range_of, within
 LIMITS: dict[str, tuple[float, float]] = {
     "steps": (1, 150),
     "cfg_scale": (1.0, 30.0),
+    "shift": (0.1, 20.0),  # flow models' timestep shift (SD 3: 3; Flux dev: from the image size)
+    "distilled_cfg_scale": (0.0, 30.0),  # Flux dev's guidance input (Forge's slider)
     "width": (64, 2048),
     "height": (64, 2048),
     "batch_size": (1, 8),

@@ -69,6 +69,10 @@ class GenerationRequest:
     seed_resize_from_h: int = 0
     steps: int = 20
     cfg_scale: float = 7.0
+    # flow models (SD 3.x, Flux): the schedule's timestep shift (Forge's "Shift"); None: the model's own
+    shift: float | None = None
+    # Flux dev's guidance input (Forge's "Distilled CFG Scale"); None: the model's default, 3.5
+    distilled_cfg_scale: float | None = None
     # CFG cutoff (generate/guidance.py): steps that run without the negative prompt's pass
     s_min_uncond: float = 0.0
     s_min_uncond_all: bool = False
@@ -105,6 +109,7 @@ class GenerationRequest:
     vae: str | None = None
     clip_skip: int = 1
     tiling: bool = False  # seamless: circular padding in the U-Net and VAE for this job
+    tiny_vae_decode: bool = False  # the final decode by TAESD of models/VAE-approx (generate/tiny_decode.py)
     # face restoration (GFPGAN / CodeFormer / RestoreFormer models): after decoding, before saving
     restore_faces: bool = False
     face_restorer: str | None = None  # a name from the engine's face_restorers(); None: the first one
@@ -156,6 +161,9 @@ class GenerationRequest:
         for name in ("cfg_scale", "denoising_strength", "subseed_strength", "s_min_uncond", "skip_early_cond",
                      "deepcache_start"):
             _check_range(name, check_number(name, getattr(self, name)))
+        for name in ("shift", "distilled_cfg_scale"):
+            if getattr(self, name) is not None:
+                _check_range(name, check_number(name, getattr(self, name)))
         for name in ("width", "height"):
             value = getattr(self, name)
             if value is None:
@@ -183,7 +191,7 @@ class GenerationRequest:
         if not isinstance(self.extension_args, Mapping):
             raise RequestError("extension_args", "must be a mapping of extension id to arguments")
         object.__setattr__(self, "extension_args", MappingProxyType(dict(self.extension_args)))
-        for name in ("tiling", "soft_inpainting", "restore_faces", "s_min_uncond_all"):
+        for name in ("tiling", "soft_inpainting", "restore_faces", "s_min_uncond_all", "tiny_vae_decode"):
             object.__setattr__(self, name, check_flag(name, getattr(self, name)))
         if self.outpaints:
             grown = next(n for n in OUTPAINT_SIDES if getattr(self, n))

@@ -53,6 +53,11 @@ class Setting:
 
 
 _NEW_PAGE = "a new page starts with it"
+_LIVE_PREVIEW = "the running job's current_image in /sdapi/v1/progress (the page shows none yet); from the next job"
+# A1111's "Live preview display method" values this server makes ("Full" and "Approx NN" it does not:
+# a full VAE decode per poll would slow the job, and A1111's approximating network is not shipped)
+PREVIEW_CHEAP, PREVIEW_TAESD = "Approx cheap", "TAESD"
+PREVIEW_METHODS = (PREVIEW_CHEAP, PREVIEW_TAESD)
 _SIZE_LOW, _SIZE_HIGH = (int(v) for v in LIMITS["width"])
 _CLIP_LOW, _CLIP_HIGH = (int(v) for v in LIMITS["clip_skip"])
 
@@ -64,8 +69,12 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
     Setting("samples_filename_pattern", "File name pattern", "", "text", "Saving images",
             info="empty: [number]-[seed]; words: " + ", ".join(f"[{w}]" for w in PATTERN_WORDS)),
     Setting("grid_save", "Save grids (X/Y/Z plot)", True, "bool", "Saving images"),
-    Setting("show_progress_every_n_steps", "Live preview every N steps (0: never)", 0, "int", "Live previews",
-            low=0, high=32, pending="the page shows no live preview yet"),
+    Setting("show_progress_every_n_steps", "Live preview every N steps (0: never)", 1, "int", "Live previews",
+            low=0, high=32, info=_LIVE_PREVIEW),
+    Setting("show_progress_type", "Live preview display method", PREVIEW_CHEAP, "choice", "Live previews",
+            choices=PREVIEW_METHODS,
+            info="TAESD: the tiny autoencoder of models/VAE-approx (taesd_decoder.pth, taesdxl_decoder.pth), "
+                 "a full-size picture; without one, the cheap approximation (the job says so)"),
     Setting("default_sampler", "Sampler of a new page", "DPM++ 2M", "choice", "Defaults",
             choices=SAMPLER_NAMES, info="txt2img, img2img and Inpaint start with it"),
     Setting("default_width", "Width of a new page (0: the checkpoint's native size)", 0, "int", "Defaults",
@@ -211,10 +220,14 @@ def _store_at(path: Path) -> SettingsStore:
     return SettingsStore(path)
 
 
-def server_settings(engine: Any) -> SettingsStore:
-    """The engine's settings (`<data_dir>/settings.json`), shared by the UI and the API; an
-    engine without a data dir gets settings of its own, in memory only."""
-    data_dir = getattr(engine.paths, "data_dir", None)
+def settings_in(data_dir: Path | None) -> SettingsStore:
+    """The settings saved in a data folder (`<data_dir>/settings.json`), one store per folder;
+    without a folder, settings of its own in memory only."""
     if data_dir is None:
         return SettingsStore(None)
     return _store_at(Path(data_dir).resolve() / SETTINGS_FILE)
+
+
+def server_settings(engine: Any) -> SettingsStore:
+    """The engine's settings, shared by the UI, the API and its jobs (`settings_in` its data dir)."""
+    return settings_in(getattr(engine.paths, "data_dir", None))

@@ -1,4 +1,4 @@
-"""run(request) -> images for a flow-matching transformer (SD 3 / 3.5), in numbered steps.
+"""run(request) -> images for a flow-matching transformer (SD 3 / 3.5, Flux.1), in numbered steps.
 
 The same contract as `runner.run` (yields `runner.BatchOutput` per batch, progress through
 a `ProgressClock`, interrupt and skip through `JobControl`, seeds and noise by
@@ -8,6 +8,12 @@ a `ProgressClock`, interrupt and skip through `JobControl`, seeds and noise by
 - the transformer takes the pooled text embeddings and a timestep in [0, 1000) per image;
 - CFG as SD3Pipeline: [negative, positive] in one batch, uncond + scale * (cond - uncond);
 - latents are (z - shift_factor) * scaling_factor of the 16-channel VAE.
+Flux differs in the model call and the schedule (as FluxPipeline): the latents go in as 2x2
+patches packed into tokens with their (0, row, column) position ids; dev takes the distilled
+guidance (Forge's "Distilled CFG Scale") as an input; real CFG runs only at a CFG scale above 1;
+the schedule is sigmas linspace(1, 1/steps) shifted by the image's token count (dev) or not
+(schnell), or by a fixed `shift` when one is asked for. The loop keeps the latents unpacked,
+so img2img, inpainting and hires fix are the same code for both.
 img2img starts from the encoded image noised to the first step of the schedule's tail that
 denoising strength selects (`scheduler.scale_noise`), as diffusers' SD3 img2img does; inpainting
 with a plain (non-inpainting) model also keeps the unmasked area on the image's noisy path
@@ -19,11 +25,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from pipelines.core.progress import JobControl, ProgressCallback, ProgressClock
-from pipelines.core.request import GenerationRequest
-from pipelines.generate import hires, tiling
+from pipelines.core.request import GenerationRequest, RequestError
+from pipelines.generate import flux_prompts, hires, tiling
 from pipelines.generate.noise import noise_for_seed
 from pipelines.generate.runner import (
     BatchOutput,
@@ -38,36 +46,74 @@ from pipelines.generate.runner import (
     plan_pixels,
     step_reporter,
 )
-from pipelines.generate.sd3_prompts import WEIGHTS_IGNORED_NOTE, SD3Conditioning, encode_sd3_prompts
+from pipelines.generate.sd3_prompts import WEIGHTS_IGNORED_NOTE, FlowConditioning, encode_sd3_prompts
+from pipelines.models.families import FLUX, SD3
+from pipelines.models.flux_files import flux_schedule, flux_variant
 from pipelines.models.t5_tokenizer import t5_missing_note
 
-FLOW_SAMPLER = "Euler"  # what A1111/Forge users pick for SD 3 (Forge: Euler with the flow schedule)
-SAMPLER_NOTE = "SD 3 samples with flow-matching Euler; the sampler '{name}' does not apply to it"
+FLOW_FAMILIES = (SD3.name, FLUX.name)
+FLOW_SAMPLER = "Euler"  # what A1111/Forge users pick for SD 3 and Flux (Forge: Euler with the flow schedule)
+SAMPLER_NOTE = "{family} samples with flow-matching Euler; the sampler '{name}' does not apply to it"
+REAL_CFG_NOTE = ("Flux.1 is guidance-distilled: CFG scale {scale} ran real CFG (a second, negative-prompt pass "
+                 "each step, twice the time); CFG scale 1 with Distilled CFG Scale is how Flux is meant to run")
+GUIDANCE_NOTE = "Distilled CFG Scale does not apply to {model} (it has no guidance input)"
 
 
 @dataclass(frozen=True)
 class FlowBatch:
     """What `run_batch` samples one batch from, besides the model and the request."""
 
-    conditioning: SD3Conditioning
+    conditioning: FlowConditioning
     seeds: Sequence[int]
     subseeds: Sequence[int]
     width: int
     height: int
-    shift: float
+    shift: float | None  # None: the model's schedule (Flux dev: shifted by the image's size)
     plan: InpaintPlan | None = None
     start_latents: torch.Tensor | None = None  # start an img2img pass from these (hires fix's second pass)
     decode: bool = True  # False: return the final latents (hires fix's first pass)
+    guidance: float | None = None  # Flux dev's distilled guidance
+
+
+def is_flow(components) -> bool:
+    """A flow-matching transformer (SD 3.x, Flux): this module's loop, not `runner`'s."""
+    return components.spec.family.name in FLOW_FAMILIES
+
+
+def is_flux(components) -> bool:
+    return components.spec.family.name == FLUX.name
 
 
 def flow_scheduler(components, shift: float | None = None):
-    """Flow-matching Euler with the model's schedule, `shift` overriding its timestep shift."""
+    """Flow-matching Euler with the model's schedule, `shift` overriding its timestep shift (a
+    fixed one: it replaces Flux dev's resolution-dependent shift)."""
     from diffusers import FlowMatchEulerDiscreteScheduler  # heavy: diffusers, only when sampling
 
-    config = dict(components.spec.family.scheduler)
+    config = flux_schedule(components.unet.config) if is_flux(components) else dict(components.spec.family.scheduler)
     if shift is not None:
-        config["shift"] = float(shift)
+        config.update(shift=float(shift), use_dynamic_shifting=False)
     return FlowMatchEulerDiscreteScheduler(**config)
+
+
+def image_tokens(width: int, height: int) -> int:
+    """Flux's image sequence length: one token per 2x2 latent patch (odd sides padded)."""
+    return -(-height // 16) * -(-width // 16)
+
+
+def dynamic_shift(config, tokens: int) -> float:
+    """Flux dev's mu: linear in the token count, base_shift at base_image_seq_len, max_shift at max."""
+    slope = (config.max_shift - config.base_shift) / (config.max_image_seq_len - config.base_image_seq_len)
+    return config.base_shift + slope * (tokens - config.base_image_seq_len)
+
+
+def set_schedule(scheduler, components, steps: int, width: int, height: int, device) -> None:
+    """SD 3: the scheduler's own spacing; Flux: sigmas linspace(1, 1/steps) and its shift."""
+    if not is_flux(components):
+        scheduler.set_timesteps(steps, device=device)
+        return
+    config = scheduler.config
+    mu = dynamic_shift(config, image_tokens(width, height)) if config.use_dynamic_shifting else None
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu, device=device)
 
 
 def to_model_latents(vae, image_latents: torch.Tensor) -> torch.Tensor:
@@ -80,7 +126,7 @@ def to_decoder_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     return latents + vae.config.shift_factor * vae.config.scaling_factor
 
 
-def denoise(transformer, latents: torch.Tensor, t, conditioning: SD3Conditioning, cfg_scale: float,
+def denoise(transformer, latents: torch.Tensor, t, conditioning: FlowConditioning, cfg_scale: float,
             batch: int) -> torch.Tensor:
     """The velocity for one step, with SD 3's CFG when the scale is not 1."""
     use_cfg = cfg_scale != 1.0
@@ -101,12 +147,72 @@ def denoise(transformer, latents: torch.Tensor, t, conditioning: SD3Conditioning
     return prediction
 
 
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/2 * W/2, C * 4): FluxPipeline's 2x2 patches as tokens."""
+    b, c, h, w = latents.shape
+    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """`pack`'s inverse, for latents of `height` x `width` (even)."""
+    b, _, channels = tokens.shape
+    latents = tokens.view(b, height // 2, width // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return latents.reshape(b, channels // 4, height, width)
+
+
+def image_ids(rows: int, columns: int, device) -> torch.Tensor:
+    """Each token's rotary position (0, row, column), as FluxPipeline gives them."""
+    ids = torch.zeros(rows, columns, 3)
+    ids[..., 1] = torch.arange(rows)[:, None]
+    ids[..., 2] = torch.arange(columns)[None, :]
+    return ids.reshape(rows * columns, 3).to(device)
+
+
+def denoise_flux(transformer, latents: torch.Tensor, t, conditioning: FlowConditioning, cfg_scale: float,
+                 batch: int, guidance: float | None) -> torch.Tensor:
+    """The velocity for one step of a Flux transformer: one pass, or [negative, positive] under
+    real CFG. Odd latent sides are padded (circular, as ComfyUI and Forge pad) and cropped back."""
+    height, width = latents.shape[-2:]
+    padded = F.pad(latents, (0, width % 2, 0, height % 2), mode="circular") if (height | width) % 2 else latents
+    use_cfg = cfg_scale > 1.0 and conditioning.uncond is not None
+    context, pooled = conditioning.cond, conditioning.pooled_cond
+    if use_cfg:
+        context = torch.cat([conditioning.uncond, context])
+        pooled = torch.cat([conditioning.pooled_uncond, pooled])
+        padded = torch.cat([padded, padded])
+    rows = padded.shape[0]
+    dtype, device = transformer.dtype, latents.device
+    distilled = None
+    if transformer.config.guidance_embeds:
+        distilled = torch.full((rows,), float(FLUX.distilled_guidance if guidance is None else guidance),
+                               device=device, dtype=torch.float32)
+    tokens = transformer(hidden_states=pack(padded).to(dtype), timestep=(t.expand(rows) / 1000).to(dtype),
+                         guidance=distilled, pooled_projections=pooled.to(dtype).repeat_interleave(batch, dim=0),
+                         encoder_hidden_states=context.to(dtype).repeat_interleave(batch, dim=0),
+                         txt_ids=torch.zeros(context.shape[1], 3, device=device),
+                         img_ids=image_ids(padded.shape[-2] // 2, padded.shape[-1] // 2, device),
+                         return_dict=False)[0].float()
+    prediction = unpack(tokens, *padded.shape[-2:])[..., :height, :width]
+    if use_cfg:
+        uncond, cond = prediction.chunk(2)
+        prediction = uncond + cfg_scale * (cond - uncond)
+    return prediction
+
+
+def velocity(components, latents: torch.Tensor, t, request: GenerationRequest, batch: FlowBatch) -> torch.Tensor:
+    """The family's model call for one step."""
+    if is_flux(components):
+        return denoise_flux(components.unet, latents, t, batch.conditioning, request.cfg_scale, len(batch.seeds),
+                            batch.guidance)
+    return denoise(components.unet, latents, t, batch.conditioning, request.cfg_scale, len(batch.seeds))
+
+
 @torch.no_grad()
 def run_batch(components, device, request: GenerationRequest, batch: FlowBatch, control: JobControl,
               report_step: StepReporter) -> list | None:
     """Sample one batch; None when it was skipped or interrupted."""
-    transformer, vae = components.unet, components.vae
-    latent_shape = (1, transformer.config.in_channels, batch.height // 8, batch.width // 8)
+    vae = components.vae
+    latent_shape = (1, vae.config.latent_channels, batch.height // 8, batch.width // 8)
 
     # 1. noise, one CPU generator per image (DESIGN.md's seeds)
     resize_from = (request.seed_resize_from_w, request.seed_resize_from_h)
@@ -115,7 +221,7 @@ def run_batch(components, device, request: GenerationRequest, batch: FlowBatch, 
 
     # 2. schedule
     scheduler = flow_scheduler(components, batch.shift)
-    scheduler.set_timesteps(request.steps, device=device)
+    set_schedule(scheduler, components, request.steps, batch.width, batch.height, device)
     timesteps = scheduler.timesteps
 
     # 3. starting latents: the noise, or the image noised to where the schedule's tail begins
@@ -132,8 +238,8 @@ def run_batch(components, device, request: GenerationRequest, batch: FlowBatch, 
     for i, t in enumerate(timesteps):
         if control.stop_current:
             return None
-        velocity = denoise(transformer, latents, t, batch.conditioning, request.cfg_scale, len(batch.seeds))
-        latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+        prediction = velocity(components, latents, t, request, batch)
+        latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
         if mask is not None:  # inpainting: the unmasked area follows the image's own noisy path
             known = scheduler.scale_noise(image, timesteps[i + 1:i + 2], noise) if i + 1 < len(timesteps) else image
             latents = known * (1 - mask) + latents * mask
@@ -148,50 +254,73 @@ def run_batch(components, device, request: GenerationRequest, batch: FlowBatch, 
     return [finish_image(image, batch.plan) for image in images]
 
 
-def infotext_params(components, shift: float | None = None) -> dict[str, float | str]:
-    """The SD 3 fields of a job's infotext, as Forge writes them: "Shift" (the flow schedule's
-    timestep shift, which Forge's API takes as `distilled_cfg_scale`) and, when it ran without
-    T5, "T5: none" (ours: Forge lists the encoder files it used as "Module N" instead)."""
-    params: dict[str, float | str] = {"Shift": float(components.spec.family.flow_shift if shift is None else shift)}
+def infotext_params(components, shift: float | None = None, guidance: float | None = None) -> dict[str, float | str]:
+    """The flow fields of a job's infotext, as Forge writes them: SD 3's "Shift" (the flow
+    schedule's timestep shift) and, when it ran without T5, "T5: none" (ours: Forge lists the
+    encoder files it used as "Module N" instead); Flux dev's "Distilled CFG Scale", and its
+    "Shift" only when one replaced the resolution-dependent shift."""
+    family = components.spec.family
+    params: dict[str, float | str] = {}
+    if is_flux(components):
+        if components.unet.config.guidance_embeds:
+            params["Distilled CFG Scale"] = float(family.distilled_guidance if guidance is None else guidance)
+        if shift is not None:
+            params["Shift"] = float(shift)
+        return params
+    params["Shift"] = float(family.flow_shift if shift is None else shift)
     if len(components.text_encoders) < 3:
         params["T5"] = "none"
     return params
 
 
-def job_notes(components, request: GenerationRequest, conditioning: SD3Conditioning) -> list[str]:
-    """What the user should know about how an SD 3 job ran (T5 absent, syntax or options not applied)."""
+def job_notes(components, request: GenerationRequest, conditioning: FlowConditioning,
+              guidance: float | None = None) -> list[str]:
+    """What the user should know about how a flow job ran (T5 absent, syntax or options not applied)."""
     notes = []
+    flux = is_flux(components)
     if not conditioning.t5:
         notes.append(t5_missing_note())
     if conditioning.weights_ignored:
-        notes.append(WEIGHTS_IGNORED_NOTE)
+        notes.append(flux_prompts.WEIGHTS_IGNORED_NOTE if flux else WEIGHTS_IGNORED_NOTE)
     if request.sampler and request.sampler.split(" ")[0] != FLOW_SAMPLER:
-        notes.append(SAMPLER_NOTE.format(name=request.sampler))
+        notes.append(SAMPLER_NOTE.format(family=components.spec.family.label, name=request.sampler))
+    if flux and request.cfg_scale > 1.0:
+        notes.append(REAL_CFG_NOTE.format(scale=request.cfg_scale))
+    if guidance is not None and not (flux and components.unet.config.guidance_embeds):
+        model = flux_variant(components.unet.config) if flux else components.spec.family.label
+        notes.append(GUIDANCE_NOTE.format(model=model))
     return notes
 
 
-def run(components, device, request: GenerationRequest, on_progress: ProgressCallback | None = None,
-        control: JobControl | None = None, first_batch: int = 0, *, shift: float | None = None):
-    """Generate every batch of a request on an SD 3.x model; yields `runner.BatchOutput` per batch.
+def encode_prompts(components, prompt: str, negative_prompt: str, device, request: GenerationRequest):
+    """The family's text conditioning of one prompt pair."""
+    if is_flux(components):
+        return flux_prompts.encode_flux_prompts(components, prompt, negative_prompt, device, request.cfg_scale > 1.0)
+    return encode_sd3_prompts(components, prompt, negative_prompt, device, request.clip_skip)
 
-    `shift`: the flow schedule's timestep shift (Forge's "Shift"); the model's (3.0) when None."""
+
+def run(components, device, request: GenerationRequest, on_progress: ProgressCallback | None = None,
+        control: JobControl | None = None, first_batch: int = 0, *, shift: float | None = None,
+        guidance: float | None = None):
+    """Generate every batch of a request on a flow model; yields `runner.BatchOutput` per batch.
+
+    `shift`: the flow schedule's timestep shift (Forge's "Shift"); the model's when None.
+    `guidance`: Flux dev's distilled guidance (Forge's "Distilled CFG Scale"); 3.5 when None."""
     control = control or JobControl()
     width, height = request.size_for(components.spec.native_resolution)
     # 1. conditioning, shared by every batch
-    conditioning = encode_sd3_prompts(components, request.prompt, request.negative_prompt, device,
-                                      request.clip_skip)
-    for note in job_notes(components, request, conditioning):
+    conditioning = encode_prompts(components, request.prompt, request.negative_prompt, device, request)
+    for note in job_notes(components, request, conditioning, guidance):
         control.note(note)
     # 2. pixel-side inputs
     plan = plan_pixels(request, width, height)
-    shift = components.spec.family.flow_shift if shift is None else shift
 
     clock = ProgressClock(request.steps, request.batch_count, on_progress, first_batch=first_batch)
     for index in range(first_batch, request.batch_count):
         if control.interrupted:
             break
         seeds, subseeds = batch_seeds(request, index)
-        inputs = FlowBatch(conditioning, seeds, subseeds, width, height, shift, plan)
+        inputs = FlowBatch(conditioning, seeds, subseeds, width, height, shift, plan, guidance=guidance)
         result = run_batch(components, device, request, inputs, control, step_reporter(clock, index))
         if result is None:
             control.take_skip()
@@ -201,7 +330,7 @@ def run(components, device, request: GenerationRequest, on_progress: ProgressCal
 
 def run_hires(components, device, request: GenerationRequest, upscale_pixels: hires.PixelUpscale,
               on_progress: ProgressCallback | None = None, control: JobControl | None = None, first_batch: int = 0,
-              *, shift: float | None = None):
+              *, shift: float | None = None, guidance: float | None = None):
     """`run` for a txt2img request with `enable_hr` (hires.run's passes and options on a flow
     model): the first pass's latents are upscaled (a latent mode) or decoded, upscaled and
     encoded again, then a second img2img pass runs at the hires size with the same seeds."""
@@ -209,14 +338,12 @@ def run_hires(components, device, request: GenerationRequest, upscale_pixels: hi
     width, height = request.size_for(components.spec.native_resolution)
     hr_width, hr_height = request.hires_size(width, height)
     second = hires.second_pass_request(request)
-    conditioning = encode_sd3_prompts(components, request.prompt, request.negative_prompt, device,
-                                      request.clip_skip)
+    conditioning = encode_prompts(components, request.prompt, request.negative_prompt, device, request)
     hr_prompts = (request.hr_prompt or request.prompt, request.hr_negative_prompt or request.negative_prompt)
     hr_conditioning = conditioning if hr_prompts == (request.prompt, request.negative_prompt) else \
-        encode_sd3_prompts(components, *hr_prompts, device, request.clip_skip)
-    for note in job_notes(components, request, conditioning):
+        encode_prompts(components, *hr_prompts, device, second)
+    for note in job_notes(components, request, conditioning, guidance):
         control.note(note)
-    shift = components.spec.family.flow_shift if shift is None else shift
     vae = components.vae
 
     clock = ProgressClock(request.steps + hires.second_pass_steps(request), request.batch_count, on_progress,
@@ -225,14 +352,15 @@ def run_hires(components, device, request: GenerationRequest, upscale_pixels: hi
         if control.interrupted:
             break
         seeds, subseeds = batch_seeds(request, index)
-        first_pass = FlowBatch(conditioning, seeds, subseeds, width, height, shift, decode=False)
+        first_pass = FlowBatch(conditioning, seeds, subseeds, width, height, shift, decode=False, guidance=guidance)
         latents = run_batch(components, device, request, first_pass, control, step_reporter(clock, index, offset=0))
         start = None if latents is None else _upscaled(vae, latents, request, (hr_width, hr_height),
                                                         upscale_pixels, control, device)
         if start is None:
             control.take_skip()
             continue
-        second_pass = FlowBatch(hr_conditioning, seeds, subseeds, hr_width, hr_height, shift, start_latents=start)
+        second_pass = FlowBatch(hr_conditioning, seeds, subseeds, hr_width, hr_height, shift, start_latents=start,
+                                guidance=guidance)
         result = run_batch(components, device, second, second_pass, control,
                            step_reporter(clock, index, offset=request.steps))
         if result is None:
@@ -251,3 +379,13 @@ def _upscaled(vae, latents, request: GenerationRequest, size: tuple[int, int], u
     except tiling.Cancelled:
         return None
     return torch.cat([to_model_latents(vae, encode_image(vae, image, device)) for image in upscaled])
+
+
+def check_request(request: GenerationRequest, others: dict) -> None:
+    """What the flow loop does not do yet is refused by name, never dropped without a word.
+    `others`: the job's other checkpoints by request field (refiner, hires checkpoint)."""
+    if others:
+        raise RequestError(next(iter(others)), "SD 3 and Flux checkpoints run without a refiner or a second "
+                                               "hires checkpoint on this server yet")
+    if any(unit.active for unit in request.control_units):
+        raise RequestError("control_units", "ControlNet and IP-Adapter units are not available for SD 3 and Flux yet")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from extensions.hooks import JobHooks
-from pipelines.core import hires_info, infotext, outputs, samplers, save_formats
+from pipelines.core import hires_info, infotext, outputs, samplers, save_formats, user_settings
 from pipelines.core.jobs import Job
 from pipelines.core.progress import JobControl, Progress, ProgressCallback
 from pipelines.core.request import GenerationRequest, GenerationResult, RequestError
@@ -31,14 +31,16 @@ from pipelines.generate import (
     ip_adapter,
     lora,
     outpaint,
+    previews,
     regions,
     runner,
     seamless,
+    tiny_decode,
     upscalers,
 )
-from pipelines.models import memory
+from pipelines.models import memory, taesd
 from pipelines.models.device import Placement
-from pipelines.models.families import BY_NAME, SD3
+from pipelines.models.families import BY_NAME
 from pipelines.models.manager import ModelManager
 from pipelines.models.registry import ModelFile, ModelRegistry
 
@@ -64,6 +66,7 @@ class JobContext:
     job: Job
     hooks: JobHooks | None = None
     on_progress: ProgressCallback | None = None
+    previews: Callable[[Progress], Progress] | None = None  # the job's live previews (previews.JobPreviews)
 
     @property
     def control(self) -> JobControl:
@@ -71,6 +74,8 @@ class JobContext:
 
     def track(self, progress: Progress) -> None:
         """A progress report: kept on the job (for /progress and late viewers) and passed on."""
+        if self.previews is not None:
+            progress = self.previews(progress)
         self.job.progress = progress
         if self.on_progress:
             self.on_progress(progress)
@@ -121,6 +126,10 @@ class Generator:
         self.hires_upscaler = hires_upscaler  # a latent mode name, or an Upscaler (RequestError when unknown)
         self.faces = faces  # faces.FaceRestoration: restore_faces (None: a RequestError when asked)
         self.paths = paths or Paths()  # the preprocessors' annotator folders
+        self.tiny_vaes = taesd.TinyAutoencoders(placement.device, placement.vae_dtype)  # previews, fast decodes
+        self.previews = previews.LivePreviews(lambda: registry.list("vae_approx"),
+                                              lambda: user_settings.settings_in(self.paths.data_dir).values(),
+                                              self.tiny_vaes)
 
     # --- the model a job runs on ---------------------------------------------------------------
     def prepare(self, file: ModelFile, request: GenerationRequest, extra: dict | None = None) -> PreparedModel:
@@ -173,6 +182,18 @@ class Generator:
                                        [request.prompt, request.negative_prompt])
         extra.update(embeddings.infotext_params(found))
         return found
+
+    def tiny_decoder(self, request: GenerationRequest, components):
+        """The TAESD that decodes a job's images instead of the VAE (`request.tiny_vae_decode`), or None;
+        RequestError naming the field when no file of models/VAE-approx fits the checkpoint's family."""
+        family = components.spec.family
+        return tiny_decode.prepare(request.tiny_vae_decode, self.registry.list("vae_approx"), self.tiny_vaes,
+                                   family.name, family.label)
+
+    def with_previews(self, context: JobContext, components) -> JobContext:
+        """`context` whose progress reports carry the live previews the settings ask for."""
+        family = components.spec.family
+        return replace(context, previews=self.previews.for_job(family.name, context.control, family.label))
 
     # --- other checkpoints of a job: the refiner, hires fix's ---------------------------------
     def other_files(self, file: ModelFile, request: GenerationRequest) -> dict[str, ModelFile]:
@@ -265,15 +286,18 @@ class Generator:
         other_files = self.other_files(file, request)  # bad names fail before anything loads
         prepared = self.prepare(file, request, outpainting)
         components, result, extra = prepared.components, prepared.result, prepared.extra
+        tiny = self.tiny_decoder(request, components)  # RequestError before the job runs when none fits
+        context = self.with_previews(context, components)
         others = self.load_others(other_files, request, prepared)
         crowded = self.crowded([file.name, *(o.file.name for o in others.values())], result.warnings)
         refiner, hr_model = others.get("refiner_checkpoint"), others.get("hr_checkpoint_name")
         refiner = refiner.second(request.refiner_switch_at) if refiner is not None else None
         width, height = request.size_for(components.spec.native_resolution)
-        flow = components.spec.family.name == SD3.name  # a flow-matching transformer: its own loop
+        flow = flow_runner.is_flow(components)  # a flow-matching transformer (SD 3, Flux): its own loop
+        flow_options = {"shift": request.shift, "guidance": request.distilled_cfg_scale}
         if flow:
-            self.check_flow_request(request, others)
-            extra.update(flow_runner.infotext_params(components))
+            flow_runner.check_request(request, others)
+            extra.update(flow_runner.infotext_params(components, **flow_options))
         _, prompt_units = ip_adapter.split_units(request.control_units, self.registry)
         controls = control_units.prepare(request, registry=self.registry, load_control=self.control_loader(components),
                                          paths=self.paths, family=components.spec.family.name,
@@ -299,9 +323,9 @@ class Generator:
                 upscale = lambda image, size: upscalers.upscale_image(image, hr_upscaler, target_size=size)  # noqa: E731
                 if request.enable_hr:
                     return flow_runner.run_hires(components, self.placement.device, request, upscale, context.track,
-                                                 control, first_batch=first_batch)
+                                                 control, first_batch=first_batch, **flow_options)
                 return flow_runner.run(components, self.placement.device, request, context.track, control,
-                                       first_batch=first_batch)
+                                       first_batch=first_batch, **flow_options)
             if request.enable_hr:
                 return hires.run(components, self.placement.device, request,
                                  lambda image, size: upscalers.upscale_image(image, hr_upscaler, target_size=size),
@@ -318,7 +342,8 @@ class Generator:
             while True:
                 try:
                     with self.held(prepared, list(others.values()), request, plan, crowded), \
-                            ip_adapter.applied(components.unet, image_prompts.prompts) as prompt_steps:
+                            ip_adapter.applied(components.unet, image_prompts.prompts) as prompt_steps, \
+                            tiny_decode.applied([components, *(o.components for o in others.values())], tiny):
                         for batch in batches(next_batch, prompt_steps):
                             for image, seed, subseed in zip(batch.images, batch.seeds, batch.subseeds):
                                 image = restore_faces(image, result.warnings)
@@ -348,16 +373,6 @@ class Generator:
                 result.warnings.append(note)
         result.interrupted = control.interrupted
         return result
-
-    @staticmethod
-    def check_flow_request(request: GenerationRequest, others: dict) -> None:
-        """What SD 3's loop does not do yet is refused by name, never dropped without a word."""
-        if others:
-            field_name = next(iter(others))
-            raise RequestError(field_name, "SD 3 checkpoints run without a refiner or a second hires checkpoint "
-                                           "on this server yet")
-        if any(unit.active for unit in request.control_units):
-            raise RequestError("control_units", "ControlNet and IP-Adapter units are not available for SD 3 yet")
 
     def control_loader(self, components) -> Callable[[ModelFile], Any]:
         """Loads a control model for `components`' U-Net from the model cache (device and precision

@@ -26,11 +26,13 @@ WEIGHTS_IGNORED_NOTE = "SD 3: prompt weights and BREAK are not applied yet (the 
 
 
 @dataclass(frozen=True)
-class SD3Conditioning:
-    cond: torch.Tensor  # (1, 77 + 256, joint width): CLIP-L|CLIP-G (padded), then T5
-    pooled_cond: torch.Tensor  # (1, CLIP-L + CLIP-G projection widths)
-    uncond: torch.Tensor
-    pooled_uncond: torch.Tensor
+class FlowConditioning:
+    """A flow transformer's text inputs (SD 3 here, Flux in `flux_prompts`)."""
+
+    cond: torch.Tensor  # SD 3: (1, 77 + 256, joint width): CLIP-L|CLIP-G (padded), then T5; Flux: T5's
+    pooled_cond: torch.Tensor  # SD 3: (1, CLIP-L + CLIP-G projection widths); Flux: CLIP-L's pooled output
+    uncond: torch.Tensor | None  # None: not encoded (Flux without real CFG)
+    pooled_uncond: torch.Tensor | None
     t5: bool  # T5-XXL encoded the prompts (else zeros stood in for it)
     weights_ignored: bool = False  # the prompts had weights or BREAK that were dropped
 
@@ -79,10 +81,10 @@ def encode_sd3_prompt(components, text: str, device, clip_skip: int = 1) -> tupl
 
 
 @torch.no_grad()
-def encode_sd3_prompts(components, prompt: str, negative_prompt: str, device, clip_skip: int = 1) -> SD3Conditioning:
+def encode_sd3_prompts(components, prompt: str, negative_prompt: str, device, clip_skip: int = 1) -> FlowConditioning:
     text, dropped = plain_text(prompt)
     negative, dropped_negative = plain_text(negative_prompt)
     cond, pooled = encode_sd3_prompt(components, text, device, clip_skip)
     uncond, pooled_uncond = encode_sd3_prompt(components, negative, device, clip_skip)
-    return SD3Conditioning(cond, pooled, uncond, pooled_uncond, t5=len(components.text_encoders) > 2,
+    return FlowConditioning(cond, pooled, uncond, pooled_uncond, t5=len(components.text_encoders) > 2,
                            weights_ignored=dropped or dropped_negative)

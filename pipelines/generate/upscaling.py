@@ -24,7 +24,7 @@ from pipelines.core.request import (
     RequestError,
     UpscaleRequest,
 )
-from pipelines.generate import hires, lora, regions, tiling, upscalers
+from pipelines.generate import hires, lora, regions, tiling, tiny_decode, upscalers
 from pipelines.generate.generation import VERSION, Generator, JobContext
 from pipelines.models.registry import ModelFile, ModelRegistry
 
@@ -201,6 +201,8 @@ class Upscaling:
         tile_w, tile_h = request.size_for(prepared.components.spec.native_resolution)
         prepared.extra["SD upscale tile"] = f"{tile_w}x{tile_h}"
         result = prepared.result
+        tiny = self.generator.tiny_decoder(request, prepared.components)  # refused before the upscale runs
+        context = self.generator.with_previews(context, prepared.components)
         if request.refiner_checkpoint:  # said, not silently dropped: the tiles run on one model
             result.warnings.append("refiner_checkpoint: SD upscale runs every tile on the main checkpoint; "
                                    "the refiner was not used")
@@ -215,7 +217,8 @@ class Upscaling:
             result.interrupted = True
             return result
         components = prepared.components
-        with prepared.model.lock, lora.applied(components, prepared.loras, result.warnings):
+        with prepared.model.lock, lora.applied(components, prepared.loras, result.warnings), \
+                tiny_decode.applied([components], tiny):
             for image, seed, subseed in hires.sd_upscale(components, self.generator.placement.device, request,
                                                          upscaled, int(options.overlap), context.track, control,
                                                          embeddings=prepared.embeddings):

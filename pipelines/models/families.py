@@ -36,6 +36,9 @@ SD3_TEXT_ENCODERS_PREFIX = "text_encoders."
 SD3_CLIP_L_PREFIX = SD3_TEXT_ENCODERS_PREFIX + "clip_l.transformer."
 SD3_CLIP_G_PREFIX = SD3_TEXT_ENCODERS_PREFIX + "clip_g.transformer."
 SD3_T5_PREFIX = SD3_TEXT_ENCODERS_PREFIX + "t5xxl.transformer."
+# Flux.1 single files (BFL's layout): the transformer bare or under the U-Net prefix; ComfyUI's and
+# Forge's all-in-one files add the VAE under `vae.` and the encoders under SD 3's names above.
+FLUX_VAE_PREFIX = "vae."
 # every text encoder prefix above starts with one of these (LDM's, SGM's and SD3's names)
 TEXT_ENCODER_ROOTS = ("cond_stage_model.", "conditioner.", SD3_TEXT_ENCODERS_PREFIX)
 DIFFUSERS_INDEX = "model_index.json"  # a folder holding it is one diffusers model, not single files
@@ -80,7 +83,11 @@ class Family:
     # Flow-matching families (SD 3.x): latents are (z - shift) * scale, and the sampler's
     # timestep shift (Forge's "Shift") comes from the model's scheduler config.
     latent_shift_factor: float = 0.0
-    flow_shift: float | None = None
+    flow_shift: float | None = None  # None with a flow schedule: resolution-dependent (Flux's dynamic shift)
+    # Guidance-distilled models (Flux.1 dev): the guidance the transformer takes as an input
+    # (Forge's "Distilled CFG Scale"), and the CFG scale at which no second pass runs.
+    distilled_guidance: float | None = None
+    default_cfg_scale: float | None = None  # None: A1111's 7; 1.0: real CFG off (one pass per step)
 
     def resolution_for(self, prediction_type: str, inpainting: bool, declared: int | None = None) -> int:
         """The size a model of this family was trained at: what its file declares, else the
@@ -190,8 +197,32 @@ SD3 = Family(
     flow_shift=3.0,
 )
 
+# Flux.1's schedules (the scheduler_config.json of BFL's diffusers folders): dev shifts by the
+# image's token count (mu from base_shift at 256 tokens to max_shift at 4096); schnell does not.
+FLUX_DEV_SCHEDULE = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
+                     "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
+FLUX_SCHNELL_SCHEDULE = {**FLUX_DEV_SCHEDULE, "shift": 1.0, "use_dynamic_shifting": False}
+
+FLUX = Family(
+    name="flux",
+    label="Flux.1",
+    markers=(UNET_PREFIX + "double_blocks.0.img_attn.norm.key_norm.scale",
+             "double_blocks.0.img_attn.norm.key_norm.scale"),  # diffusers' own Flux detection key
+    # CLIP-L's pooled output (final norm, no projection: transformers' CLIPTextModel) is the
+    # transformer's vector input; T5-XXL's 512 tokens (see flux_prompts) are its sequence
+    text_encoders=(TextEncoderSpec(prefix=SD3_CLIP_L_PREFIX, layout="hf_clip", pad_token=CLIP_L),),
+    native_resolution=1024,
+    latent_scaling_factor=0.3611,  # Flux's VAE config (ae.safetensors)
+    latent_shift_factor=0.1159,
+    unet_head_width=128,
+    scheduler=FLUX_DEV_SCHEDULE,
+    flow_shift=None,
+    distilled_guidance=3.5,  # diffusers' FluxPipeline and Forge's default
+    default_cfg_scale=1.0,
+)
+
 # Most specific first: an SDXL file has no `cond_stage_model.` keys, but order keeps it obvious.
-FAMILIES: tuple[Family, ...] = (SD3, SDXL, SDXL_REFINER, SD2, SD1)
+FAMILIES: tuple[Family, ...] = (FLUX, SD3, SDXL, SDXL_REFINER, SD2, SD1)
 BY_NAME = {f.name: f for f in FAMILIES}
 
 # SDXL aesthetic-score conditioning of the refiner (A1111's and diffusers' defaults)

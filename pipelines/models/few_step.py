@@ -5,8 +5,10 @@ one a file is, from its name and safetensors metadata, and the settings its auth
     -> {"sampler": "Euler", "schedule_type": "SGM Uniform", "steps": 4, "cfg_scale": 1.0, "why": "..."}
 
 Names are this app's sampler table names (`core.samplers`), so the result can be applied to a
-request as it is ("use recommended settings"). Pure text rules: no file is opened here (the
-caller passes the metadata it already read), so the listing can call this for every file.
+request as it is ("use recommended settings"). `recommended_settings` is pure text rules (the
+caller passes the metadata it already read), so the listing can call it for every file;
+`recommend_for_job` (the engine's `recommended_settings(checkpoint, prompt)`) finds the files a
+job names and reads their safetensors headers.
 
 The facts, from each model's card (CFG 1 is "no CFG": diffusers' guidance_scale 0 or 1):
 - LCM / LCM-LoRA: LCM sampler, 2-8 steps (4 is the card's example), CFG 1-2.
@@ -25,9 +27,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 from pipelines.core import samplers
+from pipelines.core.checks import RequestError
+from pipelines.core.extra_networks import extract_extra_networks
+from pipelines.models.checkpoint_file import CheckpointError, read_header
 
 # The metadata fields that name a file (kohya's output name, the model spec's title); others,
 # like kohya's ss_sd_model_name (the base a LoRA was trained on), say nothing about the file itself.
@@ -134,15 +139,53 @@ def _recognise(text: str) -> dict | None:
     return None
 
 
-def recommended_settings(name: str, metadata: Mapping[str, str] | None = None) -> dict | None:
+def recommended_settings(name: str, metadata: Mapping[str, str] | None = None, *,
+                         is_lora: bool | None = None) -> dict | None:
     """The sampler, schedule type, steps and CFG scale a few-step checkpoint or LoRA wants, with
     a short "why" for the UI; None for a file that is not one. `name` is the listed file name
     (folders are ignored), `metadata` its safetensors metadata (kohya's ss_output_name and the
-    model spec's title name the file when it was renamed)."""
+    model spec's title name the file when it was renamed). `is_lora`: what the caller knows
+    (a prompt's <lora:...> tag); None: the metadata says."""
+    lora = _is_lora(metadata) if is_lora is None else is_lora
     for text in _names(name, metadata):
         found = _recognise(text)
         if found is not None:
-            if _is_lora(metadata) and "LoRA" not in found["why"]:
-                found["why"] += " (a LoRA)"
+            if lora and "LoRA" not in found["why"]:
+                found["why"] = (found["why"].replace(" model:", " LoRA:", 1) if " model:" in found["why"]
+                                else found["why"] + " (a LoRA)")
             return found
+    return None
+
+
+def file_metadata(path: Path) -> dict[str, str]:
+    """A file's own metadata (safetensors header, diffusers folder); {} for a pickle, whose
+    reading would mean unpickling it, or a file that cannot be read."""
+    path = Path(path)
+    if not (path.is_dir() or path.suffix.lower() in (".safetensors", ".gguf")):
+        return {}
+    try:
+        return dict(read_header(path).metadata)
+    except (CheckpointError, OSError):
+        return {}
+
+
+def recommend_for_job(registry, checkpoint: str | None, prompt: str) -> dict | None:
+    """"Use recommended settings" for a job on `checkpoint` with `prompt`: the first few-step
+    LoRA among the prompt's <lora:...> tags (the user's latest choice), else the checkpoint. Its
+    `recommended_settings` with `source` (the file's listed name) and `source_kind` ("lora" |
+    "checkpoint"); None when neither is a few-step model. RequestError naming `checkpoint` for a
+    name the listing does not have. LoRA tags naming no listed file are passed over."""
+    _, networks = extract_extra_networks(prompt or "")
+    candidates = [("lora", registry.find("lora", net.name)) for net in networks if net.is_lora]
+    if checkpoint:
+        file = registry.find("checkpoints", checkpoint)
+        if file is None:
+            raise RequestError("checkpoint", f"unknown checkpoint {checkpoint!r}")
+        candidates.append(("checkpoint", file))
+    for kind, file in candidates:
+        if file is None:
+            continue
+        found = recommended_settings(file.name, file_metadata(file.path), is_lora=kind == "lora" or None)
+        if found is not None:
+            return {**found, "source": file.name, "source_kind": kind}
     return None

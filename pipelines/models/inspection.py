@@ -8,7 +8,8 @@ from pathlib import Path
 from pipelines.models.architecture import infer_clip_config, infer_unet_config, infer_vae_config, unet_ema_keys
 from pipelines.models.checkpoint_file import CheckpointError, CheckpointHeader, read_header, sniff_format
 from pipelines.models.diffusers_folder import inspect_diffusers_folder
-from pipelines.models.families import detect_family
+from pipelines.models.families import FLUX, SD3, detect_family
+from pipelines.models.flux_files import flux_variant, inspect_flux, inspect_flux_folder, is_flux_file, is_flux_folder
 from pipelines.models.prediction import resolve_prediction
 from pipelines.models.sd3_files import inspect_sd3, inspect_sd3_folder, is_sd3_file, is_sd3_folder, sd3_variant
 from pipelines.models.spec import ModelSpec, declared_resolution
@@ -28,10 +29,14 @@ LISTED_METADATA_CHARS = 2000  # longer values (kohya's tag frequencies, ...) sta
 def inspect_checkpoint(header: CheckpointHeader) -> ModelSpec:
     """Family, variant, prediction type and component configs, from names and shapes alone."""
     if header.format == "diffusers":
-        if is_sd3_folder(header.path):  # a transformer/ pipeline, not a unet/ one
+        if is_flux_folder(header.path):  # transformer/ pipelines, not unet/ ones
+            return inspect_flux_folder(header.path)
+        if is_sd3_folder(header.path):
             return inspect_sd3_folder(header.path)
         return inspect_diffusers_folder(header.path)
-    if is_sd3_file(header.shapes):  # an MMDiT, not a U-Net: its own module reads it
+    if is_flux_file(header.shapes):  # flow transformers, not U-Nets: their own modules read them
+        return inspect_flux(header)
+    if is_sd3_file(header.shapes):
         return inspect_sd3(header)
     family = detect_family(header.shapes)
     try:
@@ -76,12 +81,26 @@ def describe_checkpoint(path: Path) -> dict:
         "prediction": spec.prediction_type,
         "prediction_source": spec.prediction_source,
         "ema": spec.ema,
-        **({"variant": sd3_variant(spec.unet_config)} if spec.family.name == "sd3" else {}),
+        **family_details(spec),
         "format": header.format,
         "demo": header.metadata.get("sdui.demo") == "true",  # the shipped demo model: the UI says so
         **metadata_card(header.metadata),
         "metadata": {k: v for k, v in header.metadata.items() if len(v) < LISTED_METADATA_CHARS},
     }
+
+
+def family_details(spec: ModelSpec) -> dict:
+    """The flow families' variant ("SD 3.5 medium", "Flux.1 dev"), and for guidance-distilled ones
+    the settings they are meant to run with (the UI and API clients may apply them)."""
+    if spec.family is SD3:
+        return {"variant": sd3_variant(spec.unet_config)}
+    if spec.family is not FLUX:
+        return {}
+    dev = bool(spec.unet_config.get("guidance_embeds"))
+    recommended = {"sampler": "Euler", "cfg_scale": FLUX.default_cfg_scale, "steps": 20 if dev else 4}
+    if dev:
+        recommended["distilled_cfg_scale"] = FLUX.distilled_guidance
+    return {"variant": flux_variant(spec.unet_config), "recommended": recommended}
 
 
 def metadata_card(metadata: dict) -> dict[str, str]:

@@ -26,12 +26,19 @@ import torch
 
 from pipelines.models import memory
 from pipelines.models.build import load_vae
-from pipelines.models.checkpoint_file import read_header
+from pipelines.models.checkpoint_file import CheckpointError, read_header
 from pipelines.models.control_files import check_control_file, load_control_model
 from pipelines.models.device import Placement, apply_attention
-from pipelines.models.families import TEXT_ENCODER_ROOTS, UNET_PREFIX, VAE_PREFIX
+from pipelines.models.families import FAMILIES, TEXT_ENCODER_ROOTS, UNET_PREFIX, VAE_PREFIX
+from pipelines.models.flux_build import (
+    check_checkpoint_parts,
+    is_flow_checkpoint,
+    load_checkpoint_components,
+    load_flow_vae,
+    separate_vae,
+)
+from pipelines.models.flux_files import bytes_text, flow_vae_prefix, transformer_weights, what_would_fit
 from pipelines.models.inspection import inspect_checkpoint
-from pipelines.models.sd3_build import check_sd3_parts, is_sd3_checkpoint, load_checkpoint_components
 from pipelines.models.spec import Components, modules_nbytes
 
 # the weights a loaded model holds (not a full file's EMA copy or training state)
@@ -65,9 +72,10 @@ class LoadedControl:  # a ControlNet or T2I-Adapter
 
 class ModelManager:
     def __init__(self, placement: Placement, budget_bytes: int | None = None, max_vaes: int = 2,
-                 text_encoder_dir: Path | None = None):
+                 text_encoder_dir: Path | None = None, vae_dir: Path | None = None):
         self.placement = placement
-        self.text_encoder_dir = text_encoder_dir  # SD 3's separate encoders (models/text_encoder)
+        self.text_encoder_dir = text_encoder_dir  # SD 3's and Flux's separate encoders (models/text_encoder)
+        self.vae_dir = vae_dir  # models/VAE: Flux's VAE for a transformer file without one
         if budget_bytes is None:
             budget_bytes = int(psutil.virtual_memory().total * 0.5)
             if placement.device.type == "cuda":
@@ -84,20 +92,48 @@ class ModelManager:
         st = Path(path).stat()
         return (str(Path(path).resolve()), st.st_size, st.st_mtime)
 
-    def _estimate(self, header) -> int:
-        """Bytes the model will take at the run dtype, from the header alone."""
+    def _estimate(self, header, encoders: dict | None = None) -> int:
+        """Bytes the model will take at the run dtype, from the header alone; a flow transformer's
+        file counts whole (BFL's have no prefix), with the separate `encoders` it loads."""
         if header.format == "diffusers":
             return sum(p.stat().st_size for p in Path(header.path).rglob("*.safetensors")) * (
                 2 if self.placement.dtype == torch.float32 else 1)
-        itemsize = torch.empty((), dtype=self.placement.dtype).element_size()
-        total = 0
-        for key, shape in header.shapes.items():
-            if key.startswith(MODEL_WEIGHT_PREFIXES):
-                n = 1
-                for d in shape:
-                    n *= d
-                total += n * itemsize
-        return total
+        itemsize = self._itemsize()
+        flow = is_flow_checkpoint(header)
+        total = sum(math.prod(shape) for key, shape in header.shapes.items()
+                    if flow or key.startswith(MODEL_WEIGHT_PREFIXES))
+        for weights in (encoders or {}).values():
+            if weights.header.path != header.path:
+                total += sum(math.prod(shape) for key, shape in weights.header.shapes.items()
+                             if key.startswith(weights.prefix))
+        vae_file = separate_vae(header, self.vae_dir)  # Flux's ae.safetensors for a bare transformer
+        if vae_file is not None:
+            total += sum(math.prod(shape) for shape in read_header(vae_file).shapes.values())
+        return total * itemsize
+
+    def _itemsize(self) -> int:
+        return torch.empty((), dtype=self.placement.dtype).element_size()
+
+    def room_bytes(self) -> int:
+        """Memory a model can be loaded into: free RAM and what evicting every cached model frees."""
+        return int(psutil.virtual_memory().available) + self._total()
+
+    def _check_room(self, header, needed: int) -> None:
+        """A model that cannot be loaded into RAM whole is refused before anything is evicted, with
+        what would fit (a flow transformer's GGUF / fp8 file) instead of the process being killed."""
+        room = self.room_bytes()
+        if needed <= room:
+            return
+        message = (f"{header.path.name} needs about {bytes_text(needed)} of memory to load at "
+                   f"{str(self.placement.dtype).removeprefix('torch.')}, and {bytes_text(room)} is free for models")
+        if is_flow_checkpoint(header) and header.format != "diffusers":
+            transformer = transformer_weights(header)
+            message += (f" (its transformer alone: {bytes_text(transformer * self._itemsize())}); "
+                        f"{what_would_fit(transformer, room - (needed - transformer * self._itemsize()))}, "
+                        "with the text encoders and VAE it needs")
+        else:
+            message += "; a smaller (fp16 or pruned) file of it may fit"
+        raise CheckpointError(message)
 
     def get(self, name: str, path: Path) -> LoadedModel:
         """The loaded model for this file, loading it (and evicting others) if needed."""
@@ -108,15 +144,18 @@ class ModelManager:
                 return self._cache[key]
             header = read_header(path)
             inspect_checkpoint(header)  # a broken or unknown file fails here, before any eviction
-            sd3 = is_sd3_checkpoint(header)
-            if sd3:
-                check_sd3_parts(header, self.text_encoder_dir)  # missing encoders fail before any eviction too
-            self._evict_for(self._estimate(header))
+            flow = is_flow_checkpoint(header)
+            # missing encoders, and a model too big for the memory, fail before any eviction too
+            encoders = check_checkpoint_parts(header, self.text_encoder_dir, self.vae_dir)
+            needed = self._estimate(header, encoders)
+            self._check_room(header, needed)
+            self._evict_for(needed)
             components = load_checkpoint_components(path, self.placement.dtype, self.placement.vae_dtype,
                                                     header=header, text_encoder_dir=self.text_encoder_dir,
+                                                    vae_dir=self.vae_dir,
                                                     unet_channels_last=self.placement.channels_last,
                                                     vae_channels_last=self.placement.vae_channels_last)
-            if not sd3:  # xformers / sliced processors are the U-Net's; the MMDiT keeps diffusers' joint SDPA
+            if not flow:  # xformers / sliced processors are the U-Net's; the transformers keep diffusers' joint SDPA
                 apply_attention(components.unet, self.placement.attention)
             hooks = memory.place(components, self.placement)
             model = LoadedModel(name=name, components=components, nbytes=components.nbytes(), offload_hooks=hooks)
@@ -147,7 +186,7 @@ class ModelManager:
             if key in self._vaes:
                 self._vaes.move_to_end(key)
                 return self._vaes[key].module
-            module = load_vae(path, self.placement.vae_dtype, scaling_factor, sample_size)
+            module = self._load_vae(path, scaling_factor, sample_size)
             if self.placement.vae_channels_last:
                 module.to(memory_format=torch.channels_last)
             hooks = memory.offload([module], self.placement.device, self.placement.offload)
@@ -155,6 +194,15 @@ class ModelManager:
                 self._vaes.popitem(last=False)
             self._vaes[key] = LoadedVae(Path(path), module, modules_nbytes([module]), hooks)
             return module
+
+    def _load_vae(self, path: Path, scaling_factor: float, sample_size: int) -> torch.nn.Module:
+        """A flow family's 16-channel VAE (SD 3's, Flux's ae.safetensors) with that family's scaling
+        and shift, or any other VAE file as the U-Net families read them."""
+        family = next((f for f in FAMILIES if f.latent_shift_factor and f.latent_scaling_factor == scaling_factor),
+                      None)
+        if family is not None and flow_vae_prefix(read_header(path).shapes) is not None:
+            return load_flow_vae(path, self.placement.vae_dtype, family)
+        return load_vae(path, self.placement.vae_dtype, scaling_factor, sample_size)
 
     # --- ControlNets and T2I-Adapters -----------------------------------------------------------
     def get_control(self, path: Path, time_ids_width: int | None = None) -> torch.nn.Module:
@@ -188,7 +236,7 @@ class ModelManager:
         with self._lock:
             for entry in [*self._cache.values(), *self._vaes.values(), *self._controls.values()]:
                 memory.offload_all(entry.offload_hooks)
-        self._release()
+        memory.release(self.placement.device, after_job=True)
 
     # --- control and facts -----------------------------------------------------------------------
     def unload(self, name: str) -> bool:

@@ -58,9 +58,19 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, (MemoryError, RuntimeError)) and "out of memory" in str(exc).lower()
 
 
-def release(device: torch.device) -> None:
-    """Give back what a finished or failed job held (cached CUDA blocks included)."""
-    gc.collect()
+def release(device: torch.device, *, after_job: bool = False) -> None:
+    """Give back what a finished or failed job held (cached CUDA blocks included).
+
+    A full garbage collection walks the half a million objects torch and diffusers keep
+    (0.25-0.65 s on a 2-core CPU, a tenth of a 20-step demo job). After a job on the CPU
+    (`after_job`) only the young generations are collected: measured, a finished job leaves no
+    tensor in a reference cycle (86 small objects), and what an older cycle holds is RAM that
+    Python's own full collection gives back later. On CUDA, and after an eviction, an unload or
+    running out of memory, the collection stays full: there the memory is needed back now."""
+    if after_job and device.type != "cuda":
+        gc.collect(1)
+    else:
+        gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -125,7 +135,11 @@ def low_memory(components, placement: Placement) -> Iterator[None]:
     vae.enable_tiling()
     vae.enable_slicing()
     slicing = hasattr(unet, "set_attention_slice")  # SD 3's transformer chunks its feed-forward instead
-    unet.set_attention_slice("auto") if slicing else unet.enable_forward_chunking()
+    chunking = not slicing and hasattr(unet, "enable_forward_chunking")  # Flux's transformer does neither
+    if slicing:
+        unet.set_attention_slice("auto")
+    elif chunking:
+        unet.enable_forward_chunking()
     modules = [*components.text_encoders, unet, vae]
     offloaded = placement.device.type == "cuda" and placement.offload == "none"
     hooks = offload(modules, placement.device, "medvram") if offloaded else []
@@ -136,7 +150,7 @@ def low_memory(components, placement: Placement) -> Iterator[None]:
             offload_all(hooks)
             remove_offload(modules, placement.device)
         unet.set_attn_processor(processors)
-        if not slicing:
+        if chunking:
             unet.disable_forward_chunking()
         vae.disable_slicing()
         vae.disable_tiling()

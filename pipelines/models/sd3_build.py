@@ -3,8 +3,9 @@ the 16-channel AutoencoderKL, CLIP-L and CLIP-G with their projections, and T5-X
 
 Configs come from the shapes (`sd3_files`); weights go from the files into modules built on
 the meta device, through diffusers' own single-file converters, with strict checks: every
-weight the module expects is there with its shape. fp8-stored files (e4m3fn / e5m2) are
-cast to the run dtype as they are read. The transformer sits in `Components.unet`, so the
+weight the module expects is there with its shape. A transformer stored in fp8 (e4m3fn /
+e5m2) stays in fp8 and is lifted to the run dtype layer by layer; a GGUF one stays quantized
+(`quantized`); the encoders and VAE are cast to the run dtype as they are read. The transformer sits in `Components.unet`, so the
 cache, memory plans and offload treat it like any denoiser; `text_encoders` and `tokenizers`
 are CLIP-L, CLIP-G, then T5 when it is available (weights and tokenizer).
 """
@@ -16,10 +17,12 @@ from pathlib import Path
 
 import torch
 
-from pipelines.models.build import build_text_encoder, empty_modules, load_components
+from pipelines.models.build import build_text_encoder, empty_modules
 from pipelines.models.checkpoint_file import CheckpointError, CheckpointHeader, TensorSource, no_gc, read_header
 from pipelines.models.clip_tokenizer import load_tokenizer
 from pipelines.models.families import VAE_PREFIX
+from pipelines.models.gguf_files import is_gguf
+from pipelines.models.quantized import keep_fp8, load_gguf_transformer, stored_fp8_dtype
 from pipelines.models.sd3_files import (
     CLIP_G,
     CLIP_L,
@@ -43,9 +46,10 @@ from pipelines.models.t5_tokenizer import find_t5_tokenizer, load_t5_tokenizer
 
 
 def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype, what: str,
-                path: Path) -> torch.nn.Module:
+                path: Path, keep: torch.dtype | None = None) -> torch.nn.Module:
     """Put `state` into the meta-built `module` (cast to `dtype`): every expected weight with
-    its shape, or a CheckpointError naming the file, the part and the first bad weight."""
+    its shape, or a CheckpointError naming the file, the part and the first bad weight.
+    `keep`: the fp8 dtype the weights stored in it stay in (computed in `dtype` layer by layer)."""
     expected = module.state_dict()
     missing = [k for k in expected if k not in state]
     if missing:
@@ -54,22 +58,31 @@ def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], dtype: 
     if bad:
         raise CheckpointError(f"{path.name}: {what} weight {bad[0]} has shape {tuple(state[bad[0]].shape)}, "
                               f"expected {tuple(expected[bad[0]].shape)}")
-    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items() if k in expected}
+    state = {k: v for k, v in state.items() if k in expected}
+    if keep is not None:
+        return keep_fp8(module, state, dtype, keep)
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
     module.load_state_dict(state, strict=True, assign=True)
     return module.eval().requires_grad_(False)
 
 
-def load_transformer(source: TensorSource, prefix: str, config: dict, dtype: torch.dtype):
+def load_transformer(source: TensorSource, prefix: str, config: dict, dtype: torch.dtype,
+                     fp8_storage: bool = True):
+    """The MMDiT: kept quantized from a GGUF file, kept in fp8 from an fp8 one where the device
+    can store fp8 (`fp8_storage`: see quantized.fp8_storage_supported), else at `dtype`."""
     from diffusers import SD3Transformer2DModel  # heavy: only when loading
     from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 
+    if is_gguf(source.header):
+        return load_gguf_transformer(source.header, SD3Transformer2DModel, config, dtype, prefix=prefix)
     with empty_modules():
         transformer = SD3Transformer2DModel(**config)
     keys = [k for k in source.header.shapes if k.startswith(prefix) and not k.startswith(VAE_PREFIX)
             and not k.startswith("text_encoders.")]
-    raw = {k[len(prefix):]: source.get(k, dtype) for k in keys}
+    storage = stored_fp8_dtype(source.header, keys) if fp8_storage else None
+    raw = {k[len(prefix):]: source.get(k, None if storage else dtype) for k in keys}
     state = convert_sd3_transformer_checkpoint_to_diffusers(raw)
-    return load_strict(transformer, state, dtype, "the SD 3 transformer", source.header.path)
+    return load_strict(transformer, state, dtype, "the SD 3 transformer", source.header.path, keep=storage)
 
 
 def load_sd3_vae(source: TensorSource, dtype: torch.dtype):
@@ -108,7 +121,8 @@ def load_t5(weights: EncoderWeights, source: TensorSource, dtype: torch.dtype):
     return load_strict(encoder, state, dtype, "the t5xxl text encoder", weights.header.path)
 
 
-def _load_encoder(weights: EncoderWeights, dtype: torch.dtype):
+def load_encoder(weights: EncoderWeights, dtype: torch.dtype):
+    """CLIP-L / CLIP-G (with projection) or T5-XXL, from its file."""
     with TensorSource(weights.header) as source:
         return (load_t5 if weights.name == T5XXL else load_clip)(weights, source, dtype)
 
@@ -130,10 +144,11 @@ def check_sd3_parts(header: CheckpointHeader, text_encoder_dir: Path | None = No
 @no_gc()
 def load_sd3_components(path: Path, dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None,
                         header: CheckpointHeader | None = None, text_encoder_dir: Path | None = None,
-                        vae=None) -> Components:
+                        vae=None, fp8_storage: bool = True) -> Components:
     """Every module of an SD 3.x single file or diffusers folder. Separate text encoders come
     from `text_encoder_dir` (models/text_encoder) when the file lacks them; a separate `vae`
-    module (loaded by the caller from models/VAE) when it lacks its VAE."""
+    module (loaded by the caller from models/VAE) when it lacks its VAE. `fp8_storage`: an
+    fp8 transformer stays in fp8 (False where the device has no fp8 type: cast as read)."""
     path = Path(path)
     header = header or read_header(path)
     if header.format == "diffusers":
@@ -141,15 +156,16 @@ def load_sd3_components(path: Path, dtype: torch.dtype = torch.float32, vae_dtyp
     spec = inspect_sd3(header)
     encoders = check_sd3_parts(header, text_encoder_dir, has_separate_vae=vae is not None)
     with TensorSource(header) as source:
-        transformer = load_transformer(source, transformer_prefix(header.shapes), spec.unet_config, dtype)
+        transformer = load_transformer(source, transformer_prefix(header.shapes), spec.unet_config, dtype,
+                                       fp8_storage)
         if vae is None:
             vae = load_sd3_vae(source, vae_dtype or dtype)
-    modules = [_load_encoder(encoders[name], dtype) for name in REQUIRED_ENCODERS]
+    modules = [load_encoder(encoders[name], dtype) for name in REQUIRED_ENCODERS]
     tokenizers = [load_tokenizer(encoder_spec(name, "")) for name in (CLIP_L, CLIP_G)]
     t5 = encoders.get(T5XXL)
     tokenizer_folder = find_t5_tokenizer(t5.header.path, text_encoder_dir) if t5 else None
     if t5 and tokenizer_folder:
-        modules.append(_load_encoder(t5, dtype))
+        modules.append(load_encoder(t5, dtype))
         tokenizers.append(load_t5_tokenizer(tokenizer_folder))
     configs = [m.config.to_dict() for m in modules]
     spec = replace(spec, text_encoder_configs=configs, vae_config=dict(vae.config))
@@ -186,15 +202,3 @@ def load_sd3_folder(folder: Path, dtype: torch.dtype = torch.float32,
 def is_sd3_checkpoint(header: CheckpointHeader) -> bool:
     """An SD 3.x single file or diffusers folder (which `load_sd3_components` loads)."""
     return is_sd3_folder(header.path) if header.format == "diffusers" else is_sd3_file(header.shapes)
-
-
-def load_checkpoint_components(path: Path, dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None,
-                               header: CheckpointHeader | None = None, text_encoder_dir: Path | None = None,
-                               **unet_options) -> Components:
-    """Any checkpoint's modules: SD 3.x here, the U-Net families through `build.load_components`
-    (`unet_options`: its channels-last switches and `probe`)."""
-    path = Path(path)
-    header = header or read_header(path)
-    if is_sd3_checkpoint(header):
-        return load_sd3_components(path, dtype, vae_dtype, header=header, text_encoder_dir=text_encoder_dir)
-    return load_components(path, dtype, vae_dtype, header=header, **unet_options)

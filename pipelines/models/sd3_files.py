@@ -24,6 +24,7 @@ from pipelines.models.families import (
     SD3_T5_PREFIX,
     UNET_PREFIX,
     VAE_PREFIX,
+    Family,
     TextEncoderSpec,
 )
 from pipelines.models.spec import ModelSpec, declared_resolution
@@ -119,15 +120,15 @@ def has_vae(shapes) -> bool:
     return VAE_PREFIX + "decoder.conv_in.weight" in shapes
 
 
-def vae_config(shapes, prefix: str = VAE_PREFIX) -> dict[str, Any]:
-    """The 16-channel AutoencoderKL of SD 3: LDM's layout without quant convs (the latent width
-    is the decoder's input), latents scaled and shifted by the family's factors."""
+def vae_config(shapes, prefix: str = VAE_PREFIX, family: Family = SD3) -> dict[str, Any]:
+    """The 16-channel AutoencoderKL of SD 3 (and Flux, the same layout): LDM's names without quant
+    convs (the latent width is the decoder's input), latents scaled and shifted by the family's factors."""
     latent = shapes[prefix + "decoder.conv_in.weight"][1]
-    # infer_vae_config reads the latent width from post_quant_conv, which SD 3's VAE does not have
+    # infer_vae_config reads the latent width from post_quant_conv, which these VAEs do not have
     with_quant = {**shapes, prefix + "post_quant_conv.weight": (latent, latent, 1, 1)}
-    config = infer_vae_config(with_quant, SD3.latent_scaling_factor, SD3.native_resolution, prefix=prefix)
+    config = infer_vae_config(with_quant, family.latent_scaling_factor, family.native_resolution, prefix=prefix)
     has_quant = prefix + "quant_conv.weight" in shapes
-    return {**config, "shift_factor": SD3.latent_shift_factor, "use_quant_conv": has_quant,
+    return {**config, "shift_factor": family.latent_shift_factor, "use_quant_conv": has_quant,
             "use_post_quant_conv": prefix + "post_quant_conv.weight" in shapes}
 
 
@@ -216,19 +217,23 @@ def encoder_files(folder: Path | None) -> dict[str, EncoderWeights]:
     return found
 
 
-def locate_encoders(header: CheckpointHeader, text_encoder_dir: Path | None) -> dict[str, EncoderWeights]:
+SD3_ENCODER_FILES = "clip_l.safetensors, clip_g.safetensors and, optionally, t5xxl_fp16.safetensors"
+
+
+def locate_encoders(header: CheckpointHeader, text_encoder_dir: Path | None,
+                    required: tuple[str, ...] = REQUIRED_ENCODERS, *, model: str = "an SD 3 transformer",
+                    files: str = SD3_ENCODER_FILES) -> dict[str, EncoderWeights]:
     """The file's own text encoders, completed from `text_encoder_dir`; a clear error naming
-    the file and what is missing when CLIP-L or CLIP-G cannot be found (T5 is optional)."""
+    the file, what is missing of `required` and which `files` go where, when any is not found
+    (SD 3: CLIP-L and CLIP-G, T5 optional; Flux passes its own)."""
     found = encoders_inside(header)
     if len(found) < 3:  # complete it from the folder: e.g. SD 3 medium "incl_clips" files have no T5
         found = {**encoder_files(text_encoder_dir), **found}
-    missing = [name for name in REQUIRED_ENCODERS if name not in found]
+    missing = [name for name in required if name not in found]
     if missing:
         where = f"{text_encoder_dir}" if text_encoder_dir else TEXT_ENCODER_FOLDER
-        raise CheckpointError(
-            f"{header.path.name}: an SD 3 transformer without its text encoders; missing "
-            f"{', '.join(missing)} (put clip_l.safetensors, clip_g.safetensors and, optionally, "
-            f"t5xxl_fp16.safetensors in {where}/)")
+        raise CheckpointError(f"{header.path.name}: {model} without its text encoders; missing "
+                              f"{', '.join(missing)} (put {files} in {where}/)")
     return found
 
 
@@ -269,9 +274,13 @@ def transformer_working_bytes(config, width: int, height: int, rows: int, itemsi
     """Peak activations of one MMDiT step beyond the weights, for the memory plan: per row
     (images x 2 under CFG) the joint sequence (image patches + 77 CLIP + 256 T5 tokens) through
     a block (q, k, v, attention output, the 4x MLP: about 12 widths a token) plus one head's
-    worth of attention scores at a time per head (PyTorch's math attention holds them all)."""
-    patch = config["patch_size"]
-    tokens = (height // 8 // patch) * (width // 8 // patch) + 77 + 256
+    worth of attention scores at a time per head (PyTorch's math attention holds them all).
+    Flux (a config with single blocks) packs 2x2 latents into a token and has 512 T5 tokens."""
+    if "num_single_layers" in config:
+        tokens = (height // 16) * (width // 16) + 512
+    else:
+        patch = config["patch_size"]
+        tokens = (height // 8 // patch) * (width // 8 // patch) + 77 + 256
     width_ = config["num_attention_heads"] * config["attention_head_dim"]
     per_row = tokens * width_ * 12 + config["num_attention_heads"] * tokens * tokens
     return rows * per_row * itemsize

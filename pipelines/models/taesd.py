@@ -18,11 +18,13 @@ latent space), so the name does: "taesdxl" is SDXL's, "taesd" SD 1.x/2.x's; 16-c
 - ``describe_taesd(path)``: the listing's details (family names, latent channels, or error).
 - ``pick_taesd(files, family)``: the file for a checkpoint family (None if none fits).
 - ``load_taesd(path)`` -> ``TinyAutoencoder`` with ``decode_preview(latents)`` and ``decode(latents)``.
+- ``TinyAutoencoders``: the one kept loaded, shared by live previews and fast final decodes.
 """
 
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,9 @@ NAME_FAMILIES = (
     (re.compile(r"taesdxl"), ("sdxl", "sdxl_refiner")),
     (re.compile(r"taesd(?![0-9a-z])"), ("sd1", "sd2")),
 )
+# the file each family's users download (madebyollin/taesd's names): what a message asks for
+EXPECTED_FILES = {"sd1": "taesd_decoder.pth", "sd2": "taesd_decoder.pth",
+                  "sdxl": "taesdxl_decoder.pth", "sdxl_refiner": "taesdxl_decoder.pth"}
 DECODER = "decoder.layers."
 ORIGINAL_KEY = re.compile(r"^(?:decoder\.)?(\d+)\.(.+)$")  # taesd.py's Sequential: "3.conv.0.weight"
 
@@ -201,3 +206,34 @@ def load_taesd(path: Path, name: str | None = None, *, device: str | torch.devic
         raise CheckpointError(f"{path.name}: not a TAESD decoder (missing {missing[:3]}, unexpected {unexpected[:3]})")
     families = families_for(name) if model.config.latent_channels == 4 else ()
     return TinyAutoencoder(model.to(device=device, dtype=dtype).eval(), families, name)
+
+
+def missing_text(family: str, label: str | None = None) -> str:
+    """What to say when no file fits `family`: which one to put where."""
+    wanted = EXPECTED_FILES.get(family)
+    if wanted is None:
+        return f"no TAESD decoder fits {label or family} (its latents are not those TAESD decodes)"
+    return f"no TAESD decoder for {label or family} in models/VAE-approx (put {wanted} there)"
+
+
+class TinyAutoencoders:
+    """The tiny autoencoder kept loaded: one at a time (a few MB; a job of another family swaps
+    it), keyed by file, size and mtime so a replaced file is read again. Live previews load it
+    from the thread that polls /progress while the job's thread decodes, hence the lock."""
+
+    def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        self.device, self.dtype = device, dtype
+        self._lock = threading.Lock()
+        self._loaded: tuple[tuple, TinyAutoencoder] | None = None
+
+    def get(self, file) -> TinyAutoencoder:
+        """The loaded decoder of a listed file (a ModelFile: name relative to VAE-approx, path);
+        CheckpointError naming it when it is no TAESD decoder."""
+        path = Path(file.path)
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime)
+        with self._lock:
+            if self._loaded is None or self._loaded[0] != key:
+                self._loaded = None  # the old one goes before the new one loads
+                self._loaded = (key, load_taesd(path, file.name, device=self.device, dtype=self.dtype))
+            return self._loaded[1]

@@ -58,6 +58,11 @@ class GenerationFields(ApiModel):
     do_not_save_grid: bool = False
     eta: Optional[float] = None
     denoising_strength: float = 0.75
+    tiny_vae_decode: bool = Field(False, description="decode the final images with the TAESD of models/VAE-approx "
+                                                      "(faster, a little softer); refused when none fits the model")
+    distilled_cfg_scale: Optional[float] = Field(None, description="Flux dev's guidance (Forge's Distilled CFG "
+                                                                   "Scale); absent: the model's own, 3.5")
+    shift: Optional[float] = Field(None, description="SD 3 / Flux: the flow schedule's shift; absent: the model's own")
     s_min_uncond: Optional[float] = Field(None, description="NGMS: below this sigma every other step skips the "
                                                             "negative prompt's pass (0 or absent: off)")
     s_churn: Optional[float] = None

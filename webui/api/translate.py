@@ -131,6 +131,8 @@ def prepare_generation(engine: EngineAPI, body: GenerationFields, options: ApiOp
         seed_resize_from_w=body.seed_resize_from_w, seed_resize_from_h=body.seed_resize_from_h,
         **_size(engine, body, checkpoint), batch_size=body.batch_size, batch_count=body.n_iter,
         checkpoint=checkpoint.name, vae=vae, clip_skip=clip_skip, tiling=bool(body.tiling),
+        tiny_vae_decode=body.tiny_vae_decode,
+        distilled_cfg_scale=body.distilled_cfg_scale, shift=body.shift,
         save_images=bool(body.save_images and not body.do_not_save_samples and defaults.get("samples_save", True)),
         save_options=user_settings.save_options(defaults),
         extension_args=scripts.with_script(extension_args(engine, other_scripts, warnings), script),

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from pipelines.core.request import INPAINT_FILLS, MAX_SEED, OUTPAINT_SIDES, RESIZE_MODES, RequestError
+from pipelines.core.request import INPAINT_FILLS, LIMITS, MAX_SEED, OUTPAINT_SIDES, RESIZE_MODES, RequestError
 from webui import convert
 from webui.common import (
     CONTROL_GROUP,
@@ -42,7 +42,7 @@ from webui.common import (
     tool_button,
     unchanged,
 )
-from webui.tabs import controlnet, extensions, hires, image_prompts, networks, pnginfo, regions
+from webui.tabs import controlnet, extensions, hires, image_prompts, networks, pnginfo, recommended, regions
 
 BRUSH_COLORS = ["#ffffff", "#000000"]  # white paints the mask; black takes it back
 BRUSH_SHARE = 24 / 512  # the brush's width as a share of the image's longer side (24 px at 512)
@@ -176,6 +176,7 @@ class GenerationTabs:
             fields["schedule_type"] = gr.Dropdown(
                 schedules, value=pick(convert.request_default("schedule_type"), schedules),
                 label="Schedule type", elem_id=f"{p}_schedule")
+            use_recommended = recommended.button(p)
         fields["steps"] = slider("steps", step=1, elem_id=f"{p}_steps")
         with gr.Row():
             with gr.Column(scale=3):
@@ -187,10 +188,16 @@ class GenerationTabs:
                 fields["batch_count"] = slider("batch_count", step=1, elem_id=f"{p}_batch_count")
                 fields["batch_size"] = slider("batch_size", step=1, elem_id=f"{p}_batch_size")
         fields["cfg_scale"] = slider("cfg_scale", step=0.5, elem_id=f"{p}_cfg_scale")
+        recommended.wire(self.engine, fields, use_recommended)
         fields["tiling"] = gr.Checkbox(value=convert.request_default("tiling"), label=convert.LABELS["tiling"],
                                        elem_id=f"{p}_tiling", info="seamless: the picture repeats without a seam")
+        fields["tiny_vae_decode"] = gr.Checkbox(
+            value=convert.request_default("tiny_vae_decode"), label="Fast decode (TAESD)",
+            elem_id=f"{p}_tiny_vae_decode", info="the tiny autoencoder of models/VAE-approx decodes: faster, "
+                                                 "a little softer")
         self._face_restoration(fields, p)
         self._refiner(fields, p)
+        self._flow_settings(fields, p)
         if mode == "txt2img":
             hires.build(self.engine, fields, p)
         else:
@@ -224,6 +231,18 @@ class GenerationTabs:
                                                            elem_id=f"{p}_refiner_checkpoint")
                 fields["refiner_switch_at"] = slider("refiner_switch_at", step=0.01,
                                                      elem_id=f"{p}_refiner_switch_at")
+
+    def _flow_settings(self, fields: dict[str, Any], p: str) -> None:
+        """SD 3 / Flux: Forge's Distilled CFG Scale (Flux dev's guidance) and the schedule's Shift;
+        left empty, the model's own."""
+        with gr.Accordion("SD 3 / Flux", open=False, elem_id=f"{p}_flow_settings"):
+            with gr.Row():
+                for name, info in (("distilled_cfg_scale", "Flux dev's guidance; empty: 3.5. Real CFG runs only "
+                                                           "with CFG scale above 1"),
+                                   ("shift", "the flow schedule's shift; empty: the model's own")):
+                    low, high = LIMITS[name]
+                    fields[name] = gr.Number(value=None, minimum=low, maximum=high, label=convert.LABELS[name],
+                                             info=info, elem_id=f"{p}_{name}")
 
     def _wire(self, mode: str, brush_size: gr.Slider | None) -> None:
         ui = self.ui

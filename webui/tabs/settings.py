@@ -11,7 +11,8 @@ are shown but cannot be changed (they are the server's, shared by every visitor)
 What a setting does on the page itself: a new page starts with `default_sampler` and the
 header's VAE and clip skip from `sd_vae` and `CLIP_stop_at_last_layers` (changing them there
 stays the session's own choice, as before); `theme` switches the page between light and dark
-as it loads or when applied.
+as it loads or when applied. The live-preview settings (`show_progress_type`, TAESD or the cheap
+map, and `show_progress_every_n_steps`) shape the previews of /sdapi/v1/progress from the next job.
 """
 
 from __future__ import annotations
