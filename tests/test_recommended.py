@@ -7,6 +7,7 @@ import gradio as gr
 import pytest
 from test_webui import FakeEngine
 
+from pipelines.models import few_step
 from webui.app import build_ui
 from webui.tabs import recommended
 
@@ -32,7 +33,7 @@ def test_every_generation_tab_has_the_button_wired_to_its_own_fields(engine):
                   if any(t[1] == "click" and t[0] == component_id(ui, f"{mode}_recommended") for t in d["targets"])]
         assert len(clicks) == 1, mode
         outputs = clicks[0]["outputs"]
-        assert outputs == [fields[name]._id for name in recommended.FILLED]
+        assert outputs == [fields[name]._id for name in recommended.FILLED + recommended.OPTIONAL]
         assert set(clicks[0]["inputs"]) == {fields["checkpoint"]._id, fields["prompt"]._id}
 
 
@@ -63,3 +64,15 @@ def test_nothing_recognised_changes_nothing_and_says_so(engine, shown):
     values = recommended.recommend(engine, "sd15", "a cat")
     assert all(isinstance(value, type(gr.skip())) for value in values) and len(values) == len(recommended.FILLED)
     assert shown == [recommended.NOTHING_FOUND]
+
+
+def test_a_guidance_distilled_checkpoint_gets_its_own_settings_with_one_cfg_pass(engine, shown, monkeypatch):
+    flux_dev = {"variant": "Flux.1 dev", "recommended": {"sampler": "Euler", "cfg_scale": 1.0, "steps": 20,
+                                                         "distilled_cfg_scale": 3.5}}
+    found = few_step.distilled_settings(flux_dev)
+    assert found["steps"] == 20 and found["cfg_scale"] == 1.0 and found["schedule_type"] == "Automatic"
+    assert "Flux.1 dev is guidance-distilled" in found["why"] and "Distilled CFG Scale 3.5" in found["why"]
+    assert few_step.distilled_settings({"family": "sd15"}) is None  # any other checkpoint: nothing
+    monkeypatch.setattr(engine, "recommended_settings", lambda checkpoint, prompt: {**found, "source": "flux1-dev"})
+    assert recommended.recommend(engine, "flux1-dev", "a cat", optional=True) == ("Euler", "Automatic", 20, 1.0, 3.5)
+    assert "Set for flux1-dev (checkpoint)" in shown[0]

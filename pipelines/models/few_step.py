@@ -186,6 +186,21 @@ def recommend_for_job(registry, checkpoint: str | None, prompt: str) -> dict | N
         if file is None:
             continue
         found = recommended_settings(file.name, file_metadata(file.path), is_lora=kind == "lora" or None)
+        if found is None and kind == "checkpoint":
+            found = distilled_settings(file.details)
         if found is not None:
             return {**found, "source": file.name, "source_kind": kind}
     return None
+
+
+def distilled_settings(details: dict) -> dict | None:
+    """A guidance-distilled checkpoint's own settings (Flux dev / schnell: real CFG off), from the
+    listing's details (`inspection.family_details`); None for any other checkpoint."""
+    wanted = details.get("recommended")
+    if not wanted:
+        return None
+    why = (f"{details.get('variant', 'this model')} is guidance-distilled: {wanted['sampler']}, {wanted['steps']} "
+           f"steps, CFG {wanted['cfg_scale']:g} (one pass)")
+    if "distilled_cfg_scale" in wanted:
+        why += f", Distilled CFG Scale {wanted['distilled_cfg_scale']:g}"
+    return {"schedule_type": "Automatic", **wanted, "why": why}

@@ -188,7 +188,6 @@ class GenerationTabs:
                 fields["batch_count"] = slider("batch_count", step=1, elem_id=f"{p}_batch_count")
                 fields["batch_size"] = slider("batch_size", step=1, elem_id=f"{p}_batch_size")
         fields["cfg_scale"] = slider("cfg_scale", step=0.5, elem_id=f"{p}_cfg_scale")
-        recommended.wire(self.engine, fields, use_recommended)
         fields["tiling"] = gr.Checkbox(value=convert.request_default("tiling"), label=convert.LABELS["tiling"],
                                        elem_id=f"{p}_tiling", info="seamless: the picture repeats without a seam")
         fields["tiny_vae_decode"] = gr.Checkbox(
@@ -198,6 +197,7 @@ class GenerationTabs:
         self._face_restoration(fields, p)
         self._refiner(fields, p)
         self._flow_settings(fields, p)
+        recommended.wire(self.engine, fields, use_recommended)  # after every field it may set
         if mode == "txt2img":
             hires.build(self.engine, fields, p)
         else:

@@ -17,9 +17,10 @@ from pipelines.core.engine_api import EngineAPI
 from webui.common import QUIET, call_engine
 
 FILLED = ("sampler", "schedule_type", "steps", "cfg_scale")  # the request fields the button sets
+OPTIONAL = ("distilled_cfg_scale",)  # set when the recommendation has it (Flux dev), else left as it is
 LABEL = "Use recommended settings"
-NOTHING_FOUND = ("No few-step model recognised (LCM, TCD, Hyper-SD, Lightning, Turbo) in the checkpoint or "
-                 "the prompt's LoRAs: nothing changed.")
+NOTHING_FOUND = ("No few-step or guidance-distilled model recognised (LCM, TCD, Hyper-SD, Lightning, Turbo, "
+                 "Flux) in the checkpoint or the prompt's LoRAs: nothing changed.")
 
 
 def button(p: str) -> gr.Button:
@@ -31,24 +32,26 @@ def button(p: str) -> gr.Button:
 def wire(engine: EngineAPI, fields: dict[str, Any], clicked: gr.Button) -> None:
     """Fill the tab's sampler, schedule type, steps and CFG from the engine's recommendation."""
     def use_recommended(checkpoint=None, prompt=""):
-        return recommend(engine, checkpoint, prompt)
+        return recommend(engine, checkpoint, prompt, optional="distilled_cfg_scale" in fields)
 
     clicked.click(use_recommended, inputs_kwargs={"checkpoint": fields["checkpoint"], "prompt": fields["prompt"]},
-                  outputs=[fields[name] for name in FILLED], **QUIET)
+                  outputs=[fields[name] for name in FILLED + OPTIONAL if name in fields], **QUIET)
 
 
-def recommend(engine: EngineAPI, checkpoint: str | None, prompt: str | None) -> tuple:
-    """The values of `FILLED` (unchanged when nothing is recognised), with a notice saying why."""
+def recommend(engine: EngineAPI, checkpoint: str | None, prompt: str | None, optional: bool = False) -> tuple:
+    """The values of `FILLED` (and `OPTIONAL` when the tab has them), unchanged when nothing is
+    recognised, with a notice saying why."""
+    names = FILLED + (OPTIONAL if optional else ())
     found = call_engine("Recommended settings", lambda: engine.recommended_settings(checkpoint, prompt or ""))
     if not found:
         gr.Info(NOTHING_FOUND)
-        return tuple(gr.skip() for _ in FILLED)
+        return tuple(gr.skip() for _ in names)
     sampler, schedule = found["sampler"], found["schedule_type"]
     if sampler not in engine.sampler_names() or schedule not in engine.schedule_types(sampler):
         gr.Warning(f"{notice(found)} This server does not offer {sampler} with {schedule}: nothing changed.")
-        return tuple(gr.skip() for _ in FILLED)
+        return tuple(gr.skip() for _ in names)
     gr.Info(notice(found))
-    return tuple(found[name] for name in FILLED)
+    return tuple(found[name] if name in found else gr.skip() for name in names)
 
 
 def notice(found: dict) -> str:
