@@ -3,12 +3,16 @@
     python bench/families.py                                  # all eight cases below
     python bench/families.py --cases sd2-768-v sdxl-refiner --size 256 --steps 2
     python bench/families.py --clean                          # delete the written files after each case
+    python bench/families.py --cases sd35-medium-gguf-q4 --size 512 --steps 2   # a quantized flow model
 
 The test suite proves each family with tiny widths; this proves the real sizes: SD 1.x,
 SD 1.x inpainting, SD 2.x 512 (epsilon) and 768 (v-prediction: the same file again, told by
 an A1111-style `.yaml` beside it), SD 2.x inpainting, SDXL base, refiner and inpainting.
 Each file is bench/load.py's full-size single file in the original layout with random fp16
 weights (written to `bench/.cache/` if missing: 2-7 GB each, about 25 GB for all).
+`sd35-medium-gguf-q4` is SD 3.5 medium as split files: city96's GGUF Q4_0 transformer (SAI's
+names, random Q4_0 blocks), SD 3's VAE in models/VAE, clip_l and clip_g in models/text_encoder
+(no T5: SD 3.5 runs without it), 3.6 GB in all.
 
 Each case runs in a fresh interpreter with the network blocked (HF_HUB_OFFLINE=1 and a socket
 guard that fails any connection) and goes through `Engine` as the UI and API call it: the
@@ -46,6 +50,85 @@ CASES = {
     "sdxl-refiner": ("sdxl-refiner", "sdxl-refiner.safetensors", None),
     "sdxl-inpainting": ("sdxl-inpainting", "sdxl-inpainting.safetensors", None),
 }
+# split-file flow cases: case -> {file in models/: file written to bench/.cache by write_flow_files}
+FLOW_CASES = {
+    "sd35-medium-gguf-q4": {"Stable-diffusion/sd3.5_medium-Q4_0.gguf": "sd3.5_medium-Q4_0-random.gguf",
+                            "VAE/sd3_vae.safetensors": "sd3_vae-random.safetensors",
+                            "text_encoder/clip_l.safetensors": "clip_l-random-fp16.safetensors",
+                            "text_encoder/clip_g.safetensors": "clip_g-random-fp16.safetensors"},
+}
+SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                   num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                   pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
+                   dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+# CLIP-L and OpenCLIP bigG as SD 3 ships them (with their projections)
+CLIPS = {"clip_l": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                        projection_dim=768, hidden_act="quick_gelu"),
+         "clip_g": dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=20, intermediate_size=5120,
+                        projection_dim=1280, hidden_act="gelu")}
+
+
+def write_sd3_gguf(path: Path) -> None:
+    """SD 3.5 medium's transformer as a GGUF Q4_0 file in SAI's names: random 4-bit blocks with small
+    scales for the 2-D weights, F16 / F32 random values for the rest (as city96's files keep them)."""
+    import gguf
+    import numpy as np
+    from diffusers import SD3Transformer2DModel
+
+    from pipelines.models.build import empty_modules
+
+    sys.path.insert(0, str(load.ROOT / "tests"))
+    from tiny_sd3 import transformer_to_sai  # the tests' diffusers -> SAI names, at any size
+
+    with empty_modules():
+        model = SD3Transformer2DModel(**SD35_MEDIUM)
+    rng = np.random.default_rng(0)
+    writer = gguf.GGUFWriter(str(path), arch="sd3")
+    for name, tensor in transformer_to_sai(model.state_dict(), SD35_MEDIUM["num_layers"]).items():
+        shape = tuple(tensor.shape)
+        if len(shape) == 2 and shape[1] % 32 == 0:  # Q4_0: 32 weights in 18 bytes (an fp16 scale, 16 of nibbles)
+            blocks = rng.integers(0, 256, size=(shape[0] * shape[1] // 32, 18), dtype=np.uint8)
+            scales = rng.uniform(0.001, 0.004, size=len(blocks)).astype(np.float16)
+            blocks[:, :2] = scales.view(np.uint8).reshape(-1, 2)
+            blocks = blocks.reshape(shape[0], shape[1] // 32 * 18)
+            writer.add_tensor(name, blocks, raw_shape=blocks.shape, raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+        else:
+            values = rng.standard_normal(shape, dtype=np.float32) * 0.02
+            writer.add_tensor(name, values.astype(np.float16 if len(shape) > 1 else np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def write_flow_files(case: str) -> list[Path]:
+    """The case's files in bench/.cache (written if missing), random weights at full size."""
+    import torch
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from pipelines.models.ldm_layout import vae_to_ldm
+
+    load.CACHE.mkdir(parents=True, exist_ok=True)
+    paths = [load.CACHE / name for name in FLOW_CASES[case].values()]
+    for path in paths:
+        if path.exists():
+            continue
+        tmp = path.with_suffix(".part")
+        if path.suffix == ".gguf":
+            write_sd3_gguf(tmp)
+        elif path.name.startswith("sd3_vae"):
+            vae = AutoencoderKL(latent_channels=16, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                                use_quant_conv=False, use_post_quant_conv=False)
+            save_file({k: v.half().contiguous() for k, v in vae_to_ldm(vae.state_dict(), vae.config).items()}, tmp)
+        else:
+            config = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **CLIPS[path.name[:6]])
+            encoder = CLIPTextModelWithProjection(config).to(torch.float16)
+            save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, tmp)
+        tmp.rename(path)
+    return paths
 
 
 def block_network() -> None:
@@ -69,12 +152,18 @@ def child(case: str, size: int, steps: int) -> None:
     from pipelines.core.settings import EngineSettings, Paths
     from pipelines.engine import Engine
 
-    model, name, yaml_text = CASES[case]
+    model, name, yaml_text = CASES.get(case, (None, None, None))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         folder = root / "models" / "Stable-diffusion"
         folder.mkdir(parents=True)
-        os.symlink(load.CACHE / load.MODELS[model]["file"], folder / name)
+        if case in FLOW_CASES:  # split files: each in its models/ folder
+            for where, cached in FLOW_CASES[case].items():
+                (root / "models" / where).parent.mkdir(parents=True, exist_ok=True)
+                os.symlink(load.CACHE / cached, root / "models" / where)
+            name = next(Path(where).name for where in FLOW_CASES[case] if where.startswith("Stable-diffusion/"))
+        else:
+            os.symlink(load.CACHE / load.MODELS[model]["file"], folder / name)
         if yaml_text:
             (folder / name).with_suffix(".yaml").write_text(yaml_text)
         engine = Engine(Paths(models_dir=root / "models", data_dir=root / "data", outdir=root / "out"),
@@ -95,7 +184,7 @@ def child(case: str, size: int, steps: int) -> None:
         array = np.asarray(result.images[0]).astype(np.float32)
         print(json.dumps({
             "detected": {k: details.get(k) for k in ("family", "inpainting", "prediction", "prediction_source",
-                                                     "resolution")},
+                                                     "resolution", "storage")},
             "load_s": t1 - t0, "generate_s": t2 - t1,
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "finite": bool(np.isfinite(array).all()), "std": float(array.std()),
@@ -113,7 +202,7 @@ def run_case(case: str, size: int, steps: int) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=[*CASES, *FLOW_CASES])
     parser.add_argument("--size", type=int, default=256, help="image width and height (default 256)")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--clean", action="store_true", help="delete each written file once no case needs it")
@@ -126,21 +215,24 @@ def main() -> int:
           f"steps, bf16, network blocked; files in {load.CACHE}", flush=True)
     failed = []
     for i, case in enumerate(args.cases):
-        model = CASES[case][0]
-        path = load.write_checkpoint(model)
+        model = CASES.get(case, (None,))[0]
+        paths = write_flow_files(case) if case in FLOW_CASES else [load.write_checkpoint(model)]
         result = run_case(case, args.size, args.steps)
         if "error" in result:
             failed.append(case)
             print(f"  {case:16} FAILED: {result['error']}", flush=True)
         else:
             d = result["detected"]
-            print(f"  {case:16} {path.stat().st_size / load.GB:4.1f} GB  detected {d['family']}, "
-                  f"{d['prediction']} ({d['prediction_source']}), {d['resolution']} px   load {result['load_s']:5.1f}s  "
+            storage = f" {d['storage']}" if d.get("storage") else ""
+            size = sum(p.stat().st_size for p in paths) / load.GB
+            print(f"  {case:16} {size:4.1f} GB  detected {d['family']}{storage}, {d['prediction']} "
+                  f"({d['prediction_source']}), {d['resolution']} px   load {result['load_s']:5.1f}s  "
                   f"generate {result['generate_s']:5.1f}s  peak RSS {result['peak_rss'] / load.GB:4.1f} GB  "
                   f"image {result['size'][0]}x{result['size'][1]} finite={result['finite']} std={result['std']:.1f}",
                   flush=True)
-        if args.clean and all(CASES[later][0] != model for later in args.cases[i + 1:]):
-            path.unlink(missing_ok=True)
+        if args.clean and (model is None or all(CASES.get(later, (None,))[0] != model for later in args.cases[i + 1:])):
+            for path in paths:
+                path.unlink(missing_ok=True)
     print(f"{len(args.cases) - len(failed)} of {len(args.cases)} cases loaded and generated"
           + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
     return 1 if failed else 0

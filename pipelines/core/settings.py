@@ -24,7 +24,8 @@ class ModelKind:
 
 
 MODEL_KINDS: dict[str, ModelKind] = {
-    "checkpoints": ModelKind("Stable-diffusion", (".safetensors", ".ckpt")),
+    # .gguf: quantized denoisers (SD 3.x, Flux), kept quantized: see models/quantized.py
+    "checkpoints": ModelKind("Stable-diffusion", (".safetensors", ".ckpt", ".gguf")),
     "vae": ModelKind("VAE", (".safetensors", ".pt", ".ckpt")),
     "lora": ModelKind("Lora", (".safetensors", ".pt")),
     "esrgan": ModelKind("ESRGAN", (".pth", ".pt", ".safetensors")),
@@ -63,6 +64,7 @@ class Paths:
     data_dir: Path = REPO_ROOT / "data"  # caches (hashes) and user data
     outdir: Path = REPO_ROOT / "outputs"
     demo_dir: Path | None = DEMO_CHECKPOINT_DIR  # None: no demo fallback (tests of an empty folder)
+    unet_dirs: tuple[Path, ...] = ()  # --unet-dir (repeatable): more folders of denoiser-only files
 
     def folder(self, kind: str) -> Path:
         """The folder of a model kind, honouring the per-kind overrides."""
@@ -82,6 +84,14 @@ class Paths:
         if override is not None:
             return Path(override)
         return Path(self.models_dir) / MODEL_KINDS[kind].folder
+
+    def extra_folders(self, kind: str) -> tuple[Path, ...]:
+        """Listed beside a kind's folder: for checkpoints, the --unet-dir folders and ComfyUI's
+        models/unet and models/diffusion_models, where people keep GGUF and bare denoiser files."""
+        if kind != "checkpoints":
+            return ()
+        models = Path(self.models_dir)
+        return (*map(Path, self.unet_dirs), models / "unet", models / "diffusion_models")
 
     def fallback(self, kind: str) -> Path | None:
         """Listed in place of a kind's folder while that folder holds none of its files: the

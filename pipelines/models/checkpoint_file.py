@@ -1,8 +1,9 @@
 """A checkpoint file as bytes: its format, its header, and its tensors read by name.
 
-The format is sniffed from the content, never the file name: safetensors, a torch
-pickle/zip that only `torch.load(weights_only=True)` may open, or a diffusers folder.
-The header (names, shapes, dtypes, offsets, metadata) is all the listing ever reads.
+The format is sniffed from the content, never the file name: safetensors, GGUF (quantized
+denoisers, read with the `gguf` package), a torch pickle/zip that only
+`torch.load(weights_only=True)` may open, or a diffusers folder. The header (names, shapes,
+dtypes, offsets, metadata) is all the listing ever reads.
 
 Memory: a safetensors file is mapped once (private, read-only in practice). A tensor whose
 dtype already is the run dtype stays a view of the mapping, so a model loaded at the
@@ -22,6 +23,8 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import gguf
+import numpy as np
 import torch
 
 from pipelines.models.families import DIFFUSERS_INDEX
@@ -32,7 +35,7 @@ class CheckpointError(ValueError):
 
 
 def sniff_format(path: Path) -> str:
-    """'safetensors', 'torch' or 'diffusers' from the content; anything else is refused."""
+    """'safetensors', 'gguf', 'torch' or 'diffusers' from the content; anything else is refused."""
     path = Path(path)
     if path.is_dir():
         if (path / DIFFUSERS_INDEX).is_file():
@@ -40,13 +43,15 @@ def sniff_format(path: Path) -> str:
         raise CheckpointError(f"{path.name}: a folder without {DIFFUSERS_INDEX} is not a diffusers model")
     with open(path, "rb") as f:
         head = f.read(9)
+    if head[:4] == GGUF_MAGIC:
+        return "gguf"
     if len(head) >= 9:
         (header_len,) = struct.unpack("<Q", head[:8])
         if head[8:9] == b"{" and 0 < header_len < 100_000_000:
             return "safetensors"
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
         return "torch"  # zip archive (torch.save) or legacy pickle
-    raise CheckpointError(f"{path.name}: not a safetensors or PyTorch checkpoint file")
+    raise CheckpointError(f"{path.name}: not a safetensors or PyTorch checkpoint file, nor a GGUF one")
 
 
 def safetensors_data_start(path: Path) -> int:
@@ -55,6 +60,10 @@ def safetensors_data_start(path: Path) -> int:
         (header_len,) = struct.unpack("<Q", f.read(8))
     return 8 + header_len
 
+
+GGUF_MAGIC = b"GGUF"
+# ComfyUI-GGUF's converter stores a tensor's real shape here when it had to reshape it for GGUF
+GGUF_ORIG_SHAPE = "comfy.gguf.orig_shape."
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -72,7 +81,8 @@ class CheckpointHeader:
     format: str
     shapes: dict[str, tuple[int, ...]]
     metadata: dict[str, str] = field(default_factory=dict)
-    # safetensors only: name -> (dtype, begin, end) with offsets from the start of the file
+    # safetensors: name -> (dtype, begin, end) with offsets from the start of the file; GGUF: the
+    # same with the GGML type's name ("Q4_0", "F16", ...) as the dtype
     entries: dict[str, tuple[str, int, int]] = field(default_factory=dict)
 
 
@@ -97,6 +107,8 @@ def read_header(path: Path) -> CheckpointHeader:
     fmt = sniff_format(path)
     if fmt == "diffusers":
         return CheckpointHeader(path, fmt, {}, diffusers_metadata(path))
+    if fmt == "gguf":
+        return read_gguf_header(path)
     if fmt == "safetensors":
         try:
             with open(path, "rb") as f:
@@ -118,6 +130,31 @@ def read_header(path: Path) -> CheckpointHeader:
         return CheckpointHeader(path, fmt, shapes, {str(k): str(v) for k, v in metadata.items()}, entries)
     state = torch_state_dict(path)
     return CheckpointHeader(path, fmt, {k: tuple(v.shape) for k, v in state.items()})
+
+
+def read_gguf_header(path: Path) -> CheckpointHeader:
+    """A GGUF file's tensor names with their shapes in torch's order (GGUF lists the innermost
+    dimension first), each one's GGML type and byte range, and its text metadata: what
+    `read_header` gives for safetensors, so family detection runs on it unchanged."""
+    path = Path(path)
+    try:
+        reader = gguf.GGUFReader(path, mode="r")
+        # scalars and strings, and the shapes ComfyUI-GGUF kept (not e.g. a language model's vocabulary)
+        fields = {name: field.contents() for name, field in reader.fields.items()
+                  if not name.startswith("GGUF.") and (field.types[:1] != [gguf.GGUFValueType.ARRAY]
+                                                       or name.startswith(GGUF_ORIG_SHAPE))}
+    except (OSError, ValueError, KeyError, IndexError) as exc:
+        raise CheckpointError(f"{path.name}: unreadable GGUF header ({exc})") from exc
+    shapes, entries = {}, {}
+    for tensor in reader.tensors:
+        original = fields.get(GGUF_ORIG_SHAPE + tensor.name)
+        shape = original if isinstance(original, list) else reversed(tensor.shape.tolist())
+        shapes[tensor.name] = tuple(int(n) for n in shape)
+        begin = int(tensor.data_offset)
+        entries[tensor.name] = (tensor.tensor_type.name, begin, begin + int(tensor.n_bytes))
+    metadata = {k: str(v) for k, v in fields.items()
+                if not k.startswith(GGUF_ORIG_SHAPE) and isinstance(v, (str, int, float))}
+    return CheckpointHeader(path, "gguf", shapes, metadata, entries)
 
 
 def read_json(path: Path) -> dict:
@@ -156,15 +193,19 @@ def _is_zip(path: Path) -> bool:
 
 
 class TensorSource:
-    """Reads tensors by name from a checkpoint: views of a private mmap for safetensors."""
+    """Reads tensors by name from a checkpoint: views of a private mmap for safetensors; GGUF
+    tensors dequantized (a full-precision copy: `models.gguf_files` keeps them quantized)."""
 
     def __init__(self, header: CheckpointHeader):
         self.header = header
         self._map: mmap.mmap | None = None
         self._state: dict[str, torch.Tensor] | None = None
+        self._gguf: dict | None = None
 
     def __enter__(self) -> TensorSource:
-        if self.header.format == "safetensors":
+        if self.header.format == "gguf":
+            self._gguf = {t.name: t for t in gguf.GGUFReader(self.header.path, mode="c").tensors}
+        elif self.header.format == "safetensors":
             with open(self.header.path, "rb") as f:
                 # ACCESS_COPY: a private mapping, so torch gets a writable buffer and nothing
                 # can ever write back to the user's file
@@ -177,6 +218,7 @@ class TensorSource:
         # tensors still viewing the mapping keep it alive; it is unmapped when the last one goes
         self._map = None
         self._state = None
+        self._gguf = None
 
     def get(self, key: str, dtype: torch.dtype | None = None, channels_last: bool = False) -> torch.Tensor:
         """The tensor: a view of the file, or, if `dtype` differs (floating point only) or a 4-D
@@ -195,6 +237,8 @@ class TensorSource:
     def _view(self, key: str) -> torch.Tensor:
         if self._state is not None:
             return self._state[key]
+        if self._gguf is not None:
+            return gguf_tensor(self._gguf[key], self.header)
         dtype_name, begin, end = self.header.entries[key]
         shape = self.header.shapes[key]
         dtype = SAFETENSORS_DTYPES.get(dtype_name)
@@ -244,3 +288,18 @@ class TensorSource:
                     self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
                 except (OSError, ValueError):
                     return
+
+
+def gguf_tensor(tensor, header: CheckpointHeader) -> torch.Tensor:
+    """One GGUF tensor at full precision in torch's shape: a view of the file for F32 and F16,
+    else dequantized by the `gguf` package (float32), or a CheckpointError naming the type."""
+    shape = header.shapes[tensor.name]
+    kind = tensor.tensor_type
+    if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        return torch.from_numpy(tensor.data).reshape(shape)
+    try:
+        values = gguf.quants.dequantize(tensor.data, kind)
+    except NotImplementedError as exc:
+        raise CheckpointError(f"{header.path.name}: tensor {tensor.name} is stored as {kind.name}, "
+                              "a GGUF type this program cannot read") from exc
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape)

@@ -5,7 +5,8 @@ Configs come from the shapes (`flux_files`); weights go from the files into modu
 the meta device through diffusers' single-file converter, with strict checks (`sd3_build`'s
 `load_strict`): every weight the module expects is there with its shape. A transformer stored
 in fp8 stays in fp8 (lifted to the run dtype layer by layer), a GGUF one stays quantized
-(`quantized`); encoders and VAE are cast to the run dtype as they are read. `text_encoders` and `tokenizers` are CLIP-L then T5.
+(`quantized`); encoders and VAE are cast to the run dtype as they are read. `text_encoders`
+and `tokenizers` are CLIP-L then T5.
 
 `check_checkpoint_parts` and `load_checkpoint_components` are what the model cache calls for
 any file: Flux here, SD 3.x through `sd3_build`, the U-Net families through `build`.
@@ -22,11 +23,12 @@ from pipelines.models.architecture import infer_clip_config
 from pipelines.models.build import build_text_encoder, empty_modules, load_components
 from pipelines.models.checkpoint_file import CheckpointError, CheckpointHeader, TensorSource, no_gc, read_header
 from pipelines.models.clip_tokenizer import load_tokenizer
-from pipelines.models.families import FLUX, FLUX_VAE_PREFIX, VAE_PREFIX
+from pipelines.models.families import FLUX, FLUX_VAE_PREFIX, SD3, VAE_PREFIX
 from pipelines.models.flux_files import (
     MLP_RATIO,
     check_variant,
     find_flux_vae,
+    find_sd3_vae,
     flow_vae_prefix,
     inspect_flux,
     inspect_flux_folder,
@@ -45,7 +47,7 @@ from pipelines.models.sd3_build import (
     load_strict,
     load_t5,
 )
-from pipelines.models.sd3_files import CLIP_L, T5XXL, EncoderWeights, vae_config
+from pipelines.models.sd3_files import CLIP_L, T5XXL, EncoderWeights, has_vae, is_sd3_file, vae_config
 from pipelines.models.spec import Components
 from pipelines.models.t5_tokenizer import find_t5_tokenizer, load_t5_tokenizer
 
@@ -153,10 +155,15 @@ def check_flux_parts(header: CheckpointHeader, text_encoder_dir: Path | None = N
 
 
 def separate_vae(header: CheckpointHeader, vae_dir: Path | None) -> Path | None:
-    """The models/VAE file a Flux transformer without its own VAE pairs with (see find_flux_vae)."""
-    if header.format == "diffusers" or not is_flux_file(header.shapes) or vae_prefix(header.shapes) is not None:
+    """The models/VAE file a Flux or SD 3 transformer without its own VAE pairs with (see
+    find_flux_vae, find_sd3_vae), or None."""
+    if header.format == "diffusers":
         return None
-    return find_flux_vae(vae_dir)
+    if is_flux_file(header.shapes):
+        return find_flux_vae(vae_dir) if vae_prefix(header.shapes) is None else None
+    if is_sd3_file(header.shapes):
+        return find_sd3_vae(vae_dir) if not has_vae(header.shapes) else None
+    return None
 
 
 def load_flow_vae(path: Path, dtype: torch.dtype, family=FLUX):
@@ -234,11 +241,11 @@ def check_checkpoint_parts(header: CheckpointHeader, text_encoder_dir: Path | No
                            vae_dir: Path | None = None) -> dict[str, EncoderWeights]:
     """Where the text encoders a checkpoint loads are (a CheckpointError naming the file and what
     is missing, otherwise), from headers only; U-Net checkpoints carry all of theirs: {}.
-    `vae_dir`: models/VAE, where a Flux transformer without its VAE finds Flux's."""
+    `vae_dir`: models/VAE, where a Flux or SD 3 transformer without its VAE finds its family's."""
     if is_flux_checkpoint(header):
         return check_flux_parts(header, text_encoder_dir, separate_vae(header, vae_dir) is not None)
     if is_sd3_checkpoint(header):
-        return check_sd3_parts(header, text_encoder_dir)
+        return check_sd3_parts(header, text_encoder_dir, separate_vae(header, vae_dir) is not None)
     return {}
 
 
@@ -252,12 +259,13 @@ def load_checkpoint_components(path: Path, dtype: torch.dtype = torch.float32, v
     no fp8 type, e.g. MPS: see quantized.fp8_storage_supported)."""
     path = Path(path)
     header = header or read_header(path)
+    vae_file = separate_vae(header, vae_dir)
     if is_flux_checkpoint(header):
-        vae_file = separate_vae(header, vae_dir)
         vae = load_flow_vae(vae_file, vae_dtype or dtype) if vae_file else None
         return load_flux_components(path, dtype, vae_dtype, header=header, text_encoder_dir=text_encoder_dir,
                                     vae=vae, fp8_storage=fp8_storage)
     if is_sd3_checkpoint(header):
+        vae = load_flow_vae(vae_file, vae_dtype or dtype, SD3) if vae_file else None
         return load_sd3_components(path, dtype, vae_dtype, header=header, text_encoder_dir=text_encoder_dir,
-                                   fp8_storage=fp8_storage)
+                                   vae=vae, fp8_storage=fp8_storage)
     return load_components(path, dtype, vae_dtype, header=header, **unet_options)

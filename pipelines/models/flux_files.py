@@ -42,9 +42,10 @@ PACKED_CHANNELS = LATENT_CHANNELS * 4  # 2x2 latent patches packed into one toke
 ROPE_SHARES = (2, 7, 7)
 MLP_RATIO = 4  # the single blocks' fused linear1 is q, k, v and a 4x MLP
 VARIANTS_BY_INPUT = {PACKED_CHANNELS: None, 384: "Flux.1 Fill", 128: "Flux.1 Depth"}
-# bytes per weight of the GGUF files people run Flux from, best first, for "what would fit"
-# (Q8_0: 34 bytes per 32 weights; Q4_0: 18 per 32)
-FORMAT_BYTES = (("GGUF Q8_0", 34 / 32), ("GGUF Q4_0", 18 / 32))
+# bytes per weight of the smaller files people run Flux from, best first, for "what would fit"
+# (Q8_0: 34 bytes per 32 weights; fp8, kept in fp8 where the device stores it: 1; Q4_0: 18 per 32)
+FP8_FORMAT = "fp8 (e4m3fn)"
+FORMAT_BYTES = (("GGUF Q8_0", 34 / 32), (FP8_FORMAT, 1), ("GGUF Q4_0", 18 / 32))
 
 
 def transformer_prefix(shapes) -> str | None:
@@ -135,12 +136,23 @@ def flow_vae_prefix(shapes) -> str | None:
 def find_flux_vae(vae_dir: Path | None) -> Path | None:
     """Flux's VAE in models/VAE when the choice is unambiguous: the one 16-channel VAE file named
     for Flux (BFL's ae.safetensors, or a name with "flux"), else None."""
+    return find_named_flow_vae(vae_dir, lambda stem: stem == "ae" or "flux" in stem)
+
+
+def find_sd3_vae(vae_dir: Path | None) -> Path | None:
+    """SD 3's VAE in models/VAE for a transformer-only file (GGUF ones are), when unambiguous: the
+    one 16-channel VAE file with "sd3" in its name (sd3_vae, sd3.5_vae, ...), else None."""
+    return find_named_flow_vae(vae_dir, lambda stem: "sd3" in stem)
+
+
+def find_named_flow_vae(vae_dir: Path | None, named_for) -> Path | None:
+    """The one 16-channel VAE file in `vae_dir` whose lower-case stem `named_for` accepts, or None
+    (none, or more than one: the choice is the user's then)."""
     if vae_dir is None or not Path(vae_dir).is_dir():
         return None
     named = []
     for path in sorted(Path(vae_dir).glob("*.safetensors")):
-        stem = path.stem.lower()
-        if stem != "ae" and "flux" not in stem:
+        if not named_for(path.stem.lower()):
             continue
         try:
             if flow_vae_prefix(read_header(path).shapes) is not None:
@@ -208,10 +220,11 @@ def bytes_text(n: float) -> str:
     return f"{n / (1 << 30):.1f} GB" if n >= 1 << 30 else f"{n / (1 << 20):.1f} MB"
 
 
-def what_would_fit(weights: int, room: int) -> str:
+def what_would_fit(weights: int, room: int, fp8: bool = True) -> str:
     """The best common format of a `weights`-weight transformer that fits in `room` bytes, said for
-    people ("a GGUF Q4_0 file of it (about 6.2 GB) would fit"), or that none does."""
+    people ("a GGUF Q4_0 file of it (about 6.2 GB) would fit"), or that none does. `fp8`: whether
+    the device keeps fp8 files in fp8 (see quantized.fp8_storage_supported); else they are not offered."""
     for name, size in FORMAT_BYTES:
-        if weights * size <= room:
+        if (fp8 or name != FP8_FORMAT) and weights * size <= room:
             return f"a {name} file of it (about {bytes_text(weights * size)}) would fit"
     return f"not even a GGUF Q4_0 file of it (about {bytes_text(weights * FORMAT_BYTES[-1][1])}) would fit"

@@ -11,6 +11,7 @@ from pipelines.models.diffusers_folder import inspect_diffusers_folder
 from pipelines.models.families import FLUX, SD3, detect_family
 from pipelines.models.flux_files import flux_variant, inspect_flux, inspect_flux_folder, is_flux_file, is_flux_folder
 from pipelines.models.prediction import resolve_prediction
+from pipelines.models.quantized import storage_description
 from pipelines.models.sd3_files import inspect_sd3, inspect_sd3_folder, is_sd3_file, is_sd3_folder, sd3_variant
 from pipelines.models.spec import ModelSpec, declared_resolution
 
@@ -64,7 +65,8 @@ def inspect_checkpoint(header: CheckpointHeader) -> ModelSpec:
 
 def describe_checkpoint(path: Path) -> dict:
     """What the checkpoint listing shows about a file or diffusers folder: family, variant,
-    native size, prediction type and where it came from, EMA, the metadata card. One header
+    native size, prediction type and where it came from, EMA, how the weights are stored
+    (GGUF quant type, fp8, NF4; None for plain float files), the metadata card. One header
     read, never the weights; a torch pickle (.ckpt) says nothing until it is loaded, since
     reading its names means loading it."""
     path = Path(path)
@@ -83,6 +85,7 @@ def describe_checkpoint(path: Path) -> dict:
         "ema": spec.ema,
         **family_details(spec),
         "format": header.format,
+        "storage": storage_description(header),
         "demo": header.metadata.get("sdui.demo") == "true",  # the shipped demo model: the UI says so
         **metadata_card(header.metadata),
         "metadata": {k: v for k, v in header.metadata.items() if len(v) < LISTED_METADATA_CHARS},

@@ -15,7 +15,6 @@ reload in a fraction of its time).
 
 from __future__ import annotations
 
-import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from pipelines.models.control_files import check_control_file, load_control_mode
 from pipelines.models.device import Placement, apply_attention
 from pipelines.models.families import FAMILIES, TEXT_ENCODER_ROOTS, UNET_PREFIX, VAE_PREFIX
 from pipelines.models.flux_build import (
+    NOT_TRANSFORMER,
     check_checkpoint_parts,
     is_flow_checkpoint,
     load_checkpoint_components,
@@ -39,6 +39,7 @@ from pipelines.models.flux_build import (
 )
 from pipelines.models.flux_files import bytes_text, flow_vae_prefix, transformer_weights, what_would_fit
 from pipelines.models.inspection import inspect_checkpoint
+from pipelines.models.quantized import check_runnable, fp8_storage_supported, weights_bytes
 from pipelines.models.spec import Components, modules_nbytes
 
 # the weights a loaded model holds (not a full file's EMA copy or training state)
@@ -93,26 +94,38 @@ class ModelManager:
         return (str(Path(path).resolve()), st.st_size, st.st_mtime)
 
     def _estimate(self, header, encoders: dict | None = None) -> int:
-        """Bytes the model will take at the run dtype, from the header alone; a flow transformer's
-        file counts whole (BFL's have no prefix), with the separate `encoders` it loads."""
+        """Bytes the model will take, from the header alone: each weight as it will be held (a flow
+        transformer's GGUF blocks as stored, its fp8 weights in fp8 where the device keeps them,
+        the rest at the run dtype); a flow file counts whole (BFL's have no prefix), with the
+        separate `encoders` it loads."""
         if header.format == "diffusers":
             return sum(p.stat().st_size for p in Path(header.path).rglob("*.safetensors")) * (
                 2 if self.placement.dtype == torch.float32 else 1)
-        itemsize = self._itemsize()
+        dtype = self.placement.dtype
         flow = is_flow_checkpoint(header)
-        total = sum(math.prod(shape) for key, shape in header.shapes.items()
-                    if flow or key.startswith(MODEL_WEIGHT_PREFIXES))
+        keys = [key for key in header.shapes if flow or key.startswith(MODEL_WEIGHT_PREFIXES)]
+        transformer = self._transformer_keys(header) if flow else []
+        kept = set(transformer)
+        total = (weights_bytes(header, transformer, dtype, self._keeps_fp8())
+                 + weights_bytes(header, [key for key in keys if key not in kept], dtype, keep_fp8=False))
         for weights in (encoders or {}).values():
             if weights.header.path != header.path:
-                total += sum(math.prod(shape) for key, shape in weights.header.shapes.items()
-                             if key.startswith(weights.prefix))
+                total += weights_bytes(weights.header, [key for key in weights.header.shapes
+                                                        if key.startswith(weights.prefix)], dtype, keep_fp8=False)
         vae_file = separate_vae(header, self.vae_dir)  # Flux's ae.safetensors for a bare transformer
         if vae_file is not None:
-            total += sum(math.prod(shape) for shape in read_header(vae_file).shapes.values())
-        return total * itemsize
+            vae_header = read_header(vae_file)
+            total += weights_bytes(vae_header, vae_header.shapes, dtype, keep_fp8=False)
+        return total
 
-    def _itemsize(self) -> int:
-        return torch.empty((), dtype=self.placement.dtype).element_size()
+    @staticmethod
+    def _transformer_keys(header) -> list[str]:
+        """A flow file's transformer weights: the ones that stay quantized / in fp8."""
+        return [key for key in header.shapes if not key.startswith(NOT_TRANSFORMER)]
+
+    def _keeps_fp8(self) -> bool:
+        """Whether a flow transformer stored in fp8 stays in fp8 here (not on MPS: no fp8 type)."""
+        return fp8_storage_supported(self.placement.device)
 
     def room_bytes(self) -> int:
         """Memory a model can be loaded into: free RAM and what evicting every cached model frees."""
@@ -127,10 +140,9 @@ class ModelManager:
         message = (f"{header.path.name} needs about {bytes_text(needed)} of memory to load at "
                    f"{str(self.placement.dtype).removeprefix('torch.')}, and {bytes_text(room)} is free for models")
         if is_flow_checkpoint(header) and header.format != "diffusers":
-            transformer = transformer_weights(header)
-            message += (f" (its transformer alone: {bytes_text(transformer * self._itemsize())}); "
-                        f"{what_would_fit(transformer, room - (needed - transformer * self._itemsize()))}, "
-                        "with the text encoders and VAE it needs")
+            held = weights_bytes(header, self._transformer_keys(header), self.placement.dtype, self._keeps_fp8())
+            fits = what_would_fit(transformer_weights(header), room - (needed - held), fp8=self._keeps_fp8())
+            message += f" (its transformer alone: {bytes_text(held)}); {fits}, with the text encoders and VAE it needs"
         else:
             message += "; a smaller (fp16 or pruned) file of it may fit"
         raise CheckpointError(message)
@@ -143,7 +155,9 @@ class ModelManager:
                 self._cache.move_to_end(key)
                 return self._cache[key]
             header = read_header(path)
-            inspect_checkpoint(header)  # a broken or unknown file fails here, before any eviction
+            # a format this device cannot run (NF4 off CUDA, ...), a broken or unknown file: fail before any eviction
+            check_runnable(header, self.placement.device)
+            inspect_checkpoint(header)
             flow = is_flow_checkpoint(header)
             # missing encoders, and a model too big for the memory, fail before any eviction too
             encoders = check_checkpoint_parts(header, self.text_encoder_dir, self.vae_dir)
@@ -152,7 +166,7 @@ class ModelManager:
             self._evict_for(needed)
             components = load_checkpoint_components(path, self.placement.dtype, self.placement.vae_dtype,
                                                     header=header, text_encoder_dir=self.text_encoder_dir,
-                                                    vae_dir=self.vae_dir,
+                                                    vae_dir=self.vae_dir, fp8_storage=self._keeps_fp8(),
                                                     unet_channels_last=self.placement.channels_last,
                                                     vae_channels_last=self.placement.vae_channels_last)
             if not flow:  # xformers / sliced processors are the U-Net's; the transformers keep diffusers' joint SDPA
@@ -228,8 +242,8 @@ class ModelManager:
     def _estimate_weights(self, header, prefix: str) -> int:
         """Bytes the tensors under `prefix` take at the run dtype (old ControlNet .pth files
         carry a whole SD model beside `control_model.`)."""
-        itemsize = torch.empty((), dtype=self.placement.dtype).element_size()
-        return sum(math.prod(shape) * itemsize for key, shape in header.shapes.items() if key.startswith(prefix))
+        return weights_bytes(header, [key for key in header.shapes if key.startswith(prefix)], self.placement.dtype,
+                             keep_fp8=False)
 
     def after_job(self) -> None:
         """--medvram: move every model back to the CPU; release what the job left behind."""

@@ -7,7 +7,10 @@ the rules of `names.find_listed`: no path from a request is opened as given.
 
 Checkpoints are single files or diffusers folders (a folder with `model_index.json`,
 listed as one entry and not descended into). `<checkpoint>.vae.safetensors` files beside a
-checkpoint belong to it (its "Automatic" VAE) and are not listed as checkpoints.
+checkpoint belong to it (its "Automatic" VAE) and are not listed as checkpoints. A kind may
+have extra folders listed after its own (checkpoints: ComfyUI's `models/unet` and
+`models/diffusion_models`, where denoiser-only files such as GGUF ones live); a name already
+listed from an earlier folder hides the later file.
 Per-checkpoint user choices the file cannot carry (the prediction type of an SD 2.x file)
 are kept in `checkpoint_options.json` beside the hash cache, in the data dir.
 """
@@ -69,11 +72,14 @@ class FolderListing:
     """Files of one model kind; re-walked only when some folder's mtime changed.
 
     `fallback`: a folder listed instead while `root` holds none of these files (the shipped
-    demo checkpoint); the user's first file replaces it at the next listing."""
+    demo checkpoint); the user's first file replaces it at the next listing. `extra_roots`:
+    folders listed after `root`, names relative to each."""
 
     def __init__(self, root: Path, extensions: tuple[str, ...], describe: Callable[[Path], dict] | None = None,
-                 hide_sidecars: bool = False, folder_marker: str | None = None, fallback: Path | None = None):
+                 hide_sidecars: bool = False, folder_marker: str | None = None, fallback: Path | None = None,
+                 extra_roots: tuple[Path, ...] = ()):
         self.root = Path(root)
+        self.extra_roots = tuple(Path(r) for r in extra_roots)
         self.fallback = Path(fallback) if fallback is not None else None
         self.extensions = extensions
         self.describe = describe
@@ -100,9 +106,12 @@ class FolderListing:
 
     def _rescan(self) -> None:
         dir_mtimes: dict[str, float] = {}
-        found = self._walk(self.root, dir_mtimes)
-        if not self.root.is_dir():
-            dir_mtimes[str(self.root)] = -1.0  # never matches: a folder created later is noticed
+        found: list[ModelFile] = []
+        for root in (self.root, *self.extra_roots):
+            taken = {f.name for f in found}
+            found += [f for f in self._walk(root, dir_mtimes) if f.name not in taken]
+            if not root.is_dir():
+                dir_mtimes[str(root)] = -1.0  # never matches: a folder created later is noticed
         if not found and self.fallback is not None:
             found = self._walk(self.fallback, dir_mtimes)
         found.sort(key=lambda f: f.name.lower())
@@ -176,15 +185,16 @@ class ModelRegistry:
 
     def __init__(self, folders: dict[str, Path], hash_cache: HashCache,
                  describers: dict[str, Callable[[Path], dict]] | None = None,
-                 options: CheckpointOptions | None = None, fallbacks: dict[str, Path | None] | None = None):
+                 options: CheckpointOptions | None = None, fallbacks: dict[str, Path | None] | None = None,
+                 extra_folders: dict[str, tuple[Path, ...]] | None = None):
         # ControlNet/T2I-Adapter details (family, type, layout) come with every listing; a caller may override
         describers = {"controlnet": describe_control_file, **(describers or {})}
-        fallbacks = fallbacks or {}
+        fallbacks, extra_folders = fallbacks or {}, extra_folders or {}
         self.listings = {
             kind: FolderListing(folders[kind], MODEL_KINDS[kind].extensions, describers.get(kind),
                                 hide_sidecars=kind == "checkpoints",
                                 folder_marker=DIFFUSERS_INDEX if kind == "checkpoints" else None,
-                                fallback=fallbacks.get(kind))
+                                fallback=fallbacks.get(kind), extra_roots=extra_folders.get(kind, ()))
             for kind in MODEL_KINDS
         }
         self.hashes = hash_cache

@@ -5,9 +5,10 @@ Configs come from the shapes (`sd3_files`); weights go from the files into modul
 the meta device, through diffusers' own single-file converters, with strict checks: every
 weight the module expects is there with its shape. A transformer stored in fp8 (e4m3fn /
 e5m2) stays in fp8 and is lifted to the run dtype layer by layer; a GGUF one stays quantized
-(`quantized`); the encoders and VAE are cast to the run dtype as they are read. The transformer sits in `Components.unet`, so the
-cache, memory plans and offload treat it like any denoiser; `text_encoders` and `tokenizers`
-are CLIP-L, CLIP-G, then T5 when it is available (weights and tokenizer).
+(`quantized`); the encoders and VAE are cast to the run dtype as they are read. The
+transformer sits in `Components.unet`, so the cache, memory plans and offload treat it like
+any denoiser; `text_encoders` and `tokenizers` are CLIP-L, CLIP-G, then T5 when it is
+available (weights and tokenizer).
 """
 
 from __future__ import annotations
@@ -136,8 +137,9 @@ def check_sd3_parts(header: CheckpointHeader, text_encoder_dir: Path | None = No
         return {}
     encoders = locate_encoders(header, text_encoder_dir)
     if not has_separate_vae and not has_vae(header.shapes):
-        raise CheckpointError(f"{header.path.name}: an SD 3 transformer without its VAE; choose an SD 3 VAE "
-                              "(16 latent channels) from models/VAE")
+        raise CheckpointError(f"{header.path.name}: an SD 3 transformer without its VAE; put SD 3's VAE "
+                              "(16 latent channels) in models/VAE, as the one VAE file with sd3 in its name "
+                              "(e.g. sd3_vae.safetensors)")
     return encoders
 
 

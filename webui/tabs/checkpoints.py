@@ -49,6 +49,8 @@ def checkpoint_row(info: ModelFileInfo) -> list[str]:
     details = info.details or {}
     error = details.get("error")
     family = f"unreadable: {error}" if error else _text(info.family or details.get("family"))
+    if details.get("storage") and not error:  # quantized weights (GGUF Q4_0, fp8, NF4): said beside the family
+        family += f" · {details['storage']}"
     prediction = _text(details.get("prediction"))
     if prediction and details.get("prediction_source") == "user override":
         prediction += " (override)"
