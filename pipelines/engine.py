@@ -5,14 +5,16 @@ queue, and wires them to the work: `generate.generation` runs a generation, `gen
 the Extras and SD upscale jobs. Every job passes `_admit` (a hosted demo's limits) before it
 is queued, and so does every cell of a script before it runs. On ZeroGPU each job's device
 work is lent the GPU as a request-only function. It never imports gradio; the UI gets it
-injected. It holds no per-user state: everything a job needs travels in its request.
+work. It holds no per-user state: everything a job needs travels in its request.
+
+With `remote` (Ray workers: `hosting.ray_serve.connect`) this is the front end: page, API, queue,
+hashing and saving stay here; jobs and models run on the workers, whose saves it writes.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,11 +27,13 @@ from pipelines.core.merge_request import MergeRequest, MergeResult
 from pipelines.core.progress import JobControl, ProgressCallback
 from pipelines.core.request import GenerationRequest, GenerationResult, RequestError, UpscaleRequest
 from pipelines.core.settings import MODEL_KINDS, EngineSettings, Paths
+from pipelines.engine_loading import CheckpointLoading, LoadDone
 from pipelines.generate import control_preprocess, embeddings, faces, ip_adapter, lora, upscalers
 from pipelines.generate.generation import Generator, JobContext, grid_folder
 from pipelines.generate.upscaling import SdUpscaleOptions, Upscaling
 from pipelines.hosting import zerogpu
-from pipelines.models.checkpoint_file import CheckpointError
+from pipelines.hosting.remote_saves import HoldingGenerator, save_held
+from pipelines.models import few_step
 from pipelines.models.device import choose_placement
 from pipelines.models.inspection import describe_checkpoint
 from pipelines.models.manager import ModelManager
@@ -48,9 +52,10 @@ class Engine:
     """What the UI, the API and extensions call (`pipelines.core.engine_api.EngineAPI`)."""
 
     def __init__(self, paths: Paths | None = None, settings: EngineSettings | None = None,
-                 hosted_limits: SpaceLimits | None = None):
-        """`hosted_limits`: what a hosted demo allows a job; by default, with `settings.hosted`,
-        the limits of the device the engine runs on (`hosted_limits.limits_for`)."""
+                 hosted_limits: SpaceLimits | None = None, remote=None, *, hold_saves: bool = False):
+        """`hosted_limits`: a hosted demo's limits (default with `settings.hosted`: the device's).
+        `remote`: workers that run the jobs (RayWorkers); `hold_saves`: a worker's engine (`remote_saves`)."""
+        self.remote = remote
         self.paths = paths or Paths()
         self.settings = settings or EngineSettings()
         # first: on ZeroGPU this imports `spaces`, which must patch torch before CUDA is looked at
@@ -64,27 +69,31 @@ class Engine:
                                       describers={"checkpoints": describe_checkpoint,
                                                   "esrgan": upscalers.describe_model_file,
                                                   **{kind: faces.describe_face_file for kind in faces.FACE_KINDS}},
-                                      fallbacks={kind: self.paths.fallback(kind) for kind in MODEL_KINDS})
+                                      fallbacks={kind: self.paths.fallback(kind) for kind in MODEL_KINDS},
+                                      extra_folders={kind: self.paths.extra_folders(kind) for kind in MODEL_KINDS})
         budget = int(self.settings.ram_budget_gb * GB) if self.settings.ram_budget_gb else None
-        self.manager = ModelManager(self.placement, budget, text_encoder_dir=self.paths.folder("text_encoders"))
+        self.manager = ModelManager(self.placement, budget, text_encoder_dir=self.paths.folder("text_encoders"),
+                                    vae_dir=self.paths.folder("vae"))
         max_waiting = self.settings.max_queue_size
         if hosted_limits is not None:  # the demo's own bound on waiting jobs; --max-queue-size can only lower it
             max_waiting = queue_bound(hosted_limits, max_waiting)
-        self.queue = JobQueue(max_waiting)  # one fair queue for the UI, the API and scripts
+        # one fair queue for the UI, the API and scripts; with workers, as many jobs run as they take
+        self.queue = JobQueue(max_waiting, slots=remote.slots if remote is not None else 1)
         self.upscaler_models = upscalers.UpscalerModels(self.placement.device)  # loaded ESRGAN & co.
         self.faces = faces.FaceRestoration(self.registry, folders, self.placement.device)  # GFPGAN & co.
         # extensions' hooks; none until the launcher calls extensions.discover(...)
         self.extensions = ExtensionManager(Path(self.paths.data_dir) / "extensions.json")
-        self.generator = Generator(self.registry, self.manager, self.placement, Path(self.paths.outdir),
-                                   load=self._load, hires_upscaler=self.hires_upscaler, faces=self.faces,
-                                   paths=self.paths)
+        self.loading = CheckpointLoading(self.registry, self.manager)
+        generator_type = HoldingGenerator if hold_saves else Generator
+        self.generator = generator_type(self.registry, self.manager, self.placement, Path(self.paths.outdir),
+                                        load=self.loading.load, hires_upscaler=self.hires_upscaler,
+                                        faces=self.faces, paths=self.paths)
         self.upscaling = Upscaling(self.registry, self.upscaler_models, self.generator)
         # each job's device work as a request-only function: on ZeroGPU it borrows the GPU for
         # the estimated time and runs in a worker process (see pipelines/hosting/zerogpu.py)
         self._lent_generation = self.gpu.lend(self._generate_request, self._generation_seconds)
         self._lent_upscale = self.gpu.lend(self._upscale_request, zerogpu.upscale_seconds)
         self._lent_sd_upscale = self.gpu.lend(self._sd_upscale_request, self._sd_upscale_seconds)
-        self._loading: list[str] = []  # checkpoints being read into memory now, for the UI
 
     @property
     def hosted_limits(self) -> SpaceLimits | None:
@@ -164,6 +173,9 @@ class Engine:
         """The Lora folder for browsers and /sdapi/v1/loras (`lora.listing`)."""
         return lora.listing(self.registry.list("lora", refresh))
 
+    def recommended_settings(self, checkpoint: str | None, prompt: str) -> dict | None:
+        return few_step.recommend_for_job(self.registry, checkpoint, prompt)
+
     def face_restorers(self, refresh: bool = False) -> list[dict]:
         """Face restorers of models/GFPGAN and models/Codeformer: [{name, cmd_dir}] (A1111's listing)."""
         return self.faces.listing(refresh)
@@ -191,61 +203,27 @@ class Engine:
     # --- what is loaded ------------------------------------------------------------------
     def load_checkpoint(self, name: str) -> ModelFile:
         file = self.resolve_checkpoint(name)
-        self._load(file)
+        if self.remote is None:  # (the workers load what their jobs need)
+            self.loading.load(file)
         return file
 
-    def _load(self, file: ModelFile):
-        loading = file.name not in self.manager.loaded_names()
-        hashing = None
-        if loading:
-            self._loading.append(file.name)
-            # the infotext's "Model hash" (cached after the first time): hashed while the weights
-            # load, as both mostly wait outside the GIL (first load of a 2 GB file: 1.5 s sooner)
-            hashing = self.registry.hash_in_background("checkpoints", file.name)
-        try:
-            model = self.manager.get(file.name, file.path)
-        except CheckpointError:
-            raise
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{file.name}: could not be loaded ({exc})") from exc
-        finally:
-            if loading:
-                self._loading.remove(file.name)
-        if hashing is not None:  # (a failed load does not wait for it: the error comes at once)
-            hashing.join()
-        self.registry.ensure_hash(file)  # sets file.sha256 (at once where the thread hashed it)
-        return model
-
-    def preload(self, name: str | None = None, on_done=None) -> threading.Thread | None:
+    def preload(self, name: str | None = None, on_done: LoadDone | None = None) -> threading.Thread | None:
         """Load a checkpoint (default: the default one) in a background thread, so the server
         answers while it loads. A job for it meanwhile waits for this load rather than loading
         it again (the manager loads a file once, under its lock). `on_done(name, seconds, error)`
         is called at the end; a failure is not raised here: the first job reports it too.
-        Returns the thread, or None when there is no checkpoint to load."""
+        Returns the thread, or None when there is no checkpoint to load (or workers load them)."""
         try:
             file = self.resolve_checkpoint(name)
         except RequestError:
             return None
-
-        def load() -> None:
-            started, error = time.monotonic(), None
-            try:
-                self._load(file)
-            except Exception as exc:  # noqa: BLE001 - said through on_done and the log
-                log.error("preloading %s failed: %s", file.name, exc)
-                error = exc
-            if on_done is not None:
-                on_done(file.name, time.monotonic() - started, error)
-
-        thread = threading.Thread(target=load, name="sdui-preload", daemon=True)
-        thread.start()
-        return thread
+        return self.loading.in_background(file, on_done) if self.remote is None else None
 
     def preload_when_idle(self, name: str) -> threading.Thread | None:
         """A checkpoint picked in the UI starts loading at once, as in A1111, but only while
         no job runs or waits and nothing else loads: beside a job a load would slow it down
         and hold two models in RAM at once. Otherwise the pick's first job loads it."""
-        if self.queue.running() is not None or self.queue.waiting() or self._loading:
+        if self.queue.running() is not None or self.queue.waiting() or self.loading.loading:
             return None
         try:
             file = self.resolve_checkpoint(name)
@@ -257,7 +235,7 @@ class Engine:
 
     def loading_checkpoints(self) -> list[str]:
         """Checkpoints being loaded right now (start-up preload or a job's first use)."""
-        return list(self._loading)
+        return list(self.loading.loading)
 
     def unload_checkpoint(self, name: str) -> bool:
         return self.manager.unload(name)
@@ -365,6 +343,10 @@ class Engine:
         return result
 
     def _generate(self, file: ModelFile, request: GenerationRequest, context: JobContext) -> GenerationResult:
+        if self.remote is not None:  # a worker runs it (checking its file against this hash); saved here
+            result = self.remote.generate(request, context, checkpoint=file.name,
+                                          sha256=self.registry.ensure_hash(file))
+            return save_held(self.generator, request, result)
         if self.gpu.active:  # ZeroGPU: only the request crosses to the worker holding the GPU
             if context.control.interrupted:  # stopped while waiting: spend no GPU quota on it
                 return GenerationResult(request=request, interrupted=True)
@@ -375,14 +357,19 @@ class Engine:
         """The generation itself, in this process or in a ZeroGPU worker (one seam for both)."""
         return self.generator.run(file, request, context)
 
-    def _generate_request(self, request: GenerationRequest) -> GenerationResult:
-        """One generation from the request alone (seeds resolved, checked): what a ZeroGPU worker
-        runs. No progress callback or interrupt reaches it across the process boundary."""
+    def run_generation(self, request: GenerationRequest, context: JobContext | None = None) -> GenerationResult:
+        """A checked, seed-resolved request run outside the queue (the caller holds the slot): what a
+        worker runs. `context`: the job's handle and progress (Ray); None: a handle of its own (ZeroGPU)."""
         hooks = self.extensions.job(request)
-        job = self.queue.new_job(request.mode)  # its own handle; the caller holds the queue slot
-        result = self._run_generation(self.resolve_checkpoint(request.checkpoint), request, JobContext(job, hooks))
+        job = context.job if context is not None else self.queue.new_job(request.mode)
+        context = JobContext(job, hooks, context.on_progress if context is not None else None)
+        result = self._run_generation(self.resolve_checkpoint(request.checkpoint), request, context)
         result.warnings.extend(w for w in hooks.warnings if w not in result.warnings)
         return result
+
+    def _generate_request(self, request: GenerationRequest) -> GenerationResult:
+        """What a ZeroGPU worker runs: no progress callback or interrupt reaches it."""
+        return self.run_generation(request)
 
     def _generation_seconds(self, request: GenerationRequest) -> float:
         return zerogpu.generation_seconds(request, self._native_side(request))
@@ -397,13 +384,20 @@ class Engine:
         job = self.queue.new_job("extras", owner, control)
         with self.queue.run(job, on_wait):
             on_device = any(isinstance(u, upscalers.ModelUpscaler) for u in chosen)
+            context = JobContext(job, on_progress=on_progress)
+            if self.remote is not None:  # a worker upscales; saved here
+                return save_held(self.generator, request, self.remote.upscale(request, context))
             if self.gpu.active and on_device:  # Lanczos & co. need no GPU time
                 return self._lent_upscale(request)
-            return self.upscaling.extras(request, chosen, JobContext(job, on_progress=on_progress))
+            return self.upscaling.extras(request, chosen, context)
+
+    def run_upscale(self, request: UpscaleRequest, context: JobContext | None = None) -> GenerationResult:
+        """An upscale from the request alone, outside the queue: what a worker runs (see run_generation)."""
+        return self.upscaling.extras(request, self.upscaling.chosen(request),
+                                     context or JobContext(self.queue.new_job("extras")))
 
     def _upscale_request(self, request: UpscaleRequest) -> GenerationResult:
-        """An upscale from the request alone: what a ZeroGPU worker runs."""
-        return self.upscaling.extras(request, self.upscaling.chosen(request), JobContext(self.queue.new_job("extras")))
+        return self.run_upscale(request)  # what a ZeroGPU worker runs
 
     def sd_upscale(self, request: GenerationRequest, *, upscaler: str = "Lanczos", scale: float = 2.0,
                    overlap: int = 64, on_progress: ProgressCallback | None = None,
@@ -420,16 +414,22 @@ class Engine:
         job = self.queue.new_job("img2img", owner, control)
         with self.queue.run(job, on_wait):
             request = request.with_resolved_seeds()
+            context = JobContext(job, on_progress=on_progress)
+            if self.remote is not None:  # a worker runs it (checking its file against this hash); saved here
+                result = self.remote.sd_upscale(request, options, context, checkpoint=file.name,
+                                                sha256=self.registry.ensure_hash(file))
+                return save_held(self.generator, request, result)
             if self.gpu.active:  # ZeroGPU: only the request crosses to the worker holding the GPU
                 return self._lent_sd_upscale(request, options.upscaler, options.scale, options.overlap)
-            return self.upscaling.sd_upscale(file, request, options, JobContext(job, on_progress=on_progress))
+            return self.upscaling.sd_upscale(file, request, options, context)
 
-    def _sd_upscale_request(self, request: GenerationRequest, upscaler: str, scale: float,
-                            overlap: int) -> GenerationResult:
-        """SD upscale from the request and its options alone: what a ZeroGPU worker runs."""
-        return self.upscaling.sd_upscale(self.resolve_checkpoint(request.checkpoint), request,
-                                         SdUpscaleOptions(upscaler, scale, overlap),
-                                         JobContext(self.queue.new_job("img2img")))
+    def run_sd_upscale(self, request: GenerationRequest, options: SdUpscaleOptions, context=None) -> GenerationResult:
+        """SD upscale from the request and its checked options alone: what a worker runs (see run_generation)."""
+        return self.upscaling.sd_upscale(self.resolve_checkpoint(request.checkpoint), request, options,
+                                         context or JobContext(self.queue.new_job("img2img")))
+
+    def _sd_upscale_request(self, request: GenerationRequest, upscaler: str, scale: float, overlap: int):
+        return self.run_sd_upscale(request, SdUpscaleOptions(upscaler, scale, overlap))  # what a ZeroGPU worker runs
 
     def _sd_upscale_seconds(self, request: GenerationRequest, upscaler: str, scale: float, overlap: int) -> float:
         return zerogpu.sd_upscale_seconds(request, scale, overlap, self._native_side(request))

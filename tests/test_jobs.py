@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from pipelines.core.jobs import JobCancelled, JobQueue, QueueFull
+from pipelines.core.jobs import JobCancelled, JobQueue, NoWorkers, QueueFull
 
 
 def test_jobs_run_one_at_a_time_in_arrival_order():
@@ -144,3 +144,47 @@ def test_a_job_interrupted_while_it_waits_leaves_the_queue_without_running():
     with queue.run(queue.new_job("c")):  # and the queue goes on
         outcome.append("next ran")
     assert outcome[-1] == "next ran"
+
+
+def test_with_two_slots_two_jobs_run_at_once_and_the_third_waits_its_turn():
+    queue = JobQueue(slots=2)
+    releases = [threading.Event() for _ in range(3)]
+    entered = [threading.Event() for _ in range(3)]
+    told: list[int] = []
+    jobs = [queue.new_job("txt2img", owner=f"user{i}") for i in range(3)]
+
+    def worker(i):
+        with queue.run(jobs[i], on_wait=told.append if i == 2 else None):
+            entered[i].set()
+            releases[i].wait(5)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+    for i, thread in enumerate(threads[:2]):
+        thread.start()
+        assert entered[i].wait(5)
+    threads[2].start()
+    while queue.waiting() < 1:
+        time.sleep(0.001)
+    assert queue.running_jobs() == jobs[:2] and queue.running() is jobs[0]
+    assert queue.ahead(jobs[2]) == 2 and not entered[2].is_set()  # the running jobs of every slot count
+    assert queue.capacity() is None and JobQueue(max_waiting=3, slots=2).capacity() == 5
+    releases[1].set()  # a slot frees: the waiting job starts while the first still runs
+    assert entered[2].wait(5)
+    assert queue.running_jobs() == [jobs[0], jobs[2]] and told == [2, 0]
+    for release in releases:
+        release.set()
+    for thread in threads:
+        thread.join(5)
+    assert queue.running_jobs() == [] and queue.running() is None
+
+
+def test_no_slots_refuses_a_job_at_once_until_slots_return():
+    live = [0]
+    queue = JobQueue(max_waiting=4, slots=lambda: live[0])  # e.g. the live workers of a cluster
+    with pytest.raises(NoWorkers, match="No workers available"):
+        with queue.run(queue.new_job("txt2img")):
+            pass
+    assert isinstance(NoWorkers(), QueueFull)  # callers that say "try again later" say it for this too
+    live[0] = 1
+    with queue.run(queue.new_job("txt2img")) as job:
+        assert queue.running() is job

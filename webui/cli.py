@@ -1,6 +1,8 @@
-"""Command line of `launch.py`: A1111 flag names -> Paths / EngineSettings / Gradio launch().
+"""Command line of `launch.py`: A1111 flag names -> Paths / EngineSettings / Gradio launch()
+(the flags themselves: `cli_flags`).
 
-Importing this module does nothing heavy. Start-up order (`main()`): torch and the engine are
+Importing this module does nothing heavy. Start-up order (`main()`): with --ray, the Ray cluster
+is joined and the workers started first (the engine then sends its jobs there); torch and the engine are
 imported in a thread while Gradio is imported here (the two biggest costs overlap), the default
 checkpoint starts loading in the background, the UI is built and served (with `--api`, the REST
 API is mounted before the server accepts a connection): the page says "Loading model…" from the
@@ -12,7 +14,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib.util
 import os
+import signal
 import socket
 import sys
 import threading
@@ -23,141 +27,51 @@ from typing import Any, Sequence
 from starlette.middleware import Middleware
 
 from extensions.manager import SHIPPED_DIR
-from pipelines.core.control import DEFAULT_MAX_UNITS
 from pipelines.core.engine_api import EngineAPI
 from pipelines.core.hosted_limits import ZERO_GPU_NOTE
-from pipelines.core.jobs import DEFAULT_MAX_WAITING
 from pipelines.core.settings import REPO_ROOT, EngineSettings, Paths
-from pipelines.core.uploads import DEFAULT_MAX_UPLOAD_MB, DEFAULT_MAX_UPLOAD_MEGAPIXELS
 from pipelines.hosting.hub import HubError, fetch_checkpoint
 from pipelines.hosting.space import running_on_space, space_id, space_paths
 from pipelines.hosting.zerogpu import import_spaces
 
+from .cli_flags import build_parser, check_flag_values, parse_auth
 from .guards import NoUrlFetch
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="launch.py",
-        description="Stable Diffusion web UI (A1111-compatible flags and model folders).",
-    )
-    server = parser.add_argument_group("server")
-    server.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
-    server.add_argument("--listen", action="store_true",
-                        help="listen on 0.0.0.0 so other machines can connect (use with --gradio-auth)")
-    server.add_argument("--share", action="store_true", help="ask Gradio for a public share link")
-    server.add_argument("--api", action="store_true", help="serve the A1111-compatible REST API (/sdapi/v1/...)")
-    server.add_argument("--nowebui", action="store_true", help="serve only the REST API, no web UI")
-    server.add_argument("--api-auth", metavar="U:P[,U:P]", default=None,
-                        help="credentials for the REST API, comma-separated user:password pairs")
-    server.add_argument("--gradio-auth", metavar="U:P[,U:P]", default=None,
-                        help="credentials for the web UI, comma-separated user:password pairs")
-    server.add_argument("--allowed-paths", nargs="*", default=[], metavar="DIR",
-                        help="extra folders the web UI may serve files from (besides the outputs folder)")
-    server.add_argument("--max-queue-size", type=int, default=DEFAULT_MAX_WAITING, metavar="N",
-                        help=f"jobs that may wait, web UI and API together (default {DEFAULT_MAX_WAITING}); "
-                             "more are refused with 'Queue full, try again in a moment' (API: 503). "
-                             "A hosted demo keeps its own, smaller bound; this can only lower it")
-    server.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, metavar="MB",
-                        help="largest image file a user may upload, web UI and API "
-                             f"(default {DEFAULT_MAX_UPLOAD_MB:g})")
-    server.add_argument("--max-upload-megapixels", type=float, default=DEFAULT_MAX_UPLOAD_MEGAPIXELS, metavar="MP",
-                        help="largest uploaded image in megapixels, read from its header before decoding "
-                             f"(default {DEFAULT_MAX_UPLOAD_MEGAPIXELS:g}, below Pillow's decompression-bomb limit)")
-    server.add_argument("--disable-all-extensions", action="store_true",
-                        help="load no extension (to start when one misbehaves); the Extensions tab still lists none")
-    server.add_argument("--space", action="store_true",
-                        help="run as a public hosted demo (on by itself inside a Hugging Face Space): "
-                             "listen on 0.0.0.0, limits on steps/size/batch, a bounded queue, no --share, "
-                             "no files served outside the outputs, outputs under /data when mounted")
-
-    folders = parser.add_argument_group("folders")
-    folders.add_argument("--models-dir", type=Path, default=None, metavar="DIR",
-                         help="root of the model folders (Stable-diffusion/, VAE/, Lora/, ESRGAN/, embeddings/); "
-                              "default: models/ in the repository")
-    folders.add_argument("--ckpt-dir", type=Path, default=None, metavar="DIR", help="checkpoint folder")
-    folders.add_argument("--vae-dir", type=Path, default=None, metavar="DIR", help="VAE folder")
-    folders.add_argument("--lora-dir", type=Path, default=None, metavar="DIR", help="LoRA folder")
-    folders.add_argument("--esrgan-models-path", type=Path, default=None, metavar="DIR",
-                         help="upscaler model folder (ESRGAN and any architecture spandrel knows)")
-    folders.add_argument("--embeddings-dir", type=Path, default=None, metavar="DIR",
-                         help="textual inversion embeddings folder")
-    folders.add_argument("--gfpgan-models-path", type=Path, default=None, metavar="DIR",
-                         help="GFPGAN / RestoreFormer face restorer folder (default: <models-dir>/GFPGAN)")
-    folders.add_argument("--codeformer-models-path", type=Path, default=None, metavar="DIR",
-                         help="CodeFormer face restorer folder (default: <models-dir>/Codeformer)")
-    folders.add_argument("--controlnet-dir", type=Path, default=None, metavar="DIR",
-                         help="ControlNet / T2I-Adapter folder (default: <models-dir>/ControlNet; "
-                              "ComfyUI's models/controlnet works too)")
-    folders.add_argument("--controlnet-annotator-models-path", type=Path, default=None, metavar="DIR",
-                         help="weights of the preprocessors that need a network, e.g. depth "
-                              "(default: <models-dir>/ControlNet-annotators)")
-    folders.add_argument("--controlnet-max-units", type=int, default=DEFAULT_MAX_UNITS, metavar="N",
-                         help=f"ControlNet units per request and in the UI (default {DEFAULT_MAX_UNITS})")
-    folders.add_argument("--ckpt", default=None, metavar="PATH",
-                         help="checkpoint to use by default (a file in the checkpoint folder, or its name)")
-    folders.add_argument("--hf-checkpoint", default=os.environ.get("SDUI_HF_CHECKPOINT") or None,
-                         metavar="OWNER/REPO/FILE[@REV]",
-                         help="download this checkpoint from the Hugging Face Hub into the checkpoint folder at "
-                              "start-up (size and sha256 verified; kept for the next start) and use it by default; "
-                              "env SDUI_HF_CHECKPOINT; offline, the app starts without it")
-    folders.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
-                         help="folder for caches (hashes) and user data; default: data/ in the repository")
-    folders.add_argument("--outdir", type=Path, default=None, metavar="DIR",
-                         help="where images are saved; default: outputs/ in the repository")
-
-    compute = parser.add_argument_group("device and precision")
-    compute.add_argument("--use-cpu", nargs="+", default=[], metavar="MODULE",
-                         help="run on the CPU ('all', or A1111 module names such as 'sd')")
-    compute.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
-                         help="device to run on (default: auto)")
-    compute.add_argument("--precision", choices=("auto", "full", "half", "bf16"), default="auto",
-                         help="weights/compute precision (default: auto)")
-    compute.add_argument("--no-half", action="store_true", help="use full precision (same as --precision full)")
-    compute.add_argument("--no-half-vae", action="store_true", help="keep the VAE in full precision")
-    compute.add_argument("--attention", choices=("auto", "xformers", "sdpa", "sliced"), default="auto",
-                         help="attention backend (default: auto)")
-    compute.add_argument("--xformers", action="store_true", help="same as --attention xformers")
-    compute.add_argument("--opt-sdp-attention", action="store_true", help="same as --attention sdpa")
-    compute.add_argument("--lowvram", action="store_true",
-                         help="sequential offload: weights stay in RAM, each layer visits the GPU in turn")
-    compute.add_argument("--medvram", action="store_true",
-                         help="model offload: text encoder, U-Net and VAE each on the GPU only while it runs")
-    compute.add_argument("--compile", action="store_true",
-                         help="torch.compile the U-Net (the first image is slower, later steps may be faster)")
-    return parser
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for flag in ("max_queue_size", "max_upload_mb", "max_upload_megapixels", "controlnet_max_units"):
-        if getattr(args, flag) < (1 if flag in ("max_queue_size", "controlnet_max_units") else 0.001):
-            parser.error(f"--{flag.replace('_', '-')}: must be positive, got {getattr(args, flag):g}")
-    for flag in ("gradio_auth", "api_auth"):
-        value = getattr(args, flag)
-        if value is not None:
-            try:
-                parse_auth(value)
-            except ValueError as exc:
-                parser.error(f"--{flag.replace('_', '-')}: {exc}")
+    check_flag_values(parser, args)
+    try:
+        ray_options_from_args(args)  # a bad --ray-* value is said now, before anything starts
+    except ValueError as exc:
+        parser.error(str(exc))
+    except ImportError as exc:  # no [ray] extra
+        parser.error(f"--ray: needs Ray Serve (pip install -e \".[ray]\"): {exc}")
     return args
 
 
-def parse_auth(text: str) -> list[tuple[str, str]]:
-    """'u1:p1,u2:p2' -> [('u1', 'p1'), ('u2', 'p2')]; the password may contain ':'."""
-    pairs = []
-    for item in text.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        user, sep, password = item.partition(":")
-        if not sep or not user:
-            raise ValueError(f"expected user:password, got {item!r}")
-        pairs.append((user, password))
-    if not pairs:
-        raise ValueError("no user:password pair given")
-    return pairs
+def ray_options_from_args(args: argparse.Namespace):
+    """--ray and its --ray-* flags -> ray_serve.RayOptions (a flag not given keeps RayOptions'
+    default); None without --ray, and then nothing of Ray is imported. Raises ValueError naming
+    the flag, ImportError without Ray. Starts no cluster."""
+    if args.ray is None:
+        return None
+    if importlib.util.find_spec("ray") is None:
+        raise ImportError("the ray package is not installed")
+    from pipelines.hosting import ray_serve  # optional (the [ray] extra): only with --ray
+
+    given = {"replicas": args.ray_replicas, "cpus": args.ray_cpus_per_replica}
+    return ray_serve.RayOptions.from_flags(args.ray, gpus=ray_gpus_per_replica(args),
+                                           **{name: value for name, value in given.items() if value is not None})
+
+
+def ray_gpus_per_replica(args: argparse.Namespace) -> float:
+    """--ray-gpus-per-replica, or its default: 1, or 0 where the device flags keep the work on
+    the CPU (the replicas get the same settings, so a reserved GPU would sit idle)."""
+    if args.ray_gpus_per_replica is not None:
+        return args.ray_gpus_per_replica
+    return 0.0 if settings_from_args(args).device == "cpu" else 1.0
 
 
 def is_space(args: argparse.Namespace, environ=None) -> bool:
@@ -181,6 +95,7 @@ def paths_from_args(args: argparse.Namespace, space: bool = False) -> Paths:
         codeformer_dir=args.codeformer_models_path,
         controlnet_dir=args.controlnet_dir,
         annotators_dir=args.controlnet_annotator_models_path,
+        unet_dirs=tuple(args.unet_dir),
         data_dir=data_dir,
         outdir=outdir,
     )
@@ -277,10 +192,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = settings_from_args(args, space)
 
     import_spaces()  # on ZeroGPU `spaces` must patch torch before diffusers & co. look at CUDA
-    engine_future = start_engine(paths, settings)
+    remote = connect_workers(ray_options_from_args(args), paths, settings)
+    close_on_exit(remote)
+    engine_future = start_engine(paths, settings, remote)
     if not args.nowebui:
         from . import app  # noqa: F401 - heavy (Gradio), imported while the engine thread imports torch
     engine: EngineAPI = engine_future.result()
+    try:
+        return serve(engine, args, paths, space)
+    finally:
+        if remote is not None:
+            remote.close()
+
+
+def serve(engine: EngineAPI, args: argparse.Namespace, paths: Paths, space: bool = False) -> int:
+    """Extensions, start-up notices, then the page (and the API) or the API alone, until stopped."""
     for line in discover_extensions(engine, args, space):
         print(line, file=sys.stderr)
     limits = engine.hosted_limits  # the engine holds every job to them (settings.hosted)
@@ -354,20 +280,45 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
-def start_engine(paths: Paths, settings: EngineSettings) -> Future:
-    """Import the engine (torch) and build it in a thread; the Future holds the Engine."""
+def start_engine(paths: Paths, settings: EngineSettings, remote=None) -> Future:
+    """Import the engine (torch) and build it in a thread; the Future holds the Engine. With
+    `remote` (--ray: the RayWorkers) its jobs run on the cluster's replicas."""
     future: Future = Future()
 
     def build() -> None:
         try:
             from pipelines.engine import Engine  # heavy (torch): only when actually launching
 
-            future.set_result(Engine(paths, settings))
+            future.set_result(Engine(paths, settings, remote=remote))
         except BaseException as exc:  # noqa: BLE001 - re-raised in main() by result()
             future.set_exception(exc)
 
     threading.Thread(target=build, name="sdui-engine-start", daemon=True).start()
     return future
+
+
+def connect_workers(options, paths: Paths, settings: EngineSettings):
+    """--ray: join the cluster (`local`: start one) and start or find the workers there; None
+    without --ray. Call it on the main thread: Ray ties the processes of a cluster it starts to
+    the thread that starts them (they are killed when it ends), and a start-up thread ends."""
+    if options is None:
+        return None
+    from pipelines.hosting import ray_serve  # optional (Ray): only with --ray
+
+    print(f"Connecting to the Ray cluster ({options.address}) and starting the workers ...", file=sys.stderr,
+          flush=True)
+    return ray_serve.connect(options, paths, settings)
+
+
+def close_on_exit(remote) -> None:
+    """--ray: SIGTERM ends the process through Python (SystemExit), so that main()'s `finally`
+    closes the connection to the cluster and Ray's own exit handlers run (a `local` cluster is
+    shut down); the default action would skip both."""
+    def exit_now(signum, frame) -> None:
+        raise SystemExit(0)
+
+    if remote is not None and threading.current_thread() is threading.main_thread():  # signal.signal's rule
+        signal.signal(signal.SIGTERM, exit_now)
 
 
 def preload(engine: EngineAPI) -> threading.Thread | None:

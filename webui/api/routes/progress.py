@@ -92,14 +92,17 @@ def add_progress_routes(router: APIRouter, engine: EngineAPI) -> None:
         }
 
     def control_running(action: str) -> dict[str, Any]:
-        job = engine.current_job()
-        if job is None:
+        """Interrupt or skip every running job the API started (several run at once behind Ray)."""
+        running = engine.queue.running_jobs()
+        if not running:
             return {"done": False, "detail": "nothing is running"}
-        if not is_api_owner(job.owner):
+        mine = [job for job in running if is_api_owner(job.owner)]
+        if not mine:
             return {"done": False, "detail": f"the running job came from the web UI; the API only {action}s "
                                              "jobs started through the API"}
-        getattr(job.control, action)()
-        return {"done": True, "job": job.id, "detail": f"{action} requested"}
+        for job in mine:
+            getattr(job.control, action)()
+        return {"done": True, "job": mine[0].id, "jobs": [job.id for job in mine], "detail": f"{action} requested"}
 
     @router.post("/interrupt")
     async def interrupt():

@@ -1,0 +1,66 @@
+"""Reading checkpoints into the model cache for the engine: hashed while they load, listed while
+they load (for the UI), in a background thread when asked (start-up, a pick in the UI)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from pipelines.models.checkpoint_file import CheckpointError
+from pipelines.models.manager import LoadedModel, ModelManager
+from pipelines.models.registry import ModelFile, ModelRegistry
+
+log = logging.getLogger(__name__)
+
+# on_done(name, seconds, error) of a background load; error None when it loaded
+LoadDone = Callable[[str, float, "Exception | None"], None]
+
+
+class CheckpointLoading:
+    def __init__(self, registry: ModelRegistry, manager: ModelManager):
+        self.registry = registry
+        self.manager = manager
+        self.loading: list[str] = []  # checkpoints being read into memory now, for the UI
+
+    def load(self, file: ModelFile) -> LoadedModel:
+        """The checkpoint from the cache, read once; its hash is set on `file` (the infotext's)."""
+        loading = file.name not in self.manager.loaded_names()
+        hashing = None
+        if loading:
+            self.loading.append(file.name)
+            # the infotext's "Model hash" (cached after the first time): hashed while the weights
+            # load, as both mostly wait outside the GIL (first load of a 2 GB file: 1.5 s sooner)
+            hashing = self.registry.hash_in_background("checkpoints", file.name)
+        try:
+            model = self.manager.get(file.name, file.path)
+        except CheckpointError:
+            raise
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{file.name}: could not be loaded ({exc})") from exc
+        finally:
+            if loading:
+                self.loading.remove(file.name)
+        if hashing is not None:  # (a failed load does not wait for it: the error comes at once)
+            hashing.join()
+        self.registry.ensure_hash(file)  # sets file.sha256 (at once where the thread hashed it)
+        return model
+
+    def in_background(self, file: ModelFile, on_done: LoadDone | None = None) -> threading.Thread:
+        """Load `file` in a daemon thread. A failure is logged and told to `on_done`, not raised:
+        the first job on it reports it too."""
+
+        def load() -> None:
+            started, error = time.monotonic(), None
+            try:
+                self.load(file)
+            except Exception as exc:  # noqa: BLE001 - said through on_done and the log
+                log.error("preloading %s failed: %s", file.name, exc)
+                error = exc
+            if on_done is not None:
+                on_done(file.name, time.monotonic() - started, error)
+
+        thread = threading.Thread(target=load, name="sdui-preload", daemon=True)
+        thread.start()
+        return thread
