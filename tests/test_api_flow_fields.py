@@ -28,3 +28,12 @@ def test_an_out_of_range_value_names_its_field(field, value):
     with pytest.raises(ApiError) as info:
         prepare_generation(FakeEngine(), Txt2ImgRequest(prompt="x", **{field: value}), ApiOptions())
     assert info.value.status == 422 and info.value.field == field
+
+
+def test_the_pages_zero_asks_for_the_models_own_shift_and_distilled_cfg():
+    from webui import convert
+
+    untouched = convert.generation_request("txt2img", {"prompt": "x", "shift": 0, "distilled_cfg_scale": 0})
+    assert untouched.shift is None and untouched.distilled_cfg_scale is None
+    chosen = convert.generation_request("txt2img", {"prompt": "x", "shift": 3, "distilled_cfg_scale": 2.5})
+    assert (chosen.shift, chosen.distilled_cfg_scale) == (3, 2.5)

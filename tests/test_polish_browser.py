@@ -185,7 +185,7 @@ def test_sizes_snap_and_generate_shows_it_runs_with_the_shortcuts(demo):
         page.wait_for_selector("#txt2img_gallery img", timeout=60000)
         page.wait_for_function("() => document.querySelector('#txt2img_infotext textarea').value"
                                ".includes('Size: 64x72')", timeout=20000)
-        assert page.locator(".toast-body.error").count() == 0
+        assert page.locator(".toast-body.error").count() == 0, page.locator(".toast-body.error").all_inner_texts()
 
         set_number(page, "txt2img_steps", 150)
         page.focus("#txt2img_prompt textarea")

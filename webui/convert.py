@@ -116,6 +116,10 @@ def _seed(name: str, value: Any) -> Any:
     return value
 
 
+# number boxes whose 0 (or empty) asks for the model's own value (the request's None)
+ZERO_MEANS_MODELS_OWN = ("shift", "distilled_cfg_scale")
+
+
 def generation_request(mode: str, fields: Mapping[str, Any]) -> GenerationRequest:
     """Build a validated request from component values keyed by name (raises RequestError)."""
     values: dict[str, Any] = {}
@@ -151,6 +155,9 @@ def generation_request(mode: str, fields: Mapping[str, Any]) -> GenerationReques
             values[name] = ""  # an untouched textbox
     if values.get("checkpoint") in ("", None):
         values["checkpoint"] = None
+    for name in ZERO_MEANS_MODELS_OWN:
+        if name in values and not values[name]:
+            values[name] = None
     if isinstance(values.get("init_image"), Image.Image) and values["init_image"].mode != "RGB":
         values["init_image"] = flatten(values["init_image"])
     if unit_values or prompt_values:  # the image prompts after the ControlNet units: they count as units

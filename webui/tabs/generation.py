@@ -234,14 +234,13 @@ class GenerationTabs:
 
     def _flow_settings(self, fields: dict[str, Any], p: str) -> None:
         """SD 3 / Flux: Forge's Distilled CFG Scale (Flux dev's guidance) and the schedule's Shift;
-        left empty, the model's own."""
+        0 (`convert.ZERO_MEANS_MODELS_OWN`): the model's own."""
         with gr.Accordion("SD 3 / Flux", open=False, elem_id=f"{p}_flow_settings"):
             with gr.Row():
-                for name, info in (("distilled_cfg_scale", "Flux dev's guidance; empty: 3.5. Real CFG runs only "
-                                                           "with CFG scale above 1"),
-                                   ("shift", "the flow schedule's shift; empty: the model's own")):
-                    low, high = LIMITS[name]
-                    fields[name] = gr.Number(value=None, minimum=low, maximum=high, label=convert.LABELS[name],
+                for name, info in (("distilled_cfg_scale", "Flux dev's guidance; 0: its own 3.5. Real CFG runs "
+                                                           "only with CFG scale above 1"),
+                                   ("shift", "the flow schedule's shift; 0: the model's own")):
+                    fields[name] = gr.Number(value=0, minimum=0, maximum=LIMITS[name][1], label=convert.LABELS[name],
                                              info=info, elem_id=f"{p}_{name}")
 
     def _wire(self, mode: str, brush_size: gr.Slider | None) -> None:

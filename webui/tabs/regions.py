@@ -107,7 +107,10 @@ def _wire(mode: str, fields: dict[str, Any], shapes: list, preview: gr.Image, pr
         return preview_and_problem(values)
 
     show_layout.__name__ = f"{mode}_regions_preview"
-    triggers = [component.change for name, component in inputs.items() if name != "prompt"]
+    # width/height on release only: their .change fires on every keystroke, before a typed value
+    # snaps to the slider's step (63 -> 64), and Gradio refuses the unsnapped value with a toast
+    triggers = [component.release if name in ("width", "height") else component.change
+                for name, component in inputs.items() if name != "prompt"]
     gr.on(triggers, show_layout, inputs_kwargs=inputs, outputs=[preview, problem], trigger_mode="always_last",
           **QUIET)
     canvases = [mask for _, _, mask in shapes]

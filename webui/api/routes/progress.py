@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
 
 from pipelines.core.engine_api import EngineAPI
 from pipelines.core.jobs import Job
@@ -82,11 +83,13 @@ def add_progress_routes(router: APIRouter, engine: EngineAPI) -> None:
             return {"progress": 0.0, "eta_relative": 0.0, "state": {**IDLE_STATE, "queued": waiting},
                     "current_image": None, "textinfo": None, "jobs_ahead": ahead}
         report = job.progress
+        # decoding the preview takes a VAE or TAESD pass: off the event loop, so other requests still answer
+        preview = None if skip_current_image else await run_in_threadpool(preview_png, report)
         return {
             "progress": round(report.fraction, 4) if report else 0.0,
             "eta_relative": float(report.eta) if report and report.eta is not None else 0.0,
             "state": job_state(job, waiting),
-            "current_image": None if skip_current_image else preview_png(report),
+            "current_image": preview,
             "textinfo": report.describe() if report else f"{job.kind}: starting (loading the model)",
             "jobs_ahead": ahead,
         }
