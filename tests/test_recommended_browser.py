@@ -63,7 +63,7 @@ def test_the_button_fills_the_sampling_settings_and_says_why(served):
             page.fill("#txt2img_prompt textarea", "a cat")
             button.click()
             toast = page.wait_for_selector(".toast-body", timeout=15000)
-            assert "No few-step model recognised" in toast.inner_text()
+            assert "No few-step or guidance-distilled model recognised" in toast.inner_text()
             assert field(page, "txt2img_sampler") != "DDIM"
             page.locator(".toast-body .toast-close, .toast-close").first.click()
 
