@@ -225,20 +225,22 @@ def encode_chunks(text_encoder, tokenizer, chunks: list, clip_skip: int, device,
 
 
 def _emphasis(hidden: torch.Tensor, chunks: list[Chunk]) -> torch.Tensor:
-    """Multiply each position by its weight, then restore each chunk's mean (A1111)."""
+    """Each chunk emphasized by its tokens' weights (BOS, EOS and padding at 1)."""
     if all(w == 1.0 for c in chunks for w in c.weights):
         return hidden
-    rows = []
-    for row, c in zip(hidden, chunks):
-        weights = [1.0, *c.weights, 1.0] + [1.0] * (CHUNK - len(c.weights))
-        w = torch.tensor(weights, dtype=row.dtype, device=row.device)[:, None]
-        if bool((w == 1.0).all()):
-            rows.append(row)
-            continue
-        original_mean = row.float().mean()
-        weighted = row * w
-        rows.append(weighted * (original_mean / weighted.float().mean()).to(row.dtype))
-    return torch.stack(rows)
+    return torch.stack([emphasize(row, [1.0, *c.weights, 1.0] + [1.0] * (CHUNK - len(c.weights)))
+                        for row, c in zip(hidden, chunks)])
+
+
+def emphasize(row: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    """A1111's emphasis of one sequence [positions, dim]: each position's hidden state multiplied
+    by its weight, then the whole rescaled so its mean equals the mean before weighting."""
+    w = torch.tensor(weights, dtype=row.dtype, device=row.device)[:, None]
+    if bool((w == 1.0).all()):
+        return row
+    original_mean = row.float().mean()
+    weighted = row * w
+    return weighted * (original_mean / weighted.float().mean()).to(row.dtype)
 
 
 @dataclass

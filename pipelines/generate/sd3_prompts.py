@@ -7,8 +7,8 @@ when T5 is not loaded, as diffusers does without `text_encoder_3`); the pooled o
 concatenated. The negative prompt is encoded the same way (an empty one too: SD 3 was not
 trained with zeroed negatives).
 
-A1111's prompt syntax is accepted: attention weights and BREAK are read and dropped (the
-words stay, at weight 1), and the job says so; weighting SD 3's encoders is left for later.
+A1111's attention weights act on all three encoders' hidden states (`flow_emphasis`); a prompt
+without weights is tokenized exactly as diffusers does. BREAK is dropped, and the job says so.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipelines.core.prompt_parser import is_break, parse_attention
+from pipelines.generate.flow_emphasis import WeightedText, read_weights, weighted_ids
+from pipelines.generate.prompts import emphasize
 from pipelines.models.t5_tokenizer import T5_MAX_LENGTH
 
 CLIP_MAX_LENGTH = 77
-WEIGHTS_IGNORED_NOTE = "SD 3: prompt weights and BREAK are not applied yet (the words are used at weight 1)"
+WEIGHTS_IGNORED_NOTE = "SD 3: BREAK is not applied (no 75-token chunks here); the prompt was read without it"
 
 
 @dataclass(frozen=True)
@@ -34,15 +35,7 @@ class FlowConditioning:
     uncond: torch.Tensor | None  # None: not encoded (Flux without real CFG)
     pooled_uncond: torch.Tensor | None
     t5: bool  # T5-XXL encoded the prompts (else zeros stood in for it)
-    weights_ignored: bool = False  # the prompts had weights or BREAK that were dropped
-
-
-def plain_text(prompt: str) -> tuple[str, bool]:
-    """The prompt's words without A1111's attention syntax, and whether any weight or BREAK was dropped."""
-    segments = parse_attention(prompt)
-    dropped = any(is_break(s) or s[1] != 1.0 for s in segments)
-    text = "".join(" " if is_break(segment) else segment[0] for segment in segments)
-    return (" ".join(text.split()) if dropped else text), dropped  # untouched prompts stay byte for byte
+    weights_ignored: bool = False  # the prompts had a BREAK, which was dropped
 
 
 def clip_hidden_layer(clip_skip: int) -> int:
@@ -51,21 +44,36 @@ def clip_hidden_layer(clip_skip: int) -> int:
     return -(max(1, int(clip_skip or 1)) + 1)
 
 
-def encode_clip(encoder, tokenizer, text: str, device, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_ids(encoder, tokenizer, prompt: WeightedText, device, length: int, begin: bool, **options):
+    """The encoder's output for one prompt, and the positions' weights (None when all are 1):
+    weighted prompts token by token (`flow_emphasis`), others as diffusers tokenizes them."""
+    if prompt.weighted:
+        ids, weights = weighted_ids(tokenizer, prompt.segments, length, begin)
+        ids = [ids]
+    else:
+        ids = tokenizer([prompt.text], padding="max_length", max_length=length, truncation=True,
+                        add_special_tokens=True, return_tensors="pt").input_ids.tolist()
+        weights = None
+    return encoder(torch.tensor(ids, device=device), **options), weights
+
+
+def weighed(hidden: torch.Tensor, weights: list[float] | None) -> torch.Tensor:
+    return hidden if weights is None else emphasize(hidden[0], weights)[None]
+
+
+def encode_clip(encoder, tokenizer, prompt: WeightedText, device,
+                clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden state, pooled projection) of one CLIP for one prompt."""
-    ids = tokenizer([text], padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True,
-                    return_tensors="pt").input_ids
-    output = encoder(ids.to(device), output_hidden_states=True)
-    return output.hidden_states[clip_hidden_layer(clip_skip)], output[0]
+    output, weights = encode_ids(encoder, tokenizer, prompt, device, CLIP_MAX_LENGTH, True, output_hidden_states=True)
+    return weighed(output.hidden_states[clip_hidden_layer(clip_skip)], weights), output[0]
 
 
-def encode_t5(encoder, tokenizer, text: str, device, max_length: int = T5_MAX_LENGTH) -> torch.Tensor:
-    ids = tokenizer([text], padding="max_length", max_length=max_length, truncation=True,
-                    add_special_tokens=True, return_tensors="pt").input_ids
-    return encoder(ids.to(device))[0]
+def encode_t5(encoder, tokenizer, prompt: WeightedText, device, max_length: int = T5_MAX_LENGTH) -> torch.Tensor:
+    output, weights = encode_ids(encoder, tokenizer, prompt, device, max_length, False)
+    return weighed(output[0], weights)
 
 
-def encode_sd3_prompt(components, text: str, device, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_sd3_prompt(components, text: WeightedText, device, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt embeddings, pooled embeddings) of one prompt, diffusers' SD3 layout."""
     encoders, tokenizers = components.text_encoders, components.tokenizers
     (hidden_l, pooled_l), (hidden_g, pooled_g) = (
@@ -82,9 +90,8 @@ def encode_sd3_prompt(components, text: str, device, clip_skip: int = 1) -> tupl
 
 @torch.no_grad()
 def encode_sd3_prompts(components, prompt: str, negative_prompt: str, device, clip_skip: int = 1) -> FlowConditioning:
-    text, dropped = plain_text(prompt)
-    negative, dropped_negative = plain_text(negative_prompt)
-    cond, pooled = encode_sd3_prompt(components, text, device, clip_skip)
+    positive, negative = read_weights(prompt), read_weights(negative_prompt)
+    cond, pooled = encode_sd3_prompt(components, positive, device, clip_skip)
     uncond, pooled_uncond = encode_sd3_prompt(components, negative, device, clip_skip)
     return FlowConditioning(cond, pooled, uncond, pooled_uncond, t5=len(components.text_encoders) > 2,
-                           weights_ignored=dropped or dropped_negative)
+                           weights_ignored=positive.broke or negative.broke)
