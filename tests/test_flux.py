@@ -205,19 +205,6 @@ def test_prompt_weights_change_the_image_and_break_is_dropped_with_a_warning(com
     assert any("Flux: BREAK" in n for n in notes)
 
 
-def test_fill_models_are_refused_by_name(tiny, tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    state = load_file(tiny[1].all_in_one)
-    key = "model.diffusion_model.img_in.weight"
-    state[key] = torch.zeros(state[key].shape[0], 384)
-    fill = tmp_path / "flux_fill.safetensors"
-    save_file(state, str(fill))
-    assert describe_checkpoint(fill)["variant"] == "Flux.1 Fill"
-    with pytest.raises(CheckpointError, match="flux_fill.safetensors: Flux.1 Fill models are not supported"):
-        load_checkpoint_components(fill)
-
-
 # diffusers' configs of the released models (transformer/config.json of BFL's Hub folders)
 FLUX_DEV = {"patch_size": 1, "in_channels": 64, "out_channels": 64, "num_layers": 19, "num_single_layers": 38,
             "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,

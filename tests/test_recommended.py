@@ -33,7 +33,7 @@ def test_every_generation_tab_has_the_button_wired_to_its_own_fields(engine):
                   if any(t[1] == "click" and t[0] == component_id(ui, f"{mode}_recommended") for t in d["targets"])]
         assert len(clicks) == 1, mode
         outputs = clicks[0]["outputs"]
-        assert outputs == [fields[name]._id for name in recommended.FILLED + recommended.OPTIONAL]
+        assert outputs == [fields[name]._id for name in recommended.FILLED + recommended.OPTIONAL if name in fields]
         assert set(clicks[0]["inputs"]) == {fields["checkpoint"]._id, fields["prompt"]._id}
 
 
@@ -74,5 +74,16 @@ def test_a_guidance_distilled_checkpoint_gets_its_own_settings_with_one_cfg_pass
     assert "Flux.1 dev is guidance-distilled" in found["why"] and "Distilled CFG Scale 3.5" in found["why"]
     assert few_step.distilled_settings({"family": "sd15"}) is None  # any other checkpoint: nothing
     monkeypatch.setattr(engine, "recommended_settings", lambda checkpoint, prompt: {**found, "source": "flux1-dev"})
-    assert recommended.recommend(engine, "flux1-dev", "a cat", optional=True) == ("Euler", "Automatic", 20, 1.0, 3.5)
+    assert recommended.recommend(engine, "flux1-dev", "a cat",
+                                 optional=("distilled_cfg_scale",)) == ("Euler", "Automatic", 20, 1.0, 3.5)
     assert "Set for flux1-dev (checkpoint)" in shown[0]
+
+
+def test_flux_fill_gets_its_guidance_and_full_strength_where_the_tab_has_them(engine, shown, monkeypatch):
+    fill = {"variant": "Flux.1 Fill", "inpainting": True, "recommended": {"sampler": "Euler", "cfg_scale": 1.0, "steps": 20,
+                                                      "distilled_cfg_scale": 30.0, "denoising_strength": 1.0}}
+    found = few_step.distilled_settings(fill)
+    monkeypatch.setattr(engine, "recommended_settings", lambda checkpoint, prompt: {**found, "source": "flux1-fill"})
+    values = recommended.recommend(engine, "flux1-fill", "a cat", optional=recommended.OPTIONAL)
+    assert values == ("Euler", "Automatic", 20, 1.0, 30.0, 1.0)
+    assert "Inpaint" in shown[0]  # it says where a Fill model belongs

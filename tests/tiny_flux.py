@@ -33,6 +33,7 @@ except ImportError:
 TINY_FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=32,
                              num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32,
                              axes_dims_rope=(4, 14, 14))
+TINY_FLUX_FILL_INPUT = 384  # Fill: 64 packed latents + 64 packed masked-image latents + 256 packed mask pixels
 TINY_FLUX_VAE = {**TINY_SD3_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159}
 
 
@@ -53,14 +54,17 @@ class TinyFluxFiles:
     text_encoder_dir: Path  # clip_l / t5xxl files and t5_tokenizer/, like models/text_encoder
 
 
-def make_tiny_flux(seed: int = 0, guidance: bool = True) -> TinyFlux:
-    """dev's shape with `guidance` (a guidance embedder), schnell's without."""
+def make_tiny_flux(seed: int = 0, guidance: bool = True, in_channels: int = 64) -> TinyFlux:
+    """dev's shape with `guidance` (a guidance embedder), schnell's without; `in_channels`
+    TINY_FLUX_FILL_INPUT: Fill's (a wider `img_in`: masked image and mask beside the latents)."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        transformer = FluxTransformer2DModel(**TINY_FLUX_TRANSFORMER, guidance_embeds=guidance)
+        latent_channels = TINY_FLUX_TRANSFORMER["in_channels"]  # what it predicts, whatever it takes in
+        transformer = FluxTransformer2DModel(**{**TINY_FLUX_TRANSFORMER, "in_channels": in_channels},
+                                             out_channels=latent_channels, guidance_embeds=guidance)
         vae = AutoencoderKL(**TINY_FLUX_VAE)
         clip_l = CLIPTextModel(CLIPTextConfig(**TINY_SD3_CLIP, hidden_act="quick_gelu"))
         t5 = T5EncoderModel(T5Config(vocab_size=len(T5_PIECES), **TINY_T5))

@@ -17,7 +17,8 @@ so img2img, inpainting and hires fix are the same code for both.
 img2img starts from the encoded image noised to the first step of the schedule's tail that
 denoising strength selects (`scheduler.scale_noise`), as diffusers' SD3 img2img does; inpainting
 with a plain (non-inpainting) model also keeps the unmasked area on the image's noisy path
-after each step, as diffusers' SD3 inpaint pipeline does, and pastes the result back.
+after each step, as diffusers' SD3 inpaint pipeline does, and pastes the result back. Flux.1
+Fill sees the masked image and the mask beside the latents instead (`flux_fill`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 
 from pipelines.core.progress import JobControl, ProgressCallback, ProgressClock
 from pipelines.core.request import GenerationRequest, RequestError
-from pipelines.generate import flux_prompts, hires, tiling
+from pipelines.generate import flux_fill, flux_prompts, hires, tiling
 from pipelines.generate.noise import noise_for_seed
 from pipelines.generate.runner import (
     BatchOutput,
@@ -48,7 +49,7 @@ from pipelines.generate.runner import (
 )
 from pipelines.generate.sd3_prompts import WEIGHTS_IGNORED_NOTE, FlowConditioning, encode_sd3_prompts
 from pipelines.models.families import FLUX, SD3
-from pipelines.models.flux_files import flux_schedule, flux_variant
+from pipelines.models.flux_files import default_guidance, flux_schedule, flux_variant
 from pipelines.models.t5_tokenizer import t5_missing_note
 
 FLOW_FAMILIES = (SD3.name, FLUX.name)
@@ -169,11 +170,13 @@ def image_ids(rows: int, columns: int, device) -> torch.Tensor:
 
 
 def denoise_flux(transformer, latents: torch.Tensor, t, conditioning: FlowConditioning, cfg_scale: float,
-                 batch: int, guidance: float | None) -> torch.Tensor:
+                 batch: int, guidance: float | None, extra: torch.Tensor | None = None) -> torch.Tensor:
     """The velocity for one step of a Flux transformer: one pass, or [negative, positive] under
-    real CFG. Odd latent sides are padded (circular, as ComfyUI and Forge pad) and cropped back."""
+    real CFG. Odd latent sides are padded (circular, as ComfyUI and Forge pad) and cropped back.
+    `extra`: unpacked inputs beside the latents (Fill's masked image and mask)."""
     height, width = latents.shape[-2:]
-    padded = F.pad(latents, (0, width % 2, 0, height % 2), mode="circular") if (height | width) % 2 else latents
+    model_in = latents if extra is None else torch.cat([latents, extra], dim=1)
+    padded = F.pad(model_in, (0, width % 2, 0, height % 2), mode="circular") if (height | width) % 2 else model_in
     use_cfg = cfg_scale > 1.0 and conditioning.uncond is not None
     context, pooled = conditioning.cond, conditioning.pooled_cond
     if use_cfg:
@@ -184,7 +187,7 @@ def denoise_flux(transformer, latents: torch.Tensor, t, conditioning: FlowCondit
     dtype, device = transformer.dtype, latents.device
     distilled = None
     if transformer.config.guidance_embeds:
-        distilled = torch.full((rows,), float(FLUX.distilled_guidance if guidance is None else guidance),
+        distilled = torch.full((rows,), float(default_guidance(transformer.config) if guidance is None else guidance),
                                device=device, dtype=torch.float32)
     tokens = transformer(hidden_states=pack(padded).to(dtype), timestep=(t.expand(rows) / 1000).to(dtype),
                          guidance=distilled, pooled_projections=pooled.to(dtype).repeat_interleave(batch, dim=0),
@@ -192,18 +195,19 @@ def denoise_flux(transformer, latents: torch.Tensor, t, conditioning: FlowCondit
                          txt_ids=torch.zeros(context.shape[1], 3, device=device),
                          img_ids=image_ids(padded.shape[-2] // 2, padded.shape[-1] // 2, device),
                          return_dict=False)[0].float()
-    prediction = unpack(tokens, *padded.shape[-2:])[..., :height, :width]
+    prediction = unpack(tokens, *padded.shape[-2:])[..., :height, :width]  # the velocity of the latents only
     if use_cfg:
         uncond, cond = prediction.chunk(2)
         prediction = uncond + cfg_scale * (cond - uncond)
     return prediction
 
 
-def velocity(components, latents: torch.Tensor, t, request: GenerationRequest, batch: FlowBatch) -> torch.Tensor:
-    """The family's model call for one step."""
+def velocity(components, latents: torch.Tensor, t, request: GenerationRequest, batch: FlowBatch,
+             extra: torch.Tensor | None = None) -> torch.Tensor:
+    """The family's model call for one step (`extra`: Flux Fill's inputs)."""
     if is_flux(components):
         return denoise_flux(components.unet, latents, t, batch.conditioning, request.cfg_scale, len(batch.seeds),
-                            batch.guidance)
+                            batch.guidance, extra)
     return denoise(components.unet, latents, t, batch.conditioning, request.cfg_scale, len(batch.seeds))
 
 
@@ -233,12 +237,16 @@ def run_batch(components, device, request: GenerationRequest, batch: FlowBatch, 
         latents = scheduler.scale_noise(image, timesteps[:1], noise) if len(timesteps) else image
         if batch.plan is not None and batch.plan.mask is not None:
             mask = latent_mask(batch.plan.mask, batch.width // 8, batch.height // 8, device)
+    # Fill repaints the masked area from its own inputs: nothing is blended in after each step
+    fill = flux_fill.batch_fill_inputs(components, batch.plan, batch.width, batch.height, len(batch.seeds), device)
+    if fill is not None:
+        mask = None
 
     # 4. denoise
     for i, t in enumerate(timesteps):
         if control.stop_current:
             return None
-        prediction = velocity(components, latents, t, request, batch)
+        prediction = velocity(components, latents, t, request, batch, fill)
         latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
         if mask is not None:  # inpainting: the unmasked area follows the image's own noisy path
             known = scheduler.scale_noise(image, timesteps[i + 1:i + 2], noise) if i + 1 < len(timesteps) else image
@@ -263,7 +271,8 @@ def infotext_params(components, shift: float | None = None, guidance: float | No
     params: dict[str, float | str] = {}
     if is_flux(components):
         if components.unet.config.guidance_embeds:
-            params["Distilled CFG Scale"] = float(family.distilled_guidance if guidance is None else guidance)
+            params["Distilled CFG Scale"] = float(default_guidance(components.unet.config) if guidance is None
+                                                  else guidance)
         if shift is not None:
             params["Shift"] = float(shift)
         return params
@@ -289,7 +298,7 @@ def job_notes(components, request: GenerationRequest, conditioning: FlowConditio
     if guidance is not None and not (flux and components.unet.config.guidance_embeds):
         model = flux_variant(components.unet.config) if flux else components.spec.family.label
         notes.append(GUIDANCE_NOTE.format(model=model))
-    return notes
+    return notes + (flux_fill.fill_notes(components, request) if flux else [])
 
 
 def encode_prompts(components, prompt: str, negative_prompt: str, device, request: GenerationRequest):

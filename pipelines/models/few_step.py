@@ -194,8 +194,9 @@ def recommend_for_job(registry, checkpoint: str | None, prompt: str) -> dict | N
 
 
 def distilled_settings(details: dict) -> dict | None:
-    """A guidance-distilled checkpoint's own settings (Flux dev / schnell: real CFG off), from the
-    listing's details (`inspection.family_details`); None for any other checkpoint."""
+    """A guidance-distilled checkpoint's own settings (Flux dev / schnell / Fill: real CFG off), from
+    the listing's details (`inspection.family_details`); None for any other checkpoint. An
+    inpainting one (Flux Fill) also says where it runs and at which denoising strength."""
     wanted = details.get("recommended")
     if not wanted:
         return None
@@ -203,4 +204,8 @@ def distilled_settings(details: dict) -> dict | None:
            f"steps, CFG {wanted['cfg_scale']:g} (one pass)")
     if "distilled_cfg_scale" in wanted:
         why += f", Distilled CFG Scale {wanted['distilled_cfg_scale']:g}"
+    if details.get("inpainting"):
+        strength = wanted.get("denoising_strength")
+        why += "; an inpainting model: use it in the Inpaint tab (or outpainting)" + (
+            f" at denoising strength {strength:g}" if strength is not None else "")
     return {"schedule_type": "Automatic", **wanted, "why": why}

@@ -9,7 +9,9 @@ helpers as SD 3's (`sd3_files`). Everything is read from names and shapes, so ti
 and real ones take the same path.
 
 Kontext (dev-shaped weights, in_channels 64) loads as dev; its reference-image conditioning is
-not built. Fill (in_channels 384) and Depth (128) are recognised and refused by name.
+not built. Fill (in_channels 384: the latents, the masked image's latents and the 8x8 pixel mask
+of each latent pixel, all packed) is an inpainting model (`generate/flux_fill`); Depth (128) is
+recognised and refused by name.
 """
 
 from __future__ import annotations
@@ -41,7 +43,11 @@ PACKED_CHANNELS = LATENT_CHANNELS * 4  # 2x2 latent patches packed into one toke
 # Flux.1's rotary axes (image index, row, column) split a head as 16/56/56 of 128: 1/8, 7/16, 7/16
 ROPE_SHARES = (2, 7, 7)
 MLP_RATIO = 4  # the single blocks' fused linear1 is q, k, v and a 4x MLP
-VARIANTS_BY_INPUT = {PACKED_CHANNELS: None, 384: "Flux.1 Fill", 128: "Flux.1 Depth"}
+FILL_INPUT = PACKED_CHANNELS * 2 + 64 * 4  # latents, masked-image latents, the mask's 8x8 pixels per latent
+DEPTH_INPUT = PACKED_CHANNELS * 2
+VARIANTS_BY_INPUT = {PACKED_CHANNELS: None, FILL_INPUT: "Flux.1 Fill", DEPTH_INPUT: "Flux.1 Depth"}
+SUPPORTED_INPUTS = (PACKED_CHANNELS, FILL_INPUT)
+FILL_GUIDANCE = 30.0  # BFL's and diffusers' FluxFillPipeline default for Fill dev
 # bytes per weight of the smaller files people run Flux from, best first, for "what would fit"
 # (Q8_0: 34 bytes per 32 weights; fp8, kept in fp8 where the device stores it: 1; Q4_0: 18 per 32)
 FP8_FORMAT = "fp8 (e4m3fn)"
@@ -110,6 +116,30 @@ def flux_variant(config) -> str:
     return special or ("Flux.1 dev" if config["guidance_embeds"] else "Flux.1 schnell")
 
 
+def is_fill(config) -> bool:
+    """Flux.1 Fill: the inpainting model (masked image and mask beside the latents)."""
+    return config["in_channels"] == FILL_INPUT
+
+
+def default_guidance(config) -> float:
+    """The distilled guidance a guidance-distilled Flux runs at when none is asked for: 30 for
+    Fill (its card's and FluxFillPipeline's default), 3.5 for dev (FluxPipeline's and Forge's)."""
+    return FILL_GUIDANCE if is_fill(config) else FLUX.distilled_guidance
+
+
+def flux_recommended(config) -> dict[str, Any]:
+    """The settings a Flux transformer is meant to run with (the listing's "recommended"): Euler,
+    CFG 1 (one pass), 20 steps and its distilled guidance for dev and Fill, 4 steps for schnell;
+    Fill repaints the whole masked area (denoising strength 1, as FluxFillPipeline's default)."""
+    dev = bool(config.get("guidance_embeds"))
+    wanted: dict[str, Any] = {"sampler": "Euler", "cfg_scale": FLUX.default_cfg_scale, "steps": 20 if dev else 4}
+    if dev:
+        wanted["distilled_cfg_scale"] = default_guidance(config)
+    if is_fill(config):
+        wanted["denoising_strength"] = 1.0
+    return wanted
+
+
 def flux_schedule(config) -> dict[str, Any]:
     """FlowMatchEulerDiscreteScheduler's config: dev's dynamic shift, schnell's plain schedule."""
     return dict(FLUX_DEV_SCHEDULE if config["guidance_embeds"] else FLUX_SCHNELL_SCHEDULE)
@@ -172,8 +202,8 @@ def inspect_flux(header: CheckpointHeader) -> ModelSpec:
     except (KeyError, IndexError, TypeError) as exc:
         raise CheckpointError(f"{header.path.name}: incomplete Flux checkpoint (missing {exc})") from exc
     declared = declared_resolution(header.metadata)
-    return ModelSpec(family=FLUX, inpainting=False, prediction_type=FLOW, prediction_source="family default",
-                     unet_config=config, vae_config=vae, text_encoder_configs=[],
+    return ModelSpec(family=FLUX, inpainting=is_fill(config), prediction_type=FLOW,
+                     prediction_source="family default", unet_config=config, vae_config=vae, text_encoder_configs=[],
                      native_resolution=declared or FLUX.native_resolution, declared_resolution=declared)
 
 
@@ -187,8 +217,8 @@ def inspect_flux_folder(folder: Path) -> ModelSpec:
         raise CheckpointError(f"{folder.name}: incomplete Flux diffusers folder ({exc})") from exc
     encoders = [read_json(folder / d / "config.json") for d in ("text_encoder", "text_encoder_2")
                 if (folder / d / "config.json").is_file()]
-    return ModelSpec(family=FLUX, inpainting=False, prediction_type=FLOW, unet_config=transformer, vae_config=vae,
-                     text_encoder_configs=encoders, native_resolution=FLUX.native_resolution,
+    return ModelSpec(family=FLUX, inpainting=is_fill(transformer), prediction_type=FLOW, unet_config=transformer,
+                     vae_config=vae, text_encoder_configs=encoders, native_resolution=FLUX.native_resolution,
                      prediction_source="family default")
 
 
@@ -200,10 +230,10 @@ def locate_flux_encoders(header: CheckpointHeader, text_encoder_dir: Path | None
 
 
 def check_variant(name: str, config) -> None:
-    """Fill and Depth take a masked image or a depth map packed beside the latents: not built yet."""
-    if config["in_channels"] != PACKED_CHANNELS:
+    """Depth takes a depth map packed beside the latents: not built yet (nor any other input width)."""
+    if config["in_channels"] not in SUPPORTED_INPUTS:
         raise CheckpointError(f"{name}: {flux_variant(config)} models are not supported yet "
-                              "(Flux.1 dev, schnell and Kontext-shaped files are)")
+                              "(Flux.1 dev, schnell, Fill and Kontext-shaped files are)")
 
 
 # --- memory ------------------------------------------------------------------------------------

@@ -9,7 +9,14 @@ from pipelines.models.architecture import infer_clip_config, infer_unet_config, 
 from pipelines.models.checkpoint_file import CheckpointError, CheckpointHeader, read_header, sniff_format
 from pipelines.models.diffusers_folder import inspect_diffusers_folder
 from pipelines.models.families import FLUX, SD3, detect_family
-from pipelines.models.flux_files import flux_variant, inspect_flux, inspect_flux_folder, is_flux_file, is_flux_folder
+from pipelines.models.flux_files import (
+    flux_recommended,
+    flux_variant,
+    inspect_flux,
+    inspect_flux_folder,
+    is_flux_file,
+    is_flux_folder,
+)
 from pipelines.models.prediction import resolve_prediction
 from pipelines.models.quantized import storage_description
 from pipelines.models.sd3_files import inspect_sd3, inspect_sd3_folder, is_sd3_file, is_sd3_folder, sd3_variant
@@ -99,11 +106,7 @@ def family_details(spec: ModelSpec) -> dict:
         return {"variant": sd3_variant(spec.unet_config)}
     if spec.family is not FLUX:
         return {}
-    dev = bool(spec.unet_config.get("guidance_embeds"))
-    recommended = {"sampler": "Euler", "cfg_scale": FLUX.default_cfg_scale, "steps": 20 if dev else 4}
-    if dev:
-        recommended["distilled_cfg_scale"] = FLUX.distilled_guidance
-    return {"variant": flux_variant(spec.unet_config), "recommended": recommended}
+    return {"variant": flux_variant(spec.unet_config), "recommended": flux_recommended(spec.unet_config)}
 
 
 def metadata_card(metadata: dict) -> dict[str, str]:

@@ -197,11 +197,11 @@ class GenerationTabs:
         self._face_restoration(fields, p)
         self._refiner(fields, p)
         self._flow_settings(fields, p)
-        recommended.wire(self.engine, fields, use_recommended)  # after every field it may set
         if mode == "txt2img":
             hires.build(self.engine, fields, p)
         else:
             fields["denoising_strength"] = slider("denoising_strength", step=0.01, elem_id=f"{p}_denoising")
+        recommended.wire(self.engine, fields, use_recommended)  # after every field it may set
 
     def _face_restoration(self, fields: dict[str, Any], p: str) -> None:
         """"Restore faces" (A1111's checkbox, in sight); the model and CodeFormer's weight in a
@@ -237,8 +237,8 @@ class GenerationTabs:
         0 (`convert.ZERO_MEANS_MODELS_OWN`): the model's own."""
         with gr.Accordion("SD 3 / Flux", open=False, elem_id=f"{p}_flow_settings"):
             with gr.Row():
-                for name, info in (("distilled_cfg_scale", "Flux dev's guidance; 0: its own 3.5. Real CFG runs "
-                                                           "only with CFG scale above 1"),
+                for name, info in (("distilled_cfg_scale", "Flux's guidance; 0: its own (3.5; Fill: 30). Real "
+                                                           "CFG runs only with CFG scale above 1"),
                                    ("shift", "the flow schedule's shift; 0: the model's own")):
                     fields[name] = gr.Number(value=0, minimum=0, maximum=LIMITS[name][1], label=convert.LABELS[name],
                                              info=info, elem_id=f"{p}_{name}")

@@ -17,7 +17,8 @@ from pipelines.core.engine_api import EngineAPI
 from webui.common import QUIET, call_engine
 
 FILLED = ("sampler", "schedule_type", "steps", "cfg_scale")  # the request fields the button sets
-OPTIONAL = ("distilled_cfg_scale",)  # set when the recommendation has it (Flux dev), else left as it is
+# set where the tab has them and the recommendation does (Flux's guidance; Fill's strength 1), else left as they are
+OPTIONAL = ("distilled_cfg_scale", "denoising_strength")
 LABEL = "Use recommended settings"
 NOTHING_FOUND = ("No few-step or guidance-distilled model recognised (LCM, TCD, Hyper-SD, Lightning, Turbo, "
                  "Flux) in the checkpoint or the prompt's LoRAs: nothing changed.")
@@ -32,16 +33,16 @@ def button(p: str) -> gr.Button:
 def wire(engine: EngineAPI, fields: dict[str, Any], clicked: gr.Button) -> None:
     """Fill the tab's sampler, schedule type, steps and CFG from the engine's recommendation."""
     def use_recommended(checkpoint=None, prompt=""):
-        return recommend(engine, checkpoint, prompt, optional="distilled_cfg_scale" in fields)
+        return recommend(engine, checkpoint, prompt, optional=tuple(name for name in OPTIONAL if name in fields))
 
     clicked.click(use_recommended, inputs_kwargs={"checkpoint": fields["checkpoint"], "prompt": fields["prompt"]},
                   outputs=[fields[name] for name in FILLED + OPTIONAL if name in fields], **QUIET)
 
 
-def recommend(engine: EngineAPI, checkpoint: str | None, prompt: str | None, optional: bool = False) -> tuple:
-    """The values of `FILLED` (and `OPTIONAL` when the tab has them), unchanged when nothing is
-    recognised, with a notice saying why."""
-    names = FILLED + (OPTIONAL if optional else ())
+def recommend(engine: EngineAPI, checkpoint: str | None, prompt: str | None, optional: tuple[str, ...] = ()) -> tuple:
+    """The values of `FILLED` and of the `optional` ones (those of `OPTIONAL` the tab has),
+    unchanged when nothing is recognised, with a notice saying why."""
+    names = FILLED + optional
     found = call_engine("Recommended settings", lambda: engine.recommended_settings(checkpoint, prompt or ""))
     if not found:
         gr.Info(NOTHING_FOUND)
