@@ -18,7 +18,7 @@ from tiny import make_tiny, write_tiny_checkpoint
 
 from pipelines.core.infotext import parse_infotext
 from pipelines.core.request import GenerationRequest
-from pipelines.generate import lora, lycoris
+from pipelines.generate import flow_lora, lora, lycoris
 from pipelines.models.build import load_components
 
 CHECKPOINTS = {"sd2": "tiny-sd2.safetensors", "sdxl": "tiny-sdxl.safetensors"}
@@ -278,6 +278,6 @@ def test_pt_lycoris_file_applies_and_an_unreadable_file_is_reported(tmp_path):
     uses = [lora.LoraUse("bad", tmp_path / "bad.safetensors", 1, 1), lora.LoraUse("h", tmp_path / "h.pt", 1, 1)]
     with lora.applied(components, uses, warnings) as loaded:
         assert [use.name for use in loaded] == ["h"]
-        assert lora._has_adapter(components.unet, "sdui_lora_1_loha")
+        assert flow_lora.has_adapter(components.unet, "sdui_lora_1_loha")
     assert len(warnings) == 1 and "bad.safetensors" in warnings[0] and "could not be read" in warnings[0]
     assert not lora._has_any_tuner(components.unet)

@@ -34,6 +34,7 @@ from pipelines.core.progress import JobControl, ProgressCallback, ProgressClock
 from pipelines.core.request import GenerationRequest, RequestError
 from pipelines.generate import flux_fill, flux_prompts, hires, tiling
 from pipelines.generate.noise import noise_for_seed
+from pipelines.generate.prompts import positive_text
 from pipelines.generate.runner import (
     BatchOutput,
     InpaintPlan,
@@ -302,7 +303,9 @@ def job_notes(components, request: GenerationRequest, conditioning: FlowConditio
 
 
 def encode_prompts(components, prompt: str, negative_prompt: str, device, request: GenerationRequest):
-    """The family's text conditioning of one prompt pair."""
+    """The family's text conditioning of one prompt pair (the prompt without its <lora:...> tags:
+    they act on the model, they are not words)."""
+    prompt = positive_text(prompt)
     if is_flux(components):
         return flux_prompts.encode_flux_prompts(components, prompt, negative_prompt, device, request.cfg_scale > 1.0)
     return encode_sd3_prompts(components, prompt, negative_prompt, device, request.clip_skip)

@@ -8,6 +8,7 @@ LoHa/LoKr layers, see `lycoris`; DoRA layers, kohya names with a ``dora_scale``,
 DoRA, see `_split_dora`): `applied(...)` loads them, sets each
 adapter's text-encoder and U-Net weights, and on exit removes every peft layer again, so
 the cached modules are the very same objects with the very same weights afterwards.
+SD 3 and Flux files (their own layouts, on the transformer and the CLIPs) are read by `flow_lora`.
 
 The infotext's ``Lora hashes: "name: 0123456789ab"`` uses A1111's short hash of a LoRA:
 the first 12 hex digits of the sha256 of a .safetensors file's tensor data (the bytes after
@@ -27,7 +28,8 @@ from safetensors.torch import load_file
 
 from pipelines.core.extra_networks import ExtraNetwork, extract_extra_networks
 from pipelines.core.fileio import sha256_file_cached
-from pipelines.generate import lycoris
+from pipelines.generate import flow_lora, lycoris
+from pipelines.generate.flow_lora import OtherFamilyLora, has_adapter
 from pipelines.models.checkpoint_file import safetensors_data_start, torch_state_dict
 
 log = logging.getLogger(__name__)
@@ -153,6 +155,8 @@ def _mixin(components):
 
 
 def _text_encoder_prefixes(components) -> list[tuple[str, object]]:
+    if flow_lora.is_flow(components):  # SD 3, Flux: their CLIPs (T5 takes no LoRA)
+        return flow_lora.text_encoder_prefixes(components)
     encoders = components.text_encoders
     if len(encoders) == 2:
         return [("text_encoder", encoders[0]), ("text_encoder_2", encoders[1])]
@@ -160,13 +164,6 @@ def _text_encoder_prefixes(components) -> list[tuple[str, object]]:
             components.spec.family.text_encoders[0], "pooled", False)):
         return [("text_encoder_2", encoders[0])]
     return [("text_encoder", encoders[0])]
-
-
-def _has_adapter(module, name: str) -> bool:
-    from peft.tuners.tuners_utils import BaseTunerLayer  # heavy: peft imports transformers
-
-    return any(isinstance(m, BaseTunerLayer) and any(name in getattr(m, attr) for attr in m.adapter_layer_names)
-               for m in module.modules())
 
 
 def read_state_dict(path: Path) -> dict:
@@ -244,7 +241,8 @@ def _load(components, item: _Prepared, warnings, load) -> None:
     try:
         names, unmatched = load()
     except Exception as exc:  # noqa: BLE001 - a file that does not fit must not fail the request
-        _warn(warnings, f"LoRA {item.use.name}: does not fit this model ({exc}); ignored")
+        reason = str(exc) if isinstance(exc, OtherFamilyLora) else f"does not fit this model ({exc})"
+        _warn(warnings, f"LoRA {item.use.name}: {reason}; ignored")
         for name in (item.adapter, *item.names,
                      *(f"{item.adapter}_{kind}" for kind in ("dora", "dora_in", "loha", "lokr"))):
             _remove_adapter(components, name)
@@ -263,18 +261,27 @@ def _load_plain(components, encoders, item: _Prepared, index, warnings) -> tuple
     names = []
     for state, adapter in ((plain, item.adapter), (dora, f"{item.adapter}_dora"),
                            (dora_in, f"{item.adapter}_dora_in")):
-        if state and _load_into(components, encoders, state, adapter):
-            names.append(adapter)
+        if not state:
+            continue
+        hit, missing, notes = _load_into(components, encoders, state, adapter)
+        names += [adapter] if hit else []
+        unmatched += missing
+        for note in notes:
+            _warn(warnings, f"LoRA {item.use.name}: {note}")
     for (root, path), magnitude in magnitudes.items():  # the peft layers are in place now
         layer = root.get_submodule(path)
-        if _has_adapter(layer, f"{item.adapter}_dora_in"):
+        if has_adapter(layer, f"{item.adapter}_dora_in"):
             magnitude = magnitude.to(layer.get_base_layer().weight)
             layer.register_forward_pre_hook(_input_magnitude(f"{item.adapter}_dora_in", magnitude))
     return names, unmatched
 
 
-def _load_into(components, encoders, state: dict, adapter: str) -> bool:
-    """`state` (kohya, diffusers or peft layout) as adapter `adapter`; whether any module took it."""
+def _load_into(components, encoders, state: dict, adapter: str) -> tuple[bool, list[str], list[str]]:
+    """`state` (kohya, diffusers or peft layout) as adapter `adapter`: whether any module took it, its
+    layers that match no module, notes on what was left out (SD 3 and Flux: `flow_lora.load_into`)."""
+    if flow_lora.is_flow(components):
+        return flow_lora.load_into(components, state, adapter)
+    flow_lora.check_family(components, state)  # an SD 3 / Flux file on a U-Net model
     mixin = _mixin(components)
     unet = components.unet
     try:
@@ -284,12 +291,12 @@ def _load_into(components, encoders, state: dict, adapter: str) -> bool:
     hit = False
     if any(key.startswith("unet.") for key in state):
         mixin.load_lora_into_unet(state, alphas, unet=unet, adapter_name=adapter)
-        hit = hit or _has_adapter(unet, adapter)
+        hit = hit or has_adapter(unet, adapter)
     for prefix, encoder in encoders:
         if any(key.startswith(prefix + ".") for key in state):
             mixin.load_lora_into_text_encoder(state, alphas, encoder, prefix=prefix, adapter_name=adapter)
-            hit = hit or _has_adapter(encoder, adapter)
-    return hit
+            hit = hit or has_adapter(encoder, adapter)
+    return hit, [], []
 
 
 def _has_dora(state: dict) -> bool:
@@ -374,7 +381,7 @@ def _set_weights(components, loaded) -> None:
 
     for module in (components.unet, *components.text_encoders):
         pairs = [(name, use.unet if module is components.unet else use.te)
-                 for names, use in loaded for name in names if _has_adapter(module, name)]
+                 for names, use in loaded for name in names if has_adapter(module, name)]
         if pairs:
             active = [(n, w) for n, w in pairs if w != 0]
             set_weights_and_activate_adapters(module, [n for n, _ in active], [w for _, w in active])
@@ -385,7 +392,7 @@ def _remove_adapter(components, adapter: str) -> None:
     from diffusers.utils.peft_utils import delete_adapter_layers
 
     for module in (components.unet, *components.text_encoders):
-        if _has_adapter(module, adapter):
+        if has_adapter(module, adapter):
             delete_adapter_layers(module, adapter)
 
 
