@@ -39,6 +39,7 @@ from pipelines.models.inspection import describe_checkpoint
 from pipelines.models.manager import ModelManager
 from pipelines.models.merge import plan as plan_merge
 from pipelines.models.merge import run as run_merge
+from pipelines.models.module_pick import pick_modules
 from pipelines.models.names import default_file
 from pipelines.models.registry import ModelFile, ModelRegistry
 from pipelines.models.stores import HashCache
@@ -146,6 +147,10 @@ class Engine:
         """Values GenerationRequest.vae takes: "Automatic", "None" (baked in), then models/VAE names."""
         return self.registry.vae_choices()
 
+    def text_encoder_names(self, refresh: bool = False) -> list[str]:
+        """Values GenerationRequest.text_encoders takes: the files of models/text_encoder (--text-encoder-dir)."""
+        return [f.name for f in self.registry.list("text_encoders", refresh)]
+
     def sampler_names(self) -> tuple[str, ...]:
         return samplers.SAMPLER_NAMES
 
@@ -220,18 +225,13 @@ class Engine:
         return self.loading.in_background(file, on_done) if self.remote is None else None
 
     def preload_when_idle(self, name: str) -> threading.Thread | None:
-        """A checkpoint picked in the UI starts loading at once, as in A1111, but only while
-        no job runs or waits and nothing else loads: beside a job a load would slow it down
-        and hold two models in RAM at once. Otherwise the pick's first job loads it."""
-        if self.queue.running() is not None or self.queue.waiting() or self.loading.loading:
-            return None
+        """A checkpoint picked in the UI starts loading at once, as in A1111, but only while the
+        server is idle (`CheckpointLoading.when_idle`). Otherwise the pick's first job loads it."""
         try:
             file = self.resolve_checkpoint(name)
         except RequestError:
             return None
-        if file.name in self.manager.loaded_names():
-            return None
-        return self.preload(file.name)
+        return self.loading.when_idle(file, self.queue) if self.remote is None else None
 
     def loading_checkpoints(self) -> list[str]:
         """Checkpoints being loaded right now (start-up preload or a job's first use)."""
@@ -295,14 +295,14 @@ class Engine:
             return self.native_resolution(request.checkpoint)
         return 512  # (unused: both are given)
 
-    def _checked_file(self, request: GenerationRequest) -> ModelFile:
-        """A generation admitted (limits) and its names checked; its checkpoint file."""
+    def _checked_file(self, request: GenerationRequest, warnings: list[str]) -> ModelFile:
+        """A generation admitted (limits) and its names checked; its checkpoint file. What the job
+        will not use of its pick of modules is said in `warnings`."""
         self._admit(request)
         file = self.resolve_checkpoint(request.checkpoint)  # bad names fail before queueing
-        try:
-            self.registry.resolve_vae(file, request.vae)  # a bad VAE name fails before queueing too
-        except LookupError as exc:
-            raise RequestError("vae", str(exc)) from exc
+        # a VAE or text encoder that is not listed or does not fit the family fails before queueing too
+        pick = pick_modules(self.registry, file, request.text_encoders, request.vae)
+        warnings.extend(w for w in pick.warnings if w not in warnings)
         if request.enable_hr:
             self.hires_upscaler(request.hr_upscaler)  # an unknown upscaler fails before queueing
         if request.restore_faces:
@@ -321,14 +321,14 @@ class Engine:
         each admitted like a job of its own."""
         hooks = self.extensions.job(request)
         request = hooks.before_request(request)
-        file = self._checked_file(request)
+        file = self._checked_file(request, hooks.warnings)
         job = self.queue.new_job(request.mode, owner, control)
         with self.queue.run(job, on_wait):
             request = request.with_resolved_seeds()
             context = JobContext(job, hooks, on_progress)
 
             def generate_cell(cell: GenerationRequest, on_progress=on_progress) -> GenerationResult:
-                cell_file = self._checked_file(cell)
+                cell_file = self._checked_file(cell, hooks.warnings)
                 return self._generate(cell_file, cell.with_resolved_seeds(), JobContext(job, hooks, on_progress))
 
             def save_grid(image, text: str) -> str:

@@ -1,15 +1,18 @@
 """Reading checkpoints into the model cache for the engine: hashed while they load, listed while
-they load (for the UI), in a background thread when asked (start-up, a pick in the UI)."""
+they load (for the UI), in a background thread when asked (start-up, a pick in the UI), with the
+request's pick of text encoders and VAE (`models.module_pick`: Forge's "VAE / Text Encoder")."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
+from pipelines.core.jobs import JobQueue
 from pipelines.models.checkpoint_file import CheckpointError
 from pipelines.models.manager import LoadedModel, ModelManager
+from pipelines.models.module_pick import pick_modules
 from pipelines.models.registry import ModelFile, ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -24,9 +27,12 @@ class CheckpointLoading:
         self.manager = manager
         self.loading: list[str] = []  # checkpoints being read into memory now, for the UI
 
-    def load(self, file: ModelFile) -> LoadedModel:
-        """The checkpoint from the cache, read once; its hash is set on `file` (the infotext's)."""
-        loading = file.name not in self.manager.loaded_names()
+    def load(self, file: ModelFile, text_encoders: Sequence[str] = (), vae: str | None = None) -> LoadedModel:
+        """The checkpoint from the cache, read once (with the chosen `text_encoders` and `vae`: see
+        module_pick, RequestError naming the field for one that does not fit); its hash is set on
+        `file` (the infotext's)."""
+        pick = pick_modules(self.registry, file, text_encoders, vae)
+        loading = not self.manager.holds(file.path, pick)
         hashing = None
         if loading:
             self.loading.append(file.name)
@@ -34,7 +40,7 @@ class CheckpointLoading:
             # load, as both mostly wait outside the GIL (first load of a 2 GB file: 1.5 s sooner)
             hashing = self.registry.hash_in_background("checkpoints", file.name)
         try:
-            model = self.manager.get(file.name, file.path)
+            model = self.manager.get(file.name, file.path, pick)
         except CheckpointError:
             raise
         except (OSError, ValueError) as exc:
@@ -46,6 +52,13 @@ class CheckpointLoading:
             hashing.join()
         self.registry.ensure_hash(file)  # sets file.sha256 (at once where the thread hashed it)
         return model
+
+    def when_idle(self, file: ModelFile, queue: JobQueue) -> threading.Thread | None:
+        """Load `file` in the background now if no job runs or waits, nothing else loads and it is
+        not loaded yet (a pick in the UI: beside a job a load would slow it down and hold two models
+        in RAM at once); None otherwise."""
+        busy = queue.running() is not None or queue.waiting() or self.loading
+        return None if busy or file.name in self.manager.loaded_names() else self.in_background(file)
 
     def in_background(self, file: ModelFile, on_done: LoadDone | None = None) -> threading.Thread:
         """Load `file` in a daemon thread. A failure is logged and told to `on_done`, not raised:

@@ -100,6 +100,9 @@ class FakeEngine:
     def vae_choices(self):
         return ["Automatic", "None"]
 
+    def text_encoder_names(self, refresh: bool = False):
+        return list(getattr(self, "text_encoders", ()))  # a test sets them: models/text_encoder's files
+
     def sampler_names(self):
         return ("DPM++ 2M", "Euler a", "Euler")
 

@@ -68,6 +68,9 @@ BASE_CSS = """
 .slider_input_container input[type=range] { min-width: 0; }
 /* "Clip skip" and its box side by side in the header */
 #clip_skip { min-width: min(230px, 100%) !important; }
+/* the header's text encoder pick stays one line high: the chosen files scroll sideways in it */
+#sd_text_encoders .wrap-inner { flex-wrap: nowrap; overflow-x: auto; scrollbar-width: thin; }
+#sd_text_encoders .token { flex-shrink: 0; white-space: nowrap; }
 /* tables: columns share the width (column_widths), long names and paths wrap inside them */
 #checkpoints_table td, #extensions_table td { overflow-wrap: anywhere; }
 /* ...but on a phone they would be squeezed a letter wide: there the table keeps a readable

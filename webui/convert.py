@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from PIL import Image
 
-from pipelines.core import infotext
+from pipelines.core import infotext, module_choice
 from pipelines.core.engine_api import ModelFileInfo
 from pipelines.core.request import HR_SAME_CHECKPOINT, GenerationRequest, RequestError, UpscaleRequest
 from webui import region_fields
@@ -291,7 +291,8 @@ def engine_line(description: Mapping[str, Any] | None) -> str:
 # --- Pasted parameters -------------------------------------------------------------------
 
 def ui_values_from_infotext(text: str, find_checkpoint: Callable[[str], ModelFileInfo | None] | None = None,
-                            control_models: Iterable[ModelFileInfo] | None = None) -> dict[str, Any] | None:
+                            control_models: Iterable[ModelFileInfo] | None = None,
+                            text_encoder_names: Iterable[str] = ()) -> dict[str, Any] | None:
     """UI component values (by name) from an A1111 parameters text; None when it has none.
 
     `find_checkpoint` is the engine's (`EngineAPI.find_checkpoint`, the one home of A1111's
@@ -312,6 +313,8 @@ def ui_values_from_infotext(text: str, find_checkpoint: Callable[[str], ModelFil
             values["mask_mode"] = MASK_MODES[int(bool(value))]
         elif name == "regions":  # box regions into the accordion's rows (the text has no masks)
             values.update(region_fields.region_values(value, region_fields.REGION_ROWS))
+        elif name == "text_encoders":  # Forge's "Module N" stems: the listed files they mean (the header's pick)
+            values[name] = module_choice.listed_names(value, text_encoder_names)
         elif name in OTHER_CHECKPOINTS:  # "name [hash]": the listed checkpoint, else the dropdown's "none"
             found = _find_model(find_checkpoint, value, *_title_parts(value)) if value else None
             values[name] = found.name if found is not None else OTHER_CHECKPOINTS[name]

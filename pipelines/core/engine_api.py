@@ -91,6 +91,10 @@ class EngineAPI(Protocol):
 
     def vae_choices(self) -> list[str]: ...
 
+    def text_encoder_names(self, refresh: bool = False) -> list[str]:
+        """models/text_encoder's files: what GenerationRequest.text_encoders names (Forge's "VAE /
+        Text Encoder" pick for SD 3 and Flux; empty: automatic pairing)."""
+
     def sampler_names(self) -> tuple[str, ...]: ...
 
     def schedule_types(self, sampler: str | None = None) -> tuple[str, ...]: ...

@@ -19,7 +19,7 @@ import json
 import re
 from typing import Any, Mapping
 
-from pipelines.core import control_infotext, hires_info, regions, samplers
+from pipelines.core import control_infotext, hires_info, module_choice, regions, samplers
 from pipelines.core.infotext_options import (
     cfg_cutoff_params,
     cutoff_fields,
@@ -383,4 +383,6 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
     fields.update(regions.fields_from_params(info))  # regional prompts: the Regional Prompter's keys
     fields.update(deep_cache_fields(info, has_params))
     fields.update(tiny_decode_fields(info, has_params))
+    if module_choice.from_infotext(info):  # Forge's "Module 1: ae, Module 2: clip_l, ..."
+        fields["text_encoders"] = module_choice.from_infotext(info)
     return fields

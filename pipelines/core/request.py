@@ -27,6 +27,7 @@ from pipelines.core.checks import (
 from pipelines.core.control import ControlUnit, check_units
 from pipelines.core.limits import LIMITS, in_limits  # noqa: F401 - re-exported: the UI's sliders read them here
 from pipelines.core.limits import check_limit as _check_range
+from pipelines.core.module_choice import check_text_encoders
 from pipelines.core.regions import DEFAULT_BASE_RATIO, Region, checked_request_regions
 from pipelines.core.result import GenerationResult  # noqa: F401 - re-exported: callers take it with the request
 from pipelines.core.save_formats import SaveOptions
@@ -107,6 +108,9 @@ class GenerationRequest:
     # models
     checkpoint: str | None = None  # a name from the registry; None = server default
     vae: str | None = None
+    # Forge's "VAE / Text Encoder" pick: models/text_encoder files (SD 3, Flux) instead of the
+    # automatic pairing; (): automatic. Checked against the listing and the family by the engine.
+    text_encoders: tuple[str, ...] = ()
     clip_skip: int = 1
     tiling: bool = False  # seamless: circular padding in the U-Net and VAE for this job
     tiny_vae_decode: bool = False  # the final decode by TAESD of models/VAE-approx (generate/tiny_decode.py)
@@ -188,6 +192,7 @@ class GenerationRequest:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise RequestError(name, "must be a name from the model list")
+        object.__setattr__(self, "text_encoders", check_text_encoders(self.text_encoders))
         if not isinstance(self.extension_args, Mapping):
             raise RequestError("extension_args", "must be a mapping of extension id to arguments")
         object.__setattr__(self, "extension_args", MappingProxyType(dict(self.extension_args)))

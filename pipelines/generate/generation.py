@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from extensions.hooks import JobHooks
-from pipelines.core import hires_info, infotext, outputs, samplers, save_formats, user_settings
+from pipelines.core import hires_info, infotext, module_choice, outputs, samplers, save_formats, user_settings
 from pipelines.core.jobs import Job
 from pipelines.core.progress import JobControl, Progress, ProgressCallback
 from pipelines.core.request import GenerationRequest, GenerationResult, RequestError
@@ -135,7 +135,7 @@ class Generator:
     def prepare(self, file: ModelFile, request: GenerationRequest, extra: dict | None = None) -> PreparedModel:
         """Load `file` and apply the request's choices: VAE, prediction type, LoRAs, embeddings.
         Unknown LoRAs are warnings in the result; generation goes on without them."""
-        model = self.load(file)
+        model = self.load(file, request.text_encoders, request.vae)  # the pick of modules: another cache entry
         result = GenerationResult(request=request)
         components, vae_name = self.with_choices(model.components, file, request.vae)
         # "Automatic" is written as the schedule it resolved to, as A1111 does
@@ -143,6 +143,7 @@ class Generator:
                  **(extra or {})}
         if vae_name:
             extra["VAE"] = vae_name
+        extra.update(module_choice.infotext_params(request.text_encoders))  # Forge's "Module 1: t5xxl_fp8_e4m3fn"
         loras = self.extra_networks(request, result, extra)
         found = self.embeddings(request, components, extra)
         return PreparedModel(model, components, loras, found, extra, result)
@@ -226,7 +227,7 @@ class Generator:
         others = {}
         prompts = [request.prompt, request.negative_prompt, request.hr_prompt, request.hr_negative_prompt]
         for field_name, other in files.items():
-            model = self.load(other)
+            model = self.load(other, request.text_encoders, request.vae)
             components, _ = self.with_choices(model.components, other, request.vae)
             found = embeddings.for_request(self.registry.list("embeddings"), components, prompts)
             others[field_name] = OtherModel(other, model, components, found)

@@ -138,14 +138,15 @@ def t5_tokenizer_folder(encoders: dict[str, EncoderWeights], text_encoder_dir: P
 
 
 def check_flux_parts(header: CheckpointHeader, text_encoder_dir: Path | None = None,
-                     has_separate_vae: bool = False) -> dict[str, EncoderWeights]:
+                     has_separate_vae: bool = False,
+                     chosen: dict[str, EncoderWeights] | None = None) -> dict[str, EncoderWeights]:
     """Where CLIP-L and T5 of a Flux single file are, or a CheckpointError naming the file and
     what is missing (an encoder, T5's tokenizer, the VAE), from headers only: the model cache
     calls it before evicting anything, so a file that cannot load leaves the loaded models be."""
     if header.format == "diffusers":
         return {}
     check_variant(header.path.name, inspect_flux(header).unet_config)
-    encoders = locate_flux_encoders(header, text_encoder_dir)
+    encoders = {**locate_flux_encoders(header, text_encoder_dir), **(chosen or {})}  # the user's pick wins
     t5_tokenizer_folder(encoders, text_encoder_dir)
     if not has_separate_vae and vae_prefix(header.shapes) is None:
         raise CheckpointError(f"{header.path.name}: a Flux transformer without its VAE; put Flux's VAE "
@@ -154,15 +155,15 @@ def check_flux_parts(header: CheckpointHeader, text_encoder_dir: Path | None = N
     return encoders
 
 
-def separate_vae(header: CheckpointHeader, vae_dir: Path | None) -> Path | None:
-    """The models/VAE file a Flux or SD 3 transformer without its own VAE pairs with (see
-    find_flux_vae, find_sd3_vae), or None."""
+def separate_vae(header: CheckpointHeader, vae_dir: Path | None, chosen_vae: Path | None = None) -> Path | None:
+    """The models/VAE file a Flux or SD 3 transformer without its own VAE pairs with: the user's
+    `chosen_vae`, else the one found by name (see find_flux_vae, find_sd3_vae), or None."""
     if header.format == "diffusers":
         return None
     if is_flux_file(header.shapes):
-        return find_flux_vae(vae_dir) if vae_prefix(header.shapes) is None else None
+        return (chosen_vae or find_flux_vae(vae_dir)) if vae_prefix(header.shapes) is None else None
     if is_sd3_file(header.shapes):
-        return find_sd3_vae(vae_dir) if not has_vae(header.shapes) else None
+        return (chosen_vae or find_sd3_vae(vae_dir)) if not has_vae(header.shapes) else None
     return None
 
 
@@ -180,9 +181,11 @@ def load_flow_vae(path: Path, dtype: torch.dtype, family=FLUX):
 @no_gc()
 def load_flux_components(path: Path, dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None,
                          header: CheckpointHeader | None = None, text_encoder_dir: Path | None = None,
-                         vae=None, fp8_storage: bool = True) -> Components:
+                         vae=None, fp8_storage: bool = True,
+                         chosen: dict[str, EncoderWeights] | None = None) -> Components:
     """Every module of a Flux single file or diffusers folder. CLIP-L and T5 come from
-    `text_encoder_dir` (models/text_encoder) when the file lacks them; a separate `vae` module
+    `text_encoder_dir` (models/text_encoder) when the file lacks them, or are the user's `chosen`
+    files; a separate `vae` module
     (loaded by the caller from models/VAE) when it lacks its VAE. `fp8_storage`: an fp8
     transformer stays in fp8 (False where the device has no fp8 type: cast as read)."""
     path = Path(path)
@@ -190,7 +193,7 @@ def load_flux_components(path: Path, dtype: torch.dtype = torch.float32, vae_dty
     if header.format == "diffusers":
         return load_flux_folder(path, dtype, vae_dtype)
     spec = inspect_flux(header)
-    encoders = check_flux_parts(header, text_encoder_dir, has_separate_vae=vae is not None)
+    encoders = check_flux_parts(header, text_encoder_dir, has_separate_vae=vae is not None, chosen=chosen)
     with TensorSource(header) as source:
         transformer = load_flux_transformer(source, transformer_prefix(header.shapes), spec.unet_config, dtype,
                                             fp8_storage)
@@ -238,20 +241,24 @@ def is_flow_checkpoint(header: CheckpointHeader) -> bool:
 
 
 def check_checkpoint_parts(header: CheckpointHeader, text_encoder_dir: Path | None = None,
-                           vae_dir: Path | None = None) -> dict[str, EncoderWeights]:
+                           vae_dir: Path | None = None, chosen: dict[str, EncoderWeights] | None = None,
+                           chosen_vae: Path | None = None) -> dict[str, EncoderWeights]:
     """Where the text encoders a checkpoint loads are (a CheckpointError naming the file and what
     is missing, otherwise), from headers only; U-Net checkpoints carry all of theirs: {}.
     `vae_dir`: models/VAE, where a Flux or SD 3 transformer without its VAE finds its family's."""
     if is_flux_checkpoint(header):
-        return check_flux_parts(header, text_encoder_dir, separate_vae(header, vae_dir) is not None)
+        return check_flux_parts(header, text_encoder_dir, separate_vae(header, vae_dir, chosen_vae) is not None,
+                                chosen)
     if is_sd3_checkpoint(header):
-        return check_sd3_parts(header, text_encoder_dir, separate_vae(header, vae_dir) is not None)
+        return check_sd3_parts(header, text_encoder_dir, separate_vae(header, vae_dir, chosen_vae) is not None,
+                               chosen)
     return {}
 
 
 def load_checkpoint_components(path: Path, dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None,
                                header: CheckpointHeader | None = None, text_encoder_dir: Path | None = None,
-                               vae_dir: Path | None = None, fp8_storage: bool = True,
+                               vae_dir: Path | None = None, fp8_storage: bool = True, *,
+                               chosen: dict[str, EncoderWeights] | None = None, chosen_vae: Path | None = None,
                                **unet_options) -> Components:
     """Any checkpoint's modules: Flux and SD 3.x here, the U-Net families through
     `build.load_components` (`unet_options`: its channels-last switches and `probe`).
@@ -259,13 +266,13 @@ def load_checkpoint_components(path: Path, dtype: torch.dtype = torch.float32, v
     no fp8 type, e.g. MPS: see quantized.fp8_storage_supported)."""
     path = Path(path)
     header = header or read_header(path)
-    vae_file = separate_vae(header, vae_dir)
+    vae_file = separate_vae(header, vae_dir, chosen_vae)
     if is_flux_checkpoint(header):
         vae = load_flow_vae(vae_file, vae_dtype or dtype) if vae_file else None
         return load_flux_components(path, dtype, vae_dtype, header=header, text_encoder_dir=text_encoder_dir,
-                                    vae=vae, fp8_storage=fp8_storage)
+                                    vae=vae, fp8_storage=fp8_storage, chosen=chosen)
     if is_sd3_checkpoint(header):
         vae = load_flow_vae(vae_file, vae_dtype or dtype, SD3) if vae_file else None
         return load_sd3_components(path, dtype, vae_dtype, header=header, text_encoder_dir=text_encoder_dir,
-                                   vae=vae, fp8_storage=fp8_storage)
+                                   vae=vae, fp8_storage=fp8_storage, chosen=chosen)
     return load_components(path, dtype, vae_dtype, header=header, **unet_options)

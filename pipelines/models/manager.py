@@ -7,7 +7,10 @@ lock so two requests for the same checkpoint load it once.
 A file is checked (header, family, shapes) before anything is evicted, so a corrupt or
 truncated file fails with a message and leaves the cache as it was. Room is made before
 loading, from the size the header announces, so the budget holds at the peak too.
-Separate VAE files are cached on their own (a few, LRU), keyed by file and by the latent
+A flow checkpoint loaded with the user's own text encoders or VAE (`module_pick`: Forge's "VAE /
+Text Encoder") is another entry than with the automatic pairing: a job holding one keeps it whole,
+and the LRU frees the one no longer picked. Separate VAE files are cached on their own (a few, LRU),
+keyed by file and by the latent
 scaling factor of the checkpoint family they serve. ControlNet and T2I-Adapter modules are
 cached too (LRU, counted in the same budget, evicted before checkpoints: they serve one and
 reload in a fraction of its time).
@@ -39,6 +42,7 @@ from pipelines.models.flux_build import (
 )
 from pipelines.models.flux_files import bytes_text, flow_vae_prefix, transformer_weights, what_would_fit
 from pipelines.models.inspection import inspect_checkpoint
+from pipelines.models.module_pick import AUTOMATIC, ModulePick, beyond_automatic
 from pipelines.models.quantized import check_runnable, fp8_storage_supported, weights_bytes
 from pipelines.models.spec import Components, modules_nbytes
 
@@ -93,7 +97,7 @@ class ModelManager:
         st = Path(path).stat()
         return (str(Path(path).resolve()), st.st_size, st.st_mtime)
 
-    def _estimate(self, header, encoders: dict | None = None) -> int:
+    def _estimate(self, header, encoders: dict | None = None, chosen_vae: Path | None = None) -> int:
         """Bytes the model will take, from the header alone: each weight as it will be held (a flow
         transformer's GGUF blocks as stored, its fp8 weights in fp8 where the device keeps them,
         the rest at the run dtype); a flow file counts whole (BFL's have no prefix), with the
@@ -112,7 +116,7 @@ class ModelManager:
             if weights.header.path != header.path:
                 total += weights_bytes(weights.header, [key for key in weights.header.shapes
                                                         if key.startswith(weights.prefix)], dtype, keep_fp8=False)
-        vae_file = separate_vae(header, self.vae_dir)  # Flux's ae.safetensors for a bare transformer
+        vae_file = separate_vae(header, self.vae_dir, chosen_vae)  # Flux's ae.safetensors for a bare transformer
         if vae_file is not None:
             vae_header = read_header(vae_file)
             total += weights_bytes(vae_header, vae_header.shapes, dtype, keep_fp8=False)
@@ -147,9 +151,11 @@ class ModelManager:
             message += "; a smaller (fp16 or pruned) file of it may fit"
         raise CheckpointError(message)
 
-    def get(self, name: str, path: Path) -> LoadedModel:
-        """The loaded model for this file, loading it (and evicting others) if needed."""
-        key = self._key(path)
+    def get(self, name: str, path: Path, pick: ModulePick = AUTOMATIC) -> LoadedModel:
+        """The loaded model for this file with the user's `pick` of text encoders and VAE (a checked
+        `module_pick.ModulePick`), loading it (and evicting others) if needed."""
+        pick = self._beyond_automatic(path, pick)
+        key = self.cache_key(path, pick)
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
@@ -160,13 +166,15 @@ class ModelManager:
             inspect_checkpoint(header)
             flow = is_flow_checkpoint(header)
             # missing encoders, and a model too big for the memory, fail before any eviction too
-            encoders = check_checkpoint_parts(header, self.text_encoder_dir, self.vae_dir)
-            needed = self._estimate(header, encoders)
+            encoders = check_checkpoint_parts(header, self.text_encoder_dir, self.vae_dir, chosen=pick.encoders,
+                                              chosen_vae=pick.vae)
+            needed = self._estimate(header, encoders, pick.vae)
             self._check_room(header, needed)
             self._evict_for(needed)
             components = load_checkpoint_components(path, self.placement.dtype, self.placement.vae_dtype,
                                                     header=header, text_encoder_dir=self.text_encoder_dir,
                                                     vae_dir=self.vae_dir, fp8_storage=self._keeps_fp8(),
+                                                    chosen=pick.encoders, chosen_vae=pick.vae,
                                                     unet_channels_last=self.placement.channels_last,
                                                     vae_channels_last=self.placement.vae_channels_last)
             if not flow:  # xformers / sliced processors are the U-Net's; the transformers keep diffusers' joint SDPA
@@ -175,6 +183,19 @@ class ModelManager:
             model = LoadedModel(name=name, components=components, nbytes=components.nbytes(), offload_hooks=hooks)
             self._cache[key] = model
             return model
+
+    def cache_key(self, path: Path, pick: ModulePick = AUTOMATIC) -> tuple:
+        """The cache entry of a file with a pick: the automatic pairing keeps the file's own key."""
+        return self._key(path) if pick.cache_key() == AUTOMATIC.cache_key() else (*self._key(path), pick.cache_key())
+
+    def _beyond_automatic(self, path: Path, pick: ModulePick) -> ModulePick:
+        if pick.cache_key() == AUTOMATIC.cache_key():
+            return pick  # (no header read for the common case)
+        return beyond_automatic(pick, read_header(path), self.text_encoder_dir, self.vae_dir)
+
+    def holds(self, path: Path, pick: ModulePick = AUTOMATIC) -> bool:
+        """Whether this file with this pick is loaded (a job on it starts at once)."""
+        return self.cache_key(path, self._beyond_automatic(path, pick)) in self._cache
 
     def _total(self) -> int:
         return sum(m.nbytes for m in self._cache.values()) + sum(
@@ -254,13 +275,14 @@ class ModelManager:
 
     # --- control and facts -----------------------------------------------------------------------
     def unload(self, name: str) -> bool:
+        """Drop every loaded entry of a checkpoint (with any pick of text encoders)."""
         with self._lock:
-            for key, model in list(self._cache.items()):
-                if model.name == name:
-                    del self._cache[key]
-                    self._release()
-                    return True
-        return False
+            keys = [key for key, model in self._cache.items() if model.name == name]
+            for key in keys:
+                del self._cache[key]
+            if keys:
+                self._release()
+        return bool(keys)
 
     def unload_all(self) -> None:
         with self._lock:
@@ -272,7 +294,7 @@ class ModelManager:
     def loaded_names(self) -> list[str]:
         # No lock: a load holds it for seconds, and the UI asks this while one runs (start-up).
         # list() copies the dict in one C call, so the snapshot is consistent.
-        return [m.name for m in reversed(list(self._cache.values()))]
+        return list(dict.fromkeys(m.name for m in reversed(list(self._cache.values()))))  # one per checkpoint
 
     def loaded(self, name: str) -> LoadedModel | None:
         with self._lock:

@@ -129,13 +129,15 @@ def load_encoder(weights: EncoderWeights, dtype: torch.dtype):
 
 
 def check_sd3_parts(header: CheckpointHeader, text_encoder_dir: Path | None = None,
-                    has_separate_vae: bool = False) -> dict[str, EncoderWeights]:
+                    has_separate_vae: bool = False,
+                    chosen: dict[str, EncoderWeights] | None = None) -> dict[str, EncoderWeights]:
     """Where each text encoder of an SD 3 single file is, or a CheckpointError naming the file
     and what is missing (CLIP-L, CLIP-G, the VAE), from headers only: the model cache calls it
-    before evicting anything, so a file that cannot load leaves the loaded models as they were."""
+    before evicting anything, so a file that cannot load leaves the loaded models as they were.
+    `chosen`: the user's encoder files by kind, used instead of the automatic pairing."""
     if header.format == "diffusers":
         return {}
-    encoders = locate_encoders(header, text_encoder_dir)
+    encoders = locate_encoders(header, text_encoder_dir, chosen=chosen)
     if not has_separate_vae and not has_vae(header.shapes):
         raise CheckpointError(f"{header.path.name}: an SD 3 transformer without its VAE; put SD 3's VAE "
                               "(16 latent channels) in models/VAE, as the one VAE file with sd3 in its name "
@@ -146,17 +148,19 @@ def check_sd3_parts(header: CheckpointHeader, text_encoder_dir: Path | None = No
 @no_gc()
 def load_sd3_components(path: Path, dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None,
                         header: CheckpointHeader | None = None, text_encoder_dir: Path | None = None,
-                        vae=None, fp8_storage: bool = True) -> Components:
+                        vae=None, fp8_storage: bool = True,
+                        chosen: dict[str, EncoderWeights] | None = None) -> Components:
     """Every module of an SD 3.x single file or diffusers folder. Separate text encoders come
-    from `text_encoder_dir` (models/text_encoder) when the file lacks them; a separate `vae`
-    module (loaded by the caller from models/VAE) when it lacks its VAE. `fp8_storage`: an
-    fp8 transformer stays in fp8 (False where the device has no fp8 type: cast as read)."""
+    from `text_encoder_dir` (models/text_encoder) when the file lacks them, or are the user's
+    `chosen` files; a separate `vae` module (loaded by the caller from models/VAE) when it lacks
+    its VAE. `fp8_storage`: an fp8 transformer stays in fp8 (False where the device has no fp8
+    type: cast as read)."""
     path = Path(path)
     header = header or read_header(path)
     if header.format == "diffusers":
         return load_sd3_folder(path, dtype, vae_dtype)
     spec = inspect_sd3(header)
-    encoders = check_sd3_parts(header, text_encoder_dir, has_separate_vae=vae is not None)
+    encoders = check_sd3_parts(header, text_encoder_dir, has_separate_vae=vae is not None, chosen=chosen)
     with TensorSource(header) as source:
         transformer = load_transformer(source, transformer_prefix(header.shapes), spec.unet_config, dtype,
                                        fp8_storage)

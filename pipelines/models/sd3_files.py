@@ -220,15 +220,24 @@ def encoder_files(folder: Path | None) -> dict[str, EncoderWeights]:
 SD3_ENCODER_FILES = "clip_l.safetensors, clip_g.safetensors and, optionally, t5xxl_fp16.safetensors"
 
 
+def encoder_weights(header: CheckpointHeader) -> EncoderWeights | None:
+    """A separate text encoder file's weights (its kind read from names and shapes), or None."""
+    kind = encoder_kind(header)
+    return EncoderWeights(kind[0], header, kind[1]) if kind else None
+
+
 def locate_encoders(header: CheckpointHeader, text_encoder_dir: Path | None,
                     required: tuple[str, ...] = REQUIRED_ENCODERS, *, model: str = "an SD 3 transformer",
-                    files: str = SD3_ENCODER_FILES) -> dict[str, EncoderWeights]:
+                    files: str = SD3_ENCODER_FILES,
+                    chosen: dict[str, EncoderWeights] | None = None) -> dict[str, EncoderWeights]:
     """The file's own text encoders, completed from `text_encoder_dir`; a clear error naming
     the file, what is missing of `required` and which `files` go where, when any is not found
-    (SD 3: CLIP-L and CLIP-G, T5 optional; Flux passes its own)."""
+    (SD 3: CLIP-L and CLIP-G, T5 optional; Flux passes its own). `chosen`: the user's files by
+    kind (Forge's "VAE / Text Encoder" pick), which replace both the folder's and the file's own."""
     found = encoders_inside(header)
     if len(found) < 3:  # complete it from the folder: e.g. SD 3 medium "incl_clips" files have no T5
         found = {**encoder_files(text_encoder_dir), **found}
+    found = {**found, **(chosen or {})}
     missing = [name for name in required if name not in found]
     if missing:
         where = f"{text_encoder_dir}" if text_encoder_dir else TEXT_ENCODER_FOLDER

@@ -71,7 +71,8 @@ class GenerationFields(ApiModel):
     s_noise: Optional[float] = None
     override_settings: dict[str, Any] = Field(
         default_factory=dict,
-        description="sd_model_checkpoint, sd_vae, CLIP_stop_at_last_layers: for this request only")
+        description="sd_model_checkpoint, sd_vae, CLIP_stop_at_last_layers, forge_additional_modules (Forge's "
+                    "VAE / text encoder files, names or paths): for this request only")
     override_settings_restore_afterwards: bool = True
     refiner_checkpoint: Optional[str] = Field(None, description="a checkpoint the steps after refiner_switch_at run "
                                                                 "on (SDXL refiner, or a model of the same latents)")

@@ -26,6 +26,7 @@ from pipelines.core.checks import RequestError
 from pipelines.core.engine_api import EngineAPI
 from pipelines.core.user_settings import SETTINGS, SettingsStore, check_setting, vae_setting_choices
 
+from . import forge_modules
 from .errors import ApiError, bad_field
 from .names import resolve_checkpoint_field
 
@@ -125,6 +126,7 @@ class ApiOptions:
         self._lock = threading.Lock()
         self._values: dict[str, Any] = {
             "sd_model_checkpoint": sd_model_checkpoint,  # a listed name; None: the engine's default
+            forge_modules.KEY: [],  # Forge's VAE / text encoder files (listed names); []: automatic
             **{key: spec.default for key, spec in KNOWN_OPTIONS.items()},
         }
         if store is None:  # settings of its own, in memory, until use_store binds the server's
@@ -162,6 +164,8 @@ class ApiOptions:
         for key, value in changes.items():
             if key == "sd_model_checkpoint":
                 accepted[key] = resolve_checkpoint_field(engine, key, value).name
+            elif key == forge_modules.KEY:
+                accepted[key] = forge_modules.parse_modules(engine, key, value)
             elif key == "sd_checkpoint_hash":
                 no_effect[key] = READ_ONLY
             elif key in SETTINGS:
@@ -178,7 +182,8 @@ class ApiOptions:
                 accepted[key] = value
                 no_effect[key] = UNKNOWN_KEY
         with self._lock:
-            extra = {k for k in (*self._values, *accepted) if k not in KNOWN_OPTIONS} - {"sd_model_checkpoint"}
+            extra = {k for k in (*self._values, *accepted) if k not in KNOWN_OPTIONS} - {"sd_model_checkpoint",
+                                                                                           forge_modules.KEY}
             if len(extra) > MAX_EXTRA_KEYS:
                 raise bad_field("body", f"this server keeps at most {MAX_EXTRA_KEYS} options it does not know")
             try:

@@ -82,7 +82,7 @@ class GenerationTabs:
         header = ui.components
         # per session like the checkpoint: the header's VAE and clip skip go into each request by name
         fields: dict[str, Any] = {"checkpoint": header["checkpoint"], "vae": header["vae"],
-                                  "clip_skip": header["clip_skip"]}
+                                  "text_encoders": header["text_encoders"], "clip_skip": header["clip_skip"]}
         with gr.Row(elem_id=f"{p}_toprow"):
             with gr.Column(scale=6):
                 fields["prompt"] = gr.Textbox(label="Prompt", lines=3, elem_id=f"{p}_prompt",
@@ -331,7 +331,8 @@ class GenerationTabs:
         if not text.strip() and last:
             text = selected_infotext(last, last.get("selected", 0))
         values = convert.ui_values_from_infotext(text, find_checkpoint=self.engine.find_checkpoint,
-                                                 control_models=self.engine.control_models())
+                                                 control_models=self.engine.control_models(),
+                                                 text_encoder_names=self.engine.text_encoder_names())
         if values is None:
             gr.Info("No generation parameters found: paste a text with a 'Steps: ...' line into the prompt.")
             return {}

@@ -1,8 +1,11 @@
-"""The header above the tabs (checkpoint, VAE, clip skip, the loaded line), the demo note
-under it and the footer, with their handlers.
+"""The header above the tabs (checkpoint, VAE, text encoders, clip skip, the loaded line), the
+demo note under it and the footer, with their handlers.
 
 The checkpoint dropdown is an ordinary component, so its value is per browser session; the
-generation tabs send it (and the VAE and clip skip) with each request. Picking a checkpoint
+generation tabs send it (and the VAE, the text encoders and clip skip) with each request.
+A1111's "SD VAE" dropdown stays as it is (Automatic, None, models/VAE); Forge's "VAE / Text
+Encoder" pick of models/text_encoder files (clip_l, clip_g, t5xxl fp16 or fp8, for SD 3 and
+Flux) is a multi-select beside it, shown when that folder has files; empty: automatic pairing. Picking a checkpoint
 starts loading it when the server is idle, and the loaded line follows the load (a timer
 ticks while anything loads). Sizes: see `webui.tabs.generation`.
 """
@@ -31,6 +34,13 @@ from webui.tabs.generation import GenerationTabs
 log = logging.getLogger(__name__)
 
 DEFAULT_CHECKPOINT_FOLDER = "models/Stable-diffusion"  # said in the demo note when the engine cannot tell
+TEXT_ENCODERS_LABEL = "Text encoders"
+
+
+def encoder_choices(names: list[str]) -> list[tuple[str, str]]:
+    """(label, file name) pairs: the label without ".safetensors" (every file of the folder has it),
+    so that two chosen files fit the header's one line."""
+    return [(name.removesuffix(".safetensors"), name) for name in names]
 
 
 class Header:
@@ -45,6 +55,9 @@ class Header:
     def checkpoint_names(self, refresh: bool = False) -> list[str]:
         return [info.name for info in checkpoint_infos(self.engine, refresh)]
 
+    def text_encoder_names(self, refresh: bool = False) -> list[str]:
+        return engine_choices(lambda: self.engine.text_encoder_names(refresh), "text encoder names")
+
     def build(self) -> str | None:
         """The header row, the demo note and the loading timer; returns the initial checkpoint."""
         checkpoints = self.checkpoint_names()
@@ -57,6 +70,11 @@ class Header:
             vaes = engine_choices(self.engine.vae_choices, "VAE choices")  # "Automatic" first
             vae = gr.Dropdown(choices=vaes, value=pick(None, vaes), label="SD VAE",
                               elem_id="sd_vae", scale=2, allow_custom_value=False)
+            encoders = self.text_encoder_names()
+            text_encoders = gr.Dropdown(choices=encoder_choices(encoders), value=[], multiselect=True,
+                                        label=TEXT_ENCODERS_LABEL, elem_id="sd_text_encoders", scale=3,
+                                        allow_custom_value=False,
+                                        interactive=True, visible=bool(encoders))  # (an input of every tab)
             # A1111 keeps clip skip beside the checkpoint too; per session, sent with each request
             low, high = LIMITS["clip_skip"]
             clip_skip = gr.Slider(low, high, value=convert.request_default("clip_skip"), step=1,
@@ -67,7 +85,8 @@ class Header:
         # ticks only while a model is loading (switched on by the page load), to say when it is ready
         loading_timer = gr.Timer(1.0, active=False)
         loading_timer.tick(self.on_loading_tick, outputs=[loaded, loading_timer], concurrency_limit=None, **QUIET)
-        self.ui.components.update(checkpoint=checkpoint, vae=vae, clip_skip=clip_skip, loaded=loaded,
+        self.ui.components.update(checkpoint=checkpoint, vae=vae, text_encoders=text_encoders,
+                                  clip_skip=clip_skip, loaded=loaded,
                                   demo_note=demo_note, loading_timer=loading_timer)
         return initial
 
@@ -84,8 +103,8 @@ class Header:
         # .change: whatever set the checkpoint (a pick, Load, Read parameters, a page load)
         checkpoint.change(self.demo_note, inputs=checkpoint, outputs=parts["demo_note"], queue=False, **QUIET)
         # A new page gets the current list (it may have been refreshed since build time).
-        blocks.load(self.on_page_load,
-                    outputs=[checkpoint, loaded, timer, *self.generation.sizing_components("txt2img")], **QUIET)
+        blocks.load(self.on_page_load, outputs=[checkpoint, parts["text_encoders"], loaded, timer,
+                                                *self.generation.sizing_components("txt2img")], **QUIET)
 
     # --- handlers ---------------------------------------------------------------------------
     def demo_note(self, checkpoint: str | None = None) -> str:
@@ -131,7 +150,9 @@ class Header:
         names = self.checkpoint_names()
         default = default_checkpoint(self.engine, names)
         parts = self.ui.components
+        encoders = self.text_encoder_names(refresh=True)  # files added since the page was built show up
         return {parts["checkpoint"]: gr.update(choices=names, value=default),
+                parts["text_encoders"]: gr.update(choices=encoder_choices(encoders), visible=bool(encoders)),
                 parts["loaded"]: loaded_text(self.engine),
                 parts["loading_timer"]: gr.Timer(active=bool(loading_checkpoints(self.engine))),
                 **self.generation.resize("txt2img", default, self.initial_checkpoint)}

@@ -3,6 +3,7 @@ Settings tab edits the same ones) and GET /cmd-flags (how the server runs)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Body
@@ -39,7 +40,8 @@ def add_option_routes(router: APIRouter, engine: EngineAPI, options: ApiOptions,
         show_progress_every_n_steps, default_sampler, default_width, default_height,
         CLIP_stop_at_last_layers, sd_vae, theme), A1111's common keys (samples_save, send_seed,
         eta_noise_seed_delta, randn_source, enable_pnginfo, face_restoration,
-        face_restoration_model, code_former_weight) and every other key a client has set."""
+        face_restoration_model, code_former_weight), Forge's forge_additional_modules (the VAE /
+        text encoder files later requests use, as listed names) and every other key a client has set."""
         return options.public(engine)
 
     @router.post("/options")
@@ -51,6 +53,14 @@ def add_option_routes(router: APIRouter, engine: EngineAPI, options: ApiOptions,
         settings not applied yet, ...). The saved settings are written to the data folder.
         `samples_save: false` makes `save_images: true` save nothing, as in A1111."""
         return options.update(engine, body)
+
+    @router.get("/sd-modules")
+    def sd_modules():
+        """Forge's list of what forge_additional_modules takes: the files of models/VAE and of
+        models/text_encoder (a client may send back the `filename` or the name)."""
+        folder = Path(engine.paths.folder("text_encoders"))
+        return ([{"model_name": f.name, "filename": str(f.path)} for f in engine.list_vaes()]
+                + [{"model_name": name, "filename": str(folder / name)} for name in engine.text_encoder_names()])
 
     @router.get("/cmd-flags")
     def get_cmd_flags():
