@@ -289,12 +289,12 @@ def _empty_engine(tmp_path):
 
 def test_space_ui_shows_limits_and_where_to_put_a_checkpoint(tmp_path):
     from webui.app import build_ui
-    from webui.space import add_notice, apply_space_ui, notice_text
+    from webui.space import apply_space_ui, notice_text
 
-    engine = _empty_engine(tmp_path)  # hosted: CPU limits on this CPU
-    blocks = build_ui(engine)  # no checkpoint at all: the UI still builds
+    engine = _empty_engine(tmp_path)  # hosted: CPU limits on this CPU; no checkpoint at all: the UI still builds
+    blocks = build_ui(engine, notice=lambda: notice_text(engine, True, CPU_LIMITS, "someone/sdui"))
     apply_space_ui(blocks, CPU_LIMITS)
-    note = add_notice(blocks, lambda: notice_text(engine, True, CPU_LIMITS, "someone/sdui"))
+    note = blocks.webui.components["notice"]
     assert blocks.children[0] is note
     assert "Hosted demo" in note.value and "someone/sdui" in note.value
     assert "No checkpoint found" in note.value and "models/Stable-diffusion" in note.value

@@ -172,9 +172,10 @@ def page_script() -> str:
 TAB_LABELS = {"txt2img": "txt2img", "img2img": "img2img", "inpaint": "Inpaint"}
 
 
-def build_ui(engine: EngineAPI, options: UIOptions | None = None) -> gr.Blocks:
-    """Build the whole UI for `engine`; the WebUI object is reachable as `blocks.webui`."""
-    return WebUI(engine, options or UIOptions()).build()
+def build_ui(engine: EngineAPI, options: UIOptions | None = None, notice: Callable[[], str] | None = None) -> gr.Blocks:
+    """Build the whole UI for `engine`; the WebUI object is reachable as `blocks.webui`. `notice`:
+    the text of a note shown first on the page and read again on every page load (the launcher's)."""
+    return WebUI(engine, options or UIOptions()).build(notice)
 
 
 def _theme() -> gr.themes.Theme:
@@ -220,8 +221,16 @@ class WebUI:
     # ------------------------------------------------------------------------------------------
     # layout and wiring
     # ------------------------------------------------------------------------------------------
-    def build(self) -> gr.Blocks:
+    def build(self, notice: Callable[[], str] | None = None) -> gr.Blocks:
+        # Gradio builds a Blocks' whole config and app each time it is left (and again on queue()):
+        # everything goes in this one `with`, and the queue is set while the page is still empty.
         with gr.Blocks(title=self.options.title, analytics_enabled=False) as blocks:
+            # Jobs are bounded by the engine's queue alone (--max-queue-size; a hosted demo's own bound):
+            # Gradio's queue also holds page loads and tab switches, and bounding it the same way would
+            # refuse those ("This application is currently busy") while jobs wait.
+            blocks.queue(default_concurrency_limit=1, max_size=None)
+            if notice is not None:
+                self.components["notice"] = self._notice(blocks, notice)
             initial = self.header.build()
             current_tab = gr.State("txt2img")
             self.components["current_tab"] = current_tab
@@ -253,6 +262,14 @@ class WebUI:
         blocks.webui = self  # type: ignore[attr-defined]
         self.blocks = blocks
         return blocks
+
+    @staticmethod
+    def _notice(blocks: gr.Blocks, text: Callable[[], str]) -> gr.Markdown:
+        """The note above everything, re-rendered on every page load (a hosted demo's limits, a
+        missing checkpoint)."""
+        note = gr.Markdown(text(), elem_id="space_notice")
+        blocks.load(text, outputs=note, show_progress="hidden", api_visibility="undocumented", queue=False)
+        return note
 
     def _wire_gallery_sends(self, tab_switcher: gr.Tabs) -> None:
         """The "Send to" rows under the galleries; every target tab exists by now."""

@@ -3,10 +3,12 @@
 
 Importing this module does nothing heavy. Start-up order (`main()`): with --ray, the Ray cluster
 is joined and the workers started first (the engine then sends its jobs there); torch and the engine are
-imported in a thread while Gradio is imported here (the two biggest costs overlap), the default
-checkpoint starts loading in the background, the UI is built and served (with `--api`, the REST
-API is mounted before the server accepts a connection): the page says "Loading model…" from the
-start and a job submitted meanwhile waits for that load.
+imported in a thread while Gradio is imported here (imports hold the interpreter lock, so the two
+overlap only where they wait on the disk), the default checkpoint starts loading in the
+background, the UI is built and served (with `--api`, the REST API is mounted before the server
+accepts a connection): the page says "Loading model…" from the start and a job submitted
+meanwhile waits for that load. The cyclic garbage collector is off until the page is built, and
+SDUI_STARTUP_TIMES=1 prints when each step ends (`startup_mark`; bench/startup.py --timeline).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Sequence
@@ -36,6 +39,23 @@ from pipelines.hosting.zerogpu import import_spaces
 
 from .cli_flags import build_parser, check_flag_values, parse_auth
 from .guards import NoUrlFetch
+
+# SDUI_STARTUP_TIMES=1 prints when each start-up step ends, in seconds since this module was
+# imported; a number (time.time() of the launch, as bench/startup.py gives) counts from there.
+STARTUP_TIMES_ENV = "SDUI_STARTUP_TIMES"
+_IMPORTED_AT = time.time()
+
+
+def startup_mark(step: str) -> None:
+    """One line of the start-up timeline on stderr, only with SDUI_STARTUP_TIMES set."""
+    setting = os.environ.get(STARTUP_TIMES_ENV, "")
+    if not setting or setting == "0":
+        return
+    try:
+        origin = float(setting) if setting != "1" else _IMPORTED_AT
+    except ValueError:
+        origin = _IMPORTED_AT
+    print(f"[startup] {time.time() - origin:6.2f} s  {step}", file=sys.stderr, flush=True)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -182,6 +202,7 @@ def notices(args: argparse.Namespace, space: bool = False) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    gc.disable()  # until the page is built: see freeze_startup_objects
     args = parse_args(argv)
     space = is_space(args)
     for line in notices(args, space):
@@ -197,6 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     engine_future = start_engine(paths, settings, remote)
     if not args.nowebui:
         from . import app  # noqa: F401 - heavy (Gradio), imported while the engine thread imports torch
+        startup_mark("Gradio and the page's modules imported")
     engine: EngineAPI = engine_future.result()
     try:
         return serve(engine, args, paths, space)
@@ -209,6 +231,7 @@ def serve(engine: EngineAPI, args: argparse.Namespace, paths: Paths, space: bool
     """Extensions, start-up notices, then the page (and the API) or the API alone, until stopped."""
     for line in discover_extensions(engine, args, space):
         print(line, file=sys.stderr)
+    startup_mark("extensions discovered")
     limits = engine.hosted_limits  # the engine holds every job to them (settings.hosted)
     if limits is not None:
         if engine.on_zero_gpu:
@@ -223,24 +246,22 @@ def serve(engine: EngineAPI, args: argparse.Namespace, paths: Paths, space: bool
         return serve_api_only(engine, args, space, on_serving=lambda: preload(engine))
 
     from .app import UIOptions, build_ui  # heavy: Gradio (already imported above, while torch loaded)
-    from .space import add_notice, apply_space_ui, notice_text  # heavy: Gradio
+    from .space import apply_space_ui, notice_text  # heavy: Gradio
 
     # Loading starts before the page is built, so the header says "Loading model…" from the first page on.
     preload(engine)
-    blocks = build_ui(engine, UIOptions())
+    # the job queue's bound is set in build_ui (see WebUI.build)
+    blocks = build_ui(engine, UIOptions(), notice=lambda: notice_text(engine, space, limits, space_id()))
+    startup_mark("page built")
     if limits is not None:
         apply_space_ui(blocks, limits)
-    add_notice(blocks, lambda: notice_text(engine, space, limits, space_id()))
     freeze_startup_objects()
-    # Jobs are bounded by the engine's queue alone (--max-queue-size; a hosted demo's own bound):
-    # Gradio's queue also holds page loads and tab switches, and bounding it the same way would
-    # refuse those ("This application is currently busy") while jobs wait.
-    blocks.queue(default_concurrency_limit=1, max_size=None)
     kwargs = {**launch_kwargs(args, paths, space), **blocks.webui.launch_kwargs()}
     if args.api:
         kwargs["app_kwargs"] = {**kwargs["app_kwargs"], "lifespan": api_lifespan(engine, args, space)}
     # quiet: Gradio's own lines would suggest `share=True` in code; these say the flag
     blocks.launch(**kwargs, prevent_thread_lock=True, quiet=True)
+    startup_mark("serving the page")
     for line in serving_lines(blocks, args, space):
         print(line, flush=True)
     blocks.block_thread()
@@ -274,10 +295,14 @@ def serving_lines(blocks: Any, args: argparse.Namespace, space: bool = False) ->
 
 def freeze_startup_objects() -> None:
     """Everything alive once the server is built (torch, diffusers, transformers and Gradio:
-    a third of a million objects) lives as long as the process. Moving it out of the cyclic
-    collector's sight keeps every later full collection, which can fall in the middle of a
-    model load or a generation, from walking it again (0.12 s each here, 5 us after)."""
+    a million objects) lives as long as the process. Moving it out of the cyclic collector's
+    sight keeps every later full collection, which can fall in the middle of a model load or a
+    generation, from walking it again (0.12 s each here, 5 us after). The collector is off while
+    they are made (main() turns it off): its full collections would walk them over and over, a
+    fifth of the start-up (2 s of 10 on a busy 2-core machine). The few cycles start-up leaves
+    behind (30 thousand objects, no memory one can measure) are frozen with the rest."""
     gc.freeze()
+    gc.enable()
 
 
 def start_engine(paths: Paths, settings: EngineSettings, remote=None) -> Future:
@@ -289,7 +314,9 @@ def start_engine(paths: Paths, settings: EngineSettings, remote=None) -> Future:
         try:
             from pipelines.engine import Engine  # heavy (torch): only when actually launching
 
+            startup_mark("engine modules imported (torch)")
             future.set_result(Engine(paths, settings, remote=remote))
+            startup_mark("engine built")
         except BaseException as exc:  # noqa: BLE001 - re-raised in main() by result()
             future.set_exception(exc)
 
@@ -325,12 +352,14 @@ def preload(engine: EngineAPI) -> threading.Thread | None:
     """Load the default checkpoint in the background (the server starts meanwhile); say when it is ready."""
     def done(name: str, seconds: float, error: BaseException | None) -> None:
         if error is None:
+            startup_mark("default checkpoint loaded")
             print(f"Model loaded: {name} in {seconds:.1f}s", flush=True)
         else:
             print(f"Model {name} could not be loaded: {error}", file=sys.stderr, flush=True)
 
     thread = engine.preload(on_done=done)
     if thread is not None:
+        startup_mark("default checkpoint's load started")
         print("Loading the default checkpoint in the background; the UI starts meanwhile.", flush=True)
     return thread
 

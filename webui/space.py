@@ -8,8 +8,8 @@ environment, see `pipelines.hosting.space`) and then uses the helpers here:
 - the engine is built with `EngineSettings.hosted`, so it holds every job from the UI and the API
   to `engine.hosted_limits` (see `pipelines.core.hosted_limits`);
 - `apply_space_ui(blocks, limits)`: slider maxima and defaults from the limits;
-- `add_notice(blocks, text_fn)`: a note at the top of the page (hosted demo, limits, and where
-  to put a checkpoint when there is none), refreshed on every page load;
+- `notice_text(...)`: the note the launcher gives `build_ui(notice=...)` for the top of the page
+  (hosted demo, limits, and where to put a checkpoint when there is none), re-read on every page load;
 - `ReadOnlyApiOptions`: POST /sdapi/v1/options refuses to change the server defaults.
 
 No torch here.
@@ -18,7 +18,6 @@ No torch here.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 import gradio as gr
 
@@ -71,18 +70,6 @@ def notice_text(engine: EngineAPI, hosted: bool, limits: SpaceLimits | None = No
     if not has_checkpoint:
         parts.append(no_checkpoint_text(engine.paths, hosted))
     return "\n\n".join(parts)
-
-
-def add_notice(blocks: gr.Blocks, text: Callable[[], str]) -> gr.Markdown:
-    """A Markdown note as the first thing on the page, re-rendered on every page load."""
-    with blocks:
-        note = gr.Markdown(text(), elem_id="space_notice")
-        blocks.load(text, outputs=note, show_progress="hidden", api_visibility="undocumented", queue=False)
-    # it was appended at the end of the page; move it to the top
-    blocks.children.remove(note)
-    blocks.children.insert(0, note)
-    blocks.webui.components["notice"] = note  # type: ignore[attr-defined]
-    return note
 
 
 def apply_space_ui(blocks: gr.Blocks, limits: SpaceLimits) -> None:
