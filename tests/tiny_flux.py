@@ -137,9 +137,11 @@ def flux_state_dicts(models: TinyFlux) -> dict[str, dict[str, torch.Tensor]]:
     }
 
 
-def write_tiny_flux(folder: Path, models: TinyFlux | None = None, dtype: torch.dtype = torch.float32) -> TinyFluxFiles:
+def write_tiny_flux(folder: Path, models: TinyFlux | None = None, dtype: torch.dtype = torch.float32,
+                    stem: str = "tiny_flux") -> TinyFluxFiles:
     """The tiny model as users have it: an all-in-one file, a transformer + VAE file, BFL's bare
-    transformer and ae.safetensors, and a text encoder folder (clip_l, t5xxl, the T5 tokenizer)."""
+    transformer and ae.safetensors, and a text encoder folder (clip_l, t5xxl, the T5 tokenizer).
+    `stem` starts the checkpoints' names ("tiny_flux_kontext": files named as Kontext's are)."""
     models = models or make_tiny_flux()
     parts = {name: {k: v.to(dtype) for k, v in state.items()} for name, state in flux_state_dicts(models).items()}
     folder = Path(folder)
@@ -152,12 +154,12 @@ def write_tiny_flux(folder: Path, models: TinyFlux | None = None, dtype: torch.d
 
     meta = {"sdui.native_resolution": "64"}
     transformer, vae = prefixed("model.diffusion_model.", parts["transformer"]), prefixed("vae.", parts["vae"])
-    all_in_one = checkpoints / "tiny_flux_all.safetensors"
+    all_in_one = checkpoints / f"{stem}_all.safetensors"
     save_file({**transformer, **vae, **prefixed("text_encoders.clip_l.transformer.", parts["clip_l"]),
                **prefixed("text_encoders.t5xxl.transformer.", parts["t5xxl"])}, str(all_in_one), metadata=meta)
-    transformer_vae = checkpoints / "tiny_flux_transformer_vae.safetensors"
+    transformer_vae = checkpoints / f"{stem}_transformer_vae.safetensors"
     save_file({**transformer, **vae}, str(transformer_vae), metadata=meta)
-    bare = checkpoints / "tiny_flux_bare.safetensors"
+    bare = checkpoints / f"{stem}_bare.safetensors"
     save_file(parts["transformer"], str(bare), metadata=meta)
     ae = vaes / "ae.safetensors"
     save_file(parts["vae"], str(ae))

@@ -18,7 +18,8 @@ img2img starts from the encoded image noised to the first step of the schedule's
 denoising strength selects (`scheduler.scale_noise`), as diffusers' SD3 img2img does; inpainting
 with a plain (non-inpainting) model also keeps the unmasked area on the image's noisy path
 after each step, as diffusers' SD3 inpaint pipeline does, and pastes the result back. Flux.1
-Fill sees the masked image and the mask beside the latents instead (`flux_fill`).
+Fill sees the masked image and the mask beside the latents instead (`flux_fill`); Flux.1 Kontext
+sees the input image's tokens after the latents' (`flux_kontext`).
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from pipelines.core.progress import JobControl, ProgressCallback, ProgressClock
 from pipelines.core.request import GenerationRequest, RequestError
-from pipelines.generate import flux_fill, flux_prompts, hires, tiling
+from pipelines.generate import flux_fill, flux_kontext, flux_prompts, hires, tiling
 from pipelines.generate.noise import noise_for_seed
 from pipelines.generate.prompts import positive_text
 from pipelines.generate.runner import (
@@ -75,6 +77,7 @@ class FlowBatch:
     start_latents: torch.Tensor | None = None  # start an img2img pass from these (hires fix's second pass)
     decode: bool = True  # False: return the final latents (hires fix's first pass)
     guidance: float | None = None  # Flux dev's distilled guidance
+    reference: Image.Image | None = None  # Flux Kontext's reference picture (`flux_kontext`)
 
 
 def is_flow(components) -> bool:
@@ -162,19 +165,22 @@ def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return latents.reshape(b, channels // 4, height, width)
 
 
-def image_ids(rows: int, columns: int, device) -> torch.Tensor:
-    """Each token's rotary position (0, row, column), as FluxPipeline gives them."""
-    ids = torch.zeros(rows, columns, 3)
+def image_ids(rows: int, columns: int, device, image: int = 0) -> torch.Tensor:
+    """Each token's rotary position (image, row, column), as FluxPipeline gives them: image 0 is
+    the latents, 1 Kontext's reference."""
+    ids = torch.full((rows, columns, 3), float(image))
     ids[..., 1] = torch.arange(rows)[:, None]
     ids[..., 2] = torch.arange(columns)[None, :]
     return ids.reshape(rows * columns, 3).to(device)
 
 
 def denoise_flux(transformer, latents: torch.Tensor, t, conditioning: FlowConditioning, cfg_scale: float,
-                 batch: int, guidance: float | None, extra: torch.Tensor | None = None) -> torch.Tensor:
+                 batch: int, guidance: float | None, extra: torch.Tensor | None = None, *,
+                 reference: torch.Tensor | None = None) -> torch.Tensor:
     """The velocity for one step of a Flux transformer: one pass, or [negative, positive] under
     real CFG. Odd latent sides are padded (circular, as ComfyUI and Forge pad) and cropped back.
-    `extra`: unpacked inputs beside the latents (Fill's masked image and mask)."""
+    `extra`: unpacked inputs beside the latents (Fill's masked image and mask); `reference`:
+    Kontext's reference latents (1, C, h, w), their tokens after the latents' as image 1."""
     height, width = latents.shape[-2:]
     model_in = latents if extra is None else torch.cat([latents, extra], dim=1)
     padded = F.pad(model_in, (0, width % 2, 0, height % 2), mode="circular") if (height | width) % 2 else model_in
@@ -190,13 +196,18 @@ def denoise_flux(transformer, latents: torch.Tensor, t, conditioning: FlowCondit
     if transformer.config.guidance_embeds:
         distilled = torch.full((rows,), float(default_guidance(transformer.config) if guidance is None else guidance),
                                device=device, dtype=torch.float32)
-    tokens = transformer(hidden_states=pack(padded).to(dtype), timestep=(t.expand(rows) / 1000).to(dtype),
+    hidden, ids = pack(padded), image_ids(padded.shape[-2] // 2, padded.shape[-1] // 2, device)
+    latent_tokens = hidden.shape[1]
+    if reference is not None:
+        hidden = torch.cat([hidden, pack(reference).expand(rows, -1, -1)], dim=1)
+        ids = torch.cat([ids, image_ids(reference.shape[-2] // 2, reference.shape[-1] // 2, device, image=1)])
+    tokens = transformer(hidden_states=hidden.to(dtype), timestep=(t.expand(rows) / 1000).to(dtype),
                          guidance=distilled, pooled_projections=pooled.to(dtype).repeat_interleave(batch, dim=0),
                          encoder_hidden_states=context.to(dtype).repeat_interleave(batch, dim=0),
-                         txt_ids=torch.zeros(context.shape[1], 3, device=device),
-                         img_ids=image_ids(padded.shape[-2] // 2, padded.shape[-1] // 2, device),
+                         txt_ids=torch.zeros(context.shape[1], 3, device=device), img_ids=ids,
                          return_dict=False)[0].float()
-    prediction = unpack(tokens, *padded.shape[-2:])[..., :height, :width]  # the velocity of the latents only
+    # the velocity of the latents only (not of Kontext's reference, nor of the padding)
+    prediction = unpack(tokens[:, :latent_tokens], *padded.shape[-2:])[..., :height, :width]
     if use_cfg:
         uncond, cond = prediction.chunk(2)
         prediction = uncond + cfg_scale * (cond - uncond)
@@ -204,11 +215,12 @@ def denoise_flux(transformer, latents: torch.Tensor, t, conditioning: FlowCondit
 
 
 def velocity(components, latents: torch.Tensor, t, request: GenerationRequest, batch: FlowBatch,
-             extra: torch.Tensor | None = None) -> torch.Tensor:
-    """The family's model call for one step (`extra`: Flux Fill's inputs)."""
+             extra: torch.Tensor | None = None, reference: torch.Tensor | None = None) -> torch.Tensor:
+    """The family's model call for one step (`extra`: Flux Fill's inputs; `reference`: Kontext's)."""
     if is_flux(components):
+        guidance = default_guidance(components.spec.unet_config) if batch.guidance is None else batch.guidance
         return denoise_flux(components.unet, latents, t, batch.conditioning, request.cfg_scale, len(batch.seeds),
-                            batch.guidance, extra)
+                            guidance, extra, reference=reference)
     return denoise(components.unet, latents, t, batch.conditioning, request.cfg_scale, len(batch.seeds))
 
 
@@ -242,12 +254,13 @@ def run_batch(components, device, request: GenerationRequest, batch: FlowBatch, 
     fill = flux_fill.batch_fill_inputs(components, batch.plan, batch.width, batch.height, len(batch.seeds), device)
     if fill is not None:
         mask = None
+    reference = None if batch.reference is None else to_model_latents(vae, encode_image(vae, batch.reference, device))
 
     # 4. denoise
     for i, t in enumerate(timesteps):
         if control.stop_current:
             return None
-        prediction = velocity(components, latents, t, request, batch, fill)
+        prediction = velocity(components, latents, t, request, batch, fill, reference)
         latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
         if mask is not None:  # inpainting: the unmasked area follows the image's own noisy path
             known = scheduler.scale_noise(image, timesteps[i + 1:i + 2], noise) if i + 1 < len(timesteps) else image
@@ -272,7 +285,7 @@ def infotext_params(components, shift: float | None = None, guidance: float | No
     params: dict[str, float | str] = {}
     if is_flux(components):
         if components.unet.config.guidance_embeds:
-            params["Distilled CFG Scale"] = float(default_guidance(components.unet.config) if guidance is None
+            params["Distilled CFG Scale"] = float(default_guidance(components.spec.unet_config) if guidance is None
                                                   else guidance)
         if shift is not None:
             params["Shift"] = float(shift)
@@ -299,7 +312,8 @@ def job_notes(components, request: GenerationRequest, conditioning: FlowConditio
     if guidance is not None and not (flux and components.unet.config.guidance_embeds):
         model = flux_variant(components.unet.config) if flux else components.spec.family.label
         notes.append(GUIDANCE_NOTE.format(model=model))
-    return notes + (flux_fill.fill_notes(components, request) if flux else [])
+    return notes + ([*flux_fill.fill_notes(components, request), *flux_kontext.kontext_notes(components, request)]
+                    if flux else [])
 
 
 def encode_prompts(components, prompt: str, negative_prompt: str, device, request: GenerationRequest):
@@ -326,13 +340,15 @@ def run(components, device, request: GenerationRequest, on_progress: ProgressCal
         control.note(note)
     # 2. pixel-side inputs
     plan = plan_pixels(request, width, height)
+    reference = flux_kontext.reference_picture(components, request, plan)
 
     clock = ProgressClock(request.steps, request.batch_count, on_progress, first_batch=first_batch)
     for index in range(first_batch, request.batch_count):
         if control.interrupted:
             break
         seeds, subseeds = batch_seeds(request, index)
-        inputs = FlowBatch(conditioning, seeds, subseeds, width, height, shift, plan, guidance=guidance)
+        inputs = FlowBatch(conditioning, seeds, subseeds, width, height, shift, plan, guidance=guidance,
+                           reference=reference)
         result = run_batch(components, device, request, inputs, control, step_reporter(clock, index))
         if result is None:
             control.take_skip()

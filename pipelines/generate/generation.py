@@ -27,6 +27,7 @@ from pipelines.generate import (
     control_units,
     embeddings,
     flow_runner,
+    flux_kontext,
     hires,
     ip_adapter,
     lora,
@@ -299,6 +300,7 @@ class Generator:
         if flow:
             flow_runner.check_request(request, others)
             extra.update(flow_runner.infotext_params(components, **flow_options))
+            extra.update(flux_kontext.infotext_params(components, request))
         _, prompt_units = ip_adapter.split_units(request.control_units, self.registry)
         controls = control_units.prepare(request, registry=self.registry, load_control=self.control_loader(components),
                                          paths=self.paths, family=components.spec.family.name,

@@ -194,9 +194,10 @@ def recommend_for_job(registry, checkpoint: str | None, prompt: str) -> dict | N
 
 
 def distilled_settings(details: dict) -> dict | None:
-    """A guidance-distilled checkpoint's own settings (Flux dev / schnell / Fill: real CFG off), from
-    the listing's details (`inspection.family_details`); None for any other checkpoint. An
-    inpainting one (Flux Fill) also says where it runs and at which denoising strength."""
+    """A guidance-distilled checkpoint's own settings (Flux dev / schnell / Fill / Kontext: real CFG
+    off), from the listing's details (`inspection.family_details`); None for any other checkpoint.
+    An inpainting one (Flux Fill) or an edit model (Flux Kontext, guidance 2.5 as BFL's and
+    diffusers' examples run it) also says where it runs and at which denoising strength."""
     wanted = details.get("recommended")
     if not wanted:
         return None
@@ -208,4 +209,7 @@ def distilled_settings(details: dict) -> dict | None:
         strength = wanted.get("denoising_strength")
         why += "; an inpainting model: use it in the Inpaint tab (or outpainting)" + (
             f" at denoising strength {strength:g}" if strength is not None else "")
+    if details.get("edit_model"):
+        why += ("; an edit model: put the picture to edit in img2img (or Inpaint) and say the change in the "
+                f"prompt, at denoising strength {wanted.get('denoising_strength', 1.0):g}")
     return {"schedule_type": "Automatic", **wanted, "why": why}

@@ -1,4 +1,4 @@
-"""Flux.1 files (dev, schnell): what a file holds, where the missing parts are, and what it costs.
+"""Flux.1 files (dev, schnell, Fill, Kontext): what a file holds, where the missing parts are, and what it costs.
 
 Flux comes as BFL's transformer alone (`double_blocks.*`, `single_blocks.*`, `img_in`, with or
 without the `model.diffusion_model.` prefix; dev adds `guidance_in`), as the all-in-one
@@ -8,9 +8,12 @@ encoders of a bare transformer are separate files in `models/text_encoder/`, fou
 helpers as SD 3's (`sd3_files`). Everything is read from names and shapes, so tiny test files
 and real ones take the same path.
 
-Kontext (dev-shaped weights, in_channels 64) loads as dev; its reference-image conditioning is
-not built. Fill (in_channels 384: the latents, the masked image's latents and the 8x8 pixel mask
-of each latent pixel, all packed) is an inpainting model (`generate/flux_fill`); Depth (128) is
+Kontext (the edit model) has dev's shapes: nothing in its tensors tells it apart, so it is known by
+its name ("kontext" in the file name or the metadata's title, as BFL, ComfyUI and GGUF files are
+named) or by a diffusers folder's FluxKontextPipeline; its spec's `unet_config` carries
+`KONTEXT_KEY` (`generate/flux_kontext` puts the reference image's tokens after the latents').
+Fill (in_channels 384: the latents, the masked image's latents and the 8x8 pixel mask of each
+latent pixel, all packed) is an inpainting model (`generate/flux_fill`); Depth (128) is
 recognised and refused by name.
 """
 
@@ -48,6 +51,13 @@ DEPTH_INPUT = PACKED_CHANNELS * 2
 VARIANTS_BY_INPUT = {PACKED_CHANNELS: None, FILL_INPUT: "Flux.1 Fill", DEPTH_INPUT: "Flux.1 Depth"}
 SUPPORTED_INPUTS = (PACKED_CHANNELS, FILL_INPUT)
 FILL_GUIDANCE = 30.0  # BFL's and diffusers' FluxFillPipeline default for Fill dev
+KONTEXT_GUIDANCE = 2.5  # BFL's and diffusers' FluxKontextPipeline example for Kontext dev
+KONTEXT_STEPS = 28  # FluxKontextPipeline's default
+# In a Kontext spec's unet_config: diffusers passes no "_" config key to the model's __init__ (it
+# only records it), so the same config still builds the transformer
+KONTEXT_KEY = "_kontext"
+KONTEXT_WORD = "kontext"
+NAME_METADATA = ("modelspec.title", "modelspec.architecture", "general.name")  # what names a file inside it
 # bytes per weight of the smaller files people run Flux from, best first, for "what would fit"
 # (Q8_0: 34 bytes per 32 weights; fp8, kept in fp8 where the device stores it: 1; Q4_0: 18 per 32)
 FP8_FORMAT = "fp8 (e4m3fn)"
@@ -111,7 +121,9 @@ def transformer_config(shapes, prefix: str) -> dict[str, Any]:
 
 def flux_variant(config) -> str:
     """What the listing calls the model: dev (guidance-distilled), schnell (timestep-distilled),
-    or the Fill / Depth models by their wider input."""
+    Kontext (dev's shapes, known by name), or the Fill / Depth models by their wider input."""
+    if is_kontext(config):
+        return "Flux.1 Kontext"
     special = VARIANTS_BY_INPUT.get(config["in_channels"], "Flux.1 (unknown input)")
     return special or ("Flux.1 dev" if config["guidance_embeds"] else "Flux.1 schnell")
 
@@ -121,21 +133,43 @@ def is_fill(config) -> bool:
     return config["in_channels"] == FILL_INPUT
 
 
+def is_kontext(config) -> bool:
+    """Flux.1 Kontext: the edit model (a reference image's tokens beside the latents')."""
+    return bool(config.get(KONTEXT_KEY))
+
+
+def names_kontext(*names: str) -> bool:
+    """Whether a file's or folder's names say Kontext (flux1-kontext-dev, flux1-dev-kontext_fp8_scaled)."""
+    return any(KONTEXT_WORD in str(name).lower() for name in names)
+
+
+def with_kontext(config: dict[str, Any], *names: str) -> dict[str, Any]:
+    """`config` marked as Kontext's when `names` say so and the shapes are dev-like (latents only in)."""
+    if config["in_channels"] == PACKED_CHANNELS and names_kontext(*names):
+        return {**config, KONTEXT_KEY: True}
+    return config
+
+
 def default_guidance(config) -> float:
     """The distilled guidance a guidance-distilled Flux runs at when none is asked for: 30 for
-    Fill (its card's and FluxFillPipeline's default), 3.5 for dev (FluxPipeline's and Forge's)."""
+    Fill (its card's and FluxFillPipeline's default), 2.5 for Kontext (BFL's and diffusers'
+    example), 3.5 for dev (FluxPipeline's and Forge's)."""
+    if is_kontext(config):
+        return KONTEXT_GUIDANCE
     return FILL_GUIDANCE if is_fill(config) else FLUX.distilled_guidance
 
 
 def flux_recommended(config) -> dict[str, Any]:
     """The settings a Flux transformer is meant to run with (the listing's "recommended"): Euler,
     CFG 1 (one pass), 20 steps and its distilled guidance for dev and Fill, 4 steps for schnell;
-    Fill repaints the whole masked area (denoising strength 1, as FluxFillPipeline's default)."""
+    Fill repaints the whole masked area (denoising strength 1, as FluxFillPipeline's default);
+    Kontext takes 28 steps (FluxKontextPipeline's default) and starts from noise (strength 1)."""
     dev = bool(config.get("guidance_embeds"))
-    wanted: dict[str, Any] = {"sampler": "Euler", "cfg_scale": FLUX.default_cfg_scale, "steps": 20 if dev else 4}
+    steps = KONTEXT_STEPS if is_kontext(config) else 20 if dev else 4
+    wanted: dict[str, Any] = {"sampler": "Euler", "cfg_scale": FLUX.default_cfg_scale, "steps": steps}
     if dev:
         wanted["distilled_cfg_scale"] = default_guidance(config)
-    if is_fill(config):
+    if is_fill(config) or is_kontext(config):
         wanted["denoising_strength"] = 1.0
     return wanted
 
@@ -201,6 +235,7 @@ def inspect_flux(header: CheckpointHeader) -> ModelSpec:
         vae = flux_vae_config(header.shapes, vae_at) if vae_at is not None else {}
     except (KeyError, IndexError, TypeError) as exc:
         raise CheckpointError(f"{header.path.name}: incomplete Flux checkpoint (missing {exc})") from exc
+    config = with_kontext(config, header.path.name, *(header.metadata.get(key, "") for key in NAME_METADATA))
     declared = declared_resolution(header.metadata)
     return ModelSpec(family=FLUX, inpainting=is_fill(config), prediction_type=FLOW,
                      prediction_source="family default", unet_config=config, vae_config=vae, text_encoder_configs=[],
@@ -217,6 +252,7 @@ def inspect_flux_folder(folder: Path) -> ModelSpec:
         raise CheckpointError(f"{folder.name}: incomplete Flux diffusers folder ({exc})") from exc
     encoders = [read_json(folder / d / "config.json") for d in ("text_encoder", "text_encoder_2")
                 if (folder / d / "config.json").is_file()]
+    transformer = with_kontext(transformer, folder.name, read_json(folder / DIFFUSERS_INDEX).get("_class_name", ""))
     return ModelSpec(family=FLUX, inpainting=is_fill(transformer), prediction_type=FLOW, unet_config=transformer,
                      vae_config=vae, text_encoder_configs=encoders, native_resolution=FLUX.native_resolution,
                      prediction_source="family default")

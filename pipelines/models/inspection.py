@@ -16,6 +16,7 @@ from pipelines.models.flux_files import (
     inspect_flux_folder,
     is_flux_file,
     is_flux_folder,
+    is_kontext,
 )
 from pipelines.models.prediction import resolve_prediction
 from pipelines.models.quantized import storage_description
@@ -101,12 +102,14 @@ def describe_checkpoint(path: Path) -> dict:
 
 def family_details(spec: ModelSpec) -> dict:
     """The flow families' variant ("SD 3.5 medium", "Flux.1 dev"), and for guidance-distilled ones
-    the settings they are meant to run with (the UI and API clients may apply them)."""
+    the settings they are meant to run with (the UI and API clients may apply them); an edit model
+    (Flux.1 Kontext: it edits the img2img / Inpaint input after the prompt) says so."""
     if spec.family is SD3:
         return {"variant": sd3_variant(spec.unet_config)}
     if spec.family is not FLUX:
         return {}
-    return {"variant": flux_variant(spec.unet_config), "recommended": flux_recommended(spec.unet_config)}
+    details = {"variant": flux_variant(spec.unet_config), "recommended": flux_recommended(spec.unet_config)}
+    return {**details, "edit_model": True} if is_kontext(spec.unet_config) else details
 
 
 def metadata_card(metadata: dict) -> dict[str, str]:
