@@ -284,3 +284,15 @@ def test_the_engine_edits_with_a_kontext_file_and_writes_the_reference_in_the_in
     plain = engine.generate(request(checkpoint=files.all_in_one.name, save_images=False))
     assert "Kontext reference" not in plain.infotexts[0]
     assert any("Flux.1 Kontext is an edit model" in warning for warning in plain.warnings)
+
+
+def test_the_memory_plan_counts_the_reference_images_tokens(kontext):
+    import dataclasses
+
+    from pipelines.models import memory
+    from pipelines.models.flux_files import KONTEXT_KEY
+
+    as_dev = dataclasses.replace(kontext, spec=dataclasses.replace(
+        kontext.spec, unet_config={k: v for k, v in kontext.spec.unet_config.items() if k != KONTEXT_KEY}))
+    args = (512, 512, 1, False, torch.float32, torch.float32)
+    assert memory.estimate_working_bytes(kontext, *args) > memory.estimate_working_bytes(as_dev, *args)

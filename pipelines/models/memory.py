@@ -36,6 +36,7 @@ import torch
 
 from pipelines.core.request import RequestError
 from pipelines.models.device import Placement
+from pipelines.models.flux_files import is_kontext
 from pipelines.models.sd3_files import transformer_working_bytes
 
 U_WORK = 56  # resnet/attention/feed-forward buffers, in units of C_0 * h * w (measured 49-61)
@@ -198,7 +199,8 @@ def estimate_working_bytes(components, width: int, height: int, batch: int, cfg:
         skips = sum(c * (h * w) // (4 ** level) * (unet_cfg.layers_per_block + 1) for level, c in enumerate(channels))
         unet_bytes = rows * _itemsize(unet_dtype) * (skips + U_WORK * channels[0] * h * w)
     else:  # a transformer denoiser (SD 3)
-        unet_bytes = transformer_working_bytes(unet_cfg, width, height, rows, _itemsize(unet_dtype))
+        reference = is_kontext(getattr(components.spec, "unet_config", None) or {})  # Kontext's reference tokens
+        unet_bytes = transformer_working_bytes(unet_cfg, width, height, rows, _itemsize(unet_dtype), reference)
     pixels, images = height * width, batch
     if low_memory:
         tile = int(getattr(vae_cfg, "sample_size", 512) or 512)

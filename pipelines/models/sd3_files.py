@@ -279,14 +279,16 @@ def inspect_sd3_folder(folder: Path) -> ModelSpec:
                      text_encoder_configs=encoders, native_resolution=native, prediction_source="family default")
 
 
-def transformer_working_bytes(config, width: int, height: int, rows: int, itemsize: int) -> int:
+def transformer_working_bytes(config, width: int, height: int, rows: int, itemsize: int,
+                              reference: bool = False) -> int:
     """Peak activations of one MMDiT step beyond the weights, for the memory plan: per row
     (images x 2 under CFG) the joint sequence (image patches + 77 CLIP + 256 T5 tokens) through
     a block (q, k, v, attention output, the 4x MLP: about 12 widths a token) plus one head's
     worth of attention scores at a time per head (PyTorch's math attention holds them all).
-    Flux (a config with single blocks) packs 2x2 latents into a token and has 512 T5 tokens."""
+    Flux (a config with single blocks) packs 2x2 latents into a token and has 512 T5 tokens;
+    Kontext's `reference` image adds about as many tokens again (its resolution is near the output's)."""
     if "num_single_layers" in config:
-        tokens = (height // 16) * (width // 16) + 512
+        tokens = (height // 16) * (width // 16) * (2 if reference else 1) + 512
     else:
         patch = config["patch_size"]
         tokens = (height // 8 // patch) * (width // 8 // patch) + 77 + 256
