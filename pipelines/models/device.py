@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,6 +124,25 @@ def choose_placement(settings: EngineSettings) -> Placement:
     vae_dtype = choose_vae_dtype(device, settings.precision, dtype, settings.no_half_vae)
     return Placement(device, dtype, vae_dtype, choose_attention(device, settings.attention), offload=settings.offload,
                      compile=settings.compile)
+
+
+COMPILE_CACHE = "torch-compile"  # --compile's artefacts, under the data folder
+COMPILE_CACHE_VARIABLE = "TORCHINDUCTOR_CACHE_DIR"
+
+
+def use_compile_cache(data_dir: Path, environ: MutableMapping[str, str] = os.environ) -> Path:
+    """Keep torch.compile's artefacts (inductor's FX graph cache and generated kernels) in the data
+    folder, so a compile is paid once per machine and torch version rather than once per start.
+    Inductor keys each entry by the traced graph (the model's layers and shapes), the input
+    shapes, its config and the torch version, so one folder serves every model and image size.
+    A TORCHINDUCTOR_CACHE_DIR set by the user wins. Inductor reads the variable when it first
+    compiles, so this runs before the first compiled call. Returns the folder in use."""
+    if environ.get(COMPILE_CACHE_VARIABLE):
+        return Path(environ[COMPILE_CACHE_VARIABLE])
+    folder = Path(data_dir) / COMPILE_CACHE
+    folder.mkdir(parents=True, exist_ok=True)
+    environ[COMPILE_CACHE_VARIABLE] = str(folder)
+    return folder
 
 
 def channels_last_helps(device: torch.device, dtype: torch.dtype) -> bool:
