@@ -46,6 +46,15 @@ def random_k_blocks(rows: int, columns: int, kind: str, seed: int = 0) -> np.nda
     return blocks.reshape(rows, columns // block * size)
 
 
+def gguf_blocks(rows: int, columns: int, kind: str, seed: int = 0) -> np.ndarray:
+    """A rows x columns weight as GGUF `kind` blocks: quantized by the `gguf` package from
+    random values where it can, valid random blocks for the K-quants."""
+    if kind in K_QUANT_SCALES:
+        return random_k_blocks(rows, columns, kind, seed)
+    values = np.random.default_rng(seed).standard_normal((rows, columns)).astype(np.float32)
+    return gguf.quants.quantize(values, gguf.GGMLQuantizationType[kind])
+
+
 def write_gguf(path: Path, tensors: dict[str, torch.Tensor], kind: str = "Q8_0", arch: str = "sd3",
                quantize=None) -> Path:
     """A GGUF file of `tensors`: those `quantize(name, shape)` picks (default: 2-D weights whose

@@ -4,7 +4,9 @@ caller names diffusers' model class and gives the config it read from the shapes
 
 - GGUF: diffusers' own GGUF support (`from_single_file` with a `GGUFQuantizationConfig`), fed
   the file's tensors still quantized and our config written to a local folder, so nothing is
-  fetched; each linear layer dequantizes its weight when it runs (`GGUFLinear`).
+  fetched; each linear layer dequantizes its weight when it runs, with our faster decoders
+  (`gguf_dequant`: diffusers' `GGUFLinear` subclassed for our layers only), or, when asked
+  for (`--gguf-dequantize-once`) and the memory plan has room, once on its first step.
 - fp8 (F8_E4M3 / F8_E5M2 safetensors): the weights stay in fp8 (views of the file until the
   first step) and diffusers' layerwise casting lifts one layer at a time to the run dtype.
   torch stores and converts fp8 on the CPU and on every CUDA GPU; Apple's MPS has no fp8 type,
@@ -24,7 +26,8 @@ from pathlib import Path
 import torch
 
 from pipelines.models.checkpoint_file import SAFETENSORS_DTYPES, CheckpointError, CheckpointHeader
-from pipelines.models.gguf_files import is_gguf, main_quant_type, quantized_state, stored_bytes
+from pipelines.models.gguf_dequant import use_fast_dequantize
+from pipelines.models.gguf_files import decoded_bytes, is_gguf, main_quant_type, quantized_state, stored_bytes
 
 FP8_NAMES = ("F8_E4M3", "F8_E5M2")  # safetensors' names of float8_e4m3fn and float8_e5m2
 NF4_MARKERS = (".absmax", ".quant_map", ".quant_state.bitsandbytes__nf4")
@@ -72,13 +75,16 @@ def fp8_storage_supported(device: torch.device | str) -> bool:
     return torch.device(device).type in ("cpu", "cuda")
 
 
-def weights_bytes(header: CheckpointHeader, keys, compute_dtype: torch.dtype, keep_fp8: bool = True) -> int:
-    """What these weights take in memory once loaded: GGUF blocks as stored, fp8 weights one
-    byte each when kept in fp8, everything else at the compute dtype."""
+def weights_bytes(header: CheckpointHeader, keys, compute_dtype: torch.dtype, keep_fp8: bool = True,
+                  gguf_decoded: bool = False) -> int:
+    """What these weights take in memory once loaded: GGUF blocks as stored (plus every
+    weight at the compute dtype when `gguf_decoded`: layers that keep their decoded weights),
+    fp8 weights one byte each when kept in fp8, everything else at the compute dtype."""
     itemsize = torch.empty((), dtype=compute_dtype).element_size()
     keys = list(keys)
     if is_gguf(header):
-        return stored_bytes(header, keys, itemsize)
+        decoded = decoded_bytes(header, keys, itemsize) if gguf_decoded else 0
+        return stored_bytes(header, keys, itemsize) + decoded
     total = 0
     for key in keys:
         count = 1
@@ -115,12 +121,14 @@ def check_runnable(header: CheckpointHeader, device: torch.device | str) -> None
 # --- loading ------------------------------------------------------------------------------------
 
 def load_gguf_transformer(header: CheckpointHeader, model_class, config: dict, compute_dtype: torch.dtype,
-                          prefix: str = "", convert=None) -> torch.nn.Module:
+                          prefix: str = "", convert=None, *, keep_dequantized: bool = False) -> torch.nn.Module:
     """A diffusers transformer (`model_class`, e.g. SD3Transformer2DModel) from a GGUF file,
     its linear layers' weights kept quantized and computed in `compute_dtype`. `config` is the
     model's diffusers config (read from the shapes); `prefix` the key prefix inside the file
     (GGUF files have none); `convert`: the caller's original -> diffusers names function, run
     on the still quantized tensors (default: diffusers' own converter for `model_class`).
+    `keep_dequantized`: each layer keeps its weight decoded after its first step (faster
+    steps, `gguf_files.decoded_bytes` more memory: the caller checks the room first).
     Offline: the config goes to a local folder, nothing is fetched."""
     # heavy: diffusers' GGUF quantizer, only when loading
     from diffusers import GGUFQuantizationConfig
@@ -138,6 +146,7 @@ def load_gguf_transformer(header: CheckpointHeader, model_class, config: dict, c
             raise CheckpointError(f"{header.path.name}: could not load the GGUF {model_class.__name__} "
                                   f"({str(exc).splitlines()[0]})") from exc
     check_complete(model, header.path, model_class.__name__)
+    use_fast_dequantize(model, keep_dequantized)
     return model.eval().requires_grad_(False)
 
 
