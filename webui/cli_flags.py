@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="model offload: text encoder, U-Net and VAE each on the GPU only while it runs")
     compute.add_argument("--compile", action="store_true",
                          help="torch.compile the U-Net (the first image is slower, later steps may be faster)")
+    compute.add_argument("--gguf-dequantize-once", action="store_true",
+                         help="GGUF denoisers: decode each layer once and keep it at the run dtype (faster steps, "
+                              "as much memory as the unquantized model; used only where it fits)")
 
     ray = parser.add_argument_group(
         "Ray Serve scale-out",

@@ -108,6 +108,9 @@ class EngineSettings:
     attention: str = "auto"  # auto | xformers | sdpa | sliced
     offload: str = "none"  # none | medvram | lowvram
     compile: bool = False  # --compile: torch.compile the U-Net (slow first step, faster later ones)
+    # --gguf-dequantize-once: GGUF denoisers' layers keep their decoded weights after the first step:
+    # steps about as fast as an unquantized file's, memory as much as one (only where the cache has room)
+    gguf_dequantize_once: bool = False
     default_checkpoint: str | None = None  # --ckpt
     ram_budget_gb: float | None = None  # model cache budget; None = derived from the machine
     # A public hosted demo (Hugging Face Space, `--space`): limits on requests, no extension

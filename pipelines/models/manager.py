@@ -18,6 +18,7 @@ reload in a fraction of its time).
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -41,10 +42,14 @@ from pipelines.models.flux_build import (
     separate_vae,
 )
 from pipelines.models.flux_files import bytes_text, flow_vae_prefix, transformer_weights, what_would_fit
+from pipelines.models.gguf_dequant import release_scratch, use_fast_dequantize
+from pipelines.models.gguf_files import decoded_bytes, is_gguf
 from pipelines.models.inspection import inspect_checkpoint
 from pipelines.models.module_pick import AUTOMATIC, ModulePick, beyond_automatic
 from pipelines.models.quantized import check_runnable, fp8_storage_supported, weights_bytes
 from pipelines.models.spec import Components, modules_nbytes
+
+log = logging.getLogger(__name__)
 
 # the weights a loaded model holds (not a full file's EMA copy or training state)
 MODEL_WEIGHT_PREFIXES = (UNET_PREFIX, VAE_PREFIX, *TEXT_ENCODER_ROOTS)
@@ -77,8 +82,10 @@ class LoadedControl:  # a ControlNet or T2I-Adapter
 
 class ModelManager:
     def __init__(self, placement: Placement, budget_bytes: int | None = None, max_vaes: int = 2,
-                 text_encoder_dir: Path | None = None, vae_dir: Path | None = None):
+                 text_encoder_dir: Path | None = None, vae_dir: Path | None = None, *,
+                 gguf_dequantize_once: bool = False):
         self.placement = placement
+        self.gguf_dequantize_once = gguf_dequantize_once  # --gguf-dequantize-once: see _keeps_gguf_decoded
         self.text_encoder_dir = text_encoder_dir  # SD 3's and Flux's separate encoders (models/text_encoder)
         self.vae_dir = vae_dir  # models/VAE: Flux's VAE for a transformer file without one
         if budget_bytes is None:
@@ -170,7 +177,9 @@ class ModelManager:
                                               chosen_vae=pick.vae)
             needed = self._estimate(header, encoders, pick.vae)
             self._check_room(header, needed)
-            self._evict_for(needed)
+            keep_decoded = self._keeps_gguf_decoded(header, needed)
+            extra = self._gguf_decoded_bytes(header) if keep_decoded else 0
+            self._evict_for(needed + extra)
             components = load_checkpoint_components(path, self.placement.dtype, self.placement.vae_dtype,
                                                     header=header, text_encoder_dir=self.text_encoder_dir,
                                                     vae_dir=self.vae_dir, fp8_storage=self._keeps_fp8(),
@@ -180,7 +189,10 @@ class ModelManager:
             if not flow:  # xformers / sliced processors are the U-Net's; the transformers keep diffusers' joint SDPA
                 apply_attention(components.unet, self.placement.attention)
             hooks = memory.place(components, self.placement)
-            model = LoadedModel(name=name, components=components, nbytes=components.nbytes(), offload_hooks=hooks)
+            if keep_decoded:
+                use_fast_dequantize(components.unet, keep_dequantized=True)
+            model = LoadedModel(name=name, components=components, nbytes=components.nbytes() + extra,
+                                offload_hooks=hooks)
             self._cache[key] = model
             return model
 
@@ -211,7 +223,25 @@ class ModelManager:
             self._release()
 
     def _release(self) -> None:
+        release_scratch()  # the GGUF decoders' reused buffers (hundreds of MB for Flux)
         memory.release(self.placement.device)
+
+    def _gguf_decoded_bytes(self, header) -> int:
+        itemsize = torch.empty((), dtype=self.placement.dtype).element_size()
+        return decoded_bytes(header, self._transformer_keys(header), itemsize)
+
+    def _keeps_gguf_decoded(self, header, needed: int) -> bool:
+        """--gguf-dequantize-once on a GGUF file where the decoded weights fit beside it; else it
+        decodes per step, as without the flag (GGUF is chosen to save memory), and the log says why."""
+        if not (self.gguf_dequantize_once and is_gguf(header)):
+            return False
+        decoded = self._gguf_decoded_bytes(header)
+        room = min(self.room_bytes(), self.budget_bytes)
+        if needed + decoded <= room:
+            return True
+        log.warning("%s: --gguf-dequantize-once needs %s more than the %s there is room for; decoding per step",
+                    header.path.name, bytes_text(decoded), bytes_text(max(room - needed, 0)))
+        return False
 
     # --- separate VAEs ---------------------------------------------------------------------------
     def get_vae(self, path: Path, scaling_factor: float, sample_size: int = 512) -> torch.nn.Module:
