@@ -2,10 +2,10 @@
 
 It owns the registry (what is on disk), the model manager (what is loaded) and the one job
 queue, and wires them to the work: `generate.generation` runs a generation, `generate.upscaling`
-the Extras and SD upscale jobs. Every job passes `_admit` (a hosted demo's limits) before it
-is queued, and so does every cell of a script before it runs. On ZeroGPU each job's device
-work is lent the GPU as a request-only function. It never imports gradio; the UI gets it
-work. It holds no per-user state: everything a job needs travels in its request.
+the Extras and SD upscale jobs (made on a job's first use: `engine_work`). Every job passes
+`_admit` (a hosted demo's limits) before it is queued, and so does every cell of a script before
+it runs. On ZeroGPU each job's device work is lent the GPU as a request-only function. It never
+imports gradio. It holds no per-user state: everything a job needs travels in its request.
 
 With `remote` (Ray workers: `hosting.ray_serve.connect`) this is the front end: page, API, queue,
 hashing and saving stay here; jobs and models run on the workers, whose saves it writes.
@@ -17,6 +17,7 @@ import logging
 import threading
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from extensions.manager import ExtensionManager
 from pipelines.core import samplers
@@ -27,16 +28,14 @@ from pipelines.core.merge_request import MergeRequest, MergeResult
 from pipelines.core.progress import JobControl, ProgressCallback
 from pipelines.core.request import GenerationRequest, GenerationResult, RequestError, UpscaleRequest
 from pipelines.core.settings import MODEL_KINDS, EngineSettings, Paths
-from pipelines.engine_loading import CheckpointLoading, LoadDone
-from pipelines.generate import control_preprocess, embeddings, faces, ip_adapter, lora, upscalers
-from pipelines.generate.generation import Generator, JobContext, grid_folder
-from pipelines.generate.upscaling import SdUpscaleOptions, Upscaling
+from pipelines.engine_loading import CheckpointLoading, LoadDone, model_manager
+from pipelines.engine_work import OnFirstUse, build_work, grid_folder, job_context, save_held, sd_upscale_options
+from pipelines.generate import control_preprocess, embeddings, faces, ip_adapter, lora_files, upscalers
+from pipelines.generate.upscaler_choices import UpscalerChoices
 from pipelines.hosting import zerogpu
-from pipelines.hosting.remote_saves import HoldingGenerator, save_held
 from pipelines.models import few_step
 from pipelines.models.device import choose_placement
 from pipelines.models.inspection import describe_checkpoint
-from pipelines.models.manager import ModelManager
 from pipelines.models.merge import plan as plan_merge
 from pipelines.models.merge import run as run_merge
 from pipelines.models.module_pick import pick_modules
@@ -44,9 +43,12 @@ from pipelines.models.names import default_file
 from pipelines.models.registry import ModelFile, ModelRegistry
 from pipelines.models.stores import HashCache
 
+if TYPE_CHECKING:  # names for types only: importing them imports diffusers & co. (see engine_work)
+    from pipelines.generate.generation import JobContext
+    from pipelines.generate.upscaling import SdUpscaleOptions
+
 log = logging.getLogger(__name__)
 
-GB = 1 << 30
 
 
 class Engine:
@@ -72,9 +74,7 @@ class Engine:
                                                   **{kind: faces.describe_face_file for kind in faces.FACE_KINDS}},
                                       fallbacks={kind: self.paths.fallback(kind) for kind in MODEL_KINDS},
                                       extra_folders={kind: self.paths.extra_folders(kind) for kind in MODEL_KINDS})
-        budget = int(self.settings.ram_budget_gb * GB) if self.settings.ram_budget_gb else None
-        self.manager = ModelManager(self.placement, budget, text_encoder_dir=self.paths.folder("text_encoders"),
-                                    vae_dir=self.paths.folder("vae"))
+        self.manager = model_manager(self.paths, self.settings, self.placement)
         max_waiting = self.settings.max_queue_size
         if hosted_limits is not None:  # the demo's own bound on waiting jobs; --max-queue-size can only lower it
             max_waiting = queue_bound(hosted_limits, max_waiting)
@@ -84,17 +84,16 @@ class Engine:
         self.faces = faces.FaceRestoration(self.registry, folders, self.placement.device)  # GFPGAN & co.
         # extensions' hooks; none until the launcher calls extensions.discover(...)
         self.extensions = ExtensionManager(Path(self.paths.data_dir) / "extensions.json")
-        self.loading = CheckpointLoading(self.registry, self.manager)
-        generator_type = HoldingGenerator if hold_saves else Generator
-        self.generator = generator_type(self.registry, self.manager, self.placement, Path(self.paths.outdir),
-                                        load=self.loading.load, hires_upscaler=self.hires_upscaler,
-                                        faces=self.faces, paths=self.paths)
-        self.upscaling = Upscaling(self.registry, self.upscaler_models, self.generator)
-        # each job's device work as a request-only function: on ZeroGPU it borrows the GPU for
-        # the estimated time and runs in a worker process (see pipelines/hosting/zerogpu.py)
+        self._work = OnFirstUse(lambda: build_work(self, hold_saves))  # generator & upscaling: engine_work
+        self.loading = CheckpointLoading(self.registry, self.manager, prepare=self._work.get)
+        self.upscaler_choices = UpscalerChoices(self.registry, self.upscaler_models)  # the page's lists
+        # each job's device work as a request-only function: on ZeroGPU it runs in a worker holding the GPU
         self._lent_generation = self.gpu.lend(self._generate_request, self._generation_seconds)
         self._lent_upscale = self.gpu.lend(self._upscale_request, zerogpu.upscale_seconds)
         self._lent_sd_upscale = self.gpu.lend(self._sd_upscale_request, self._sd_upscale_seconds)
+
+    generator = property(lambda self: self._work.get().generator)  # generation.Generator: runs jobs, saves
+    upscaling = property(lambda self: self._work.get().upscaling)  # upscaling.Upscaling: Extras, SD upscale
 
     @property
     def hosted_limits(self) -> SpaceLimits | None:
@@ -159,24 +158,23 @@ class Engine:
         return samplers.allowed_schedule_types(sampler) if sampler else samplers.SCHEDULE_TYPES
 
     def upscalers(self, refresh: bool = False) -> list:
-        """Every upscaler: Lanczos/Nearest/Bicubic, then the models of the upscaler folder
-        (`--esrgan-models-path`, default models/ESRGAN) with their native scale."""
-        return self.upscaling.available(refresh)
+        """Every upscaler: Lanczos & co., then the upscaler folder's models (`UpscalerChoices`)."""
+        return self.upscaler_choices.available(refresh)
 
     def upscaler_names(self) -> list[str]:
-        return self.upscaling.names()
+        return self.upscaler_choices.names()
 
     def hires_upscaler_names(self) -> list[str]:
         """What hires fix offers: A1111's latent modes, then every upscaler."""
-        return self.upscaling.hires_names()
+        return self.upscaler_choices.hires_names()
 
     def hires_upscaler(self, name: str, control: JobControl | None = None):
         """The latent mode name itself, or the Upscaler object (RequestError naming hr_upscaler)."""
         return self.upscaling.hires_upscaler(name, control)
 
     def lora_listing(self, refresh: bool = False) -> list[dict]:
-        """The Lora folder for browsers and /sdapi/v1/loras (`lora.listing`)."""
-        return lora.listing(self.registry.list("lora", refresh))
+        """The Lora folder for browsers and /sdapi/v1/loras (`lora_files.listing`)."""
+        return lora_files.listing(self.registry.list("lora", refresh))
 
     def recommended_settings(self, checkpoint: str | None, prompt: str) -> dict | None:
         return few_step.recommend_for_job(self.registry, checkpoint, prompt)
@@ -212,17 +210,17 @@ class Engine:
             self.loading.load(file)
         return file
 
-    def preload(self, name: str | None = None, on_done: LoadDone | None = None) -> threading.Thread | None:
-        """Load a checkpoint (default: the default one) in a background thread, so the server
-        answers while it loads. A job for it meanwhile waits for this load rather than loading
-        it again (the manager loads a file once, under its lock). `on_done(name, seconds, error)`
-        is called at the end; a failure is not raised here: the first job reports it too.
-        Returns the thread, or None when there is no checkpoint to load (or workers load them)."""
+    def preload(self, name: str | None = None, on_done: LoadDone | None = None,
+                start: threading.Event | None = None) -> threading.Thread | None:
+        """Load a checkpoint (default: the default one) in a background thread (listed as loading at
+        once, read once `start` is set: `CheckpointLoading.in_background`); a job for it meanwhile
+        waits for this load. `on_done(name, seconds, error)` is called at the end; a failure is not
+        raised. Returns the thread, or None when there is no checkpoint to load (or workers load them)."""
         try:
             file = self.resolve_checkpoint(name)
         except RequestError:
             return None
-        return self.loading.in_background(file, on_done) if self.remote is None else None
+        return self.loading.in_background(file, on_done, start) if self.remote is None else None
 
     def preload_when_idle(self, name: str) -> threading.Thread | None:
         """A checkpoint picked in the UI starts loading at once, as in A1111, but only while the
@@ -235,7 +233,7 @@ class Engine:
 
     def loading_checkpoints(self) -> list[str]:
         """Checkpoints being loaded right now (start-up preload or a job's first use)."""
-        return list(self.loading.loading)
+        return list(dict.fromkeys(self.loading.loading))  # (a start-up load is listed twice while it reads)
 
     def unload_checkpoint(self, name: str) -> bool:
         return self.manager.unload(name)
@@ -247,8 +245,7 @@ class Engine:
         return self.placement.describe()
 
     def runtime_flags(self) -> dict:
-        """What the device/precision/attention/offload flags resolved to (A1111's flag names
-        where it has one), for /sdapi/v1/cmd-flags."""
+        """What the device/precision/attention/offload flags resolved to (A1111's names), for /sdapi/v1/cmd-flags."""
         p, d = self.placement, self.placement.describe()
         return {"device": d["device"], "precision": self.settings.precision, "dtype": d["dtype"],
                 "vae_dtype": d["vae dtype"], "no_half": d["dtype"] == "float32",
@@ -263,8 +260,7 @@ class Engine:
         self.registry.set_prediction_type(name, prediction)
 
     def hash_checkpoint(self, name: str) -> threading.Thread | None:
-        """Start hashing a checkpoint in the background (None when it is already hashed or
-        being hashed). KeyError for an unknown checkpoint."""
+        """Start hashing a checkpoint in the background (None: hashed or being hashed); KeyError if unknown."""
         return self.registry.hash_in_background("checkpoints", name)
 
     def hash_progress(self, name: str) -> float | None:
@@ -325,11 +321,11 @@ class Engine:
         job = self.queue.new_job(request.mode, owner, control)
         with self.queue.run(job, on_wait):
             request = request.with_resolved_seeds()
-            context = JobContext(job, hooks, on_progress)
+            context = job_context(job, hooks, on_progress)
 
             def generate_cell(cell: GenerationRequest, on_progress=on_progress) -> GenerationResult:
                 cell_file = self._checked_file(cell, hooks.warnings)
-                return self._generate(cell_file, cell.with_resolved_seeds(), JobContext(job, hooks, on_progress))
+                return self._generate(cell_file, cell.with_resolved_seeds(), job_context(job, hooks, on_progress))
 
             def save_grid(image, text: str) -> str:
                 return self.generator.save(image, grid_folder(request.mode), text, request,
@@ -362,7 +358,7 @@ class Engine:
         worker runs. `context`: the job's handle and progress (Ray); None: a handle of its own (ZeroGPU)."""
         hooks = self.extensions.job(request)
         job = context.job if context is not None else self.queue.new_job(request.mode)
-        context = JobContext(job, hooks, context.on_progress if context is not None else None)
+        context = job_context(job, hooks, context.on_progress if context is not None else None)
         result = self._run_generation(self.resolve_checkpoint(request.checkpoint), request, context)
         result.warnings.extend(w for w in hooks.warnings if w not in result.warnings)
         return result
@@ -384,7 +380,7 @@ class Engine:
         job = self.queue.new_job("extras", owner, control)
         with self.queue.run(job, on_wait):
             on_device = any(isinstance(u, upscalers.ModelUpscaler) for u in chosen)
-            context = JobContext(job, on_progress=on_progress)
+            context = job_context(job, on_progress=on_progress)
             if self.remote is not None:  # a worker upscales; saved here
                 return save_held(self.generator, request, self.remote.upscale(request, context))
             if self.gpu.active and on_device:  # Lanczos & co. need no GPU time
@@ -394,7 +390,7 @@ class Engine:
     def run_upscale(self, request: UpscaleRequest, context: JobContext | None = None) -> GenerationResult:
         """An upscale from the request alone, outside the queue: what a worker runs (see run_generation)."""
         return self.upscaling.extras(request, self.upscaling.chosen(request),
-                                     context or JobContext(self.queue.new_job("extras")))
+                                     context or job_context(self.queue.new_job("extras")))
 
     def _upscale_request(self, request: UpscaleRequest) -> GenerationResult:
         return self.run_upscale(request)  # what a ZeroGPU worker runs
@@ -407,14 +403,14 @@ class Engine:
         tile (tiles of request.width x height, `overlap` pixels shared, seams feathered)."""
         if request.mode != "img2img":
             raise RequestError("mode", "SD upscale works on an img2img request (an input image)")
-        options = SdUpscaleOptions(upscaler, scale, overlap).checked()  # RequestError naming scale/overlap
+        options = sd_upscale_options(upscaler, scale, overlap).checked()  # RequestError naming scale/overlap
         self._admit(request, sd_upscale_scale=options.scale)
         file = self.resolve_checkpoint(request.checkpoint)
         options = replace(options, upscaler=self.upscaling.sd_upscaler(upscaler).name)  # an unknown one fails here
         job = self.queue.new_job("img2img", owner, control)
         with self.queue.run(job, on_wait):
             request = request.with_resolved_seeds()
-            context = JobContext(job, on_progress=on_progress)
+            context = job_context(job, on_progress=on_progress)
             if self.remote is not None:  # a worker runs it (checking its file against this hash); saved here
                 result = self.remote.sd_upscale(request, options, context, checkpoint=file.name,
                                                 sha256=self.registry.ensure_hash(file))
@@ -426,10 +422,10 @@ class Engine:
     def run_sd_upscale(self, request: GenerationRequest, options: SdUpscaleOptions, context=None) -> GenerationResult:
         """SD upscale from the request and its checked options alone: what a worker runs (see run_generation)."""
         return self.upscaling.sd_upscale(self.resolve_checkpoint(request.checkpoint), request, options,
-                                         context or JobContext(self.queue.new_job("img2img")))
+                                         context or job_context(self.queue.new_job("img2img")))
 
     def _sd_upscale_request(self, request: GenerationRequest, upscaler: str, scale: float, overlap: int):
-        return self.run_sd_upscale(request, SdUpscaleOptions(upscaler, scale, overlap))  # what a ZeroGPU worker runs
+        return self.run_sd_upscale(request, sd_upscale_options(upscaler, scale, overlap))  # what a ZeroGPU worker runs
 
     def _sd_upscale_seconds(self, request: GenerationRequest, upscaler: str, scale: float, overlap: int) -> float:
         return zerogpu.sd_upscale_seconds(request, scale, overlap, self._native_side(request))

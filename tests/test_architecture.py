@@ -38,10 +38,12 @@ WEBUI_ALLOWED = ("pipelines.core",)
 LAUNCHER = "webui.cli"
 LAUNCHER_ALLOWED = ("pipelines.core", "pipelines.engine", "pipelines.hosting")
 TORCH_SIDE = ("torch", "diffusers", "transformers", "accelerate", "spandrel", "peft", "safetensors.torch",
-              "open_clip", "xformers", "torchsde", "spandrel_extra_arches")
+              "open_clip", "xformers", "torchsde", "spandrel_extra_arches", "torchvision")
 # Imports that may stay inside a function: heavy (seconds to import, or GPU set-up) or optional.
 LAZY_OK = (*TORCH_SIDE, "gradio", "uvicorn", "spaces", "huggingface_hub", "safetensors", "webui.space", "cv2",
-           "pipelines.engine", "pipelines.hosting", "webui.app", "webui.api", "git")
+           "pipelines.engine", "pipelines.hosting", "webui.app", "webui.api", "git",
+           # the engine's job side (diffusers, transformers, peft), made on a job's first use: engine_work
+           "pipelines.generate.generation", "pipelines.generate.upscaling")
 
 
 @dataclass

@@ -4,6 +4,7 @@ step where the model cache has room for them (counted in its size), and decode p
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -70,3 +71,19 @@ def test_where_the_decoded_weights_do_not_fit_it_decodes_per_step_and_says_why(f
     image(model)
     assert all(m.kept_weight is None for m in layers(model))
     assert any("--gguf-dequantize-once needs" in r.getMessage() for r in caplog.records)
+
+
+def test_the_flag_reaches_the_engines_model_cache_and_compile_keeps_its_cache_in_the_data_folder(tmp_path,
+                                                                                               monkeypatch):
+    from pipelines.core.settings import Paths
+    from pipelines.engine_loading import model_manager
+    from webui.cli import settings_from_args
+    from webui.cli_flags import build_parser
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "")  # empty: unset; the test's end restores the real one
+    settings = settings_from_args(build_parser().parse_args(["--gguf-dequantize-once", "--compile"]))
+    assert settings.gguf_dequantize_once and settings.compile
+    paths = Paths(models_dir=tmp_path / "models", data_dir=tmp_path / "data", outdir=tmp_path / "out")
+    built = model_manager(paths, settings, choose_placement(settings))
+    assert built.gguf_dequantize_once
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "data" / "torch-compile")

@@ -184,7 +184,7 @@ class FakeEngine:
     def loading_checkpoints(self):
         return []
 
-    def preload(self, name=None, on_done=None):
+    def preload(self, name=None, on_done=None, start=None):
         return None
 
     def preload_when_idle(self, name):

@@ -4,10 +4,11 @@
 Importing this module does nothing heavy. Start-up order (`main()`): with --ray, the Ray cluster
 is joined and the workers started first (the engine then sends its jobs there); torch and the engine are
 imported in a thread while Gradio is imported here (imports hold the interpreter lock, so the two
-overlap only where they wait on the disk), the default checkpoint starts loading in the
-background, the UI is built and served (with `--api`, the REST API is mounted before the server
-accepts a connection): the page says "Loading model…" from the start and a job submitted
-meanwhile waits for that load. The cyclic garbage collector is off until the page is built, and
+overlap only where they wait on the disk; the engine imports only what building it and the page
+need), the default checkpoint is listed as loading, the UI is built and served (with `--api`, the
+REST API is mounted before the server accepts a connection), then the checkpoint is read in the
+background: the page says "Loading model…" from the start and a job submitted meanwhile waits for
+that load. The cyclic garbage collector is off until the page is built, and
 SDUI_STARTUP_TIMES=1 prints when each step ends (`startup_mark`; bench/startup.py --timeline).
 """
 
@@ -139,6 +140,7 @@ def settings_from_args(args: argparse.Namespace, space: bool = False) -> EngineS
         attention=attention,
         offload=offload,
         compile=args.compile,
+        gguf_dequantize_once=args.gguf_dequantize_once,
         default_checkpoint=args.ckpt,
         hosted=space,
         max_queue_size=args.max_queue_size,
@@ -248,8 +250,10 @@ def serve(engine: EngineAPI, args: argparse.Namespace, paths: Paths, space: bool
     from .app import UIOptions, build_ui  # heavy: Gradio (already imported above, while torch loaded)
     from .space import apply_space_ui, notice_text  # heavy: Gradio
 
-    # Loading starts before the page is built, so the header says "Loading model…" from the first page on.
-    preload(engine)
+    # The load is listed before the page is built, so the header says "Loading model…" from the first
+    # page on; its work (diffusers, transformers: seconds of imports) starts once the page is served.
+    serving = threading.Event()
+    preload(engine, start=serving)
     # the job queue's bound is set in build_ui (see WebUI.build)
     blocks = build_ui(engine, UIOptions(), notice=lambda: notice_text(engine, space, limits, space_id()))
     startup_mark("page built")
@@ -261,6 +265,7 @@ def serve(engine: EngineAPI, args: argparse.Namespace, paths: Paths, space: bool
         kwargs["app_kwargs"] = {**kwargs["app_kwargs"], "lifespan": api_lifespan(engine, args, space)}
     # quiet: Gradio's own lines would suggest `share=True` in code; these say the flag
     blocks.launch(**kwargs, prevent_thread_lock=True, quiet=True)
+    serving.set()
     startup_mark("serving the page")
     for line in serving_lines(blocks, args, space):
         print(line, flush=True)
@@ -348,8 +353,9 @@ def close_on_exit(remote) -> None:
         signal.signal(signal.SIGTERM, exit_now)
 
 
-def preload(engine: EngineAPI) -> threading.Thread | None:
-    """Load the default checkpoint in the background (the server starts meanwhile); say when it is ready."""
+def preload(engine: EngineAPI, start: threading.Event | None = None) -> threading.Thread | None:
+    """Load the default checkpoint in the background (the server starts meanwhile; with `start`, the
+    load's work waits for it: see Engine.preload); say when it is ready."""
     def done(name: str, seconds: float, error: BaseException | None) -> None:
         if error is None:
             startup_mark("default checkpoint loaded")
@@ -357,9 +363,9 @@ def preload(engine: EngineAPI) -> threading.Thread | None:
         else:
             print(f"Model {name} could not be loaded: {error}", file=sys.stderr, flush=True)
 
-    thread = engine.preload(on_done=done)
+    thread = engine.preload(on_done=done, start=start)
     if thread is not None:
-        startup_mark("default checkpoint's load started")
+        startup_mark("default checkpoint's load started" if start is None else "default checkpoint listed as loading")
         print("Loading the default checkpoint in the background; the UI starts meanwhile.", flush=True)
     return thread
 

@@ -25,8 +25,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from torchvision.models import resnet50
-from torchvision.ops import nms
 
 from pipelines.generate import upscalers
 from pipelines.generate.face_align import Face
@@ -84,6 +82,9 @@ class ResNetBody(nn.Module):
 
     def __init__(self):
         super().__init__()
+        # heavy (torchvision pulls torch._dynamo and sympy, seconds): only when a detector is built
+        from torchvision.models import resnet50
+
         net = resnet50(weights=None)  # weights come from the detector file
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
@@ -247,6 +248,8 @@ def detect(net: RetinaFace, image: Image.Image, threshold: float = SCORE_THRESHO
            short_side: int = SHORT_SIDE) -> list[Face]:
     """The faces in `image`, best score first, in the image's pixels (landmarks: left eye,
     right eye, nose, left and right mouth corner as seen in the picture)."""
+    from torchvision.ops import nms  # heavy (torchvision): only when faces are detected
+
     scale = detection_scale(image.size, short_side)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     scaled = image.convert("RGB").resize(size, Image.Resampling.LANCZOS if scale > 1 else Image.Resampling.BILINEAR)

@@ -18,9 +18,7 @@ its JSON header; kohya's "addnet" hash), or of the whole file for other formats.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from pipelines.core.extra_networks import ExtraNetwork, extract_extra_networks
 from pipelines.core.fileio import sha256_file_cached
 from pipelines.generate import flow_lora, lycoris
 from pipelines.generate.flow_lora import OtherFamilyLora, has_adapter
+from pipelines.generate.lora_files import listing, read_metadata, trigger_words
 from pipelines.models.checkpoint_file import safetensors_data_start, torch_state_dict
 
 log = logging.getLogger(__name__)
@@ -94,54 +93,6 @@ def file_hash(path: Path) -> str:
 
 def short_hash(path: Path) -> str:
     return file_hash(path)[:12]
-
-
-def read_metadata(path: Path) -> dict[str, str]:
-    """The safetensors header's ``__metadata__`` (kohya writes ss_* training facts there)."""
-    if not str(path).endswith(".safetensors"):
-        return {}
-    try:
-        with open(path, "rb") as f:
-            header_len = struct.unpack("<Q", f.read(8))[0]
-            if header_len > 100 << 20:
-                return {}
-            header = json.loads(f.read(header_len))
-    except (OSError, ValueError, struct.error):
-        return {}
-    meta = header.get("__metadata__") or {}
-    return {str(k): str(v) for k, v in meta.items()}
-
-
-def listing(files) -> list[dict]:
-    """The Lora folder's files for browsers and /sdapi/v1/loras: name, alias, path, metadata and
-    trigger words (kohya's ss_tag_frequency), what to write in a prompt."""
-    out = []
-    for f in files:
-        meta = read_metadata(Path(f.path))
-        name = Path(f.name).stem
-        out.append({"name": name, "alias": meta.get("ss_output_name", name), "path": str(f.path),
-                    "metadata": {k: v for k, v in meta.items() if len(v) < 20000},
-                    "trigger_words": trigger_words(meta), "prompt": f"<lora:{name}:1>"})
-    return out
-
-
-def trigger_words(metadata: dict[str, str], limit: int = 20) -> list[str]:
-    """Most frequent training tags from kohya's ``ss_tag_frequency`` (the LoRA's trigger words)."""
-    raw = metadata.get("ss_tag_frequency")
-    if not raw:
-        return []
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        return []
-    counts: dict[str, int] = {}
-    for tags in data.values() if isinstance(data, dict) else ():
-        if isinstance(tags, dict):
-            for tag, n in tags.items():
-                tag = str(tag).strip()
-                if tag:
-                    counts[tag] = counts.get(tag, 0) + (n if isinstance(n, int) else 1)
-    return [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]]
 
 
 # --- applying ------------------------------------------------------------------------------------
@@ -420,4 +371,4 @@ def _has_any_tuner(module) -> bool:
 
 
 __all__ = ["LoraUse", "resolve", "applied", "remove_all", "infotext_params", "short_hash", "read_metadata",
-           "trigger_words", "ExtraNetwork"]
+           "trigger_words", "listing", "ExtraNetwork"]

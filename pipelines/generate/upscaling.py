@@ -6,8 +6,8 @@
 - SD upscale: an img2img request's image upscaled by `scale`, then img2img'd tile by tile
   (`hires.sd_upscale`) on the request's checkpoint, recorded like a generation.
 
-`Upscaling` also answers which upscalers exist (Lanczos & co., then the upscaler folder's
-models) and turns a name into an Upscaler, for these jobs and for hires fix.
+`Upscaling` also answers which upscalers exist (`upscaler_choices`: Lanczos & co., then the upscaler
+folder's models) and turns a name into an Upscaler, for these jobs and for hires fix.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pipelines.core.request import (
 )
 from pipelines.generate import hires, lora, regions, tiling, tiny_decode, upscalers
 from pipelines.generate.generation import VERSION, Generator, JobContext
+from pipelines.generate.upscaler_choices import UpscalerChoices
 from pipelines.models.registry import ModelFile, ModelRegistry
 
 
@@ -56,27 +57,12 @@ def tiled(upscaler, tile: int, overlap: int, control: JobControl | None, on_tile
                                                        cancelled=cancelled))
 
 
-class Upscaling:
+class Upscaling(UpscalerChoices):
     """The upscaler folder's models beside the built-in ones, and the jobs that use them."""
 
     def __init__(self, registry: ModelRegistry, models: upscalers.UpscalerModels, generator: Generator):
-        self.registry = registry
-        self.models = models  # loaded ESRGAN & co., kept between jobs
+        super().__init__(registry, models)
         self.generator = generator  # loads checkpoints and records images for SD upscale
-
-    # --- what is on offer ------------------------------------------------------------------------
-    def available(self, refresh: bool = False) -> list:
-        """Every upscaler: Lanczos/Nearest/Bicubic, then the models of the upscaler folder
-        (`--esrgan-models-path`, default models/ESRGAN) with their native scale."""
-        files = self.registry.list("esrgan", refresh)
-        return [*upscalers.BUILTIN, *upscalers.model_upscalers(files, self.models)]
-
-    def names(self) -> list[str]:
-        return upscalers.upscaler_names(self.available())
-
-    def hires_names(self) -> list[str]:
-        """What hires fix offers: A1111's latent modes, then every upscaler."""
-        return [*LATENT_UPSCALE_MODES, *self.names()]
 
     def hires_upscaler(self, name: str, control: JobControl | None = None):
         """The latent mode name itself, or the Upscaler object (RequestError naming hr_upscaler)."""
