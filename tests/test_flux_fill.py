@@ -22,9 +22,9 @@ from pipelines.models.flux_build import load_checkpoint_components
 from pipelines.models.inspection import describe_checkpoint
 
 try:
-    from tiny_flux import TINY_FLUX_FILL_INPUT, make_tiny_flux, write_tiny_flux
+    from tiny_flux import TINY_FLUX_FILL_INPUT, make_tiny_flux, picture_and_mask, write_tiny_flux
 except ImportError:
-    from tests.tiny_flux import TINY_FLUX_FILL_INPUT, make_tiny_flux, write_tiny_flux
+    from tests.tiny_flux import TINY_FLUX_FILL_INPUT, make_tiny_flux, picture_and_mask, write_tiny_flux
 
 SIZE, STEPS, SEED = 64, 3, 77
 PROMPT = "a red apple on a table"
@@ -43,12 +43,7 @@ def fill(files):
 @pytest.fixture(scope="module")
 def picture():
     """A smooth picture with structure (a gradient and a disc), and a mask over its left part."""
-    y, x = np.mgrid[0:SIZE, 0:SIZE]
-    rgb = np.stack([x * 4, y * 4, 255 - x * 2], axis=-1).astype(np.float64)
-    rgb[(x - 40) ** 2 + (y - 30) ** 2 < 150] = (250, 240, 20)
-    mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
-    mask[8:56, 4:36] = 255
-    return Image.fromarray(rgb.clip(0, 255).astype(np.uint8)), Image.fromarray(mask, "L")
+    return picture_and_mask(SIZE, (250, 240, 20), (slice(8, 56), slice(4, 36)))
 
 
 @pytest.fixture

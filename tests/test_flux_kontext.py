@@ -26,9 +26,9 @@ from pipelines.models.flux_build import load_checkpoint_components
 from pipelines.models.inspection import describe_checkpoint, inspect_checkpoint
 
 try:
-    from tiny_flux import make_tiny_flux, write_tiny_flux
+    from tiny_flux import make_tiny_flux, picture_and_mask, write_tiny_flux
 except ImportError:
-    from tests.tiny_flux import make_tiny_flux, write_tiny_flux
+    from tests.tiny_flux import make_tiny_flux, picture_and_mask, write_tiny_flux
 
 SIZE, STEPS, SEED, GUIDANCE = 64, 3, 91, 2.5
 PROMPT = "make the apple green"
@@ -47,12 +47,8 @@ def kontext(files):
 @pytest.fixture(scope="module")
 def picture():
     """A smooth picture with structure (a gradient and a disc), and a mask over its left part."""
-    y, x = np.mgrid[0:SIZE, 0:SIZE]
-    rgb = np.stack([x * 4, y * 4, 255 - x * 2], axis=-1).astype(np.float64)
-    rgb[(x - 40) ** 2 + (y - 30) ** 2 < 150] = (250, 40, 20)
-    mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
-    mask[16:48, 0:32] = 255  # on the 16-pixel token grid: a hard mask both sides cut alike
-    return Image.fromarray(rgb.clip(0, 255).astype(np.uint8)), Image.fromarray(mask, "L")
+    # the mask on the 16-pixel token grid: a hard mask both sides cut alike
+    return picture_and_mask(SIZE, (250, 40, 20), (slice(16, 48), slice(0, 32)))
 
 
 def request(**fields) -> GenerationRequest:

@@ -168,3 +168,17 @@ def write_tiny_flux(folder: Path, models: TinyFlux | None = None, dtype: torch.d
     write_t5_tokenizer(encoders / "t5_tokenizer")
     write_t5_tokenizer(checkpoints / "t5_tokenizer")  # beside the all-in-one file: its T5 is inside it
     return TinyFluxFiles(all_in_one, transformer_vae, bare, ae, encoders)
+
+
+def picture_and_mask(size: int, disc: tuple[int, int, int], masked: tuple[slice, slice]):
+    """A smooth picture with structure (a gradient and a `disc`-coloured disc) and an "L" mask, white
+    over `masked` (rows, columns): the inputs the Fill and Kontext tests give both pipelines."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:size, 0:size]
+    rgb = np.stack([x * 4, y * 4, 255 - x * 2], axis=-1).astype(np.float64)
+    rgb[(x - 40) ** 2 + (y - 30) ** 2 < 150] = disc
+    mask = np.zeros((size, size), dtype=np.uint8)
+    mask[masked] = 255
+    return Image.fromarray(rgb.clip(0, 255).astype(np.uint8)), Image.fromarray(mask, "L")
