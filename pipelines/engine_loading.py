@@ -36,7 +36,6 @@ def model_manager(paths: Paths, settings: EngineSettings, placement: Placement) 
                         vae_dir=paths.folder("vae"), gguf_dequantize_once=settings.gguf_dequantize_once)
 
 
-
 class CheckpointLoading:
     def __init__(self, registry: ModelRegistry, manager: ModelManager, prepare: Callable[[], object] | None = None):
         """`prepare`: called before every load (the engine's: its job side, made once). A load imports

@@ -33,10 +33,11 @@ from pipelines.models.sd3_files import (
     encoder_weights,
     encoders_inside,
 )
+from pipelines.models.sd3_files import REQUIRED_ENCODERS as SD3_ENCODERS
 
 KIND_LABELS = {CLIP_L: "CLIP-L", CLIP_G: "CLIP-G", T5XXL: "T5-XXL"}
 # the text encoders each flow family reads (U-Net families carry theirs inside the checkpoint)
-FAMILY_ENCODERS = {FLUX.name: FLUX_ENCODERS, SD3.name: (CLIP_L, CLIP_G, T5XXL)}
+FAMILY_ENCODERS = {FLUX.name: FLUX_ENCODERS, SD3.name: (*SD3_ENCODERS, T5XXL)}  # SD 3's T5 is optional
 VAE_FIELD = "vae"
 
 
