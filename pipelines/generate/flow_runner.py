@@ -175,7 +175,7 @@ def image_ids(rows: int, columns: int, device, image: int = 0) -> torch.Tensor:
 
 
 def denoise_flux(transformer, latents: torch.Tensor, t, conditioning: FlowConditioning, cfg_scale: float,
-                 batch: int, guidance: float | None, extra: torch.Tensor | None = None, *,
+                 batch: int, guidance: float, extra: torch.Tensor | None = None, *,
                  reference: torch.Tensor | None = None) -> torch.Tensor:
     """The velocity for one step of a Flux transformer: one pass, or [negative, positive] under
     real CFG. Odd latent sides are padded (circular, as ComfyUI and Forge pad) and cropped back.
@@ -194,8 +194,7 @@ def denoise_flux(transformer, latents: torch.Tensor, t, conditioning: FlowCondit
     dtype, device = transformer.dtype, latents.device
     distilled = None
     if transformer.config.guidance_embeds:
-        distilled = torch.full((rows,), float(default_guidance(transformer.config) if guidance is None else guidance),
-                               device=device, dtype=torch.float32)
+        distilled = torch.full((rows,), float(guidance), device=device, dtype=torch.float32)
     hidden, ids = pack(padded), image_ids(padded.shape[-2] // 2, padded.shape[-1] // 2, device)
     latent_tokens = hidden.shape[1]
     if reference is not None:
@@ -214,13 +213,18 @@ def denoise_flux(transformer, latents: torch.Tensor, t, conditioning: FlowCondit
     return prediction
 
 
+def distilled_guidance(components, asked: float | None) -> float:
+    """The distilled guidance a Flux job runs at: the one asked for, else the model's own (read
+    from the spec: a diffusers folder's module config does not carry Kontext's mark)."""
+    return float(default_guidance(components.spec.unet_config) if asked is None else asked)
+
+
 def velocity(components, latents: torch.Tensor, t, request: GenerationRequest, batch: FlowBatch,
              extra: torch.Tensor | None = None, reference: torch.Tensor | None = None) -> torch.Tensor:
     """The family's model call for one step (`extra`: Flux Fill's inputs; `reference`: Kontext's)."""
     if is_flux(components):
-        guidance = default_guidance(components.spec.unet_config) if batch.guidance is None else batch.guidance
         return denoise_flux(components.unet, latents, t, batch.conditioning, request.cfg_scale, len(batch.seeds),
-                            guidance, extra, reference=reference)
+                            distilled_guidance(components, batch.guidance), extra, reference=reference)
     return denoise(components.unet, latents, t, batch.conditioning, request.cfg_scale, len(batch.seeds))
 
 
@@ -285,8 +289,7 @@ def infotext_params(components, shift: float | None = None, guidance: float | No
     params: dict[str, float | str] = {}
     if is_flux(components):
         if components.unet.config.guidance_embeds:
-            params["Distilled CFG Scale"] = float(default_guidance(components.spec.unet_config) if guidance is None
-                                                  else guidance)
+            params["Distilled CFG Scale"] = distilled_guidance(components, guidance)
         if shift is not None:
             params["Shift"] = float(shift)
         return params
