@@ -237,8 +237,8 @@ class GenerationTabs:
         0 (`convert.ZERO_MEANS_MODELS_OWN`): the model's own."""
         with gr.Accordion("SD 3 / Flux", open=False, elem_id=f"{p}_flow_settings"):
             with gr.Row():
-                for name, info in (("distilled_cfg_scale", "Flux's guidance; 0: its own (3.5; Fill: 30). Real "
-                                                           "CFG runs only with CFG scale above 1"),
+                for name, info in (("distilled_cfg_scale", "Flux's guidance; 0: its own (dev 3.5, Kontext 2.5, "
+                                                           "Fill 30). Real CFG runs only with CFG scale above 1"),
                                    ("shift", "the flow schedule's shift; 0: the model's own")):
                     fields[name] = gr.Number(value=0, minimum=0, maximum=LIMITS[name][1], label=convert.LABELS[name],
                                              info=info, elem_id=f"{p}_{name}")
