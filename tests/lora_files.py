@@ -98,6 +98,14 @@ def model_state(components):
             [{k: v.clone() for k, v in module.state_dict().items()} for module in modules])
 
 
+def state_without_lora(components):
+    """`model_state` as the next job without a LoRA sees it (a job's LoRA set stays merged until then)."""
+    from pipelines.generate import lora
+
+    with lora.applied(components, []):
+        return model_state(components)
+
+
 def assert_same_state(before, after) -> None:
     (tree, weights), (tree2, weights2) = before, after
     assert tree == tree2

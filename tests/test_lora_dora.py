@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from lora_files import assert_same_state, kohya_targets, lora_file, model_state
+from lora_files import assert_same_state, kohya_targets, lora_file, model_state, state_without_lora
 from safetensors.torch import save_file
 from tiny import write_tiny_checkpoint
 
-from pipelines.generate import lora
+from pipelines.generate import lora, lora_merge
 from pipelines.models.build import load_components
 
 RANK, ALPHA = 4, 2.0
@@ -22,6 +22,13 @@ RANK, ALPHA = 4, 2.0
 def components(request, tmp_path_factory):
     ckpt = write_tiny_checkpoint(tmp_path_factory.mktemp("dora") / "tiny.safetensors", family=request.param, seed=3)
     return load_components(Path(ckpt))
+
+
+@pytest.fixture(autouse=True)
+def unmerged(components):
+    """Each test starts from the weights as loaded: a job's set stays merged until the next job, and
+    these tests read the modules directly."""
+    lora_merge.restore(components)
 
 
 def dora_file(targets, per_input: bool = False) -> dict[str, torch.Tensor]:
@@ -107,7 +114,9 @@ def test_dora_layers_compute_the_dora_weight_and_are_removed(components, tmp_pat
             got = [root.get_submodule(name)(x) for (root, name), x in zip(paths, inputs)]
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
-    assert_same_state(before, model_state(components))
+    # peft merges DoRA per output channel; the per-input kind is a pre-hook: peft layers for the job only
+    assert (lora_merge.merged_bytes(components) == 0) == per_input
+    assert_same_state(before, state_without_lora(components))
 
 
 def test_file_with_both_magnitude_kinds_and_plain_layers(components, tmp_path):
@@ -135,7 +144,7 @@ def test_file_with_both_magnitude_kinds_and_plain_layers(components, tmp_path):
             got = [root.get_submodule(name)(x) for (root, name), x in zip(paths, inputs)]
     for (key, _), g, w in zip(layers, got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=key)
-    assert_same_state(before, model_state(components))
+    assert_same_state(before, state_without_lora(components))
 
 
 def test_dora_at_weight_zero_leaves_that_part_unchanged(components, tmp_path):
@@ -149,15 +158,15 @@ def test_dora_at_weight_zero_leaves_that_part_unchanged(components, tmp_path):
     base = outputs(layers, inputs)
     paths = [(root, name) for key, m in layers for root in (components.unet, *components.text_encoders)
              for name, sub in root.named_modules() if sub is m]
+    want = [forward(m, dora_weight(m.weight, state, key), x) for (key, m), x in zip(layers, inputs)]
     with lora.applied(components, [lora.LoraUse("dora", path, te=0.0, unet=1.0)]):
         with torch.no_grad():
             got = [root.get_submodule(name)(x) for (root, name), x in zip(paths, inputs)]
-    for (key, m), x, b, g in zip(layers, inputs, base, got):
+    for (key, m), b, g, w in zip(layers, base, got, want):
         if key.startswith("lora_te"):
             assert torch.equal(g, b), key
         else:
-            torch.testing.assert_close(g, forward(m, dora_weight(m.weight, state, key), x),
-                                       rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
 def test_dora_magnitude_of_no_shape_of_the_layer_is_reported(components, tmp_path):
@@ -171,4 +180,4 @@ def test_dora_magnitude_of_no_shape_of_the_layer_is_reported(components, tmp_pat
     with lora.applied(components, [lora.LoraUse("bad_dora", path, 1, 1)], warnings) as loaded:
         assert [u.name for u in loaded] == ["bad_dora"]  # its other layers apply
     assert len(warnings) == 1 and "bad_dora" in warnings[0] and targets[0][0] in warnings[0]
-    assert_same_state(before, model_state(components))
+    assert_same_state(before, state_without_lora(components))

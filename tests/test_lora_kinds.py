@@ -12,13 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_engine
-from lora_files import assert_same_state, kohya_targets, loha_file, lokr_file, lora_file, model_state
+from lora_files import assert_same_state, kohya_targets, loha_file, lokr_file, lora_file, state_without_lora
 from safetensors.torch import save_file
 from tiny import make_tiny, write_tiny_checkpoint
 
 from pipelines.core.infotext import parse_infotext
 from pipelines.core.request import GenerationRequest
-from pipelines.generate import flow_lora, lora, lycoris
+from pipelines.generate import lora, lycoris
 from pipelines.models.build import load_components
 
 CHECKPOINTS = {"sd2": "tiny-sd2.safetensors", "sdxl": "tiny-sdxl.safetensors"}
@@ -100,7 +100,7 @@ def applies(engine, plain, family: str, name: str, weights: str = "1"):
 @pytest.mark.parametrize("family", ["sdxl", "sd2"])
 def test_kohya_lora_applies_per_encoder_and_unet_and_leaves_the_model_untouched(kinds_engine, plain, family):
     plain(family)
-    before = model_state(cached_components(kinds_engine, family))
+    before = state_without_lora(cached_components(kinds_engine, family))
     name = f"{family}_lora"
     full = applies(kinds_engine, plain, family, name)
     te_only = applies(kinds_engine, plain, family, name, "1:0")
@@ -108,7 +108,7 @@ def test_kohya_lora_applies_per_encoder_and_unet_and_leaves_the_model_untouched(
     assert not np.array_equal(pixels(te_only), pixels(unet_only))
     zero = generate(kinds_engine, family, f"a red circle <lora:{name}:0>")
     assert np.array_equal(plain(family), pixels(zero))
-    assert_same_state(before, model_state(cached_components(kinds_engine, family)))
+    assert_same_state(before, state_without_lora(cached_components(kinds_engine, family)))
     path = Path(kinds_engine.paths.folder("lora")) / f"{name}.safetensors"
     assert parse_infotext(full.infotexts[0])["Lora hashes"] == f"{name}: {lora.short_hash(path)}"
 
@@ -116,12 +116,12 @@ def test_kohya_lora_applies_per_encoder_and_unet_and_leaves_the_model_untouched(
 @pytest.mark.parametrize("family,kind", [("sdxl", "loha"), ("sdxl", "lokr"), ("sd2", "loha"), ("sd2", "lokr_full")])
 def test_lycoris_files_apply_and_leave_the_model_untouched(kinds_engine, plain, family, kind):
     plain(family)
-    before = model_state(cached_components(kinds_engine, family))
+    before = state_without_lora(cached_components(kinds_engine, family))
     name = f"{family}_{kind}"
     full = applies(kinds_engine, plain, family, name)
     zero = generate(kinds_engine, family, f"a red circle <lora:{name}:0>")
     assert np.array_equal(plain(family), pixels(zero))
-    assert_same_state(before, model_state(cached_components(kinds_engine, family)))
+    assert_same_state(before, state_without_lora(cached_components(kinds_engine, family)))
     path = Path(kinds_engine.paths.folder("lora")) / f"{name}.safetensors"
     assert parse_infotext(full.infotexts[0])["Lora hashes"] == f"{name}: {lora.short_hash(path)}"
 
@@ -132,7 +132,7 @@ def test_sdxl_second_text_encoder_layers_apply(kinds_engine, plain, name):
 
 
 def test_lora_and_lycoris_on_the_same_layers_together(kinds_engine):
-    before = model_state(cached_components(kinds_engine, "sdxl"))
+    before = state_without_lora(cached_components(kinds_engine, "sdxl"))
     lora_only = generate(kinds_engine, "sdxl", "a red circle <lora:sdxl_lora:0.7>")
     # LyCORIS first in the prompt, resnet convs included: loading order must not matter
     both = generate(kinds_engine, "sdxl", "a red circle <lora:sdxl_loha:0.5> <lora:sdxl_lora:0.7> <lora:sdxl_lokr:0.5>")
@@ -140,16 +140,16 @@ def test_lora_and_lycoris_on_the_same_layers_together(kinds_engine):
     assert not np.array_equal(pixels(lora_only), pixels(both))
     names = [part.split(":")[0] for part in parse_infotext(both.infotexts[0])["Lora hashes"].split(", ")]
     assert names == ["sdxl_loha", "sdxl_lora", "sdxl_lokr"]
-    assert_same_state(before, model_state(cached_components(kinds_engine, "sdxl")))
+    assert_same_state(before, state_without_lora(cached_components(kinds_engine, "sdxl")))
 
 
 def test_other_family_lora_warns_about_what_does_not_match(kinds_engine):
     # an SD 2.x file on SDXL: layers whose names or shapes fit nothing are reported, not applied
-    before = model_state(cached_components(kinds_engine, "sdxl"))
+    before = state_without_lora(cached_components(kinds_engine, "sdxl"))
     result = generate(kinds_engine, "sdxl", "a red circle <lora:sd2_loha:1>")
     assert len(result.images) == 1
     assert any("sd2_loha" in w and "match" in w for w in result.warnings)
-    assert_same_state(before, model_state(cached_components(kinds_engine, "sdxl")))
+    assert_same_state(before, state_without_lora(cached_components(kinds_engine, "sdxl")))
 
 
 def test_unsupported_layout_warns_naming_the_file(kinds_engine, plain):
@@ -276,8 +276,9 @@ def test_pt_lycoris_file_applies_and_an_unreadable_file_is_reported(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     warnings: list[str] = []
     uses = [lora.LoraUse("bad", tmp_path / "bad.safetensors", 1, 1), lora.LoraUse("h", tmp_path / "h.pt", 1, 1)]
+    original = components.unet.get_submodule(LINEAR).weight
     with lora.applied(components, uses, warnings) as loaded:
         assert [use.name for use in loaded] == ["h"]
-        assert flow_lora.has_adapter(components.unet, "sdui_lora_1_loha")
+        assert not torch.equal(components.unet.get_submodule(LINEAR).weight, original)  # merged in
     assert len(warnings) == 1 and "bad.safetensors" in warnings[0] and "could not be read" in warnings[0]
     assert not lora._has_any_tuner(components.unet)

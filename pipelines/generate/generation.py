@@ -272,10 +272,11 @@ class Generator:
                 stack.enter_context(self.memory_mode(components, plan, crowded))
                 if item is prepared or components.spec.family.name == family.name:
                     stack.enter_context(lora.applied(components, prepared.loras, warnings))
-                elif prepared.loras:
+                else:
+                    stack.enter_context(lora.applied(components, [], warnings))  # no set merged from another job
                     note = (f"LoRA: not applied to {item.file.name} ({components.spec.family.label}), "
                             f"only to the {family.label} checkpoint its layers fit")
-                    if note not in warnings:
+                    if prepared.loras and note not in warnings:
                         warnings.append(note)
                 stack.enter_context(seamless.applied(components, request.tiling, warnings))
             yield

@@ -3,11 +3,12 @@
 Files come from the registry's "lora" folder (models/Lora); kohya/A1111 key layouts
 (``lora_unet_*``, ``lora_te_*``, ``lora_te1_*``/``lora_te2_*`` for SDXL) and diffusers/peft
 layouts are read by diffusers' own loader (`lora_state_dict` detects and converts them),
-and injected through peft as adapters, never merged (LyCORIS LoHa/LoKr layers through peft's
+and injected through peft as adapters (LyCORIS LoHa/LoKr layers through peft's
 LoHa/LoKr layers, see `lycoris`; DoRA layers, kohya names with a ``dora_scale``, through peft's
-DoRA, see `_split_dora`): `applied(...)` loads them, sets each
-adapter's text-encoder and U-Net weights, and on exit removes every peft layer again, so
-the cached modules are the very same objects with the very same weights afterwards.
+DoRA, see `_split_dora`): `applied(...)` loads them, sets each adapter's text-encoder and
+U-Net weights, then merges them into copies of the weights and keeps the set merged for the
+next job that asks for it (`lora_merge`); a job with another set, or none, gets the very same
+original tensors back first. Layers that cannot be merged keep the peft layers for the job.
 SD 3 and Flux files (their own layouts, on the transformer and the CLIPs) are read by `flow_lora`.
 
 The infotext's ``Lora hashes: "name: 0123456789ab"`` uses A1111's short hash of a LoRA:
@@ -26,7 +27,7 @@ from safetensors.torch import load_file
 
 from pipelines.core.extra_networks import ExtraNetwork, extract_extra_networks
 from pipelines.core.fileio import sha256_file_cached
-from pipelines.generate import flow_lora, lycoris
+from pipelines.generate import flow_lora, lora_merge, lycoris
 from pipelines.generate.flow_lora import OtherFamilyLora, has_adapter
 from pipelines.generate.lora_files import listing, read_metadata, trigger_words
 from pipelines.models.checkpoint_file import safetensors_data_start, torch_state_dict
@@ -151,12 +152,23 @@ def _prepare(use: LoraUse, adapter: str, warnings) -> _Prepared | None:
 
 @contextlib.contextmanager
 def applied(components, uses: list[LoraUse], warnings: list[str] | None = None):
-    """Load `uses` as peft adapters on the cached modules for the duration of the block;
-    every peft layer is removed afterwards (nothing is merged into the weights).
+    """`uses` in effect on the cached modules for the block (a job): merged into the weights and
+    left merged for the next job with the same set (`lora_merge`), or, where the layers cannot be
+    merged, as peft adapters removed afterwards. No `uses`: the modules as loaded.
     A file that cannot be read or matched is reported in `warnings` and skipped."""
+    key = lora_merge.set_key(components, uses)
+    reused = lora_merge.current(components, key) if uses else None
+    if reused is not None:  # the set is merged already
+        for message in reused.warnings:
+            _warn(warnings, message)
+        yield list(reused.loaded)
+        return
+    lora_merge.restore(components)
     if not uses:
         yield []
         return
+    said = [] if warnings is None else warnings
+    before = len(said)
     encoders = _text_encoder_prefixes(components)
     try:
         prepared = [p for k, use in enumerate(uses) if (p := _prepare(use, f"{ADAPTER_PREFIX}{k}", warnings))]
@@ -182,7 +194,11 @@ def applied(components, uses: list[LoraUse], warnings: list[str] | None = None):
                                 f"model (e.g. {item.unmatched[0]}); those are ignored")
             loaded.append((item.names, item.use))
         _set_weights(components, loaded)
-        yield [use for _, use in loaded]
+        uses_loaded = [use for _, use in loaded]
+        if loaded and lora_merge.mergeable(components):
+            lora_merge.merge(components, lora_merge.MergedSet(key, uses_loaded, tuple(said[before:])))
+            remove_all(components)  # the base layers hold the merged weights now
+        yield uses_loaded
     finally:
         remove_all(components)
 
