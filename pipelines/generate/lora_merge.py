@@ -7,7 +7,8 @@ LoRA touches gets a merged copy of its weight (peft's own `merge`, so LoHa, LoKr
 merge as peft defines them), the original Parameter is kept aside, and the peft layers are
 taken out. The set stays merged until a job asks for another set, or none: then the originals
 go back (the very same tensors, nothing is subtracted, so no bf16 rounding builds up).
-The price is memory: the layers a set touches are held twice while it is merged.
+The price is memory: the layers a set touches are held twice while it is merged (a set whose
+copies would take more than half the free memory is not merged).
 
 What cannot be merged keeps the per-job peft layers (`mergeable`): quantized weights (GGUF,
 fp8), weights that accelerate's offload hooks hold, and DoRA with a magnitude per input
@@ -20,11 +21,16 @@ checkpoints is never left with the other checkpoint's set merged.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import weakref
 from dataclasses import dataclass
 
 import torch
+
+from pipelines.models.memory import available_bytes
+
+log = logging.getLogger(__name__)
 
 MERGEABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -98,7 +104,9 @@ def _tuner_layers(module) -> list:
 
 
 def mergeable(components) -> bool:
-    """Whether every peft layer on `components` can be merged into a plain weight copy."""
+    """Whether every peft layer on `components` can be merged into a plain weight copy, and the
+    copies fit in half the memory free where the weights are (the job needs the rest)."""
+    copies, devices = {}, set()
     for module in _modules(components):
         for layer in _tuner_layers(module):
             base = layer.get_base_layer()
@@ -108,6 +116,13 @@ def mergeable(components) -> bool:
                     or getattr(base, "_diffusers_hook", None) is not None or layer._forward_pre_hooks \
                     or not hasattr(layer, "merge"):
                 return False
+            copies[id(base)] = weight.numel() * weight.element_size()
+            devices.add(weight.device)
+    needed, free = sum(copies.values()), min((available_bytes(d) for d in devices), default=0)
+    if needed > free // 2:
+        log.info("LoRA kept as peft layers for this job: merging copies %.1f GB, %.1f GB free",
+                 needed / 1e9, free / 1e9)
+        return False
     return True
 
 
