@@ -72,6 +72,17 @@ def test_each_layout_decodes_like_the_model_it_came_from(tmp_path, layout, file_
     assert np.array_equal(np.asarray(loaded.decode_preview(LATENTS)), want[0].astype(np.uint8))
 
 
+def test_a_bf16_channels_last_decode_is_within_a_level_of_fp32(tmp_path):
+    """How a CPU with bf16 runs TAESD (the U-Net's dtype, NHWC): the same images give or take a level."""
+    path = write(tmp_path / "VAE-approx" / "taesd_decoder.pth", original_layout(tiny_autoencoder(seed=4)), "pt")
+    full = taesd.load_taesd(path)
+    fast = taesd.load_taesd(path, dtype=torch.bfloat16, channels_last=True)
+    assert next(fast.model.parameters()).dtype == torch.bfloat16 and fast.channels_last
+    a = np.stack([np.asarray(i, dtype=np.int16) for i in full.decode(LATENTS)])
+    b = np.stack([np.asarray(i, dtype=np.int16) for i in fast.decode(LATENTS)])
+    assert np.abs(a - b).mean() < 1.0 and np.abs(a - b).max() <= 8
+
+
 def test_the_real_taesd_shape_is_read_from_the_tensors():
     from diffusers import AutoencoderTiny
 

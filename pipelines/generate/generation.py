@@ -127,7 +127,9 @@ class Generator:
         self.hires_upscaler = hires_upscaler  # a latent mode name, or an Upscaler (RequestError when unknown)
         self.faces = faces  # faces.FaceRestoration: restore_faces (None: a RequestError when asked)
         self.paths = paths or Paths()  # the preprocessors' annotator folders
-        self.tiny_vaes = taesd.TinyAutoencoders(placement.device, placement.vae_dtype)  # previews, fast decodes
+        # previews and fast decodes, in the U-Net's dtype: TAESD is the fast, approximate decode (a bf16 one on the
+        # CPU: 0.16 s at 512x512 against 0.75 s in fp32), while the full VAE may stay fp32 for its fidelity
+        self.tiny_vaes = taesd.TinyAutoencoders(placement.device, placement.dtype, placement.channels_last)
         self.previews = previews.LivePreviews(lambda: registry.list("vae_approx"),
                                               lambda: user_settings.settings_in(self.paths.data_dir).values(),
                                               self.tiny_vaes)
