@@ -127,25 +127,76 @@ def mergeable(components) -> bool:
 
 
 def merge(components, merged: MergedSet) -> None:
-    """Merge the active peft adapters of `components` into copies of the weights they sit on,
+    """Merge the active peft adapters of `components` into new weights for the layers they sit on,
     keeping the originals, and record `merged` on every module. The caller then takes the peft
     layers out (their base layers now hold the merged weights)."""
     try:
         for module in _modules(components):
-            record, copied = _records.setdefault(module, _Record(merged, [])), set()
+            record = _records.setdefault(module, _Record(merged, []))
+            originals = {}  # id(base) -> its original weight
             for layer in _tuner_layers(module):
                 base = layer.get_base_layer()
-                if id(base) not in copied:  # a LoRA layer wrapped in a LoHa/LoKr one: one base, one copy
-                    copied.add(id(base))
+                if id(base) not in originals:  # a LoRA layer wrapped in a LoHa/LoKr one: one base
+                    originals[id(base)] = base.weight
+                    record.originals += [(base, name, base._parameters[name]) for name in ("weight", "bias")
+                                         if base._parameters.get(name) is not None]
+                weight = _merged_lora_weight(layer, base)
+                if weight is not None:
+                    setattr(base, "weight", torch.nn.Parameter(weight, requires_grad=False))
+                    continue
+                if base.weight is originals[id(base)]:  # peft merges in place: into a copy
                     for name in ("weight", "bias"):
                         param = base._parameters.get(name)
                         if param is not None:
-                            record.originals.append((base, name, param))
                             setattr(base, name, torch.nn.Parameter(param.detach().clone(), requires_grad=False))
-                layer.merge()
+                layer.merge()  # LoHa, LoKr, DoRA: as peft defines them
     except BaseException:
         restore(components)  # half merged is no state to keep
         raise
+
+
+def _merged_lora_weight(layer, base) -> torch.Tensor | None:
+    """W + sum of scale * B@A over a plain peft LoRA layer's active adapters, on a Linear or a 1-group
+    Conv2d whose up matrix is 1x1 (as kohya and diffusers write them): one GEMM per adapter with W as
+    its addend, in W's dtype and memory layout (a new tensor; W stays as it is). None for anything
+    else, which peft's own `merge` then does. (peft computes a conv delta as a convolution of the
+    two factors in fp32, then adds it in W's dtype: 9.5 s for a rank-64 SD 1.5 LoRA on resnets and
+    attention on this 2-core CPU.)"""
+    from peft.tuners.lora.layer import LoraLayer  # heavy: only when a LoRA is used
+
+    if not isinstance(layer, LoraLayer) or getattr(layer, "fan_in_fan_out", False) \
+            or not isinstance(base, (torch.nn.Linear, torch.nn.Conv2d)) or getattr(base, "groups", 1) != 1:
+        return None
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if any(a in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(a)
+           or getattr(layer, "lora_bias", {}).get(a) or layer.lora_B[a].weight.shape[2:] not in ((), (1, 1))
+           for a in active):
+        return None
+    weight = base.weight.detach()
+    # the very strides of W: a 1x1 conv weight counts as contiguous either way, but a copy in the other
+    # layout makes every step convert it (10% slower steps, measured)
+    nhwc = weight.dim() == 4 and weight.stride() == _channels_last_strides(weight.shape)
+    merged = None
+    for adapter in active:
+        up, down = layer.lora_B[adapter].weight.flatten(1), layer.lora_A[adapter].weight
+        if nhwc:  # (out, kh, kw, in) in memory: the GEMM's output is the channels-last weight as it lies
+            down = down.permute(0, 2, 3, 1)
+        down = down.reshape(down.shape[0], -1)
+        into = merged if merged is not None else \
+            (weight.permute(0, 2, 3, 1) if nhwc else weight).reshape(weight.shape[0], -1)
+        # one GEMM with W as the addend: accumulated in fp32 by the kernel, rounded once (also for bf16)
+        merged = torch.addmm(into, up.to(weight.dtype), down.to(weight.dtype), alpha=float(layer.scaling[adapter]))
+    if merged is None:
+        return None
+    if nhwc:
+        out, _, kh, kw = weight.shape
+        return merged.view(out, kh, kw, -1).permute(0, 3, 1, 2)
+    return merged.view(weight.shape)
+
+
+def _channels_last_strides(shape) -> tuple[int, ...]:
+    _, channels, height, width = shape
+    return (channels * height * width, 1, width * channels, channels)
 
 
 def merged_bytes(components) -> int:
