@@ -113,13 +113,15 @@ def run_ours(args, path: Path, precision: str) -> tuple[object, list[float]]:
 # LCM-style LoRA (random weights, kohya layout, U-Net only, rank 64 on the layers LCM-LoRA
 # trains), the settings "Use recommended settings" gives for it (LCM, 4 steps, CFG 1) and the
 # TAESD final decode (a random-weight taesd_decoder in models/VAE-approx). Sides: ours at the
-# default precision, ours with the full VAE decode (what TAESD saves), and plain diffusers
+# default precision, ours with DeepCache on top (`FAST_DEEPCACHE`: opt-in, it changes the image),
+# ours with the full VAE decode (what TAESD saves), and plain diffusers
 # (StableDiffusionPipeline + LCMScheduler + load_lora_weights + AutoencoderTiny) in fp32 and
 # bf16. Each side runs the request `--repeat` times in one interpreter: the first call also pays
 # oneDNN's kernel set-up, the later ones are what a running server gives. No image comparison:
 # LCM re-noises between steps and the weights are random (the sampler's fidelity to diffusers'
 # LCMScheduler is tested in tests/test_few_step*.py).
-FAST_SIDES = ("ours", "ours-full-vae", "diffusers-fp32", "diffusers-bf16")
+FAST_SIDES = ("ours", "ours-deepcache", "ours-full-vae", "diffusers-fp32", "diffusers-bf16")
+FAST_DEEPCACHE = {"deepcache_interval": 2, "deepcache_start": 0.0}  # ours-deepcache: steps 2 and 4 reuse 1 and 3
 LCM_LORA_FILE = "lcm-lora-sdv1-5-random.safetensors"  # "lcm" in the name and ss_output_name: few_step knows it
 LCM_LORA_RANK = 64
 # the layers LCM-LoRA trains (diffusers' LCM distillation script's default LoRA targets)
@@ -180,8 +182,10 @@ def write_taesd(path: Path, config: dict | None = None, seed: int = 0) -> Path:
     return path
 
 
-def fast_request(engine, checkpoint: str, lora: str, size: int = 512, seed: int = 1234, tiny_decode: bool = True):
-    """The preset's request: the LoRA in the prompt and what 'Use recommended settings' gives for it."""
+def fast_request(engine, checkpoint: str, lora: str, size: int = 512, seed: int = 1234, tiny_decode: bool = True,
+                 **fields):
+    """The preset's request: the LoRA in the prompt and what 'Use recommended settings' gives for it
+    (`fields`: more request fields, e.g. DeepCache's)."""
     from pipelines.core.request import GenerationRequest
 
     prompt = f"{PROMPT} <lora:{lora}:1>"
@@ -190,7 +194,8 @@ def fast_request(engine, checkpoint: str, lora: str, size: int = 512, seed: int 
         raise RuntimeError(f"'Use recommended settings' did not recognise {lora} as a few-step LoRA: {found}")
     return GenerationRequest(prompt=prompt, negative_prompt="", steps=found["steps"], cfg_scale=found["cfg_scale"],
                              sampler=found["sampler"], schedule_type=found["schedule_type"], width=size, height=size,
-                             seed=seed, save_images=False, checkpoint=checkpoint, tiny_vae_decode=tiny_decode)
+                             seed=seed, save_images=False, checkpoint=checkpoint, tiny_vae_decode=tiny_decode,
+                             **fields)
 
 
 def write_fast_files() -> tuple[Path, Path]:
@@ -230,7 +235,8 @@ def run_fast_ours(args, path: Path, lora: Path, tiny: Path) -> dict:
                     EngineSettings(device="cpu"))  # the default precision: what a user gets
     engine.load_checkpoint(path.name)
     request = fast_request(engine, path.name, lora.stem, args.size, args.seed,
-                           tiny_decode=args.side == "ours")
+                           tiny_decode=args.side != "ours-full-vae",
+                           **(FAST_DEEPCACHE if args.side == "ours-deepcache" else {}))
     return timed_calls(args, lambda on_step: engine.generate(request, on_progress=on_step))
 
 
@@ -264,9 +270,10 @@ def fast_report(rows: dict, size: int) -> None:
     for side in FAST_SIDES:
         if side in best:
             print(f"{size}x{size} fast {side:14} best warm total {best[side]:6.2f} s", flush=True)
-    for side in ("diffusers-fp32", "diffusers-bf16"):
-        if "ours" in best and side in best:
-            print(f"{size}x{size} fast RATIO ours / {side}: {best['ours'] / best[side]:.2f}", flush=True)
+    for ours in ("ours", "ours-deepcache"):
+        for side in ("diffusers-fp32", "diffusers-bf16"):
+            if ours in best and side in best:
+                print(f"{size}x{size} fast RATIO {ours} / {side}: {best[ours] / best[side]:.2f}", flush=True)
     if "ours" in best and "ours-full-vae" in best:
         print(f"{size}x{size} fast TAESD final decode saves {best['ours-full-vae'] - best['ours']:.2f} s "
               f"({best['ours'] / best['ours-full-vae']:.2f}x of the full-VAE run; target total <= 3 s)", flush=True)

@@ -73,7 +73,8 @@ class Engine:
                                                   "esrgan": upscalers.describe_model_file,
                                                   **{kind: faces.describe_face_file for kind in faces.FACE_KINDS}},
                                       fallbacks={kind: self.paths.fallback(kind) for kind in MODEL_KINDS},
-                                      extra_folders={kind: self.paths.extra_folders(kind) for kind in MODEL_KINDS})
+                                      extra_folders={kind: self.paths.extra_folders(kind) for kind in MODEL_KINDS},
+                                      remembered_kinds=("esrgan", *faces.FACE_KINDS))  # described via spandrel
         self.manager = model_manager(self.paths, self.settings, self.placement)
         max_waiting = self.settings.max_queue_size
         if hosted_limits is not None:  # the demo's own bound on waiting jobs; --max-queue-size can only lower it

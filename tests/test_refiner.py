@@ -20,7 +20,7 @@ from tiny import write_tiny_checkpoint
 
 from pipelines.core import infotext
 from pipelines.core.request import HR_SAME_CHECKPOINT, GenerationRequest, RequestError
-from pipelines.generate import schedulers
+from pipelines.generate import lora_merge, schedulers
 from pipelines.generate.prompts import encode_prompts
 from pipelines.generate.runner import decode_latents
 from pipelines.models.build import load_components
@@ -199,18 +199,20 @@ def test_seamless_tiling_applies_to_the_refiner_too_and_leaves_both_models_as_th
 
 def test_a_lora_applies_to_a_refiner_of_the_same_family_too(refiner_engine):
     generate(refiner_engine, steps=1, refiner_checkpoint="other.safetensors", refiner_switch_at=0.5)  # loads it
-    unet = refiner_engine.manager.loaded("other.safetensors").components.unet
+    components = refiner_engine.manager.loaded("other.safetensors").components
     tuned = []
-    hook = unet.register_forward_pre_hook(
-        lambda module, args: tuned.append(any(isinstance(m, BaseTunerLayer) for m in module.modules())))
+    hook = components.unet.register_forward_pre_hook(
+        lambda module, args: tuned.append(lora_merge.merged_bytes(components) > 0))
     try:
         result = generate(refiner_engine, prompt="a red circle <lora:red:1>", refiner_checkpoint="other.safetensors",
                           refiner_switch_at=0.5)
     finally:
         hook.remove()
-    assert tuned and all(tuned)  # the refiner's steps ran with the LoRA's layers
-    assert not any(isinstance(m, BaseTunerLayer) for m in unet.modules())  # and they are gone afterwards
+    assert tuned and all(tuned)  # the refiner's steps ran with the LoRA merged in
+    assert not any(isinstance(m, BaseTunerLayer) for m in components.unet.modules())  # no peft layers left
     assert "Lora hashes" in result.infotexts[0] and not any("LoRA" in w for w in result.warnings)
+    generate(refiner_engine, steps=1, refiner_checkpoint="other.safetensors", refiner_switch_at=0.5)
+    assert lora_merge.merged_bytes(components) == 0  # a job without it: the refiner's own weights
 
 
 def test_img2img_and_inpaint_switch_to_the_refiner_too(refiner_engine):

@@ -113,3 +113,34 @@ def test_sha256_file_covers_ranges_folders_and_progress(tmp_path):
     (folder / "unet" / "w.bin").write_bytes(b"abc")
     expected = hashlib.sha256(b"model_index.json\0{}unet/w.bin\0abc").hexdigest()
     assert sha256_file(folder) == expected
+
+
+def test_slow_descriptions_are_remembered_across_starts_until_the_file_changes(tmp_path):
+    """An upscaler's description (spandrel builds its network) is read once per file version, not at
+    every start; a file that could not be described is tried again at the next start."""
+    upscalers = tmp_path / "models" / "ESRGAN"
+    upscalers.mkdir(parents=True)
+    (upscalers / "4x.pth").write_bytes(b"weights")
+    (upscalers / "broken.pth").write_bytes(b"junk")
+    calls: list[str] = []
+
+    def describe(path: Path) -> dict:
+        calls.append(path.name)
+        if path.name == "broken.pth":
+            raise ValueError("not readable")
+        return {"architecture": "ESRGAN", "scale": 4}
+
+    def start() -> dict:
+        folders = {kind: tmp_path / "models" / MODEL_KINDS[kind].folder for kind in MODEL_KINDS}
+        registry = ModelRegistry(folders, HashCache(tmp_path / "data" / "hashes.json"),
+                                 describers={"esrgan": describe}, remembered_kinds=("esrgan",))
+        return {f.name: f.details for f in registry.list("esrgan")}
+
+    first = start()
+    assert first == {"4x.pth": {"architecture": "ESRGAN", "scale": 4}, "broken.pth": {"error": "not readable"}}
+    assert sorted(calls) == ["4x.pth", "broken.pth"]
+    assert start() == first and sorted(calls) == ["4x.pth", "broken.pth", "broken.pth"]
+    stat = (upscalers / "4x.pth").stat()
+    os.utime(upscalers / "4x.pth", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # replaced
+    start()
+    assert sorted(calls) == ["4x.pth", "4x.pth", "broken.pth", "broken.pth", "broken.pth"]

@@ -29,9 +29,10 @@ from pipelines.models.control_files import describe_control_file
 from pipelines.models.families import BY_NAME, DIFFUSERS_INDEX
 from pipelines.models.names import find_listed
 from pipelines.models.prediction import normalise_prediction
-from pipelines.models.stores import CheckpointOptions, HashCache
+from pipelines.models.stores import CheckpointOptions, DetailsCache, HashCache
 
 AUTOV2_DIGITS = 10  # A1111's short hash ("AutoV2"): the first 10 hex digits of the sha256
+DETAILS_VERSION = 1  # of the remembered describer answers: raise it when a remembered describer's answer changes
 
 
 @dataclass
@@ -77,12 +78,13 @@ class FolderListing:
 
     def __init__(self, root: Path, extensions: tuple[str, ...], describe: Callable[[Path], dict] | None = None,
                  hide_sidecars: bool = False, folder_marker: str | None = None, fallback: Path | None = None,
-                 extra_roots: tuple[Path, ...] = ()):
+                 extra_roots: tuple[Path, ...] = (), remembered: tuple[DetailsCache, str] | None = None):
         self.root = Path(root)
         self.extra_roots = tuple(Path(r) for r in extra_roots)
         self.fallback = Path(fallback) if fallback is not None else None
         self.extensions = extensions
         self.describe = describe
+        self.remembered = remembered  # (cache, kind): the describer's answers kept across starts
         self.hide_sidecars = hide_sidecars  # checkpoints: `<name>.vae.*` files belong to their checkpoint
         self.folder_marker = folder_marker  # checkpoints: a folder holding this file is one model
         self._dir_mtimes: dict[str, float] | None = None
@@ -168,10 +170,15 @@ class FolderListing:
             return {}
         key = (str(path), st.st_size, st.st_mtime)
         if key not in self._details:
+            cache, kind = self.remembered or (None, "")
+            known = cache.get(kind, path, st.st_size, st.st_mtime) if cache else None
             try:
-                self._details[key] = self.describe(path)
+                self._details[key] = known if known is not None else self.describe(path)
             except Exception as exc:  # a broken file is listed with its error, never hides the rest
-                self._details[key] = {"error": str(exc)}
+                self._details[key] = {"error": str(exc)}  # not remembered: the next start tries again
+            else:
+                if cache and known is None:
+                    cache.put(kind, path, st.st_size, st.st_mtime, self._details[key])
         return self._details[key]
 
 
@@ -186,15 +193,21 @@ class ModelRegistry:
     def __init__(self, folders: dict[str, Path], hash_cache: HashCache,
                  describers: dict[str, Callable[[Path], dict]] | None = None,
                  options: CheckpointOptions | None = None, fallbacks: dict[str, Path | None] | None = None,
-                 extra_folders: dict[str, tuple[Path, ...]] | None = None):
+                 extra_folders: dict[str, tuple[Path, ...]] | None = None,
+                 remembered_kinds: tuple[str, ...] = ()):
+        """`remembered_kinds`: the kinds whose describer answers are kept across starts in
+        `file_details.json` beside the hash cache (slow describers)."""
         # ControlNet/T2I-Adapter details (family, type, layout) come with every listing; a caller may override
         describers = {"controlnet": describe_control_file, **(describers or {})}
         fallbacks, extra_folders = fallbacks or {}, extra_folders or {}
+        details = DetailsCache(Path(hash_cache.path).parent / "file_details.json", DETAILS_VERSION) \
+            if remembered_kinds else None
         self.listings = {
             kind: FolderListing(folders[kind], MODEL_KINDS[kind].extensions, describers.get(kind),
                                 hide_sidecars=kind == "checkpoints",
                                 folder_marker=DIFFUSERS_INDEX if kind == "checkpoints" else None,
-                                fallback=fallbacks.get(kind), extra_roots=extra_folders.get(kind, ()))
+                                fallback=fallbacks.get(kind), extra_roots=extra_folders.get(kind, ()),
+                                remembered=(details, kind) if kind in remembered_kinds else None)
             for kind in MODEL_KINDS
         }
         self.hashes = hash_cache

@@ -1,5 +1,6 @@
 """What the registry remembers between runs, each as one JSON file in the data dir: file
-hashes (`HashCache`) and per-checkpoint user choices (`CheckpointOptions`).
+hashes (`HashCache`), per-checkpoint user choices (`CheckpointOptions`) and the listing facts
+that are slow to read (`DetailsCache`).
 
 The A1111 hash facts live here and in `registry.ModelFile`: the sha256 of the whole file (a
 diffusers folder: all its files, see `fileio.sha256_file`), its first 10 hex digits as the
@@ -100,3 +101,30 @@ class CheckpointOptions(JsonStore):
             else:
                 entry[key] = value
             write_json_atomic(self.path, self._entries, indent=1, sort_keys=True)
+
+
+class DetailsCache(JsonStore):
+    """A listing's facts about a file (`FolderListing.describe`'s answer) kept across starts, valid
+    while kind, path, size and mtime match and the describers' `version` is the same. For the kinds
+    whose describing imports a heavy library (upscalers and face restorers build their network on
+    the meta device through spandrel: about a second at every start otherwise)."""
+
+    def __init__(self, path: Path, version: int):
+        super().__init__(path)
+        self.version = version
+
+    def get(self, kind: str, path: Path, size: int, mtime: float) -> dict | None:
+        with self._lock:
+            entry = self._entries.get(f"{kind}:{path}")
+        if entry and (entry.get("size"), entry.get("mtime"), entry.get("version")) == (size, mtime, self.version):
+            return dict(entry["details"])
+        return None
+
+    def put(self, kind: str, path: Path, size: int, mtime: float, details: dict) -> None:
+        with self._lock:
+            self._entries[f"{kind}:{path}"] = {"size": size, "mtime": mtime, "version": self.version,
+                                               "details": details}
+            try:
+                write_json_atomic(self.path, self._entries, indent=1, sort_keys=True)
+            except OSError:  # a read-only data dir: describe again next start, nothing lost
+                pass
