@@ -113,15 +113,19 @@ def run_ours(args, path: Path, precision: str) -> tuple[object, list[float]]:
 # LCM-style LoRA (random weights, kohya layout, U-Net only, rank 64 on the layers LCM-LoRA
 # trains), the settings "Use recommended settings" gives for it (LCM, 4 steps, CFG 1) and the
 # TAESD final decode (a random-weight taesd_decoder in models/VAE-approx). Sides: ours at the
-# default precision, ours with DeepCache on top (`FAST_DEEPCACHE`: opt-in, it changes the image),
+# default precision, ours with token merging or DeepCache on top (`FAST_OPTIONS`: opt-in, they
+# change the image),
 # ours with the full VAE decode (what TAESD saves), and plain diffusers
 # (StableDiffusionPipeline + LCMScheduler + load_lora_weights + AutoencoderTiny) in fp32 and
 # bf16. Each side runs the request `--repeat` times in one interpreter: the first call also pays
 # oneDNN's kernel set-up, the later ones are what a running server gives. No image comparison:
 # LCM re-noises between steps and the weights are random (the sampler's fidelity to diffusers'
 # LCMScheduler is tested in tests/test_few_step*.py).
-FAST_SIDES = ("ours", "ours-deepcache", "ours-full-vae", "diffusers-fp32", "diffusers-bf16")
-FAST_DEEPCACHE = {"deepcache_interval": 2, "deepcache_start": 0.0}  # ours-deepcache: steps 2 and 4 reuse 1 and 3
+FAST_SIDES = ("ours", "ours-tome", "ours-deepcache", "ours-full-vae", "diffusers-fp32", "diffusers-bf16")
+FAST_OPTIONS = {  # the opt-in speed options (they change the image) on top of ours
+    "ours-tome": {"token_merging_ratio": 0.5},  # A1111's common token merging ratio
+    "ours-deepcache": {"deepcache_interval": 2, "deepcache_start": 0.0},  # steps 2 and 4 reuse 1 and 3
+}
 LCM_LORA_FILE = "lcm-lora-sdv1-5-random.safetensors"  # "lcm" in the name and ss_output_name: few_step knows it
 LCM_LORA_RANK = 64
 # the layers LCM-LoRA trains (diffusers' LCM distillation script's default LoRA targets)
@@ -236,7 +240,7 @@ def run_fast_ours(args, path: Path, lora: Path, tiny: Path) -> dict:
     engine.load_checkpoint(path.name)
     request = fast_request(engine, path.name, lora.stem, args.size, args.seed,
                            tiny_decode=args.side != "ours-full-vae",
-                           **(FAST_DEEPCACHE if args.side == "ours-deepcache" else {}))
+                           **FAST_OPTIONS.get(args.side, {}))
     return timed_calls(args, lambda on_step: engine.generate(request, on_progress=on_step))
 
 
@@ -270,7 +274,7 @@ def fast_report(rows: dict, size: int) -> None:
     for side in FAST_SIDES:
         if side in best:
             print(f"{size}x{size} fast {side:14} best warm total {best[side]:6.2f} s", flush=True)
-    for ours in ("ours", "ours-deepcache"):
+    for ours in ("ours", *FAST_OPTIONS):
         for side in ("diffusers-fp32", "diffusers-bf16"):
             if ours in best and side in best:
                 print(f"{size}x{size} fast RATIO {ours} / {side}: {best[ours] / best[side]:.2f}", flush=True)

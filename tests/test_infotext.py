@@ -184,7 +184,7 @@ def test_bad_values_and_unknown_keys_are_ignored_without_raising():
                       "seed_resize_from_w": 0, "seed_resize_from_h": 0, "tiling": False,
                       "restore_faces": False, "s_min_uncond": 0.0, "s_min_uncond_all": False,
                       "skip_early_cond": 0.0, "soft_inpainting": False, "deepcache_interval": 1,
-                      "tiny_vae_decode": False}  # absent: off
+                      "tiny_vae_decode": False, "token_merging_ratio": 0.0}  # absent: off
     assert request_fields_from_infotext("") == {"prompt": "", "negative_prompt": ""}
     assert parse_infotext("Steps: 1, Seed: 2, Sampler: \"unterminated")["Sampler"] == '"unterminated'
 

@@ -527,6 +527,9 @@ def test_read_parameters_fills_fields_by_name(ui, engine):
                    "restore_faces": False,  # absent: "Face restoration: <model>" only when on
                    "soft_inpainting": False,  # absent: "Soft inpainting: True" only when on
                    "tiny_vae_decode": False,  # absent: the full VAE decoded
+                   # absent: the speed options are off (token merging, DeepCache, CFG cutoff)
+                   "token_merging_ratio": 0.0, "deepcache_interval": 1, "s_min_uncond": 0.0,
+                   "s_min_uncond_all": False, "skip_early_cond": 0.0,
                    "refiner_checkpoint": "None"}  # absent: "Refiner: name [hash]" only when one ran
     assert set(updates) <= set(fields.values()) | {ui.components["inpaint"]["sized_for"]}
     assert updates[ui.components["inpaint"]["sized_for"]] == "sd15"

@@ -27,6 +27,8 @@ from pipelines.core.infotext_options import (
     deep_cache_params,
     tiny_decode_fields,
     tiny_decode_params,
+    token_merging_fields,
+    token_merging_params,
 )
 from pipelines.core.request import INPAINT_FILLS, MAX_SEED, in_limits
 from pipelines.core.text_numbers import to_float, to_int
@@ -143,6 +145,7 @@ def generation_params(request: Any, *, seed: int, subseed: int, width: int, heig
             params["Soft inpainting"] = "True"
     params.update(cfg_cutoff_params(request))
     params.update(deep_cache_params(request))
+    params.update(token_merging_params(request))
     params.update(tiny_decode_params(request))
     params.update(control_infotext.control_params(getattr(request, "control_units", ()), control_titles))
     params.update(regions.request_infotext_params(request))
@@ -382,6 +385,7 @@ def request_fields_from_infotext(text: str) -> dict[str, Any]:
     fields.update(cutoff_fields(info, has_params))
     fields.update(regions.fields_from_params(info))  # regional prompts: the Regional Prompter's keys
     fields.update(deep_cache_fields(info, has_params))
+    fields.update(token_merging_fields(info, has_params))
     fields.update(tiny_decode_fields(info, has_params))
     if module_choice.from_infotext(info):  # Forge's "Module 1: ae, Module 2: clip_l, ..."
         fields["text_encoders"] = module_choice.from_infotext(info)

@@ -1,5 +1,5 @@
 """The denoising options' infotext keys, both ways: CFG cutoff (NGMS, Skip Early CFG), soft
-inpainting's flag and DeepCache. `infotext.generation_params` writes them, and
+inpainting's flag, DeepCache and token merging. `infotext.generation_params` writes them, and
 `infotext.request_fields_from_infotext` reads them back.
 """
 
@@ -42,6 +42,23 @@ def deep_cache_fields(info: Mapping[str, str], has_params: bool) -> dict[str, An
         if in_limits(name, value):
             fields[name] = value
     return fields
+
+
+TOKEN_MERGING_KEY = "Token merging ratio"  # A1111's
+
+
+def token_merging_params(request: Any) -> dict[str, object]:
+    """A1111's key for token merging when it is on."""
+    ratio = getattr(request, "token_merging_ratio", 0.0)
+    return {TOKEN_MERGING_KEY: ratio} if ratio > 0 else {}
+
+
+def token_merging_fields(info: Mapping[str, str], has_params: bool) -> dict[str, Any]:
+    """Token merging from a text; a parameters line without the key means off."""
+    ratio = to_float(info.get(TOKEN_MERGING_KEY))
+    if in_limits("token_merging_ratio", ratio):
+        return {"token_merging_ratio": ratio}
+    return {"token_merging_ratio": 0.0} if has_params else {}
 
 
 TINY_DECODE_KEY, TINY_DECODE_VALUE = "VAE decoder", "TAESD"  # ours: A1111 has no fast final decode

@@ -82,6 +82,8 @@ class GenerationRequest:
     deepcache_interval: int = 1
     deepcache_branch: int = 0
     deepcache_start: float = 0.2
+    # token merging (generate/token_merging.py, A1111's "Token merging ratio"): 0 off
+    token_merging_ratio: float = 0.0
     sampler: str = "DPM++ 2M"
     schedule_type: str = "Automatic"
     width: int | None = None  # None: the checkpoint's native size
@@ -163,7 +165,7 @@ class GenerationRequest:
                      "deepcache_interval", "deepcache_branch", *OUTPAINT_SIDES):
             _check_range(name, getattr(self, name))
         for name in ("cfg_scale", "denoising_strength", "subseed_strength", "s_min_uncond", "skip_early_cond",
-                     "deepcache_start"):
+                     "deepcache_start", "token_merging_ratio"):
             _check_range(name, check_number(name, getattr(self, name)))
         for name in ("shift", "distilled_cfg_scale"):
             if getattr(self, name) is not None:

@@ -158,6 +158,13 @@ class DeepCache:
         self._key = self._context = None
 
 
+def unused_notes(request, flow: bool = False) -> list[str]:
+    """Where a request's DeepCache does not act, for `result.warnings`: SD 3 / Flux transformers."""
+    if flow and DeepCacheSettings.of(request).active:
+        return ["DeepCache is for U-Net checkpoints (SD 1.x/2.x/SDXL): not applied to this SD 3 / Flux model"]
+    return []
+
+
 @contextlib.contextmanager
 def applied(unet, settings: DeepCacheSettings = OFF) -> Iterator[DeepCache | None]:
     """DeepCache on `unet` for the block; yields the `DeepCache` the loop advances with `step(i)`,

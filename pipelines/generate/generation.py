@@ -25,6 +25,7 @@ from pipelines.core.request import GenerationRequest, GenerationResult, RequestE
 from pipelines.core.settings import Paths
 from pipelines.generate import (
     control_units,
+    deep_cache,
     embeddings,
     flow_runner,
     flux_kontext,
@@ -37,6 +38,7 @@ from pipelines.generate import (
     runner,
     seamless,
     tiny_decode,
+    token_merging,
     upscalers,
 )
 from pipelines.models import memory, taesd
@@ -312,7 +314,8 @@ class Generator:
         image_prompts = ip_adapter.prepare_image_prompts(request, prompt_units, registry=self.registry,
                                                          unet=components.unet, device=self.placement.device)
         control_titles = {**controls.titles, **image_prompts.titles}
-        for note in [*ip_adapter.unused_notes(request, prompt_units), *regions.unused_notes(request, flow)]:
+        for note in [*ip_adapter.unused_notes(request, prompt_units), *regions.unused_notes(request, flow),
+                     *deep_cache.unused_notes(request, flow), *token_merging.unused_notes(request, flow)]:
             if note not in result.warnings:  # where the image prompts or the layout do not act: said
                 result.warnings.append(note)
         hr_upscaler = self.hires_upscaler(request.hr_upscaler, control) if request.enable_hr else None

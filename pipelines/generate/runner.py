@@ -18,7 +18,7 @@ from PIL import Image
 from pipelines.core.progress import JobControl, ProgressCallback, ProgressClock
 from pipelines.core.regions import layout_of
 from pipelines.core.request import GenerationRequest, img2img_steps
-from pipelines.generate import deep_cache, regions, schedulers
+from pipelines.generate import deep_cache, regions, schedulers, token_merging
 from pipelines.generate import guidance as guidance_rules
 from pipelines.generate.control import ControlSteps, LoadedControl
 from pipelines.generate.inpaint import (  # noqa: F401 - re-exported: hires and the flow runner take them here
@@ -217,8 +217,13 @@ def run_batch(components, device, request: GenerationRequest, batch: BatchInputs
 
     model, current = components, None
     context = extra = None
-    # DeepCache: the base U-Net's deep features reused between full steps (the refiner runs uncached)
-    with deep_cache.applied(components.unet, deep_cache.DeepCacheSettings.of(request)) as feature_cache:
+    # DeepCache: the base U-Net's deep features reused between full steps (the refiner runs uncached);
+    # token merging: its full-resolution self-attention on fewer tokens (the refiner's too)
+    refiner_unet = refiner.components.unet if refiner is not None else None
+    with deep_cache.applied(components.unet, deep_cache.DeepCacheSettings.of(request)) as feature_cache, \
+            token_merging.applied(components.unet, request.token_merging_ratio, seeds[0]), \
+            token_merging.applied(refiner_unet if refiner_unet is not components.unet else None,
+                                  request.token_merging_ratio, seeds[0]):
         for i, t in enumerate(timesteps):
             if control.stop_current:
                 return None

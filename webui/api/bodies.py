@@ -65,6 +65,12 @@ class GenerationFields(ApiModel):
     shift: Optional[float] = Field(None, description="SD 3 / Flux: the flow schedule's shift; absent: the model's own")
     s_min_uncond: Optional[float] = Field(None, description="NGMS: below this sigma every other step skips the "
                                                             "negative prompt's pass (0 or absent: off)")
+    deepcache_interval: Optional[int] = Field(None, description="DeepCache: the whole U-Net runs every Nth step, the "
+                                                                "others reuse its deep features (1 or absent: off)")
+    deepcache_branch: Optional[int] = Field(None, description="DeepCache: layers kept live besides the outermost "
+                                                              "(0..2; absent: 0, the fastest)")
+    deepcache_start: Optional[float] = Field(None, description="DeepCache: share of the first steps that always run "
+                                                               "in full (absent: 0.2)")
     s_churn: Optional[float] = None
     s_tmax: Optional[float] = None
     s_tmin: Optional[float] = None
@@ -72,7 +78,8 @@ class GenerationFields(ApiModel):
     override_settings: dict[str, Any] = Field(
         default_factory=dict,
         description="sd_model_checkpoint, sd_vae, CLIP_stop_at_last_layers, forge_additional_modules (Forge's "
-                    "VAE / text encoder files, names or paths): for this request only")
+                    "VAE / text encoder files, names or paths), face_restoration options, token_merging_ratio, "
+                    "skip_early_cond, s_min_uncond_all: for this request only")
     override_settings_restore_afterwards: bool = True
     refiner_checkpoint: Optional[str] = Field(None, description="a checkpoint the steps after refiner_switch_at run "
                                                                 "on (SDXL refiner, or a model of the same latents)")

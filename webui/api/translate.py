@@ -30,7 +30,7 @@ from pipelines.core.request import (
 from pipelines.core.styles import apply_styles, style_database
 from pipelines.core.uploads import UploadLimits
 
-from . import controlnet, forge_modules, image_prompts, scripts
+from . import controlnet, forge_modules, image_prompts, scripts, speed_options
 from .bodies import ExtrasSingleImageRequest, GenerationFields, Img2ImgRequest, Txt2ImgRequest
 from .errors import ApiError, bad_field
 from .extensions import extension_args
@@ -49,7 +49,8 @@ _API_NAMES = {
     "batch_count": "n_iter",
     "init_image": "init_images",
 }
-OVERRIDES = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", forge_modules.KEY, *FACE_OPTIONS)
+OVERRIDES = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", forge_modules.KEY, *FACE_OPTIONS,
+             *speed_options.OVERRIDE_KEYS)
 
 
 @dataclass
@@ -142,6 +143,7 @@ def prepare_generation(engine: EngineAPI, body: GenerationFields, options: ApiOp
     fields.update(_face_fields(body, overrides, defaults, names))
     fields.update(forge_modules.module_fields(engine, overrides, defaults, names))  # Forge's VAE / Text Encoder
     fields.update(_other_checkpoints(engine, body))
+    fields.update(speed_options.speed_fields(body, overrides, names))  # token merging, CFG cutoff, DeepCache
     if isinstance(body, Img2ImgRequest):
         fields.update(_img2img_fields(body, warnings, upload_limits(engine)))
     if script is not None and script.target == scripts.REQUEST_FIELDS:  # A1111's outpainting scripts

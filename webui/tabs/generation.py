@@ -42,7 +42,7 @@ from webui.common import (
     tool_button,
     unchanged,
 )
-from webui.tabs import controlnet, extensions, hires, image_prompts, networks, pnginfo, recommended, regions
+from webui.tabs import controlnet, extensions, hires, image_prompts, networks, pnginfo, recommended, regions, speed
 
 BRUSH_COLORS = ["#ffffff", "#000000"]  # white paints the mask; black takes it back
 BRUSH_SHARE = 24 / 512  # the brush's width as a share of the image's longer side (24 px at 512)
@@ -195,6 +195,7 @@ class GenerationTabs:
             elem_id=f"{p}_tiny_vae_decode", info="the tiny autoencoder of models/VAE-approx decodes: faster, "
                                                  "a little softer")
         self._face_restoration(fields, p)
+        speed.build(fields, p)
         self._refiner(fields, p)
         self._flow_settings(fields, p)
         if mode == "txt2img":
