@@ -29,7 +29,9 @@ LIMITS: dict[str, tuple[float, float]] = {
     "deepcache_interval": (1, 10),  # DeepCache: the whole U-Net runs every Nth step; 1: off
     "deepcache_branch": (0, 2),  # DeepCache: layers kept live besides the outermost (0: fastest)
     "deepcache_start": (0.0, 1.0),  # DeepCache: share of the first steps that always run in full
-    "token_merging_ratio": (0.0, 0.75),  # ToMe: share of full-resolution tokens merged (0.75: all but 1 in 2x2)
+    # ToMe: share of full-resolution tokens merged; A1111's range (past 0.75 every token but one per 2x2 cell
+    # is merged, so 0.75-0.9 act alike, as in A1111)
+    "token_merging_ratio": (0.0, 0.9),
     "outpaint_left": (0, 1024),  # pixels the canvas grows by on that side (img2img / inpaint)
     "outpaint_right": (0, 1024),
     "outpaint_up": (0, 1024),

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import torch
 
 CELL = 2  # destinations: one per CELL x CELL tokens
-MAX_RATIO = 1 - 1 / (CELL * CELL)  # every non-destination token merged
 MAX_DOWNSAMPLE = 1  # only the full-resolution level (ToMe for SD's default)
 
 

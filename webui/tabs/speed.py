@@ -23,7 +23,8 @@ def build(fields: dict[str, Any], prefix: str) -> None:
         with gr.Row():
             fields["token_merging_ratio"] = slider(
                 "token_merging_ratio", step=0.05, elem_id=f"{p}_token_merging_ratio",
-                info="self-attention at full resolution on fewer tokens (0: off; 0.5 is a common choice)")
+                info="self-attention at full resolution on fewer tokens (0: off; 0.5 is a common choice; "
+                     "0.75 and up merge all they can)")
             fields["deepcache_interval"] = slider(
                 "deepcache_interval", step=1, elem_id=f"{p}_deepcache_interval",
                 info="the whole U-Net runs every Nth step, the others reuse its deep features (1: off)")
