@@ -27,6 +27,10 @@ import torch
 from pipelines.generate.flow_runner import is_flow, is_flux
 from pipelines.models.families import FLUX, SD3
 
+# peft makes an adapter's layers without drawing the random initial weights the file replaces at once
+# (diffusers' `low_cpu_mem_usage`); `lora` loads the U-Net families' files the same way
+FILE_WEIGHTS_ONLY = True
+
 KOHYA_TRANSFORMER = ("lora_unet_", "lora_transformer_")
 COMFY_TO_KOHYA = {"diffusion_model.": "lora_unet_", "text_encoders.clip_l.transformer.": "lora_te1_",
                   "text_encoders.clip_g.transformer.": "lora_te2_"}
@@ -95,10 +99,12 @@ def load_into(components, state: dict, adapter: str) -> tuple[bool, list[str], l
     state, unmatched = _known_modules(state, transformer, encoders)
     if any(key.startswith("transformer.") for key in state):
         mixin.load_lora_into_transformer(state, transformer=transformer, adapter_name=adapter,
+                                         low_cpu_mem_usage=FILE_WEIGHTS_ONLY,
                                          **({"network_alphas": alphas} if mixin is FluxLoraLoaderMixin else {}))
     for prefix, encoder in encoders:
         if any(key.startswith(prefix + ".") for key in state):
-            mixin.load_lora_into_text_encoder(state, alphas, encoder, prefix=prefix, adapter_name=adapter)
+            mixin.load_lora_into_text_encoder(state, alphas, encoder, prefix=prefix, adapter_name=adapter,
+                                              low_cpu_mem_usage=FILE_WEIGHTS_ONLY)
     modules = (transformer, *(encoder for _, encoder in encoders))
     return any(has_adapter(module, adapter) for module in modules), unmatched, notes
 

@@ -257,11 +257,13 @@ def _load_into(components, encoders, state: dict, adapter: str) -> tuple[bool, l
         state, alphas = mixin.lora_state_dict(state)
     hit = False
     if any(key.startswith("unet.") for key in state):
-        mixin.load_lora_into_unet(state, alphas, unet=unet, adapter_name=adapter)
+        mixin.load_lora_into_unet(state, alphas, unet=unet, adapter_name=adapter,
+                                  low_cpu_mem_usage=flow_lora.FILE_WEIGHTS_ONLY)
         hit = hit or has_adapter(unet, adapter)
     for prefix, encoder in encoders:
         if any(key.startswith(prefix + ".") for key in state):
-            mixin.load_lora_into_text_encoder(state, alphas, encoder, prefix=prefix, adapter_name=adapter)
+            mixin.load_lora_into_text_encoder(state, alphas, encoder, prefix=prefix, adapter_name=adapter,
+                                              low_cpu_mem_usage=flow_lora.FILE_WEIGHTS_ONLY)
             hit = hit or has_adapter(encoder, adapter)
     return hit, [], []
 
