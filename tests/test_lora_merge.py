@@ -99,6 +99,8 @@ def test_the_same_set_is_reused_and_any_other_set_gets_its_own_image(setup, read
     assert np.array_equal(pixels(generate(engine, " <lora:style:0.8>")), first)  # from the originals again
     assert np.array_equal(pixels(generate(engine)), plain)
     assert lora_merge.merged_bytes(components_of(engine)) == 0
+    assert np.array_equal(pixels(generate(engine, " <lora:style:0>")), plain)  # at 0: the model as it is,
+    assert lora_merge.merged_bytes(components_of(engine)) == 0  # and no layer copied for it
 
 
 def test_a_reused_set_says_its_warnings_again(setup, reads):

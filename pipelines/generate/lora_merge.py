@@ -135,6 +135,8 @@ def merge(components, merged: MergedSet) -> None:
             record = _records.setdefault(module, _Record(merged, []))
             originals = {}  # id(base) -> its original weight
             for layer in _tuner_layers(module):
+                if not _acts(layer):  # its adapters are at weight 0 (left inactive): nothing to copy
+                    continue
                 base = layer.get_base_layer()
                 if id(base) not in originals:  # a LoRA layer wrapped in a LoHa/LoKr one: one base
                     originals[id(base)] = base.weight
@@ -153,6 +155,14 @@ def merge(components, merged: MergedSet) -> None:
     except BaseException:
         restore(components)  # half merged is no state to keep
         raise
+
+
+def _acts(layer) -> bool:
+    """Whether one of the layer's own adapters (LoRA, LoHa, LoKr: peft's `adapter_layer_names`) is active."""
+    own: set[str] = set()
+    for name in getattr(layer, "adapter_layer_names", ()):
+        own.update(getattr(layer, name, {}).keys())
+    return any(adapter in own for adapter in layer.active_adapters)
 
 
 def _merged_lora_weight(layer, base) -> torch.Tensor | None:
