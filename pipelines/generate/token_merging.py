@@ -16,14 +16,12 @@ sampling loop); without a ratio, or on a model with no such layers (SD 3, Flux),
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 CELL = 2  # destinations: one per CELL x CELL tokens
-MAX_DOWNSAMPLE = 1  # only the full-resolution level (ToMe for SD's default)
 
 
 @dataclass
@@ -115,8 +113,7 @@ def applied(unet, ratio: float, seed: int = 0) -> Iterator[bool]:
     def before(layer, args, kwargs):
         hidden = args[0] if args else kwargs.get("hidden_states")
         height, width = size.get("latent", (0, 0))
-        if hidden is None or hidden.dim() != 3 or not height or \
-                math.ceil(math.sqrt(height * width / hidden.shape[1])) > MAX_DOWNSAMPLE:
+        if hidden is None or hidden.dim() != 3 or hidden.shape[1] != height * width:  # a lower resolution
             return None
         merge = bipartite_merge(hidden, destinations(height, width, generator), ratio)
         pending[id(layer)] = merge
